@@ -1,0 +1,3 @@
+from distinfer.cli import app
+
+app(prog_name="distinfer")

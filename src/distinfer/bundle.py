@@ -1,0 +1,98 @@
+"""The run bundle on disk: every file written atomically or appended line by line with flush.
+
+A killed job therefore leaves readable partial results: whole JSON files or none, and complete
+JSON lines in completions.jsonl. `summary.json` is written last; a run without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+RUN_STATUSES = ("ok", "failed", "timeout", "cancelled")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed and synced, so each line is complete when written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = path.open("w")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class RunBundle:
+    """Paths of one run's files: outputs/<experiment>/<run_id>/."""
+
+    root: Path
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def completions(self) -> Path:
+        return self.root / "completions.jsonl"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.root / f"rank_{rank}.log"
+
+    def rank_metrics(self, rank: int) -> Path:
+        return self.root / f"metrics_rank_{rank}.json"
+
+    def summary(self) -> dict | None:
+        return read_json(self.summary_json)
+
+    def is_done(self) -> bool:
+        """True when the run finished with status ok (such runs are skipped unless forced)."""
+        summary = self.summary()
+        return isinstance(summary, dict) and summary.get("status") == "ok"
+
+    def clear_results(self) -> None:
+        """Remove the files of an earlier attempt (run.json stays)."""
+        for path in self.root.glob("*"):
+            if path.name != "run.json" and path.is_file():
+                path.unlink()

@@ -1,0 +1,104 @@
+"""Run an experiment's matrix on this machine: one local torchrun (gloo on CPU) per run, same worker as on Slurm."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from distinfer.bundle import RunBundle, atomic_write_json, read_json
+from distinfer.plan import RunSpec
+from distinfer.provenance import provenance
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run: RunSpec
+    bundle: RunBundle
+    state: str  # ok | failed | skipped (already ok)
+    summary: dict | None
+    seconds: float
+
+
+def resolve_builtin_models(runs: list[RunSpec]) -> list[RunSpec]:
+    """Build (or reuse from the cache) the built-in models the runs name, and point the runs at them."""
+    from distinfer.models.tiny import build_tiny_model
+
+    built: dict[str, str] = {}
+    resolved = []
+    for run in runs:
+        if run.builtin:
+            if run.builtin not in built:
+                built[run.builtin] = str(build_tiny_model(run.builtin))
+            run = dataclasses.replace(run, model_path=built[run.builtin])
+        resolved.append(run)
+    return resolved
+
+
+def write_run_json(run: RunSpec, outputs: Path) -> RunBundle:
+    """outputs/<experiment>/<run_id>/run.json: the run, its config hash and where it was planned."""
+    bundle = RunBundle(outputs / run.experiment / run.run_id)
+    atomic_write_json(
+        bundle.run_json, {"run": run.to_dict(), "config_hash": run.config_hash(), "provenance": provenance(os.environ)}
+    )
+    return bundle
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a local worker: offline Hugging Face, quiet tokenizers."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra or {})
+    return env
+
+
+def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc-per-node", str(run.world_size),
+        "-m", "distinfer.runtime.worker", str(bundle.root),
+    ]
+
+
+def run_one(run: RunSpec, outputs: Path) -> RunResult:
+    """Launch one run with torchrun and wait for it; launcher output goes to launcher.log."""
+    bundle = RunBundle(outputs / run.experiment / run.run_id)
+    bundle.root.mkdir(parents=True, exist_ok=True)
+    bundle.clear_results()
+    bundle = write_run_json(run, outputs)
+    start = time.perf_counter()
+    with (bundle.root / "launcher.log").open("w") as log:
+        proc = subprocess.run(torchrun_command(run, bundle), stdout=log, stderr=subprocess.STDOUT,
+                              env=worker_env(), check=False)
+    summary = bundle.summary()
+    state = "ok" if proc.returncode == 0 and summary and summary.get("status") == "ok" else "failed"
+    return RunResult(run, bundle, state, summary, time.perf_counter() - start)
+
+
+def run_local(
+    runs: list[RunSpec],
+    outputs: Path,
+    force: bool = False,
+    on_start: Callable[[RunSpec], None] | None = None,
+    on_done: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Run every run not already finished ok (all with `force`), one after another."""
+    results = []
+    for run in resolve_builtin_models(runs):
+        bundle = RunBundle(outputs / run.experiment / run.run_id)
+        recorded = read_json(bundle.run_json) or {}
+        if bundle.is_done() and recorded.get("config_hash") == run.config_hash() and not force:
+            result = RunResult(run, bundle, "skipped", bundle.summary(), 0.0)
+        else:
+            if on_start:
+                on_start(run)
+            result = run_one(run, outputs)
+        results.append(result)
+        if on_done:
+            on_done(result)
+    return results

@@ -1,0 +1,1 @@
+"""Models: built-in tiny models, model profiles, per-family adapters and partial loading."""

@@ -1,0 +1,1 @@
+"""What runs on each rank: process group, stages, engines, sampling and the worker."""

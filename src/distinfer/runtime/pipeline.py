@@ -1,0 +1,253 @@
+"""Pipeline-parallel generation over torch.distributed point-to-point messages.
+
+Stage r owns a slice of decoder layers (stage 0 also the embedding, the last stage the norm and
+head) and one KV cache per micro-batch. Hidden states go forward as a small header (kind, length)
+followed by the tensor; the last stage samples and sends token ids back to stage 0, which feeds
+them in again. All stages walk the live micro-batches in the same order, so a micro-batch that
+stage 0 stops (EOS or length) is announced with a STOP header in its slot and leaves every stage.
+With several micro-batches, stage 0 starts micro-batch k+1 while later stages work on k.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import DynamicCache
+
+from distinfer.models.families import Family
+from distinfer.runtime.sampling import Sampler
+
+DATA, STOP = 0, 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Prompts generated together, tokenized with left padding to the batch's longest prompt."""
+
+    index: int
+    prompt_indices: list[int]
+    input_ids: torch.Tensor  # [rows, seq]
+    attention_mask: torch.Tensor  # [rows, seq]
+
+
+@dataclass
+class BatchOutput:
+    """Per row: generated token ids (through the first EOS) and their arrival times since the batch start."""
+
+    tokens: list[list[int]]
+    token_times: list[list[float]]
+    start: float
+
+
+@dataclass(frozen=True)
+class StopRule:
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+@dataclass
+class _MicroBatch:
+    index: int
+    rows: torch.Tensor  # row numbers within the batch
+    prompt_indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    finished: torch.Tensor | None = None
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    step: int = 0
+    pending_tokens: torch.Tensor | None = None  # single-stage: sampled, not yet consumed
+
+    def extend(self) -> None:
+        """One more position for every row: what `generate` does to the mask and positions each step."""
+        ones = torch.ones_like(self.attention_mask[:, :1])
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        self.position_ids = self.position_ids[:, -1:] + 1
+
+
+def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded prompts, as `transformers` generate computes them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+class PipelineEngine:
+    """One rank's stage of the pipeline; every rank calls `generate` with the same batches."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: Family,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        sampler: Sampler,
+        stop: StopRule,
+        microbatches: int = 1,
+    ) -> None:
+        self.model, self.family = model, family
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.is_first, self.is_last = rank == 0, rank == world_size - 1
+        self.sampler, self.stop, self.microbatches = sampler, stop, microbatches
+        self.hidden_size = int(model.config.hidden_size)
+        self.dtype = next(model.parameters()).dtype
+        self.steps: list[dict] = []  # raw per-step timings of this rank
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # keep each tensor alive until sent
+        self._batch_index = 0
+
+    # -- communication, timed ------------------------------------------------------------------
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.contiguous()
+        self._pending.append((dist.isend(tensor, dst), tensor))
+
+    def _drain(self) -> None:
+        """Wait for every send. Only at the end of a batch: a send completes when the peer receives it,
+        so waiting mid-batch can deadlock two stages that both wait for their sends."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def _forget_completed(self) -> None:
+        self._pending = [(work, t) for work, t in self._pending if not work.is_completed()]
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src)
+        return buf
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # GPU path: kernels are asynchronous; time them whole
+            torch.cuda.synchronize(self.device)
+
+    def _record(self, mb: _MicroBatch, tokens: int, compute: float, send: float, wait: float) -> None:
+        self.steps.append(
+            {"batch": self._batch_index, "mb": mb.index, "step": mb.step, "tokens": tokens,
+             "compute_s": compute, "send_s": send, "wait_s": wait}
+        )
+
+    # -- one stage's work on one micro-batch --------------------------------------------------
+    def _compute(self, mb: _MicroBatch, inputs: torch.Tensor) -> torch.Tensor:
+        """Embedding (first stage), this stage's layers, and the head + sampling (last stage)."""
+        hidden = self.family.embed(self.model, inputs, mb.position_ids) if self.is_first else inputs
+        hidden = self.family.run_layers(self.model, hidden, mb.attention_mask, mb.position_ids, mb.cache)
+        if not self.is_last:
+            return hidden
+        logits = self.family.head(self.model, hidden[:, -1:, :])[:, -1, :]
+        return self.sampler(logits, mb.prompt_indices)
+
+    def _forward(self, mb: _MicroBatch, inputs: torch.Tensor, wait: float) -> None:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self._compute(mb, inputs)
+        self._sync()
+        t1 = time.perf_counter()
+        if self.is_last and self.is_first:
+            mb.pending_tokens = out
+        elif self.is_last:
+            self._send(out, 0)
+        else:
+            self._send(torch.tensor([DATA, out.shape[1]], device=self.device), self.rank + 1)
+            self._send(out, self.rank + 1)
+        self._forget_completed()
+        self._record(mb, int(inputs.shape[0] * inputs.shape[1]), t1 - t0, time.perf_counter() - t1, wait)
+
+    def _first_stage_step(self, mb: _MicroBatch, start: float) -> bool:
+        """Stage 0: take the sampled tokens of `mb`, decide whether it goes on, feed them in again."""
+        t0 = time.perf_counter()
+        if self.is_last:
+            tokens, mb.pending_tokens = mb.pending_tokens, None
+        else:
+            tokens = self._recv((mb.rows.numel(),), torch.long, self.world_size - 1)
+        wait = time.perf_counter() - t0
+        now = time.perf_counter() - start
+        tokens = torch.where(mb.finished, torch.full_like(tokens, self.stop.pad_token_id), tokens)
+        mb.tokens.append(tokens)
+        mb.times.append(now)
+        eos = torch.tensor(self.stop.eos_token_ids, device=tokens.device)
+        mb.finished = mb.finished | torch.isin(tokens, eos)
+        mb.step += 1
+        if mb.step >= self.stop.max_new_tokens or bool(mb.finished.all()):
+            if not self.is_last:
+                self._send(torch.tensor([STOP, 0], device=self.device), self.rank + 1)
+            return False
+        mb.extend()
+        self._forward(mb, tokens[:, None], wait)
+        return True
+
+    def _later_stage_step(self, mb: _MicroBatch) -> bool:
+        """Stages 1..n-1: receive a header and hidden states, compute, pass on (or sample and return)."""
+        t0 = time.perf_counter()
+        kind, length = self._recv((2,), torch.long, self.rank - 1).tolist()
+        if kind == STOP:
+            if not self.is_last:
+                self._send(torch.tensor([STOP, 0], device=self.device), self.rank + 1)
+            return False
+        hidden = self._recv((mb.rows.numel(), length, self.hidden_size), self.dtype, self.rank - 1)
+        wait = time.perf_counter() - t0
+        if mb.step > 0:
+            mb.extend()
+        self._forward(mb, hidden, wait)
+        mb.step += 1
+        return True
+
+    # -- a whole batch --------------------------------------------------------------------------
+    def generate(self, batch: Batch) -> BatchOutput | None:
+        """Generate for one batch; returns the tokens on stage 0 and None on the other stages."""
+        self._batch_index = batch.index
+        input_ids = batch.input_ids.to(self.device)
+        attention_mask = batch.attention_mask.to(self.device)
+        positions = prefill_positions(attention_mask)
+        micro = []
+        for index, rows in enumerate(torch.arange(input_ids.shape[0]).tensor_split(self.microbatches)):
+            if rows.numel() == 0:
+                continue
+            micro.append(
+                _MicroBatch(
+                    index=index,
+                    rows=rows,
+                    prompt_indices=[batch.prompt_indices[r] for r in rows.tolist()],
+                    input_ids=input_ids[rows],
+                    attention_mask=attention_mask[rows],
+                    position_ids=positions[rows],
+                    finished=torch.zeros(rows.numel(), dtype=torch.bool, device=self.device),
+                )
+            )
+        start = time.perf_counter()
+        live = list(micro)
+        if self.is_first:
+            for mb in micro:
+                self._forward(mb, mb.input_ids, 0.0)
+            while live:
+                live = [mb for mb in live if self._first_stage_step(mb, start)]
+        else:
+            while live:
+                live = [mb for mb in live if self._later_stage_step(mb)]
+        self._drain()
+        if not self.is_first:
+            return None
+        return _collect(micro, batch.input_ids.shape[0], self.stop, start)
+
+
+def _collect(micro: list[_MicroBatch], rows: int, stop: StopRule, start: float) -> BatchOutput:
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    times: list[list[float]] = [[] for _ in range(rows)]
+    for mb in micro:
+        generated = torch.stack(mb.tokens, dim=1).tolist()  # [rows, steps]
+        for row, ids in zip(mb.rows.tolist(), generated):
+            tokens[row], times[row] = truncate_at_eos(ids, mb.times, stop.eos_token_ids)
+    return BatchOutput(tokens=tokens, token_times=times, start=start)
+
+
+def truncate_at_eos(ids: list[int], times: list[float], eos: tuple[int, ...]) -> tuple[list[int], list[float]]:
+    """Tokens through the first EOS (inclusive), with their times."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1], times[: i + 1]
+    return ids, times[: len(ids)]

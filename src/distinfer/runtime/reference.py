@@ -1,0 +1,62 @@
+"""Single-device reference: the whole model and `transformers` generate, timed per step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from distinfer.runtime.pipeline import Batch, BatchOutput, StopRule, truncate_at_eos
+from distinfer.runtime.sampling import SamplingParams
+
+
+class _StepClock:
+    """A logits processor that only notes when each step's logits are ready (the token's arrival)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+class ReferenceEngine:
+    """HF `generate` on one device: the baseline a user would otherwise pick, and the correctness oracle."""
+
+    def __init__(self, model: nn.Module, device: torch.device, sampling: SamplingParams, stop: StopRule) -> None:
+        self.model, self.device, self.sampling, self.stop = model, device, sampling, stop
+        self.steps: list[dict] = []
+
+    def generate(self, batch: Batch) -> BatchOutput:
+        from transformers import LogitsProcessorList
+
+        clock = _StepClock()
+        kwargs: dict = {"do_sample": False}
+        if not self.sampling.greedy:
+            torch.manual_seed(self.sampling.seed + batch.index)  # HF samples from the global generator
+            kwargs = {"do_sample": True, "temperature": self.sampling.temperature,
+                      "top_k": self.sampling.top_k, "top_p": self.sampling.top_p}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=batch.input_ids.to(self.device),
+                attention_mask=batch.attention_mask.to(self.device),
+                max_new_tokens=self.stop.max_new_tokens,
+                eos_token_id=list(self.stop.eos_token_ids),
+                pad_token_id=self.stop.pad_token_id,
+                logits_processor=LogitsProcessorList([clock]),
+                **kwargs,
+            )
+        end = time.perf_counter()
+        generated = out[:, batch.input_ids.shape[1]:].tolist()
+        times = [t - start for t in clock.times]
+        self.steps.append({"batch": batch.index, "mb": 0, "step": len(times), "tokens": int(out.numel()),
+                           "compute_s": end - start, "send_s": 0.0, "wait_s": 0.0})
+        tokens, token_times = [], []
+        for ids in generated:
+            row_tokens, row_times = truncate_at_eos(ids, times, self.stop.eos_token_ids)
+            tokens.append(row_tokens)
+            token_times.append(row_times)
+        return BatchOutput(tokens=tokens, token_times=token_times, start=start)

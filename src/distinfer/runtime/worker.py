@@ -1,0 +1,222 @@
+"""The per-rank entry point: `python -m distinfer.runtime.worker RUN_DIR`, started by torchrun or srun.
+
+Reads run.json, joins the process group, loads this rank's part of the model, generates every
+batch (warm-up excluded from the metrics), and writes the rank's log and metrics. Rank 0 writes
+completions.jsonl as they are produced and summary.json last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.layout import split_layers
+from distinfer.metrics import LatencyReport, rank_totals
+from distinfer.models.loading import count_parameters, load_full_model, load_stage_model, load_tokenizer
+from distinfer.models.profiles import model_layer_count
+from distinfer.plan import RunSpec
+from distinfer.prompts import Prompt, load_prompts
+from distinfer.provenance import allowed_env
+from distinfer.runtime.dist import DistEnv, dist_env_from, init_distributed, shutdown_distributed
+from distinfer.runtime.monitor import UtilizationSampler
+from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
+from distinfer.runtime.reference import ReferenceEngine
+from distinfer.runtime.sampling import Sampler, SamplingParams
+
+log = logging.getLogger("distinfer.worker")
+
+
+def _setup_logging(path: Path, rank: int) -> None:
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+    root = logging.getLogger("distinfer")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def stop_rule(model_dir: Path, tokenizer, max_new_tokens: int) -> StopRule:  # noqa: ANN001
+    """EOS ids from generation_config.json (what `generate` uses), else the tokenizer's."""
+    eos = (read_json(model_dir / "generation_config.json") or {}).get("eos_token_id", tokenizer.eos_token_id)
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return StopRule(max_new_tokens=max_new_tokens, eos_token_ids=eos_ids, pad_token_id=int(tokenizer.pad_token_id))
+
+
+def sampling_params(generation: dict) -> SamplingParams:
+    return SamplingParams(
+        greedy=generation["sampling"] == "greedy",
+        temperature=generation["temperature"],
+        top_k=generation["top_k"],
+        top_p=generation["top_p"],
+        seed=generation["seed"],
+    )
+
+
+def make_batches(prompts: list[Prompt], tokenizer, batch_size: int) -> list[Batch]:  # noqa: ANN001
+    """Consecutive prompts in batches, each left-padded to its longest prompt."""
+    batches = []
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
+        batches.append(Batch(index, list(range(start, start + len(chunk))), enc["input_ids"], enc["attention_mask"]))
+    return batches
+
+
+def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer) -> tuple[object, dict]:  # noqa: ANN001
+    """The engine of this rank and facts about its share of the model."""
+    model_dir = Path(spec.model_path)
+    stop = stop_rule(model_dir, tokenizer, spec.generation["max_new_tokens"])
+    sampler = Sampler(sampling_params(spec.generation), device)
+    if spec.engine == "reference":
+        model = load_full_model(model_dir, spec.dtype, device, spec.trust_remote_code)
+        layers = list(range(model_layer_count(model_dir)))
+        info = {"layers": layers, "parameters": count_parameters(model)}
+        return ReferenceEngine(model, device, sampler.params, stop), info
+    if env.world_size != spec.pp:
+        raise RuntimeError(f"run needs {spec.pp} ranks (one per stage) but was started with {env.world_size}")
+    layout = split_layers(model_layer_count(model_dir), spec.pp, spec.layers)[env.rank]
+    model, family = load_stage_model(model_dir, layout, spec.dtype, device, spec.trust_remote_code)
+    info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
+    engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches)
+    return engine, info
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunBundle, state: dict) -> None:
+    """Load, tokenize, warm up, and generate every batch `repeats` times; fills `state` as it goes."""
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(Path(spec.model_path), spec.trust_remote_code)
+    engine, info = build_engine(spec, env, device, tokenizer)
+    state.update(info, load_s=time.perf_counter() - t0)
+    log.info("loaded layers %s (%d parameters) in %.2fs", info["layers"][:1] + info["layers"][-1:],
+             info["parameters"], state["load_s"])
+    t0 = time.perf_counter()
+    prompts = load_prompts(Path(spec.prompts))
+    batches = make_batches(prompts, tokenizer, spec.batch_size)
+    state["tokenize_s"] = time.perf_counter() - t0
+    for _ in range(spec.warmup):
+        engine.generate(batches[0])
+    engine.steps.clear()
+    latency = LatencyReport()
+    writer = JsonlWriter(bundle.completions) if env.rank == 0 else None
+    try:
+        for repeat in range(spec.repeats):
+            if hasattr(engine, "sampler"):
+                engine.sampler.reset()  # each repeat reproduces the same sampled completions
+            for batch in batches:
+                out = engine.generate(batch)
+                if out is None:
+                    continue
+                latency.add_batch(out.token_times, time.perf_counter() - out.start)
+                log.info("repeat %d batch %d: %d tokens", repeat, batch.index, sum(map(len, out.tokens)))
+                if writer is not None and repeat == 0:
+                    for row, index in enumerate(batch.prompt_indices):
+                        ids = out.tokens[row]
+                        writer.write({
+                            "id": prompts[index].id,
+                            "prompt": prompts[index].prompt,
+                            "output_token_ids": ids,
+                            "text": tokenizer.decode(ids, skip_special_tokens=True),
+                            "finish_reason": "eos" if ids and ids[-1] in engine.stop.eos_token_ids else "length",
+                        })
+    finally:
+        if writer is not None:
+            writer.close()
+    state["latency"] = latency.summary()
+    state["steps"] = engine.steps
+
+
+def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) -> dict:
+    return {
+        "rank": env.rank,
+        "hostname": socket.gethostname(),
+        "layers": state.get("layers", []),
+        "parameters": state.get("parameters"),
+        **rank_totals(state.get("steps", [])),
+        "peak_memory_bytes": _peak_memory(device),
+        "load_s": state.get("load_s"),
+        "tokenize_s": state.get("tokenize_s"),
+        "threads": torch.get_num_threads(),
+        "utilization": util,
+        "error": state.get("error"),
+    }
+
+
+def run(run_dir: Path) -> int:
+    bundle = RunBundle(run_dir)
+    env = dist_env_from(os.environ)
+    _setup_logging(bundle.rank_log(env.rank), env.rank)
+    run_info = read_json(bundle.run_json)
+    spec = RunSpec.from_dict(run_info["run"])
+    log.info("start run %s: rank %d of %d on %s", spec.run_id, env.rank, env.world_size, socket.gethostname())
+    state: dict = {}
+    device = torch.device("cpu")
+    started = time.time()
+    with UtilizationSampler(gpu_index=env.local_rank if torch.cuda.is_available() else None) as sampler:
+        try:
+            device = init_distributed(env, spec.timeout_s)
+            generate_all(spec, env, device, bundle, state)
+            status = "ok"
+        except Exception as exc:  # the run fails; the bundle says why instead of a lost traceback
+            status = "failed"
+            state["error"] = f"rank {env.rank}: {type(exc).__name__}: {exc}"
+            log.error("run failed: %s\n%s", state["error"], traceback.format_exc())
+    record = _rank_record(env, device, state, sampler.summary())
+    atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})
+    ranks = [record]
+    if status == "ok" and env.world_size > 1:
+        gathered: list | None = [None] * env.world_size if env.rank == 0 else None
+        dist.gather_object(record, gathered, dst=0)
+        ranks = gathered or []
+    if env.rank == 0:
+        run_info["runtime"] = {"hostnames": sorted({r["hostname"] for r in ranks}), "env": allowed_env(os.environ),
+                               "threads_per_rank": torch.get_num_threads(), "device": str(device)}
+        atomic_write_json(bundle.run_json, run_info)
+        summary = {
+            "status": status,
+            "error": state.get("error"),
+            "run_id": spec.run_id,
+            "experiment": spec.experiment,
+            "engine": spec.engine,
+            "world_size": env.world_size,
+            "pp": spec.pp,
+            "microbatches": spec.microbatches,
+            "batch_size": spec.batch_size,
+            "dtype": spec.dtype,
+            "config_hash": run_info.get("config_hash"),
+            **(state.get("latency") or LatencyReport().summary()),
+            "load_s": state.get("load_s"),
+            "tokenize_s": state.get("tokenize_s"),
+            "started_at": started,
+            "finished_at": time.time(),
+            "ranks": sorted(ranks, key=lambda r: r["rank"]),
+        }
+        atomic_write_json(bundle.summary_json, summary)
+    log.info("finished run %s: %s", spec.run_id, status)
+    shutdown_distributed()
+    return 0 if status == "ok" else 1
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        print("usage: python -m distinfer.runtime.worker RUN_DIR", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(run(Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

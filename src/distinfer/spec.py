@@ -1,0 +1,227 @@
+"""Experiment file: YAML validated into typed models, with messages that name file and field.
+
+Nothing here imports torch or transformers: validation runs on a login node in milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distinfer.models.profiles import model_layer_count
+from distinfer.prompts import PromptFileError, load_prompts
+
+
+class SpecError(Exception):
+    """A bad experiment file: the message names the file, the field and what is allowed."""
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Dtype = Literal["float32", "float16", "bfloat16"]
+Engine = Literal["pipeline", "reference"]
+Builtin = Literal["tiny-llama", "tiny-gpt2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which model to load and how."""
+
+    path: str | None = None
+    """A local Hugging Face model folder (config.json, safetensors weights, tokenizer)."""
+    builtin: Builtin | None = None
+    """A tiny model built offline by distinfer (cached outside git)."""
+    dtype: Dtype = "float32"
+    """Weights and activations dtype."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint. Off unless set here."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' (a model folder) or 'builtin' (tiny-llama | tiny-gpt2)")
+        if self.path is not None and ("\n" in self.path or not self.path.strip()):
+            raise ValueError("'path' must be a non-empty path without newlines")
+        return self
+
+
+class GenerationSpec(_Strict):
+    """Decoding settings, identical on every engine."""
+
+    max_new_tokens: PositiveInt = 32
+    sampling: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    """0 disables top-k."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """1.0 disables top-p."""
+    seed: int = 0
+
+
+class ParallelSpec(_Strict):
+    """Engine and layout; list values are sweep axes."""
+
+    engine: Engine | list[Engine] = "pipeline"
+    pp: PositiveInt | list[PositiveInt] = 1
+    """Pipeline stages (one rank each)."""
+    layers: Literal["auto"] | list[PositiveInt] | list[list[PositiveInt]] = "auto"
+    """'auto' (balanced), one list of layers per stage, or a list of such lists (a sweep)."""
+    microbatches: PositiveInt | list[PositiveInt] = 1
+    timeout_s: float = Field(120.0, gt=0)
+    """Collective/point-to-point timeout: a dead peer fails the run after this long."""
+
+
+class BenchmarkSpec(_Strict):
+    """Measurement settings."""
+
+    warmup: int = Field(1, ge=0)
+    """Batches run before measuring (outputs discarded)."""
+    repeats: PositiveInt = 1
+    """Passes over the whole prompt set; completions come from the first."""
+
+
+class Experiment(_Strict):
+    """One experiment file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    model: ModelSpec
+    prompts: str
+    generation: GenerationSpec = GenerationSpec()
+    parallel: ParallelSpec = ParallelSpec()
+    batch_size: PositiveInt | list[PositiveInt] = 1
+    benchmark: BenchmarkSpec = BenchmarkSpec()
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_path(cls, value: str) -> str:
+        if "\n" in value or not value.strip():
+            raise ValueError("must be a non-empty path without newlines")
+        return value
+
+
+def as_list(value: object) -> list:
+    """A sweep field's values: a scalar becomes a one-element list."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _field_name(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith(("function-after", "literal[", "list[", "int", "str"))]
+    return ".".join(parts) or "(top level)"
+
+
+def _allowed_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Experiment
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_error(path: Path, error: dict) -> str:
+    loc = tuple(error["loc"])
+    field = _field_name(loc)
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_fields(loc)
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{path}: unknown field '{field}'{suggestion}; allowed here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{path}: field '{field}' is required"
+    return f"{path}: field '{field}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: experiment file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields (name, model, prompts, ...), got {type(data).__name__}")
+    return data
+
+
+def resolve_path(value: str, spec_file: Path) -> Path:
+    """Relative paths are tried against the current directory, then against the experiment file's folder."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve() if candidate.exists() else candidate
+    beside = (spec_file.parent / candidate)
+    return beside.resolve() if beside.exists() else candidate
+
+
+def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
+    layers = exp.parallel.layers
+    if layers != "auto":
+        layer_lists = layers if isinstance(layers[0], list) else [layers]
+        for stages in layer_lists:
+            if sum(stages) != num_layers:
+                raise SpecError(
+                    f"{path}: field 'parallel.layers': {stages} sums to {sum(stages)}, but the model has "
+                    f"{num_layers} decoder layers; the per-stage counts must add up to {num_layers}"
+                )
+        pp_values = as_list(exp.parallel.pp)
+        if "pp" in exp.parallel.model_fields_set and any(len(s) not in pp_values for s in layer_lists):
+            raise SpecError(
+                f"{path}: field 'parallel.layers': each layer list needs one entry per stage; "
+                f"pp is {pp_values} but the lists have {sorted({len(s) for s in layer_lists})} entries"
+            )
+    for pp in as_list(exp.parallel.pp):
+        if pp > num_layers:
+            raise SpecError(
+                f"{path}: field 'parallel.pp': {pp} stages for a model with {num_layers} decoder layers; "
+                f"allowed: 1..{num_layers}"
+            )
+    engines = as_list(exp.parallel.engine)
+    if engines == ["reference"] and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
+        raise SpecError(f"{path}: field 'parallel.pp': the reference engine runs on one device; use pp: 1")
+    for mb in as_list(exp.parallel.microbatches):
+        for bs in as_list(exp.batch_size):
+            if mb > bs:
+                raise SpecError(
+                    f"{path}: field 'parallel.microbatches': {mb} micro-batches cannot split batch_size {bs}; "
+                    f"allowed: 1..{bs}"
+                )
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file, including checks against the model and prompts on disk."""
+    path = Path(path)
+    data = _read_yaml(path)
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_error(path, exc.errors()[0])) from None
+    prompts = resolve_path(exp.prompts, path)
+    if not prompts.is_file():
+        raise SpecError(f"{path}: field 'prompts': file not found: {exp.prompts}")
+    try:
+        load_prompts(prompts)
+    except PromptFileError as exc:
+        raise SpecError(f"{path}: field 'prompts': {exc}") from None
+    if exp.model.path is not None:
+        model_dir = resolve_path(exp.model.path, path)
+        try:
+            num_layers = model_layer_count(model_dir)
+        except ValueError as exc:
+            raise SpecError(f"{path}: field 'model.path': {exc}") from None
+    else:
+        num_layers = model_layer_count(exp.model.builtin)
+    _check_layout(path, exp, num_layers)
+    return exp
