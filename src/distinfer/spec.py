@@ -6,6 +6,7 @@ Nothing here imports torch or transformers: validation runs on a login node in m
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -110,9 +111,30 @@ def as_list(value: object) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+def _all_field_names(model: type[BaseModel] = None) -> set[str]:  # type: ignore[assignment]
+    model = model or Experiment
+    names = set(model.model_fields)
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names |= _all_field_names(field.annotation)
+    return names
+
+
+# What a sweep field accepts, said once for every error on it.
+SWEEP_HINTS = {
+    "batch_size": "an integer >= 1 or a list of them",
+    "parallel.pp": "an integer >= 1 or a list of them",
+    "parallel.microbatches": "an integer >= 1 or a list of them",
+    "parallel.engine": "pipeline | reference, or a list of them",
+    "parallel.layers": "auto, a list of layer counts per stage, or a list of such lists",
+}
+
+
 def _field_name(loc: tuple) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith(("function-after", "literal[", "list[", "int", "str"))]
-    return ".".join(parts) or "(top level)"
+    """Dotted field path without pydantic's union-member tags ('constrained-int', 'list[...]')."""
+    names = _all_field_names()
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc if isinstance(p, int) or p in names]
+    return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
 def _allowed_fields(loc: tuple) -> list[str]:
@@ -129,13 +151,16 @@ def _format_error(path: Path, error: dict) -> str:
     loc = tuple(error["loc"])
     field = _field_name(loc)
     if error["type"] == "extra_forbidden":
+        field = ".".join(str(p) for p in loc)
         allowed = _allowed_fields(loc)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"{path}: unknown field '{field}'{suggestion}; allowed here: {', '.join(allowed)}"
     if error["type"] == "missing":
         return f"{path}: field '{field}' is required"
-    return f"{path}: field '{field}': {error['msg']} (got {error.get('input')!r})"
+    base = re.sub(r"\[\d+\]", "", field)
+    allowed = f"; allowed: {SWEEP_HINTS[base]}" if base in SWEEP_HINTS else ""
+    return f"{path}: field '{field}': {error['msg']} (got {error.get('input')!r}){allowed}"
 
 
 def _read_yaml(path: Path) -> dict:
@@ -150,6 +175,10 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = getattr(exc, "context_mark", None)
+        if context is not None and mark is not None and context.line != mark.line:
+            opened = (getattr(exc, "context", "") or "block").removeprefix("while parsing ").removeprefix("a ")
+            where += f" (in the {opened} opened at line {context.line + 1})"
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
     if not isinstance(data, dict):
@@ -207,7 +236,9 @@ def load_experiment(path: str | Path) -> Experiment:
     try:
         exp = Experiment.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_error(path, exc.errors()[0])) from None
+        # In a union (value or list of values) the deepest error is the specific one, e.g. batch_size[1].
+        deepest = max(exc.errors(), key=lambda e: len(e["loc"]))
+        raise SpecError(_format_error(path, deepest)) from None
     prompts = resolve_path(exp.prompts, path)
     if not prompts.is_file():
         raise SpecError(f"{path}: field 'prompts': file not found: {exp.prompts}")

@@ -11,6 +11,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,13 +75,19 @@ def tiny_model_dir(name: str) -> Path:
 def corpus_texts() -> list[str]:
     """Docstrings of a fixed list of standard-library modules and their public members."""
     texts: list[str] = []
-    for module_name in CORPUS_MODULES:
-        module = importlib.import_module(module_name)
-        for _, member in [("", module), *sorted(inspect.getmembers(module), key=lambda kv: kv[0])]:
-            doc = inspect.getdoc(member) if not isinstance(member, (str, int, float, bytes)) else None
-            if doc:
-                texts.append(doc)
+    with warnings.catch_warnings():  # getmembers touches deprecated aliases (typing.io, typing.re)
+        warnings.simplefilter("ignore")
+        for module_name in CORPUS_MODULES:
+            texts.extend(_module_docs(module_name))
     return list(dict.fromkeys(texts))  # de-duplicate, keep order
+
+
+def _module_docs(module_name: str) -> list[str]:
+    """The module's docstring and those of its members, in name order."""
+    module = importlib.import_module(module_name)
+    members = [module, *(m for _, m in sorted(inspect.getmembers(module), key=lambda kv: kv[0]))]
+    docs = (inspect.getdoc(m) for m in members if not isinstance(m, (str, int, float, bytes)))
+    return [d for d in docs if d]
 
 
 def train_tokenizer(add_bos: bool):  # -> PreTrainedTokenizerFast

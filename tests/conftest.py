@@ -1,0 +1,50 @@
+"""Shared fixtures: the built-in tiny models (built offline once, cached) and a spawned-ranks runner."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    from distinfer.models.tiny import build_tiny_model
+
+    return {name: build_tiny_model(name) for name in ("tiny-llama", "tiny-gpt2")}
+
+
+def spawn_ranks(world: int, model_dir: Path, cases: list, max_new: int, timeout: float = 300) -> dict:
+    """Run the cases on `world` spawned gloo ranks; always joins or kills the children."""
+    import torch.multiprocessing as mp
+
+    from pp_harness import rank_main
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = mp.start_processes(rank_main, args=(world, free_port(), str(model_dir), cases, max_new, queue),
+                               nprocs=world, start_method="spawn", join=False)
+    try:
+        results = queue.get(timeout=timeout)
+        while not procs.join(timeout=60):
+            pass
+        return results
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()

@@ -1,0 +1,57 @@
+"""Spawned gloo ranks that run many pipeline configurations in one process group (real multi-process).
+
+Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override).
+Rank 0 puts {case index: (tokens per prompt, stage facts per rank)} on the queue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distinfer.layout import split_layers
+from distinfer.models.loading import count_parameters, load_stage_model, load_tokenizer
+from distinfer.models.profiles import model_layer_count
+from distinfer.prompts import load_prompts
+from distinfer.runtime.pipeline import PipelineEngine, StopRule
+from distinfer.runtime.sampling import Sampler
+from distinfer.runtime.worker import make_batches
+
+PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "correctness.jsonl"
+
+
+def rank_main(rank: int, world: int, port: int, model_dir: str, cases: list, max_new: int, queue) -> None:  # noqa: ANN001
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    tok = load_tokenizer(Path(model_dir))
+    prompts = load_prompts(PROMPTS)
+    num_layers = model_layer_count(Path(model_dir))
+    results = {}
+    for index, (counts, batch_size, microbatches, params, eos) in enumerate(cases):
+        layout = split_layers(num_layers, world, counts)[rank]
+        model, family = load_stage_model(Path(model_dir), layout, "float32", torch.device("cpu"))
+        stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
+        engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches)
+        tokens: list[list[int]] = []
+        for batch in make_batches(prompts, tok, batch_size):
+            out = engine.generate(batch)
+            if out is not None:
+                tokens.extend(out.tokens)
+        facts = {"start": layout.start, "stop": layout.stop, "params": count_parameters(model),
+                 "first": layout.is_first, "last": layout.is_last}
+        gathered = [None] * world if rank == 0 else None
+        if world > 1:
+            dist.gather_object(facts, gathered, dst=0)
+        else:
+            gathered = [facts]
+        if rank == 0:
+            results[index] = (tokens, gathered)
+    if rank == 0:
+        queue.put(results)
+    if world > 1:
+        dist.destroy_process_group()

@@ -1,0 +1,118 @@
+"""Pipeline-parallel generation equals single-device `transformers` generate, token for token (fp32, greedy).
+
+Real multi-process runs: 1, 2 and 3 spawned ranks talking over gloo, for the tiny Llama and the tiny
+GPT-2. Compared on the same batch composition and left padding as the reference.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import spawn_ranks
+from distinfer.models.families import family_of
+from distinfer.models.loading import count_parameters, load_full_model, load_tokenizer
+from distinfer.prompts import load_prompts
+from distinfer.runtime.pipeline import truncate_at_eos
+from distinfer.runtime.sampling import SamplingParams
+from distinfer.runtime.worker import make_batches
+from pp_harness import PROMPTS
+
+MAX_NEW = 16
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(greedy=False, temperature=0.8, top_k=50, top_p=0.9, seed=7)
+LAYOUTS = {1: [None], 2: [None, [3, 5]], 3: [None, [1, 5, 2], [2, 2, 4]]}
+BATCHING = [(1, 1), (4, 1), (4, 2)]  # (batch size, micro-batches)
+
+
+def hf_generate(model_dir: Path, batch_size: int, eos: int | None = None) -> list[list[int]]:
+    """The reference: HF generate per batch, cut after the first EOS like the engine's output."""
+    tok = load_tokenizer(model_dir)
+    model = load_full_model(model_dir, "float32", torch.device("cpu"))
+    eos_id = eos if eos is not None else tok.eos_token_id
+    out: list[list[int]] = []
+    for batch in make_batches(load_prompts(PROMPTS), tok, batch_size):
+        with torch.inference_mode():
+            ids = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                                 max_new_tokens=MAX_NEW, eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
+        for row in ids[:, batch.input_ids.shape[1]:].tolist():
+            out.append(truncate_at_eos(row, list(range(len(row))), (eos_id,))[0])
+    return out
+
+
+def expected_stage_params(model_dir: Path, start: int, stop: int, first: bool, last: bool) -> int:
+    model = load_full_model(model_dir, "float32", torch.device("cpu"))
+    if first and last:
+        return count_parameters(model)
+    family = family_of(model)
+    total = sum(count_parameters(layer) for layer in family.decoder_layers(model)[start:stop])
+    owned = (family.first if first else ()) + (family.last if last else ())
+    return total + sum(count_parameters(model.get_submodule(name)) for name in owned)
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def model_case(request, tiny_models):  # noqa: ANN001
+    model_dir = tiny_models[request.param]
+    references = {bs: hf_generate(model_dir, bs) for bs in (1, 4)}
+    # An EOS that really occurs, so that early stopping of rows and micro-batches is exercised.
+    common = Counter(t for row in references[4] for t in row[2:]).most_common(1)[0][0]
+    references["eos"] = hf_generate(model_dir, 4, eos=common)
+    results = {}
+    for world, layouts in LAYOUTS.items():
+        cases = [(counts, bs, mb, GREEDY, None) for counts in layouts for bs, mb in BATCHING]
+        cases.append((None, 4, 2, GREEDY, common))
+        cases += [(None, 4, 2, SAMPLED, None), (None, 1, 1, SAMPLED, None)] if world <= 2 else []
+        results[world] = (cases, spawn_ranks(world, model_dir, cases, MAX_NEW))
+    return model_dir, references, results, common
+
+
+def test_greedy_equals_hf_generate_for_every_layout(model_case) -> None:  # noqa: ANN001
+    _, references, results, _ = model_case
+    checked = 0
+    for world, (cases, out) in results.items():
+        for index, (counts, bs, mb, params, eos) in enumerate(cases):
+            if params is not GREEDY or eos is not None:
+                continue
+            tokens = out[index][0]
+            assert len(tokens) == 20
+            assert tokens == references[bs], f"pp={world} layers={counts} batch={bs} microbatches={mb}"
+            checked += 1
+    assert checked == 3 * (1 + 2 + 3)
+
+
+def test_eos_stops_rows_like_hf_generate(model_case) -> None:  # noqa: ANN001
+    _, references, results, eos = model_case
+    stopped = [row for row in references["eos"] if row and row[-1] == eos]
+    assert stopped and any(len(r) < MAX_NEW for r in stopped), "the chosen EOS must end some completions early"
+    for world, (cases, out) in results.items():
+        index = next(i for i, c in enumerate(cases) if c[4] == eos)
+        assert out[index][0] == references["eos"], f"pp={world}"
+
+
+def test_seeded_sampling_is_the_same_for_pp1_and_pp2(model_case) -> None:  # noqa: ANN001
+    _, references, results, _ = model_case
+    sampled = {}
+    for world in (1, 2):
+        cases, out = results[world]
+        for index, (_, bs, mb, params, _) in enumerate(cases):
+            if params is SAMPLED:
+                sampled[(world, bs, mb)] = out[index][0]
+    assert sampled[(1, 4, 2)] == sampled[(2, 4, 2)]
+    assert sampled[(1, 1, 1)] == sampled[(2, 1, 1)]
+    assert sampled[(1, 4, 2)] != references[4], "sampling should differ from greedy"
+
+
+def test_each_stage_holds_only_its_layers(model_case) -> None:  # noqa: ANN001
+    model_dir, _, results, _ = model_case
+    full = count_parameters(load_full_model(model_dir, "float32", torch.device("cpu")))
+    for world in (2, 3):
+        cases, out = results[world]
+        for index, (counts, *_rest) in enumerate(cases):
+            stages = out[index][1]
+            assert [s["start"] for s in stages][0] == 0 and stages[-1]["stop"] == 8
+            for s in stages:
+                assert s["params"] == expected_stage_params(model_dir, s["start"], s["stop"], s["first"], s["last"])
+                assert s["params"] < full, f"stage {s} holds the whole model"

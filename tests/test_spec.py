@@ -1,0 +1,60 @@
+"""Experiment files: good ones expand into the right runs, bad ones are rejected with exit 2 and a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distinfer.plan import expand
+from distinfer.spec import load_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+BAD = sorted((REPO / "tests" / "bad_experiments").glob("*.yaml"))
+
+
+def test_there_are_enough_bad_files() -> None:
+    assert len(BAD) >= 10
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
+def test_bad_experiment_is_rejected_clearly(path: Path, tmp_path: Path) -> None:
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(path.relative_to(REPO)), "--local",
+                           "--outputs", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = " ".join(proc.stderr.split())  # rich may wrap long lines
+    assert expected in message, message
+    assert str(path.relative_to(REPO)) in message.replace(" ", "") or path.name in message
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists(), "nothing may be written for a rejected experiment"
+
+
+def test_local_tiny_expands_to_the_cartesian_product() -> None:
+    spec_file = REPO / "configs" / "local-tiny.yaml"
+    runs = expand(load_experiment(spec_file), spec_file)
+    ids = [r.run_id for r in runs]
+    assert ids == ["reference-b1-fp32", "reference-b4-fp32", "pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
+                   "pipeline-pp2-b1-mb1-fp32", "pipeline-pp2-b4-mb1-fp32"]
+    assert {r.world_size for r in runs} == {1, 2}
+
+
+def test_explicit_layer_lists_set_the_stage_count(tmp_path: Path) -> None:
+    spec_file = tmp_path / "e.yaml"
+    spec_file.write_text(
+        f"name: uneven\nmodel: {{builtin: tiny-gpt2}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+        "parallel: {layers: [[3, 5], [1, 5, 2]], microbatches: [1, 2]}\nbatch_size: 4\n"
+    )
+    runs = expand(load_experiment(spec_file), spec_file)
+    assert [(r.pp, r.layers, r.microbatches) for r in runs] == [
+        (2, [3, 5], 1), (2, [3, 5], 2), (3, [1, 5, 2], 1), (3, [1, 5, 2], 2)]
+    assert len({r.config_hash() for r in runs}) == 4
+
+
+def test_validation_does_not_import_torch() -> None:
+    code = ("import sys; from distinfer.spec import load_experiment; from distinfer.plan import expand; "
+            "import distinfer.cli; e = load_experiment('configs/local-tiny.yaml'); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
