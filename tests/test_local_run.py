@@ -1,0 +1,111 @@
+"""`distinfer run --local` end to end: real torchrun, real gloo ranks, the run bundle on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
+                  "output_tokens_per_s", "prompts_per_s", "ttft_s", "tpot_s", "itl_s", "e2e_s", "ranks",
+                  "load_s", "tokenize_s"}
+RANK_FIELDS = {"layers", "compute_s", "comm_s", "wait_s", "peak_memory_bytes", "utilization"}
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(f"name: t\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n{body}")
+    return path
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distinfer", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
+    work = tmp_path_factory.mktemp("study")
+    config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
+                          "parallel: {engine: [reference, pipeline], pp: 2, microbatches: 2}\nbatch_size: 4\n")
+    proc = cli("run", str(config), "--local", cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work
+
+
+def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
+    run = study / "outputs" / "t" / "pipeline-pp2-b4-mb2-fp32"
+    for name in ("run.json", "rank_0.log", "rank_1.log", "metrics_rank_0.json", "metrics_rank_1.json",
+                 "completions.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert summary["status"] == "ok" and summary["world_size"] == 2 and summary["output_tokens"] == 20 * 8
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        assert set(summary[key]) == {"mean", "p50", "p90", "p99"}
+        assert 0 < summary[key]["p50"] <= summary[key]["p99"]
+    assert summary["ttft_s"]["p50"] < summary["e2e_s"]["p50"]
+    assert [r["layers"] for r in summary["ranks"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for rank in summary["ranks"]:
+        assert RANK_FIELDS <= rank.keys() and rank["compute_s"] > 0 and rank["peak_memory_bytes"] > 0
+    steps = json.loads((run / "metrics_rank_1.json").read_text())["steps"]
+    assert {"compute_s", "send_s", "wait_s", "mb", "step"} <= steps[0].keys()
+    assert {s["mb"] for s in steps} == {0, 1}
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["run"]["pp"] == 2 and run_json["config_hash"] == summary["config_hash"]
+    assert run_json["provenance"]["packages"]["torch"] and run_json["runtime"]["hostnames"]
+    assert "rank1 INFO start run pipeline-pp2-b4-mb2-fp32" in (run / "rank_1.log").read_text()
+
+
+def test_pipeline_completions_equal_the_reference_run(study: Path) -> None:
+    def load(run_id: str) -> list[dict]:
+        return [json.loads(line) for line in (study / "outputs" / "t" / run_id / "completions.jsonl").open()]
+
+    reference, pipeline = load("reference-b4-fp32"), load("pipeline-pp2-b4-mb2-fp32")
+    assert len(reference) == 20
+    assert [r["output_token_ids"] for r in reference] == [p["output_token_ids"] for p in pipeline]
+    assert [r["id"] for r in reference] == [p["id"] for p in pipeline]
+    assert all(p["text"] for p in pipeline)
+
+
+def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
+    config = study / "e.yaml"
+    again = cli("run", str(config), "--local", cwd=study)
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 2, again.stdout
+    summary = study / "outputs" / "t" / "reference-b4-fp32" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    forced = cli("run", str(config), "--local", "--force", cwd=study)
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    assert summary.stat().st_mtime_ns != before
+
+
+def test_killed_run_leaves_whole_json_lines_and_no_half_written_json(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\nparallel: {pp: 2}\nbatch_size: 1\n")
+    completions = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32" / "completions.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if completions.is_file() and len(completions.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("no completions appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, torchrun and both ranks: one process group
+        proc.wait(timeout=30)
+    lines = completions.read_text().splitlines()
+    assert 2 <= len(lines) < 20
+    for line in lines:
+        assert len(json.loads(line)["output_token_ids"]) > 0
+    bundle = completions.parent
+    assert not (bundle / "summary.json").exists(), "an unfinished run has no summary"
+    for path in bundle.glob("*.json"):
+        json.loads(path.read_text())  # whole or absent, never half-written

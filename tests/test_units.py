@@ -1,0 +1,113 @@
+"""Pure functions: layer split, metric math, Slurm/torchrun mapping, sampling filters, bundle writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.layout import split_layers
+from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
+from distinfer.provenance import allowed_env
+from distinfer.runtime.dist import DistEnv, cpu_threads_per_rank, dist_env_from, first_host
+from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
+from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
+
+
+def test_balanced_split_gives_the_remainder_to_early_stages() -> None:
+    assert [(s.start, s.stop) for s in split_layers(8, 3)] == [(0, 3), (3, 6), (6, 8)]
+    assert [(s.start, s.stop) for s in split_layers(26, 4)] == [(0, 7), (7, 14), (14, 20), (20, 26)]
+    layouts = split_layers(8, 3, [1, 5, 2])
+    assert [(s.start, s.stop, s.is_first, s.is_last) for s in layouts] == [
+        (0, 1, True, False), (1, 6, False, False), (6, 8, False, True)]
+    with pytest.raises(ValueError):
+        split_layers(8, 2, [3, 4])
+    with pytest.raises(ValueError):
+        split_layers(4, 5)
+
+
+def test_percentiles_match_numpy_linear_interpolation() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 90) == pytest.approx(7.6)
+    assert percentile(values, 99) == pytest.approx(9.76)
+    assert distribution([2.0]) == {"mean": 2.0, "p50": 2.0, "p90": 2.0, "p99": 2.0}
+    assert distribution([])["p50"] is None
+
+
+def test_request_metrics_follow_the_definitions() -> None:
+    r = RequestTiming((0.5, 0.6, 0.8, 1.1))
+    assert r.ttft == 0.5 and r.e2e == 1.1
+    assert r.tpot == pytest.approx((1.1 - 0.5) / 3)
+    assert r.itl == pytest.approx([0.1, 0.2, 0.3])
+    assert RequestTiming((0.4,)).tpot is None
+
+
+def test_throughput_is_tokens_over_measured_wall_time() -> None:
+    report = LatencyReport()
+    report.add_batch([[0.1, 0.2], [0.1, 0.2, 0.3]], wall_s=0.5)
+    report.add_batch([[0.2]], wall_s=0.5)
+    s = report.summary()
+    assert s["output_tokens"] == 6 and s["output_tokens_per_s"] == pytest.approx(6.0)
+    assert s["prompts_per_s"] == pytest.approx(3.0)
+    assert s["ttft_s"]["mean"] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
+    assert s["itl_s"]["p50"] == pytest.approx(0.1)
+
+
+def test_slurm_variables_map_to_torch_ones() -> None:
+    env = dist_env_from({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+                         "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    assert env == DistEnv(rank=3, world_size=4, local_rank=1, local_world_size=2, master_addr="gpu07")
+    torchrun = dist_env_from({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                              "MASTER_ADDR": "n1", "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert torchrun == DistEnv(1, 2, 1, 2, "n1", 1234), "torchrun's variables win over Slurm's"
+    assert dist_env_from({}) == DistEnv()
+    assert first_host("n1") == "n1" and first_host("gpu[03-05,9],login1") == "gpu03"
+    assert first_host("node[9,10]") == "node9"
+    assert cpu_threads_per_rank(10_000) == 1
+
+
+def test_environment_capture_is_an_allow_list() -> None:
+    env = {"SLURM_JOB_ID": "42", "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "2", "HF_TOKEN": "hf_secret",
+           "NCCL_SECRET_KEY": "x", "AWS_SECRET_ACCESS_KEY": "y", "HOME": "/root", "SLURM_JOB_PASSWORD": "z"}
+    assert allowed_env(env) == {"NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "2", "SLURM_JOB_ID": "42"}
+
+
+def test_left_padding_positions_match_generate() -> None:
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert prefill_positions(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert truncate_at_eos([5, 2, 7], [0.1, 0.2, 0.3], (2,)) == ([5, 2], [0.1, 0.2])
+    assert truncate_at_eos([5, 6], [0.1, 0.2], (2,)) == ([5, 6], [0.1, 0.2])
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(greedy=False, **kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(top_p=0.1) == [True, False, False, False]
+
+
+def test_sampling_depends_on_prompt_index_not_on_batch_position() -> None:
+    params = SamplingParams(greedy=False, temperature=1.0, seed=3)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    together = Sampler(params)(logits, [10, 11, 12]).tolist()
+    one_by_one = [Sampler(params)(logits[i : i + 1], [10 + i]).item() for i in range(3)]
+    assert together == one_by_one
+    assert Sampler(SamplingParams())(logits, [0, 1, 2]).tolist() == logits.argmax(-1).tolist()
+
+
+def test_atomic_json_and_jsonl(tmp_path: Path) -> None:
+    bundle = RunBundle(tmp_path / "run")
+    atomic_write_json(bundle.summary_json, {"status": "ok"})
+    assert bundle.is_done() and [p.name for p in bundle.root.iterdir()] == ["summary.json"]
+    bundle.summary_json.write_text('{"status": "o')  # what a torn write would look like
+    assert read_json(bundle.summary_json) is None and not bundle.is_done()
+    writer = JsonlWriter(bundle.completions)
+    writer.write({"id": "a"})
+    assert json.loads(bundle.completions.read_text()) == {"id": "a"}  # flushed before close
+    writer.close()
