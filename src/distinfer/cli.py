@@ -18,9 +18,9 @@ console = Console()
 errors = Console(stderr=True)
 
 
-def _load(config: Path):  # -> Experiment
+def _load(config: Path, require_model: bool = True):  # -> Experiment
     try:
-        return load_experiment(config)
+        return load_experiment(config, require_model=require_model)
     except SpecError as exc:
         errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -34,7 +34,7 @@ def results_table(title: str, results: list) -> Table:
     """One row per run: state, tokens/s, latency percentiles."""
     table = Table(title=title)
     for column in ("run", "state", "tokens", "tok/s", "TTFT p50 s", "TPOT p50 s", "E2E p90 s", "time s"):
-        table.add_column(column, justify="left" if column in ("run", "state") else "right")
+        table.add_column(column, justify="left" if column in ("run", "state") else "right", no_wrap=column == "run")
     for r in results:
         s = r.summary or {}
         colour = {"ok": "green", "skipped": "cyan"}.get(r.state, "red")
@@ -67,7 +67,7 @@ def run(
 
     exp = _load(config)
     if not local:
-        errors.print("error: only --local is available so far (Slurm submission: `distinfer submit`, to come)")
+        errors.print("error: `run` needs --local; on a Slurm cluster use `distinfer submit CONFIG`")
         raise typer.Exit(2)
     from distinfer.local import run_local
 
@@ -84,6 +84,134 @@ def run(
     console.print(results_table(f"{exp.name}: {len(results)} run(s), bundles in {outputs / exp.name}", results))
     if any(r.state == "failed" for r in results):
         raise typer.Exit(1)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f}"
+
+
+def _plan(config: Path, outputs: Path):  # -> (Experiment, list[PlannedRun])
+    from distinfer.jobs import plan_experiment
+    from distinfer.slurm import RenderError
+
+    exp = _load(config, require_model=False)
+    try:
+        return exp, plan_experiment(exp, config, outputs)
+    except RenderError as exc:
+        errors.print(f"[bold red]error:[/] {config}: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Experiment file (YAML)."),
+    outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+) -> None:
+    """Expand the matrix, check each run's memory per GPU, and write run.json + job.sbatch per run."""
+    from distinfer.profiles import HARDWARE
+
+    exp, planned = _plan(config, outputs)
+    profile = HARDWARE[exp.cluster.profile]
+    table = Table(title=f"{exp.name} on {profile.name} ({_gib(profile.memory_bytes)} GiB usable per rank)")
+    for column in ("run", "ranks", "weights GiB", "KV GiB", "act GiB", "overhead GiB", "total GiB", "fits"):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
+    for item in planned:
+        worst = max(item.memory, key=lambda m: m.total, default=None)
+        if worst is None:
+            table.add_row(item.run.run_id, str(item.run.world_size), "?", "?", "?", "?", "?", "[yellow]unknown[/]")
+            continue
+        table.add_row(item.run.run_id, str(item.run.world_size), _gib(worst.weights), _gib(worst.kv_cache),
+                      _gib(worst.activations), _gib(worst.overhead), _gib(worst.total),
+                      "[green]yes[/]" if item.fits else "[red]no[/]")
+    console.print(table)
+    pp_runs = [i for i in planned if i.run.pp > 1 and i.memory]
+    if pp_runs:
+        console.print("Pipeline runs split the weights: each stage holds only its layers "
+                      f"(e.g. {pp_runs[0].run.run_id}: {', '.join(_gib(m.weights) for m in pp_runs[0].memory)} GiB "
+                      "of weights per rank).")
+    rejected = [i for i in planned if not i.fits and i.memory]
+    for item in rejected:
+        worst = max(item.memory, key=lambda m: m.total)
+        console.print(f"[red]does not fit:[/] {item.run.run_id} needs {_gib(worst.total)} GiB on one rank "
+                      f"> {_gib(worst.capacity)} GiB; use fewer tokens, a smaller batch, float16 or more stages")
+    console.print(f"wrote run.json and job.sbatch for {len(planned) - len(rejected)} run(s) under {outputs / exp.name}")
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="Experiment file (YAML)."),
+    outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and say what would be submitted."),
+    force: bool = typer.Option(False, "--force", help="Submit runs that already finished ok, too."),
+) -> None:
+    """Submit every planned run that has no ok summary.json (and no job still queued or running)."""
+    from distinfer.jobs import submit as submit_runs
+    from distinfer.slurm import SlurmError
+
+    exp, planned = _plan(config, outputs)
+    try:
+        actions = submit_runs(planned, outputs, exp.name, force=force, dry_run=dry_run)
+    except SlurmError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    for run_id, action, job_id in actions:
+        console.print(f"{action:>18}  {run_id}" + (f"  job {job_id}" if job_id else ""), highlight=False)
+
+
+def _experiment_dir(experiment: Path, outputs: Path) -> tuple[Path, str]:
+    """EXP may be a name (under --outputs) or the folder outputs/<name>."""
+    folder = experiment if experiment.is_dir() else outputs / experiment
+    if not folder.is_dir():
+        errors.print(f"error: no experiment folder {folder} (run `distinfer plan` or `submit` first)")
+        raise typer.Exit(2)
+    return folder.parent, folder.name
+
+
+@app.command()
+def status(
+    experiment: Path = typer.Argument(..., help="Experiment name or its outputs folder."),
+    outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+) -> None:
+    """Each run's Slurm state (squeue, sacct) beside its bundle state."""
+    from distinfer.jobs import status as run_status
+    from distinfer.slurm import SlurmError
+
+    root, name = _experiment_dir(experiment, outputs)
+    try:
+        rows = run_status(root, name)
+    except SlurmError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{name}")
+    for column in ("run", "job", "slurm", "bundle"):
+        table.add_column(column, no_wrap=column == "run")
+    for row in rows:
+        table.add_row(row.run_id, row.job_id or "-", row.slurm_state, row.bundle_state)
+    console.print(table)
+
+
+@app.command()
+def cancel(
+    experiment: Path = typer.Argument(..., help="Experiment name or its outputs folder."),
+    outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+) -> None:
+    """Cancel the experiment's queued and running jobs."""
+    from distinfer.jobs import cancel as cancel_jobs
+
+    root, name = _experiment_dir(experiment, outputs)
+    console.print(f"cancelled: {', '.join(cancel_jobs(root, name)) or 'nothing was queued or running'}")
+
+
+@app.command()
+def collect(
+    experiment: Path = typer.Argument(..., help="Experiment name or its outputs folder."),
+    outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+) -> None:
+    """Store sacct accounting (state, elapsed, nodes, exit code, MaxRSS) as slurm.json in each run's bundle."""
+    from distinfer.jobs import collect as collect_jobs
+
+    root, name = _experiment_dir(experiment, outputs)
+    console.print(f"accounting stored for {collect_jobs(root, name)} run(s)")
 
 
 @models_app.command("build-tiny")

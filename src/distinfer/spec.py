@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distinfer.models.profiles import model_layer_count
+from distinfer.models.profiles import model_config_layer_count, model_layer_count
+from distinfer.profiles import HARDWARE
 from distinfer.prompts import PromptFileError, load_prompts
 
 
@@ -38,6 +39,8 @@ class ModelSpec(_Strict):
     """A local Hugging Face model folder (config.json, safetensors weights, tokenizer)."""
     builtin: Builtin | None = None
     """A tiny model built offline by distinfer (cached outside git)."""
+    config: str | None = None
+    """A config.json with the model's architecture, for planning where `path` exists only on the cluster."""
     dtype: Dtype = "float32"
     """Weights and activations dtype."""
     trust_remote_code: bool = False
@@ -87,6 +90,54 @@ class BenchmarkSpec(_Strict):
     """Passes over the whole prompt set; completions come from the first."""
 
 
+SAFE_SBATCH = r"^[A-Za-z0-9._,:+@-]+$"  # values that go into #SBATCH lines verbatim
+NO_NEWLINE = r"^[^\n\r\x00]*$"
+
+
+class ClusterSpec(_Strict):
+    """Where and how jobs run on Slurm. Values in #SBATCH lines are restricted; the rest is shell-quoted."""
+
+    profile: str = "cpu"
+    """Hardware profile: t4-16gb | a100-40gb | a100-80gb | h100-80gb | cpu."""
+    partition: str | None = Field(None, pattern=SAFE_SBATCH)
+    account: str | None = Field(None, pattern=SAFE_SBATCH)
+    qos: str | None = Field(None, pattern=SAFE_SBATCH)
+    time: str = Field("00:30:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+    """Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS."""
+    nodes: PositiveInt | None = None
+    """Nodes per run; by default ranks / gpus_per_node."""
+    gpus_per_node: int = Field(1, ge=0)
+    """GPUs (one rank each) per node; 0 on the cpu profile (one rank per node)."""
+    cpus_per_task: PositiveInt | None = None
+    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
+    modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/+-]+$")]] = []
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Annotated[str, Field(pattern=NO_NEWLINE)]] = {}
+    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[a-z][a-z-]*(=[A-Za-z0-9._,:=/@+-]+)?$")]] = []
+    python: Annotated[str, Field(pattern=NO_NEWLINE)] = "python3"
+    """The Python that runs distinfer on the compute nodes (inside the container when there is one)."""
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in HARDWARE:
+            raise ValueError(f"unknown hardware profile {value!r}; allowed: {', '.join(HARDWARE)}")
+        return value
+
+
+class ContainerSpec(_Strict):
+    """Run the worker inside a container image."""
+
+    runtime: Literal["apptainer", "none"] = "none"
+    image: Annotated[str, Field(pattern=NO_NEWLINE)] | None = None
+    binds: list[Annotated[str, Field(pattern=NO_NEWLINE)]] = []
+
+    @model_validator(mode="after")
+    def _image_needed(self) -> ContainerSpec:
+        if self.runtime == "apptainer" and not self.image:
+            raise ValueError("runtime apptainer needs 'image' (a .sif file)")
+        return self
+
+
 class Experiment(_Strict):
     """One experiment file."""
 
@@ -97,6 +148,8 @@ class Experiment(_Strict):
     parallel: ParallelSpec = ParallelSpec()
     batch_size: PositiveInt | list[PositiveInt] = 1
     benchmark: BenchmarkSpec = BenchmarkSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    container: ContainerSpec = ContainerSpec()
 
     @field_validator("prompts")
     @classmethod
@@ -229,8 +282,42 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
                 )
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file, including checks against the model and prompts on disk."""
+def _check_cluster(path: Path, exp: Experiment) -> None:
+    profile = HARDWARE[exp.cluster.profile]
+    if exp.model.dtype not in profile.dtypes:
+        raise SpecError(
+            f"{path}: field 'model.dtype': {exp.model.dtype} is not supported on {profile.name} "
+            f"({profile.note or 'see the profile'}); allowed: {', '.join(profile.dtypes)}"
+        )
+    per_node = max(1, exp.cluster.gpus_per_node) if profile.gpu else 1
+    if profile.gpu and exp.cluster.gpus_per_node == 0:
+        raise SpecError(f"{path}: field 'cluster.gpus_per_node': the {profile.name} profile needs at least 1")
+    for pp in as_list(exp.parallel.pp) if exp.parallel.layers == "auto" else [len(s) for s in _layer_lists(exp)]:
+        ranks = pp
+        if ranks % per_node and ranks > per_node:
+            raise SpecError(
+                f"{path}: field 'parallel.pp': {ranks} ranks do not fill nodes of {per_node} GPUs; "
+                f"use a multiple of cluster.gpus_per_node ({per_node})"
+            )
+        nodes = max(1, ranks // per_node)
+        if exp.cluster.nodes is not None and exp.cluster.nodes * min(per_node, ranks) != ranks:
+            raise SpecError(
+                f"{path}: field 'cluster.nodes': {exp.cluster.nodes} node(s) x {min(per_node, ranks)} GPU(s) "
+                f"!= pp {ranks}; nodes x gpus_per_node must equal pp x tp (here: nodes {nodes}), or leave nodes out"
+            )
+
+
+def _layer_lists(exp: Experiment) -> list[list[int]]:
+    layers = exp.parallel.layers
+    return [] if layers == "auto" else (layers if isinstance(layers[0], list) else [layers])
+
+
+def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
+    """Read and validate an experiment file, including checks against the model and prompts on disk.
+
+    With require_model=False (planning for a cluster) a model folder that is not reachable from here
+    is accepted: its facts come from `model.config` if given, and the job on the cluster will say.
+    """
     path = Path(path)
     data = _read_yaml(path)
     try:
@@ -246,13 +333,24 @@ def load_experiment(path: str | Path) -> Experiment:
         load_prompts(prompts)
     except PromptFileError as exc:
         raise SpecError(f"{path}: field 'prompts': {exc}") from None
-    if exp.model.path is not None:
-        model_dir = resolve_path(exp.model.path, path)
+    num_layers: int | None = None
+    if exp.model.builtin is not None:
+        num_layers = model_layer_count(exp.model.builtin)
+    elif exp.model.config is not None:
+        config = resolve_path(exp.model.config, path)
+        try:
+            num_layers = model_config_layer_count(config)
+        except ValueError as exc:
+            raise SpecError(f"{path}: field 'model.config': {exc}") from None
+    else:
+        model_dir = resolve_path(str(exp.model.path), path)
         try:
             num_layers = model_layer_count(model_dir)
         except ValueError as exc:
-            raise SpecError(f"{path}: field 'model.path': {exc}") from None
-    else:
-        num_layers = model_layer_count(exp.model.builtin)
-    _check_layout(path, exp, num_layers)
+            if require_model or model_dir.exists():
+                raise SpecError(f"{path}: field 'model.path': {exc}") from None
+    if num_layers is not None:
+        _check_layout(path, exp, num_layers)
+    if "cluster" in exp.model_fields_set:
+        _check_cluster(path, exp)
     return exp

@@ -21,7 +21,8 @@ from distinfer.models.profiles import profile_for
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
+    """No progress bars or info lines from transformers in library use."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -32,7 +33,7 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):  # -> PreT
     """The model's tokenizer with left padding (for batched generation) and a pad token."""
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     profile = profile_for(model_dir)
     tok = AutoTokenizer.from_pretrained(
         model_dir, use_fast=profile.tokenizer_use_fast, trust_remote_code=trust_remote_code
@@ -47,7 +48,7 @@ def load_full_model(model_dir: Path, dtype: str, device: torch.device, trust_rem
     """The whole model with `transformers` (the single-device reference), safetensors only."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=DTYPES[dtype],
@@ -93,7 +94,7 @@ def load_stage_model(
     """One pipeline stage: its decoder layers, plus the embedding (first) and norm + head (last)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(

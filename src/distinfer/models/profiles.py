@@ -61,8 +61,20 @@ def model_layer_count(model: str | Path) -> int:
     """Number of decoder layers of a built-in model name or a model folder."""
     if isinstance(model, str) and model in TINY_MODELS:
         return int(TINY_MODELS[model].config["num_hidden_layers"])
-    data = read_model_config(Path(model))
+    return _layer_count(read_model_config(Path(model)), f"{model}/config.json")
+
+
+def model_config_layer_count(config_file: Path) -> int:
+    """Number of decoder layers named by a standalone config.json."""
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {config_file}: {exc}") from None
+    return _layer_count(data, str(config_file))
+
+
+def _layer_count(data: dict, where: str) -> int:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in data:
             return int(data[key])
-    raise ValueError(f"{model}/config.json names no layer count (num_hidden_layers or n_layer)")
+    raise ValueError(f"{where} names no layer count (num_hidden_layers or n_layer)")

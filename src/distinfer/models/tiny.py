@@ -122,6 +122,9 @@ def build_tiny_model(name: str, force: bool = False) -> Path:
     import torch
     import transformers
 
+    from distinfer.models.loading import quiet_transformers
+
+    quiet_transformers()
     spec = TINY_MODELS[name]
     tokenizer = train_tokenizer(spec.add_bos)
     arch = getattr(transformers, spec.architecture)

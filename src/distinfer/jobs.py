@@ -1,0 +1,152 @@
+"""A study on Slurm: plan (memory fit + job scripts), submit what is unfinished, track, cancel, collect."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distinfer.bundle import RunBundle, atomic_write_json, atomic_write_text, read_json
+from distinfer.layout import split_layers
+from distinfer.local import resolve_builtin_models, write_run_json
+from distinfer.memory import MemoryEstimate, ModelFacts, estimate_stage_memory
+from distinfer.plan import RunSpec, expand
+from distinfer.profiles import HARDWARE
+from distinfer.prompts import load_prompts
+from distinfer.slurm import render_sbatch, sacct_records, sbatch, scancel, squeue_states
+from distinfer.spec import Experiment, resolve_path
+
+LIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run: RunSpec
+    bundle: RunBundle
+    memory: list[MemoryEstimate]  # one per rank; empty when the model's config is not readable here
+
+    @property
+    def fits(self) -> bool:
+        return all(m.fits for m in self.memory)
+
+
+def context_tokens(run: RunSpec) -> int:
+    """Conservative context length: longest prompt at ~3 characters per token, plus the new tokens."""
+    longest = max(len(p.prompt) for p in load_prompts(Path(run.prompts)))
+    return longest // 3 + 1 + int(run.generation["max_new_tokens"])
+
+
+def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[MemoryEstimate]:
+    profile = HARDWARE[exp.cluster.profile]
+    stages = split_layers(facts.layers, run.pp, run.layers) if run.engine != "reference" else split_layers(facts.layers, 1)
+    ctx = context_tokens(run)
+    return [estimate_stage_memory(facts, s, run.dtype, run.batch_size, ctx, profile.memory_bytes, profile.gpu)
+            for s in stages]
+
+
+def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[PlannedRun]:
+    """Expand, estimate memory per rank, and write run.json + job.sbatch for every run that fits."""
+    runs = resolve_builtin_models(expand(exp, spec_file))
+    config = read_json(Path(runs[0].model_path) / "config.json") if runs else None
+    if config is None and exp.model.config:
+        config = read_json(resolve_path(exp.model.config, spec_file))
+    planned = []
+    for run in runs:
+        bundle = RunBundle(outputs / run.experiment / run.run_id)
+        memory = estimate_run(run, ModelFacts.from_config(config), exp) if config else []
+        item = PlannedRun(run, bundle, memory)
+        recorded = read_json(bundle.run_json) or {}
+        finished = bundle.is_done() and recorded.get("config_hash") == run.config_hash()
+        if item.fits and not finished:  # a finished run keeps the files it ran with
+            write_run_json(run, outputs)
+            script = render_sbatch(run, exp.cluster, exp.container, bundle.root.absolute())
+            atomic_write_text(bundle.root / "job.sbatch", script)
+        planned.append(item)
+    return planned
+
+
+def jobs_file(outputs: Path, experiment: str) -> Path:
+    return outputs / experiment / "jobs.json"
+
+
+def load_jobs(outputs: Path, experiment: str) -> dict[str, dict]:
+    return read_json(jobs_file(outputs, experiment)) or {}
+
+
+def submit(planned: list[PlannedRun], outputs: Path, experiment: str, force: bool = False,
+           dry_run: bool = False) -> list[tuple[str, str, str | None]]:
+    """Submit every fitting run without an ok summary (and without a live job); (run_id, action, job_id)."""
+    jobs = load_jobs(outputs, experiment)
+    live = squeue_states([j["job_id"] for j in jobs.values()]) if jobs and not dry_run else {}
+    actions: list[tuple[str, str, str | None]] = []
+    for item in planned:
+        run_id = item.run.run_id
+        recorded = read_json(item.bundle.run_json) or {}
+        previous = jobs.get(run_id, {}).get("job_id")
+        if not item.fits:
+            actions.append((run_id, "does not fit", None))
+        elif item.bundle.is_done() and recorded.get("config_hash") == item.run.config_hash() and not force:
+            actions.append((run_id, "done", previous))
+        elif previous in live and live[previous] in LIVE_STATES:
+            actions.append((run_id, f"already {live[previous].lower()}", previous))
+        elif dry_run:
+            actions.append((run_id, "would submit", None))
+        else:
+            item.bundle.clear_results()
+            job_id = sbatch(item.bundle.root / "job.sbatch")
+            history = jobs.get(run_id, {}).get("history", []) + ([previous] if previous else [])
+            jobs[run_id] = {"job_id": job_id, "submitted_at": time.time(), "history": history}
+            atomic_write_json(jobs_file(outputs, experiment), jobs)
+            actions.append((run_id, "resubmitted" if previous else "submitted", job_id))
+    return actions
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    job_id: str | None
+    slurm_state: str
+    bundle_state: str  # ok | failed | ... | unfinished | not started
+
+
+def bundle_state(bundle: RunBundle) -> str:
+    summary = bundle.summary()
+    if summary:
+        return str(summary.get("status"))
+    return "unfinished" if bundle.completions.exists() or bundle.rank_log(0).exists() else "not started"
+
+
+def status(outputs: Path, experiment: str) -> list[RunStatus]:
+    """Each run's Slurm state (squeue while live, sacct after) beside its bundle's state."""
+    jobs = load_jobs(outputs, experiment)
+    ids = [j["job_id"] for j in jobs.values()]
+    live = squeue_states(ids)
+    done = sacct_records([i for i in ids if i not in live])
+    rows = []
+    for run_dir in sorted(p for p in (outputs / experiment).iterdir() if (p / "run.json").is_file()):
+        job_id = jobs.get(run_dir.name, {}).get("job_id")
+        state = live.get(job_id) or done.get(job_id, {}).get("State") or ("UNKNOWN" if job_id else "-")
+        rows.append(RunStatus(run_dir.name, job_id, state.split()[0], bundle_state(RunBundle(run_dir))))
+    return rows
+
+
+def cancel(outputs: Path, experiment: str) -> list[str]:
+    """Cancel the experiment's jobs that are still queued or running."""
+    jobs = load_jobs(outputs, experiment)
+    live = squeue_states([j["job_id"] for j in jobs.values()])
+    ids = [i for i, state in live.items() if state in LIVE_STATES]
+    scancel(ids)
+    return ids
+
+
+def collect(outputs: Path, experiment: str) -> int:
+    """Store each finished job's accounting record as slurm.json in its run's bundle; returns how many."""
+    jobs = load_jobs(outputs, experiment)
+    records = sacct_records([j["job_id"] for j in jobs.values()])
+    count = 0
+    for run_id, job in jobs.items():
+        record = records.get(job["job_id"])
+        if record:
+            atomic_write_json(outputs / experiment / run_id / "slurm.json", {"job_id": job["job_id"], **record})
+            count += 1
+    return count

@@ -1,0 +1,103 @@
+"""Per-rank memory estimate of a run, from config.json facts alone (no torch): does it fit the device?
+
+weights: the stage's decoder layers (+ embedding on the first stage, + norm and head on the last) at
+the dtype; KV cache: 2 x layers x batch x (prompt + new tokens) x kv_heads x head_dim x bytes;
+activations: the prefill's largest transient tensors (MLP input/output and the logits of one
+position); overhead: CUDA context and allocator slack (a fixed allowance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distinfer.layout import StageLayout
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GPU_OVERHEAD_BYTES = 600 * 1024**2  # CUDA context + allocator fragmentation, measured order of magnitude
+CPU_OVERHEAD_BYTES = 400 * 1024**2  # Python, torch and transformers in a process
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes read from a model's config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    gated_mlp: bool  # Llama's gate/up/down (3 matrices) vs GPT-2's 2
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ModelFacts:
+        hidden = int(cfg.get("hidden_size", cfg.get("n_embd", 0)))
+        heads = int(cfg.get("num_attention_heads", cfg.get("n_head", 1)))
+        gpt2 = "n_embd" in cfg or cfg.get("model_type") == "gpt2"
+        return cls(
+            layers=int(cfg.get("num_hidden_layers", cfg.get("n_layer", 0))),
+            hidden=hidden,
+            intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            vocab=int(cfg["vocab_size"]),
+            tied=bool(cfg.get("tie_word_embeddings", gpt2)),
+            gated_mlp=not gpt2,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_parameters(self) -> int:
+        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return attn + mlp + 4 * self.hidden
+
+    def embedding_parameters(self) -> int:
+        return self.vocab * self.hidden
+
+    def total_parameters(self) -> int:
+        head = 0 if self.tied else self.embedding_parameters()
+        return self.layers * self.layer_parameters() + self.embedding_parameters() + head + self.hidden
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+    capacity: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def estimate_stage_memory(
+    facts: ModelFacts,
+    stage: StageLayout,
+    dtype: str,
+    batch: int,
+    context_tokens: int,
+    capacity: int,
+    gpu: bool,
+) -> MemoryEstimate:
+    """Bytes one rank needs for its stage at this batch size and context (prompt + new tokens)."""
+    size = DTYPE_BYTES[dtype]
+    layers = stage.stop - stage.start
+    params = layers * facts.layer_parameters()
+    if stage.is_first:
+        params += facts.embedding_parameters()
+    if stage.is_last:
+        params += facts.hidden + (facts.embedding_parameters() if not facts.tied or not stage.is_first else 0)
+    kv = 2 * layers * batch * context_tokens * facts.kv_heads * facts.head_dim * size
+    activations = batch * context_tokens * (2 * facts.hidden + facts.intermediate) * size + batch * facts.vocab * 4
+    overhead = GPU_OVERHEAD_BYTES if gpu else CPU_OVERHEAD_BYTES
+    return MemoryEstimate(params * size, kv, activations, overhead, capacity)

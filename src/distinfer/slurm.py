@@ -1,0 +1,172 @@
+"""Slurm: render job scripts (pure), and talk to sbatch / squeue / sacct / scancel through one thin wrapper.
+
+Every user value reaching the script is either restricted to a safe character set (values in
+#SBATCH lines, which sbatch parses itself) or passed through `shlex.quote` (everything else).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from distinfer.plan import RunSpec
+from distinfer.profiles import HARDWARE
+from distinfer.spec import ClusterSpec, ContainerSpec
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+@%-]+$")
+
+
+class RenderError(ValueError):
+    """A value that cannot be placed safely in a job script."""
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed; the message has its stderr."""
+
+
+@dataclass(frozen=True)
+class JobShape:
+    nodes: int
+    ranks_per_node: int
+
+
+def job_shape(run: RunSpec, cluster: ClusterSpec) -> JobShape:
+    """Nodes and ranks per node of a run: GPUs per node on GPU profiles, one rank per node on CPU."""
+    per_node = cluster.gpus_per_node if HARDWARE[cluster.profile].gpu else 1
+    per_node = max(1, min(per_node, run.world_size))
+    nodes, rest = divmod(run.world_size, per_node)
+    if rest:
+        raise RenderError(f"{run.world_size} ranks do not fill nodes of {per_node}; make pp a multiple of {per_node}")
+    return JobShape(nodes, per_node)
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    def value(match: re.Match) -> str:
+        return values[match.group(1)]
+
+    return re.sub(r"\{\{(\w+)\}\}", value, template)
+
+
+def worker_python(cluster: ClusterSpec, container: ContainerSpec) -> str:
+    """The interpreter on the compute node: the configured one, else this venv's when not containerised."""
+    if "python" in cluster.model_fields_set or container.runtime == "apptainer":
+        return cluster.python
+    return sys.executable
+
+
+def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, run_dir: Path) -> str:
+    """The job script of one run (a pure function of its arguments)."""
+    run_dir = run_dir.resolve() if not run_dir.is_absolute() else run_dir
+    if not SAFE_PATH.match(str(run_dir)):
+        raise RenderError(f"outputs path {str(run_dir)!r} cannot go in #SBATCH lines; use letters, digits and ._-/ only")
+    shape = job_shape(run, cluster)
+    profile = HARDWARE[cluster.profile]
+    options = [
+        f"--job-name=di-{run.experiment}-{run.run_id}",
+        f"--nodes={shape.nodes}",
+        "--ntasks-per-node=1",
+        f"--time={cluster.time}",
+        f"--output={run_dir}/slurm-%j.out",
+        f"--error={run_dir}/slurm-%j.err",
+    ]
+    if profile.gpu:
+        options.append(f"--gpus-per-node={shape.ranks_per_node}")
+    for name in ("partition", "account", "qos", "cpus_per_task", "mem"):
+        value = getattr(cluster, name)
+        if value is not None:
+            options.append(f"--{name.replace('_', '-')}={value}")
+    options += cluster.extra_sbatch
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cluster.cpus_per_task:
+        env["OMP_NUM_THREADS"] = str(max(1, cluster.cpus_per_task // shape.ranks_per_node))
+    env.update(cluster.env)
+    launch: list[str] = []
+    if container.runtime == "apptainer":
+        launch = ["apptainer", "exec", "--nv"]
+        for bind in container.binds:
+            launch += ["--bind", bind]
+        launch.append(str(container.image))
+    values = {
+        "run_id": run.run_id,
+        "experiment": run.experiment,
+        "sbatch_lines": "\n".join(f"#SBATCH {o}" for o in options),
+        "module_lines": "\n".join(f"module load {shlex.quote(m)}" for m in cluster.modules) or "# (no modules)",
+        "env_lines": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        "run_dir": shlex.quote(str(run_dir)),
+        "python": shlex.quote(worker_python(cluster, container)),
+        "ranks_per_node": str(shape.ranks_per_node),
+        "launch_prefix": " ".join(shlex.quote(part) for part in launch),
+    }
+    return _fill(TEMPLATE.read_text(), values)
+
+
+# -- the one wrapper around Slurm's commands ------------------------------------------------------
+def slurm_command(args: list[str], timeout: float = 60) -> str:
+    """Run a Slurm client command; its stdout, or SlurmError with its stderr."""
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SlurmError(f"{args[0]} not found: is this a Slurm login node (or is SLURM_CONF set)?") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(args)} did not answer within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"{' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def sbatch(script: Path) -> str:
+    """Submit a job script; returns the job id."""
+    return slurm_command(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
+
+
+def scancel(job_ids: list[str]) -> None:
+    if job_ids:
+        slurm_command(["scancel", *job_ids])
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, str]:
+    """State of jobs still known to the controller (PENDING, RUNNING, COMPLETING, ...)."""
+    if not job_ids:
+        return {}
+    out = slurm_command(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids)])
+    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+
+
+ACCOUNTING_FIELDS = ("JobID", "State", "Elapsed", "NodeList", "ExitCode", "MaxRSS")
+
+
+def sacct_records(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Accounting per job: from the database (with MaxRSS of the steps), else from the job-completion log."""
+    if not job_ids:
+        return {}
+    ids = ",".join(job_ids)
+    try:
+        out = slurm_command(["sacct", "-n", "-P", "-j", ids, "-o", ",".join(ACCOUNTING_FIELDS)])
+        fields = ACCOUNTING_FIELDS
+    except SlurmError:  # no accounting database: `sacct -c` reads job-level records only
+        fields = ACCOUNTING_FIELDS[:-1]
+        out = slurm_command(["sacct", "-c", "-n", "-P", "-j", ids, "-o", ",".join(fields)])
+    records: dict[str, dict[str, str]] = {}
+    for line in out.splitlines():
+        row = dict(zip(fields, line.split("|")))
+        job, _, step = row.get("JobID", "").partition(".")
+        if not job:
+            continue
+        record = records.setdefault(job, {})
+        if not step:
+            record.update({k: v for k, v in row.items() if k != "MaxRSS" or v})
+        elif row.get("MaxRSS"):
+            record["MaxRSS"] = max(record.get("MaxRSS", ""), row["MaxRSS"], key=_rss_bytes)
+    return records
+
+
+def _rss_bytes(value: str) -> float:
+    match = re.match(r"^([\d.]+)([KMGT]?)$", value or "")
+    if not match:
+        return 0.0
+    return float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")

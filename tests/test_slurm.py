@@ -1,0 +1,124 @@
+"""End to end on a real Slurm cluster (munge, slurmctld, two slurmd = two Slurm nodes) on localhost.
+
+The cluster is started by scripts/local-slurm.sh in its own state folder and port range, and stopped
+again by the PIDs in its PID files, also when a test fails. Needs root (the daemons run as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "local-slurm.sh"
+CLUSTER_ENV = {"SLURM_LOCAL_DIR": "/tmp/distinfer-test-slurm", "SLURM_LOCAL_PORT": "17817", "SLURM_LOCAL_NODES": "2"}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:  # noqa: ANN001
+    env = {**os.environ, **CLUSTER_ENV}
+    up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        env["SLURM_CONF"] = f"{CLUSTER_ENV['SLURM_LOCAL_DIR']}/slurm.conf"
+        yield env
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def cli(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distinfer", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def wait_for_jobs(env: dict, cwd: Path, experiment: str, timeout: float = 240) -> None:
+    jobs = json.loads((cwd / "outputs" / experiment / "jobs.json").read_text())
+    ids = ",".join(j["job_id"] for j in jobs.values())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", ids], env=env, capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"jobs {ids} still queued after {timeout}s")
+
+
+def status_rows(env: dict, cwd: Path, experiment: str) -> dict[str, tuple[str, str]]:
+    proc = cli(env, cwd, "status", experiment)
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 4 and cells[0] not in ("run", ""):
+            rows[cells[0]] = (cells[2], cells[3])
+    return rows
+
+
+def completions(run_dir: Path) -> list[list[int]]:
+    return [json.loads(line)["output_token_ids"] for line in (run_dir / "completions.jsonl").open()]
+
+
+def write_experiment(path: Path, model: str, engines: str, extra: str = "") -> Path:
+    path.write_text(
+        f"name: slurm-tiny\nmodel: {model}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+        f"generation: {{max_new_tokens: 8}}\nparallel: {engines}\nbatch_size: 4\n"
+        # The local nodes n1, n2 do not resolve by name: rendezvous on the loopback address instead.
+        f"cluster: {{profile: cpu, time: '00:10:00', env: {{DISTINFER_HEAD_ADDR: 127.0.0.1}}}}\n{extra}"
+    )
+    return path
+
+
+def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-llama}", "{engine: [reference, pipeline], pp: [1, 2]}")
+    proc = cli(slurm, tmp_path, "submit", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("submitted") == 3
+    wait_for_jobs(slurm, tmp_path, "slurm-tiny")
+    rows = status_rows(slurm, tmp_path, "slurm-tiny")
+    assert rows == {r: ("COMPLETED", "ok") for r in
+                    ("pipeline-pp1-b4-mb1-fp32", "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32")}, rows
+    out = tmp_path / "outputs" / "slurm-tiny"
+    reference = completions(out / "reference-b4-fp32")
+    assert len(reference) == 20
+    assert completions(out / "pipeline-pp2-b4-mb1-fp32") == reference
+    assert completions(out / "pipeline-pp1-b4-mb1-fp32") == reference
+    run_json = json.loads((out / "pipeline-pp2-b4-mb1-fp32" / "run.json").read_text())
+    assert run_json["runtime"]["env"]["SLURM_JOB_NUM_NODES"] == "2", "PP=2 ran as one task on each of 2 nodes"
+    again = cli(slurm, tmp_path, "submit", str(config))
+    assert again.returncode == 0 and "submitted" not in again.stdout and again.stdout.count("done") == 3
+    assert cli(slurm, tmp_path, "collect", "slurm-tiny").returncode == 0
+    accounting = json.loads((out / "pipeline-pp2-b4-mb1-fp32" / "slurm.json").read_text())
+    assert accounting["State"] == "COMPLETED" and accounting["ExitCode"] == "0:0"
+
+
+def test_failed_run_is_reported_and_only_it_is_resubmitted(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models["tiny-llama"], model_dir)
+    model = f"{{path: {model_dir}}}"
+    config = write_experiment(tmp_path / "e.yaml", model, "{engine: reference}")
+    assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
+    wait_for_jobs(slurm, tmp_path, "slurm-tiny")
+    # The model folder vanishes from the "compute nodes"; the new pipeline run must fail there.
+    shutil.move(model_dir, tmp_path / "elsewhere")
+    config = write_experiment(tmp_path / "e.yaml", model, "{engine: [reference, pipeline], pp: 2}")
+    proc = cli(slurm, tmp_path, "submit", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "done  reference-b4-fp32" in proc.stdout and proc.stdout.count("submitted") == 1
+    wait_for_jobs(slurm, tmp_path, "slurm-tiny")
+    failed = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b4-mb1-fp32"
+    assert status_rows(slurm, tmp_path, "slurm-tiny")["pipeline-pp2-b4-mb1-fp32"] == ("FAILED", "failed")
+    summary = json.loads((failed / "summary.json").read_text())
+    assert summary["status"] == "failed" and str(model_dir) in summary["error"]
+    assert str(model_dir) in (failed / "rank_0.log").read_text()
+    shutil.move(tmp_path / "elsewhere", model_dir)
+    proc = cli(slurm, tmp_path, "submit", str(config))
+    assert "done  reference-b4-fp32" in proc.stdout and "resubmitted  pipeline-pp2-b4-mb1-fp32" in proc.stdout
+    wait_for_jobs(slurm, tmp_path, "slurm-tiny")
+    assert status_rows(slurm, tmp_path, "slurm-tiny")["pipeline-pp2-b4-mb1-fp32"] == ("COMPLETED", "ok")
