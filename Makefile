@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test clean-outputs
+.PHONY: setup system-deps models demo test clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,12 @@ models: setup
 demo: models
 	$(BIN)/distinfer run configs/local-tiny.yaml --local
 
-test: models
+# Debian packages the tests use: shellcheck, and Slurm + munge for the real local cluster
+# (scripts/local-slurm.sh installs those itself if missing). Needs root, as the Slurm daemons do.
+system-deps:
+	@command -v shellcheck >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck; }
+
+test: models system-deps
 	$(BIN)/python -m pytest
 
 clean-outputs:

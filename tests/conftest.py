@@ -48,3 +48,25 @@ def spawn_ranks(world: int, model_dir: Path, cases: list, max_new: int, timeout:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+SLURM_SCRIPT = REPO / "scripts" / "local-slurm.sh"
+SLURM_ENV = {"SLURM_LOCAL_DIR": "/tmp/distinfer-test-slurm", "SLURM_LOCAL_PORT": "17817", "SLURM_LOCAL_NODES": "2"}
+
+
+@pytest.fixture(scope="session")
+def slurm() -> dict[str, str]:
+    """A real two-node Slurm cluster on localhost, in its own state folder and ports; needs root.
+
+    Started by scripts/local-slurm.sh and stopped again by the PIDs in its PID files, also when a test fails.
+    """
+    import subprocess
+
+    env = {**os.environ, **SLURM_ENV}
+    up = subprocess.run(["bash", str(SLURM_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        env["SLURM_CONF"] = f"{SLURM_ENV['SLURM_LOCAL_DIR']}/slurm.conf"
+        yield env
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=300)

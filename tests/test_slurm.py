@@ -1,13 +1,11 @@
 """End to end on a real Slurm cluster (munge, slurmctld, two slurmd = two Slurm nodes) on localhost.
 
-The cluster is started by scripts/local-slurm.sh in its own state folder and port range, and stopped
-again by the PIDs in its PID files, also when a test fails. Needs root (the daemons run as root).
+The `slurm` fixture (conftest.py) starts it with scripts/local-slurm.sh and stops it again.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,20 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "local-slurm.sh"
-CLUSTER_ENV = {"SLURM_LOCAL_DIR": "/tmp/distinfer-test-slurm", "SLURM_LOCAL_PORT": "17817", "SLURM_LOCAL_NODES": "2"}
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory) -> dict[str, str]:  # noqa: ANN001
-    env = {**os.environ, **CLUSTER_ENV}
-    up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
-    try:
-        assert up.returncode == 0, up.stderr
-        env["SLURM_CONF"] = f"{CLUSTER_ENV['SLURM_LOCAL_DIR']}/slurm.conf"
-        yield env
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=300)
 
 
 def cli(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:

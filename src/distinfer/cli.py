@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -14,8 +15,9 @@ app = typer.Typer(help="Benchmark distributed LLM inference on Slurm clusters (a
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Built-in tiny models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
-errors = Console(stderr=True)
+# Tables need about 120 columns; a pipe or a CI log is not a terminal and would get 80.
+console = Console(width=None if sys.stdout.isatty() else 120)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _load(config: Path, require_model: bool = True):  # -> Experiment

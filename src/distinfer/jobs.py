@@ -31,9 +31,11 @@ class PlannedRun:
 
 
 def context_tokens(run: RunSpec) -> int:
-    """Conservative context length: longest prompt at ~3 characters per token, plus the new tokens."""
-    longest = max(len(p.prompt) for p in load_prompts(Path(run.prompts)))
-    return longest // 3 + 1 + int(run.generation["max_new_tokens"])
+    """Prompt tokens (max_prompt_tokens, else ~3 characters per token of the longest prompt) + new tokens."""
+    prompt = run.generation.get("max_prompt_tokens")
+    if prompt is None:
+        prompt = max(len(p.prompt) for p in load_prompts(Path(run.prompts))) // 3 + 1
+    return int(prompt) + int(run.generation["max_new_tokens"])
 
 
 def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[MemoryEstimate]:

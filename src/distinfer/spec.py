@@ -66,6 +66,8 @@ class GenerationSpec(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     """1.0 disables top-p."""
     seed: int = 0
+    max_prompt_tokens: PositiveInt | None = None
+    """Longest prompt in tokens: longer prompts are cut from the left; the memory plan uses it too."""
 
 
 class ParallelSpec(_Strict):
@@ -92,6 +94,18 @@ class BenchmarkSpec(_Strict):
 
 SAFE_SBATCH = r"^[A-Za-z0-9._,:+@-]+$"  # values that go into #SBATCH lines verbatim
 NO_NEWLINE = r"^[^\n\r\x00]*$"
+SLURM_TIME = r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$"
+SLURM_MEM = r"^\d+[KMGT]?$"
+EXTRA_SBATCH = r"^--[a-z][a-z-]*(=[A-Za-z0-9._,:=/@+-]+)?$"
+
+
+PATTERN_HELP = {
+    SAFE_SBATCH: "letters, digits and . _ , : + @ - only (the value goes into an #SBATCH line as it is)",
+    NO_NEWLINE: "must not contain newlines or NUL characters",
+    SLURM_TIME: "a Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS",
+    SLURM_MEM: "a Slurm memory size such as 32G or 16000M",
+    EXTRA_SBATCH: "an sbatch option like --constraint=t4 (letters, digits and . _ , : = / @ + - in the value)",
+}
 
 
 class ClusterSpec(_Strict):
@@ -102,17 +116,17 @@ class ClusterSpec(_Strict):
     partition: str | None = Field(None, pattern=SAFE_SBATCH)
     account: str | None = Field(None, pattern=SAFE_SBATCH)
     qos: str | None = Field(None, pattern=SAFE_SBATCH)
-    time: str = Field("00:30:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+    time: str = Field("00:30:00", pattern=SLURM_TIME)
     """Slurm time limit: MM, HH:MM:SS or D-HH:MM:SS."""
     nodes: PositiveInt | None = None
     """Nodes per run; by default ranks / gpus_per_node."""
     gpus_per_node: int = Field(1, ge=0)
     """GPUs (one rank each) per node; 0 on the cpu profile (one rank per node)."""
     cpus_per_task: PositiveInt | None = None
-    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
+    mem: str | None = Field(None, pattern=SLURM_MEM)
     modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/+-]+$")]] = []
     env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Annotated[str, Field(pattern=NO_NEWLINE)]] = {}
-    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[a-z][a-z-]*(=[A-Za-z0-9._,:=/@+-]+)?$")]] = []
+    extra_sbatch: list[Annotated[str, Field(pattern=EXTRA_SBATCH)]] = []
     python: Annotated[str, Field(pattern=NO_NEWLINE)] = "python3"
     """The Python that runs distinfer on the compute nodes (inside the container when there is one)."""
 
@@ -211,6 +225,10 @@ def _format_error(path: Path, error: dict) -> str:
         return f"{path}: unknown field '{field}'{suggestion}; allowed here: {', '.join(allowed)}"
     if error["type"] == "missing":
         return f"{path}: field '{field}' is required"
+    if error["type"] == "string_pattern_mismatch":
+        pattern = error.get("ctx", {}).get("pattern", "")
+        help_text = PATTERN_HELP.get(pattern, f"must match {pattern}")
+        return f"{path}: field '{field}': {help_text} (got {error.get('input')!r})"
     base = re.sub(r"\[\d+\]", "", field)
     allowed = f"; allowed: {SWEEP_HINTS[base]}" if base in SWEEP_HINTS else ""
     return f"{path}: field '{field}': {error['msg']} (got {error.get('input')!r}){allowed}"

@@ -61,12 +61,14 @@ def sampling_params(generation: dict) -> SamplingParams:
     )
 
 
-def make_batches(prompts: list[Prompt], tokenizer, batch_size: int) -> list[Batch]:  # noqa: ANN001
-    """Consecutive prompts in batches, each left-padded to its longest prompt."""
+def make_batches(prompts: list[Prompt], tokenizer, batch_size: int, max_prompt_tokens: int | None = None) -> list[Batch]:  # noqa: ANN001,E501
+    """Consecutive prompts in batches, each left-padded to its longest prompt (cut from the left if too long)."""
     batches = []
+    tokenizer.truncation_side = "left"
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
-        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
+        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True,
+                        truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
         batches.append(Batch(index, list(range(start, start + len(chunk))), enc["input_ids"], enc["attention_mask"]))
     return batches
 
@@ -106,7 +108,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
              info["parameters"], state["load_s"])
     t0 = time.perf_counter()
     prompts = load_prompts(Path(spec.prompts))
-    batches = make_batches(prompts, tokenizer, spec.batch_size)
+    batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
     state["tokenize_s"] = time.perf_counter() - t0
     for _ in range(spec.warmup):
         engine.generate(batches[0])

@@ -1,0 +1,137 @@
+"""Job scripts: golden files for the shipped T4 configs, shellcheck, Apptainer wrapping, and no injection.
+
+Golden files: tests/golden/<experiment>/<run_id>.sbatch. If a change to the scripts is intended, run
+`DISTINFER_UPDATE_GOLDEN=1 make test` (or delete the files) and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distinfer.plan import expand
+from distinfer.slurm import RenderError, render_sbatch
+from distinfer.spec import load_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = REPO / "tests" / "golden"
+T4_CONFIGS = sorted((REPO / "configs").glob("openllama3b-t4-*.yaml"))
+SCRATCH = Path("/scratch/outputs")  # a fixed outputs root, so the scripts do not depend on this checkout
+
+
+def shellcheck(script: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True, timeout=60)
+
+
+def rendered_t4_scripts() -> list[tuple[str, str]]:
+    scripts = []
+    for config in T4_CONFIGS:
+        exp = load_experiment(config, require_model=False)
+        for run in expand(exp, config):
+            scripts.append((f"{exp.name}/{run.run_id}.sbatch",
+                            render_sbatch(run, exp.cluster, exp.container, SCRATCH / exp.name / run.run_id)))
+    return scripts
+
+
+def test_t4_scripts_match_their_golden_files() -> None:
+    scripts = rendered_t4_scripts()
+    assert len(scripts) >= 8
+    for name, text in scripts:
+        golden = GOLDEN / name
+        if os.environ.get("DISTINFER_UPDATE_GOLDEN"):
+            golden.parent.mkdir(parents=True, exist_ok=True)
+            golden.write_text(text)
+        assert golden.exists(), f"{name} has no golden file (DISTINFER_UPDATE_GOLDEN=1 writes it)"
+        assert text == golden.read_text(), f"{name} differs from its golden file"
+
+
+def test_t4_scripts_pass_shellcheck_and_wrap_the_worker_in_apptainer(tmp_path: Path) -> None:
+    for name, text in rendered_t4_scripts():
+        script = tmp_path / name.replace("/", "_")
+        script.write_text(text)
+        result = shellcheck(script)
+        assert result.returncode == 0, f"{name}:\n{result.stdout}"
+        assert "#SBATCH --gpus-per-node=1" in text and "#SBATCH --partition=gpu" in text
+        assert "LAUNCH=(apptainer exec --nv --bind /shared/models --bind /scratch /shared/containers/distinfer.sif)" in text
+        assert "module load cuda/12.1" in text
+    pp2 = dict(rendered_t4_scripts())["openllama3b-t4-fp16/pipeline-pp2-b8-mb1-fp16.sbatch"]
+    assert "#SBATCH --nodes=2" in pp2 and "--nproc-per-node=1" in pp2
+
+
+def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:
+    """Apptainer cannot be installed here: a stand-in `apptainer` on PATH records its arguments only."""
+    config = REPO / "configs" / "openllama3b-t4-fp16.yaml"
+    exp = load_experiment(config, require_model=False)
+    run = next(r for r in expand(exp, config) if r.run_id == "pipeline-pp2-b8-mb1-fp16")
+    run_dir = tmp_path / "run"
+    text = render_sbatch(run, exp.cluster, exp.container, run_dir)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = {"apptainer": 'printf "%s\\n" "$@" > "${@: -1}/apptainer.args"',
+            "srun": 'shift 3; exec "$@"',  # drop srun's own options, run the task once
+            "scontrol": "echo node1", "module": "true"}
+    for name, body in stub.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]"}
+    run_dir.mkdir()
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=60)
+    args = (run_dir / "apptainer.args").read_text().splitlines()
+    assert args == ["exec", "--nv", "--bind", "/shared/models", "--bind", "/scratch", "/shared/containers/distinfer.sif",
+                    "python3", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=node1:20077", "--rdzv-id=77", "-m", "distinfer.runtime.worker", str(run_dir)]
+
+
+def test_outputs_path_unsafe_for_sbatch_lines_is_rejected(tmp_path: Path) -> None:
+    config = REPO / "configs" / "openllama3b-t4-fp16.yaml"
+    exp = load_experiment(config, require_model=False)
+    run = expand(exp, config)[0]
+    with pytest.raises(RenderError, match="cannot go in #SBATCH lines"):
+        render_sbatch(run, exp.cluster, exp.container, tmp_path / "my outputs" / "run")
+
+
+AWKWARD = "a b 'single' \"double\" $(touch INJECTED_1) `touch INJECTED_2`; touch INJECTED_3 \\ $HOME"
+
+
+def test_awkward_values_arrive_unchanged_and_inject_nothing(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """Against real sbatch: env values and paths with spaces, quotes, $(...), backticks and ; reach the job as is.
+
+    The worker is replaced by a small script (at a path with spaces and quotes) that records what it received.
+    """
+    worker_dir = tmp_path / "it's a dir"
+    worker_dir.mkdir()
+    worker = worker_dir / "record env.sh"
+    worker.write_text('#!/bin/bash\nprintf "%s" "$PAYLOAD" > "${@: -1}/payload.txt"\nprintf "%s\\n" "$@" > "${@: -1}/args.txt"\n')
+    worker.chmod(0o755)
+    prompts_dir = tmp_path / "prompts $(touch INJECTED_4)"
+    prompts_dir.mkdir()
+    shutil.copy(REPO / "prompts" / "correctness.jsonl", prompts_dir / "p.jsonl")
+    config = tmp_path / "e.yaml"
+    config.write_text(json.dumps({  # JSON is YAML: exact strings without YAML quoting rules
+        "name": "awkward", "model": {"builtin": "tiny-llama"}, "prompts": str(prompts_dir / "p.jsonl"),
+        "cluster": {"profile": "cpu", "time": "5", "python": str(worker), "env": {"PAYLOAD": AWKWARD}},
+    }))
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "submit", str(config)], cwd=tmp_path, env=slurm,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "outputs" / "awkward" / "pipeline-pp1-b1-mb1-fp32"
+    script = run_dir / "job.sbatch"
+    assert shellcheck(script).returncode == 0, shellcheck(script).stdout
+    for _ in range(600):
+        if (run_dir / "args.txt").exists():
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert (run_dir / "payload.txt").read_text() == AWKWARD
+    run_json = json.loads((run_dir / "run.json").read_text())
+    assert run_json["run"]["prompts"] == str(prompts_dir / "p.jsonl")
+    injected = [p for p in tmp_path.rglob("INJECTED_*")] + list(Path.home().glob("INJECTED_*"))
+    assert not injected, f"an injected command ran: {injected}"
