@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo test clean-outputs
+.PHONY: setup system-deps models demo test container clean-outputs
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-cluster.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-cluster.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -29,6 +29,11 @@ system-deps:
 
 test: models system-deps
 	$(BIN)/python -m pytest
+
+# The Apptainer image for GPU clusters; apptainer is not installable on the development machine.
+container:
+	@command -v apptainer >/dev/null || { echo "apptainer not found: build on a machine that has it (e.g. the cluster's login node)"; exit 1; }
+	apptainer build distinfer.sif containers/distinfer.def
 
 clean-outputs:
 	rm -rf outputs/*/ analysis/*/

@@ -33,7 +33,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     work = tmp_path_factory.mktemp("study")
     config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
-                          "parallel: {engine: [reference, pipeline], pp: 2, microbatches: 2}\nbatch_size: 4\n")
+                          "parallel: {engine: [reference, pipeline, deepspeed], pp: 2, tp: 2, microbatches: 2}\n"
+                          "batch_size: 4\n")
     proc = cli("run", str(config), "--local", cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return work
@@ -74,10 +75,23 @@ def test_pipeline_completions_equal_the_reference_run(study: Path) -> None:
     assert all(p["text"] for p in pipeline)
 
 
+def test_deepspeed_tp2_equals_the_reference_and_shards_the_model(study: Path) -> None:
+    run = study / "outputs" / "t" / "deepspeed-tp2-b4-fp32"
+    reference = [json.loads(line)["output_token_ids"] for line in (study / "outputs/t/reference-b4-fp32/completions.jsonl").open()]
+    tensor = [json.loads(line)["output_token_ids"] for line in (run / "completions.jsonl").open()]
+    assert tensor == reference
+    assert json.loads((run / "ds_config.json").read_text()) == {
+        "tensor_parallel": {"tp_size": 2}, "dtype": "float32", "replace_with_kernel_inject": False}
+    summary = json.loads((run / "summary.json").read_text())
+    full = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())["ranks"][0]["parameters"]
+    assert summary["world_size"] == 2
+    assert all(r["parameters"] < 0.7 * full for r in summary["ranks"]), "each TP rank holds a shard"
+
+
 def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
     config = study / "e.yaml"
     again = cli("run", str(config), "--local", cwd=study)
-    assert again.returncode == 0 and again.stdout.count("skipped") >= 2, again.stdout
+    assert again.returncode == 0 and again.stdout.count("skipped") == 3, again.stdout
     summary = study / "outputs" / "t" / "reference-b4-fp32" / "summary.json"
     before = summary.stat().st_mtime_ns
     forced = cli("run", str(config), "--local", "--force", cwd=study)

@@ -60,23 +60,25 @@ def write_experiment(path: Path, model: str, engines: str, extra: str = "") -> P
 
 
 def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-llama}", "{engine: [reference, pipeline], pp: [1, 2]}")
+    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-llama}",
+                              "{engine: [reference, pipeline, deepspeed], pp: [1, 2], tp: 2}")
     proc = cli(slurm, tmp_path, "submit", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("submitted") == 3
+    assert proc.stdout.count("submitted") == 4
     wait_for_jobs(slurm, tmp_path, "slurm-tiny")
     rows = status_rows(slurm, tmp_path, "slurm-tiny")
-    assert rows == {r: ("COMPLETED", "ok") for r in
-                    ("pipeline-pp1-b4-mb1-fp32", "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32")}, rows
+    assert rows == {r: ("COMPLETED", "ok") for r in ("deepspeed-tp2-b4-fp32", "pipeline-pp1-b4-mb1-fp32",
+                                                      "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32")}, rows
     out = tmp_path / "outputs" / "slurm-tiny"
     reference = completions(out / "reference-b4-fp32")
     assert len(reference) == 20
     assert completions(out / "pipeline-pp2-b4-mb1-fp32") == reference
     assert completions(out / "pipeline-pp1-b4-mb1-fp32") == reference
+    assert completions(out / "deepspeed-tp2-b4-fp32") == reference
     run_json = json.loads((out / "pipeline-pp2-b4-mb1-fp32" / "run.json").read_text())
     assert run_json["runtime"]["env"]["SLURM_JOB_NUM_NODES"] == "2", "PP=2 ran as one task on each of 2 nodes"
     again = cli(slurm, tmp_path, "submit", str(config))
-    assert again.returncode == 0 and "submitted" not in again.stdout and again.stdout.count("done") == 3
+    assert again.returncode == 0 and "submitted" not in again.stdout and again.stdout.count("done") == 4
     assert cli(slurm, tmp_path, "collect", "slurm-tiny").returncode == 0
     accounting = json.loads((out / "pipeline-pp2-b4-mb1-fp32" / "slurm.json").read_text())
     assert accounting["State"] == "COMPLETED" and accounting["ExitCode"] == "0:0"

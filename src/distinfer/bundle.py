@@ -92,7 +92,7 @@ class RunBundle:
         return isinstance(summary, dict) and summary.get("status") == "ok"
 
     def clear_results(self) -> None:
-        """Remove the files of an earlier attempt (the run's definition: run.json and job.sbatch stay)."""
+        """Remove the files of an earlier attempt (the run's definition: run.json, job.sbatch, ds_config.json stay)."""
         for path in self.root.glob("*"):
-            if path.name not in ("run.json", "job.sbatch") and path.is_file():
+            if path.name not in ("run.json", "job.sbatch", "ds_config.json") and path.is_file():
                 path.unlink()

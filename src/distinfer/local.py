@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.bundle import RunBundle, atomic_write_json, read_json
-from distinfer.plan import RunSpec
+from distinfer.plan import RunSpec, deepspeed_config
 from distinfer.provenance import provenance
 
 
@@ -46,6 +46,8 @@ def write_run_json(run: RunSpec, outputs: Path) -> RunBundle:
     atomic_write_json(
         bundle.run_json, {"run": run.to_dict(), "config_hash": run.config_hash(), "provenance": provenance(os.environ)}
     )
+    if run.engine == "deepspeed":
+        atomic_write_json(bundle.root / "ds_config.json", deepspeed_config(run))
     return bundle
 
 

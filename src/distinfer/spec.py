@@ -24,7 +24,7 @@ class SpecError(Exception):
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Dtype = Literal["float32", "float16", "bfloat16"]
-Engine = Literal["pipeline", "reference"]
+Engine = Literal["pipeline", "reference", "deepspeed"]
 Builtin = Literal["tiny-llama", "tiny-gpt2"]
 
 
@@ -75,7 +75,9 @@ class ParallelSpec(_Strict):
 
     engine: Engine | list[Engine] = "pipeline"
     pp: PositiveInt | list[PositiveInt] = 1
-    """Pipeline stages (one rank each)."""
+    """Pipeline stages (one rank each); pipeline engine."""
+    tp: PositiveInt | list[PositiveInt] = 1
+    """Tensor-parallel ranks; deepspeed engine (DeepSpeed AutoTP)."""
     layers: Literal["auto"] | list[PositiveInt] | list[list[PositiveInt]] = "auto"
     """'auto' (balanced), one list of layers per stage, or a list of such lists (a sweep)."""
     microbatches: PositiveInt | list[PositiveInt] = 1
@@ -192,7 +194,8 @@ SWEEP_HINTS = {
     "batch_size": "an integer >= 1 or a list of them",
     "parallel.pp": "an integer >= 1 or a list of them",
     "parallel.microbatches": "an integer >= 1 or a list of them",
-    "parallel.engine": "pipeline | reference, or a list of them",
+    "parallel.engine": "pipeline | reference | deepspeed, or a list of them",
+    "parallel.tp": "an integer >= 1 or a list of them",
     "parallel.layers": "auto, a list of layer counts per stage, or a list of such lists",
 }
 
@@ -289,8 +292,12 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
                 f"allowed: 1..{num_layers}"
             )
     engines = as_list(exp.parallel.engine)
-    if engines == ["reference"] and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
-        raise SpecError(f"{path}: field 'parallel.pp': the reference engine runs on one device; use pp: 1")
+    if "pipeline" not in engines and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
+        raise SpecError(f"{path}: field 'parallel.pp': pipeline stages need engine pipeline; "
+                        f"engines here: {', '.join(engines)}")
+    if "deepspeed" not in engines and as_list(exp.parallel.tp) != [1]:
+        raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine deepspeed; "
+                        f"engines here: {', '.join(engines)}")
     for mb in as_list(exp.parallel.microbatches):
         for bs in as_list(exp.batch_size):
             if mb > bs:
@@ -310,18 +317,19 @@ def _check_cluster(path: Path, exp: Experiment) -> None:
     per_node = max(1, exp.cluster.gpus_per_node) if profile.gpu else 1
     if profile.gpu and exp.cluster.gpus_per_node == 0:
         raise SpecError(f"{path}: field 'cluster.gpus_per_node': the {profile.name} profile needs at least 1")
-    for pp in as_list(exp.parallel.pp) if exp.parallel.layers == "auto" else [len(s) for s in _layer_lists(exp)]:
-        ranks = pp
+    stage_counts = as_list(exp.parallel.pp) if exp.parallel.layers == "auto" else [len(s) for s in _layer_lists(exp)]
+    for ranks in sorted(set(stage_counts + as_list(exp.parallel.tp))):
         if ranks % per_node and ranks > per_node:
             raise SpecError(
-                f"{path}: field 'parallel.pp': {ranks} ranks do not fill nodes of {per_node} GPUs; "
+                f"{path}: field 'parallel': {ranks} ranks do not fill nodes of {per_node} GPUs; "
                 f"use a multiple of cluster.gpus_per_node ({per_node})"
             )
         nodes = max(1, ranks // per_node)
         if exp.cluster.nodes is not None and exp.cluster.nodes * min(per_node, ranks) != ranks:
             raise SpecError(
                 f"{path}: field 'cluster.nodes': {exp.cluster.nodes} node(s) x {min(per_node, ranks)} GPU(s) "
-                f"!= pp {ranks}; nodes x gpus_per_node must equal pp x tp (here: nodes {nodes}), or leave nodes out"
+                f"!= {ranks} ranks (pp x tp); nodes x gpus_per_node must equal pp x tp (here: nodes {nodes}), "
+                f"or leave nodes out"
             )
 
 

@@ -73,7 +73,7 @@ def make_batches(prompts: list[Prompt], tokenizer, batch_size: int, max_prompt_t
     return batches
 
 
-def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer) -> tuple[object, dict]:  # noqa: ANN001
+def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, spec_dir: Path) -> tuple[object, dict]:  # noqa: ANN001,E501
     """The engine of this rank and facts about its share of the model."""
     model_dir = Path(spec.model_path)
     stop = stop_rule(model_dir, tokenizer, spec.generation["max_new_tokens"])
@@ -83,8 +83,15 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer) -
         layers = list(range(model_layer_count(model_dir)))
         info = {"layers": layers, "parameters": count_parameters(model)}
         return ReferenceEngine(model, device, sampler.params, stop), info
-    if env.world_size != spec.pp:
-        raise RuntimeError(f"run needs {spec.pp} ranks (one per stage) but was started with {env.world_size}")
+    if env.world_size != spec.world_size:
+        raise RuntimeError(f"run needs {spec.world_size} ranks but was started with {env.world_size}")
+    if spec.engine == "deepspeed":
+        from distinfer.runtime.tensor import build_deepspeed_engine
+
+        engine = build_deepspeed_engine(model_dir, Path(spec_dir) / "ds_config.json", env, device,
+                                        sampler.params, stop, spec.trust_remote_code)
+        layers = list(range(model_layer_count(model_dir)))
+        return engine, {"layers": layers, "parameters": count_parameters(engine.model)}
     layout = split_layers(model_layer_count(model_dir), spec.pp, spec.layers)[env.rank]
     model, family = load_stage_model(model_dir, layout, spec.dtype, device, spec.trust_remote_code)
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
@@ -102,7 +109,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     """Load, tokenize, warm up, and generate every batch `repeats` times; fills `state` as it goes."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(Path(spec.model_path), spec.trust_remote_code)
-    engine, info = build_engine(spec, env, device, tokenizer)
+    engine, info = build_engine(spec, env, device, tokenizer, bundle.root)
     state.update(info, load_s=time.perf_counter() - t0)
     log.info("loaded layers %s (%d parameters) in %.2fs", info["layers"][:1] + info["layers"][-1:],
              info["parameters"], state["load_s"])

@@ -1,0 +1,51 @@
+"""Tensor parallelism with DeepSpeed AutoTP, configured from the run's ds_config.json.
+
+Every rank loads the full model on the CPU and `init_inference` keeps its shard of each linear layer;
+generation then runs `transformers` generate on the sharded model on all ranks in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from distinfer.models.loading import load_full_model
+from distinfer.models.tiny import cache_dir
+from distinfer.runtime.dist import DistEnv
+from distinfer.runtime.pipeline import StopRule
+from distinfer.runtime.reference import ReferenceEngine
+from distinfer.runtime.sampling import SamplingParams
+
+
+def prepare_deepspeed_env(env: DistEnv, device: torch.device) -> None:
+    """What DeepSpeed needs before import: its accelerator on CPU, LOCAL_SIZE (AutoTP's all-reduce
+    crashes without it under torchrun), and a kept cache for the ops it compiles at first use."""
+    os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+
+
+def build_deepspeed_engine(
+    model_dir: Path,
+    ds_config_file: Path,
+    env: DistEnv,
+    device: torch.device,
+    sampling: SamplingParams,
+    stop: StopRule,
+    trust_remote_code: bool = False,
+) -> ReferenceEngine:
+    prepare_deepspeed_env(env, device)
+    import deepspeed
+
+    if device.type == "cpu" and env.local_world_size < env.world_size:
+        # DeepSpeed's CPU shared-memory all-reduce assumes all ranks on one node and crashes (SIGSEGV)
+        # across nodes; without it DeepSpeed falls back to the process group's all_reduce (gloo).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    config = json.loads(ds_config_file.read_text())
+    model = load_full_model(model_dir, config["dtype"], torch.device("cpu"), trust_remote_code)
+    engine = deepspeed.init_inference(model, config=config)
+    return ReferenceEngine(engine.module.to(device), device, sampling, stop)
