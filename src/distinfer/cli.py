@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -20,12 +22,19 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
-def _load(config: Path, require_model: bool = True):  # -> Experiment
+@contextmanager
+def _exit_on(error: type[Exception], code: int) -> Iterator[None]:
+    """Turn an expected library error into one clear message and an exit code, never a traceback."""
     try:
-        return load_experiment(config, require_model=require_model)
-    except SpecError as exc:
+        yield
+    except error as exc:
         errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(code) from None
+
+
+def _load(config: Path, require_model: bool = True):  # -> Experiment
+    with _exit_on(SpecError, 2):
+        return load_experiment(config, require_model=require_model)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -97,11 +106,8 @@ def _plan(config: Path, outputs: Path):  # -> (Experiment, list[PlannedRun])
     from distinfer.slurm import RenderError
 
     exp = _load(config, require_model=False)
-    try:
+    with _exit_on(RenderError, 2):
         return exp, plan_experiment(exp, config, outputs)
-    except RenderError as exc:
-        errors.print(f"[bold red]error:[/] {config}: {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -151,11 +157,8 @@ def submit(
     from distinfer.slurm import SlurmError
 
     exp, planned = _plan(config, outputs)
-    try:
+    with _exit_on(SlurmError, 1):
         actions = submit_runs(planned, outputs, exp.name, force=force, dry_run=dry_run)
-    except SlurmError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
     for run_id, action, job_id in actions:
         console.print(f"{action:>18}  {run_id}" + (f"  job {job_id}" if job_id else ""), highlight=False)
 
@@ -179,11 +182,8 @@ def status(
     from distinfer.slurm import SlurmError
 
     root, name = _experiment_dir(experiment, outputs)
-    try:
+    with _exit_on(SlurmError, 1):
         rows = run_status(root, name)
-    except SlurmError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
     table = Table(title=f"{name}")
     for column in ("run", "job", "slurm", "bundle"):
         table.add_column(column, no_wrap=column == "run")
@@ -199,9 +199,12 @@ def cancel(
 ) -> None:
     """Cancel the experiment's queued and running jobs."""
     from distinfer.jobs import cancel as cancel_jobs
+    from distinfer.slurm import SlurmError
 
     root, name = _experiment_dir(experiment, outputs)
-    console.print(f"cancelled: {', '.join(cancel_jobs(root, name)) or 'nothing was queued or running'}")
+    with _exit_on(SlurmError, 1):
+        cancelled = cancel_jobs(root, name)
+    console.print(f"cancelled: {', '.join(cancelled) or 'nothing was queued or running'}")
 
 
 @app.command()
@@ -211,9 +214,12 @@ def collect(
 ) -> None:
     """Store sacct accounting (state, elapsed, nodes, exit code, MaxRSS) as slurm.json in each run's bundle."""
     from distinfer.jobs import collect as collect_jobs
+    from distinfer.slurm import SlurmError
 
     root, name = _experiment_dir(experiment, outputs)
-    console.print(f"accounting stored for {collect_jobs(root, name)} run(s)")
+    with _exit_on(SlurmError, 1):
+        count = collect_jobs(root, name)
+    console.print(f"accounting stored for {count} run(s)")
 
 
 @models_app.command("build-tiny")
