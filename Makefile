@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo test container clean-outputs
+.PHONY: setup system-deps models demo analysis test container clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,13 @@ models: setup
 
 demo: models
 	$(BIN)/distinfer run configs/local-tiny.yaml --local
+	$(BIN)/distinfer analyze outputs/local-tiny
+	@echo "report: analysis/local-tiny/report.html"
+
+# Tables, plots and a report for every experiment under outputs/.
+analysis: setup
+	@ls -d outputs/*/ >/dev/null 2>&1 || { echo "no experiments under outputs/ (run make demo first)"; exit 1; }
+	$(BIN)/distinfer analyze outputs/*/
 
 # Debian packages the tests use: shellcheck, and Slurm + munge for the real local cluster
 # (scripts/local-slurm.sh installs those itself if missing). Needs root, as the Slurm daemons do.

@@ -222,6 +222,25 @@ def collect(
     console.print(f"accounting stored for {count} run(s)")
 
 
+@app.command()
+def analyze(
+    experiments: list[Path] = typer.Argument(..., help="Experiment folders under outputs/ (outputs/<exp>)."),
+    out: Path = typer.Option(Path("analysis"), help="Where analysis/<exp>/ is written."),
+) -> None:
+    """Tables (parquet, csv, json), plots (PNG, SVG) and report.md/.html for each experiment folder."""
+    from distinfer.analysis.analyze import analyze as analyze_experiment
+
+    for folder in experiments:
+        if not folder.is_dir():
+            errors.print(f"error: {folder} is not an experiment folder (expected outputs/<experiment>)")
+            raise typer.Exit(2)
+        result = analyze_experiment(folder, out)
+        console.print(f"{folder.name}: {result.runs} run(s) analysed, {len(result.problems)} problem(s) listed; "
+                      f"report: {result.out / 'report.html'}", highlight=False)
+        for problem in result.problems:
+            console.print(f"  [yellow]problem:[/] {problem['run_id']}: {problem['problem']}", highlight=False)
+
+
 @models_app.command("build-tiny")
 def build_tiny(
     name: list[str] = typer.Option(["tiny-llama", "tiny-gpt2"], "--name", help="Which built-in model(s)."),

@@ -1,0 +1,102 @@
+"""Load every run bundle of an experiment folder into one table, listing what could not be used."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+
+
+@dataclass
+class LoadedExperiment:
+    name: str
+    runs: pd.DataFrame  # one row per run whose summary.json is readable and of this experiment
+    ranks: pd.DataFrame  # one row per (run, rank)
+    problems: list[dict] = field(default_factory=list)  # {run_id, problem}
+    completions: dict[str, list[list[int]]] = field(default_factory=dict)
+    provenance: dict[str, dict] = field(default_factory=dict)
+    model: str = "?"
+    hardware: str = "?"
+
+
+def _read(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"{path.name} missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path.name} unreadable ({type(exc).__name__})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    return data, None
+
+
+def _completions(path: Path) -> list[list[int]]:
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line)["output_token_ids"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line of a killed run
+    return out
+
+
+def load_experiment_outputs(folder: Path) -> LoadedExperiment:
+    """Rows for usable runs; failed, unfinished, unreadable and foreign runs go to `problems`."""
+    name = folder.name
+    rows, rank_rows, problems = [], [], []
+    completions, provenance = {}, {}
+    model, hardware = "?", "?"
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        run_json, error = _read(run_dir / "run.json")
+        if run_json is None:
+            problems.append({"run_id": run_dir.name, "problem": error or "no run.json"})
+            continue
+        spec = run_json.get("run", {})
+        if spec.get("experiment") != name:
+            problems.append({"run_id": run_dir.name,
+                             "problem": f"belongs to experiment {spec.get('experiment')!r}, not {name!r}"})
+            continue
+        summary, error = _read(run_dir / "summary.json")
+        if summary is None:
+            problems.append({"run_id": run_dir.name, "problem": "unfinished (no summary.json)"
+                             if error == "summary.json missing" else error})
+            continue
+        if summary.get("status") != "ok":
+            problems.append({"run_id": run_dir.name, "problem": f"{summary.get('status')}: {summary.get('error')}"})
+            continue
+        missing = [r for r in range(int(summary.get("world_size", 1)))
+                   if not (run_dir / f"metrics_rank_{r}.json").is_file()]
+        if missing:
+            problems.append({"run_id": run_dir.name, "problem": f"metrics of rank(s) {missing} missing; "
+                             "per-rank breakdown left out"})
+        row = {k: spec.get(k) for k in ("run_id", "engine", "pp", "tp", "microbatches", "batch_size", "dtype")}
+        row["tp"] = row["tp"] or 1
+        row["world_size"] = summary.get("world_size")
+        row["output_tokens"] = summary.get("output_tokens")
+        row["output_tokens_per_s"] = summary.get("output_tokens_per_s")
+        row["prompts_per_s"] = summary.get("prompts_per_s")
+        for metric in LATENCIES:
+            for stat, value in (summary.get(metric) or {}).items():
+                row[f"{metric.removesuffix('_s')}_{stat}_s"] = value
+        ranks = summary.get("ranks") or []
+        row["peak_memory_bytes"] = max((r.get("peak_memory_bytes") or 0 for r in ranks), default=None)
+        row["load_s"] = summary.get("load_s")
+        rows.append(row)
+        if not missing:
+            for r in ranks:
+                rank_rows.append({"run_id": row["run_id"], "rank": r.get("rank"), "compute_s": r.get("compute_s"),
+                                  "comm_s": r.get("comm_s"), "wait_s": r.get("wait_s"),
+                                  "peak_memory_bytes": r.get("peak_memory_bytes"), "layers": len(r.get("layers") or [])})
+        completions[row["run_id"]] = _completions(run_dir / "completions.jsonl")
+        model = spec.get("builtin") or Path(spec.get("model_path") or "?").name
+        device = (run_json.get("runtime") or {}).get("device", "?")
+        hardware = "CPU (gloo)" if device == "cpu" else f"GPU {device} (NCCL)"
+        provenance[row["run_id"]] = {**run_json.get("provenance", {}), "runtime": run_json.get("runtime", {}),
+                                     "slurm": _read(run_dir / "slurm.json")[0]}
+    return LoadedExperiment(name, pd.DataFrame(rows), pd.DataFrame(rank_rows), problems, completions, provenance,
+                            model, hardware)

@@ -1,0 +1,83 @@
+"""report.md and report.html: plots, key tables, every run's state, provenance."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from distinfer.analysis.bundles import LoadedExperiment
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_none_\n"
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    rows = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    return "<p><em>none</em></p>" if frame.empty else frame.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _provenance(loaded: LoadedExperiment) -> pd.DataFrame:
+    rows = []
+    for run_id, prov in loaded.provenance.items():
+        packages = prov.get("packages") or {}
+        slurm = prov.get("slurm") or {}
+        rows.append({"run_id": run_id, "git_commit": prov.get("git_commit"), "torch": packages.get("torch"),
+                     "transformers": packages.get("transformers"), "deepspeed": packages.get("deepspeed"),
+                     "hosts": ",".join((prov.get("runtime") or {}).get("hostnames", [])),
+                     "device": (prov.get("runtime") or {}).get("device"), "slurm_job": slurm.get("JobID")})
+    return pd.DataFrame(rows)
+
+
+def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plots: list[str], out: Path) -> None:
+    """Both reports from the same sections; plots are referenced by their relative SVG/PNG paths."""
+    states = pd.DataFrame(
+        [{"run_id": r, "state": "ok"} for r in loaded.runs.get("run_id", [])]
+        + [{"run_id": p["run_id"], "state": p["problem"]} for p in loaded.problems]
+    )
+    key = ["run_id", "engine", "world_size", "batch_size", "microbatches", "dtype", "output_tokens",
+           "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s", "e2e_p90_s", "peak_memory_bytes"]
+    results = tables["results"]
+    sections = [
+        ("Runs and their states", states),
+        ("Results (all columns: results.csv)", results[[c for c in key if c in results]]),
+        ("Strong scaling", tables["strong_scaling"]),
+        ("Batch sweep", tables["batch_sweep"]),
+        ("Correctness against the reference", tables["correctness"]),
+        ("Time per rank: compute, communication, waiting", tables["time_breakdown"]),
+        ("Provenance", _provenance(loaded)),
+    ]
+    title = f"distinfer report: {loaded.name} ({loaded.model} on {loaded.hardware})"
+    md = [f"# {title}\n"]
+    if loaded.problems:
+        md.append("**Problems:** " + "; ".join(f"`{p['run_id']}`: {p['problem']}" for p in loaded.problems) + "\n")
+    md += [f"![{name}](plots/{name}.svg)\n" for name in plots]
+    for heading, frame in sections:
+        md += [f"## {heading}\n", markdown_table(frame)]
+    (out / "report.md").write_text("\n".join(md))
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if loaded.problems:
+        body.append("<h2>Problems</h2><ul>" + "".join(
+            f"<li><code>{html.escape(p['run_id'])}</code>: {html.escape(p['problem'])}</li>" for p in loaded.problems)
+            + "</ul>")
+    body += [f'<figure><img src="plots/{name}.svg" alt="{name}"></figure>' for name in plots]
+    for heading, frame in sections:
+        body += [f"<h2>{html.escape(heading)}</h2>", _html_table(frame)]
+    style = "body{font-family:sans-serif;max-width:1200px;margin:auto} table{border-collapse:collapse;font-size:12px}" \
+            " td,th{border:1px solid #ccc;padding:2px 6px} img{max-width:100%}"
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )

@@ -1,0 +1,112 @@
+"""The analysis stage on bundles from real local runs, on damaged outputs, and its math on known numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from distinfer.analysis.tables import first_divergence, strong_scaling, weak_scaling
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_strong_scaling_math_on_known_numbers() -> None:
+    runs = pd.DataFrame([
+        {"run_id": "a", "engine": "pipeline", "batch_size": 4, "dtype": "float32", "microbatches": 1,
+         "world_size": 1, "output_tokens_per_s": 100.0},
+        {"run_id": "b", "engine": "pipeline", "batch_size": 4, "dtype": "float32", "microbatches": 1,
+         "world_size": 2, "output_tokens_per_s": 150.0},
+        {"run_id": "c", "engine": "pipeline", "batch_size": 4, "dtype": "float32", "microbatches": 1,
+         "world_size": 4, "output_tokens_per_s": 200.0},
+    ])
+    table = strong_scaling(runs).set_index("run_id")
+    assert table.loc["a", "speedup"] == 1.0 and table.loc["b", "speedup"] == 1.5
+    assert table.loc["c", "efficiency"] == pytest.approx(0.5)
+    assert weak_scaling(10.0, 12.5) == pytest.approx(0.8)
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
+    work = tmp_path_factory.mktemp("analysis")
+    config = work / "e.yaml"
+    config.write_text(f"name: study\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+                      "generation: {max_new_tokens: 6}\nparallel: {engine: [reference, pipeline], pp: [1, 2]}\n"
+                      "batch_size: [1, 4]\n")
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=work,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work / "outputs"
+
+
+def analyze(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(folder), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tables_from_real_runs(outputs: Path, tmp_path: Path) -> None:
+    proc = analyze(outputs / "study", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "study"
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 6 and (results["output_tokens"] == 20 * 6).all()
+    assert (pd.read_csv(out / "results.csv")["run_id"].tolist() == results["run_id"].tolist())
+    metrics = json.loads((out / "metrics.json").read_text())
+    scaling = {r["run_id"]: r for r in metrics["strong_scaling"]}
+    assert scaling["pipeline-pp1-b4-mb1-fp32"]["speedup"] == 1.0
+    assert scaling["pipeline-pp2-b4-mb1-fp32"]["efficiency"] == pytest.approx(
+        scaling["pipeline-pp2-b4-mb1-fp32"]["speedup"] / 2)
+    assert {r["exact_match_rate"] for r in metrics["correctness"]} == {1.0}
+    breakdown = pd.read_csv(out / "time_breakdown.csv")
+    assert set(breakdown[breakdown["run_id"] == "pipeline-pp2-b4-mb1-fp32"]["rank"]) == {0, 1}
+    assert (breakdown["compute_s"] > 0).all()
+    assert metrics["problems"] == []
+
+
+def test_plots_exist_open_and_have_labelled_axes(outputs: Path, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    assert analyze(outputs / "study", tmp_path).returncode == 0
+    plots = tmp_path / "study" / "plots"
+    expected = {"strong_scaling": "speedup", "batch_sweep": "batch size", "time_breakdown": "time per rank",
+                "latency": "TTFT"}
+    for name, label in expected.items():
+        image = matplotlib.image.imread(plots / f"{name}.png")
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        texts = " ".join(t.text or "" for t in ET.parse(plots / f"{name}.svg").iter() if t.tag.endswith("text"))
+        assert label in texts and "tiny-llama on CPU" in texts, (name, texts[:300])
+    report = (tmp_path / "study" / "report.html").read_text()
+    assert all(f"plots/{name}.svg" in report for name in expected)
+
+
+def test_damaged_outputs_are_listed_and_the_rest_analysed(outputs: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "study"
+    shutil.copytree(outputs / "study", damaged)
+    summary = damaged / "reference-b1-fp32" / "summary.json"
+    summary.write_text(summary.read_text()[:40])  # truncated
+    (damaged / "pipeline-pp2-b4-mb1-fp32" / "metrics_rank_1.json").unlink()
+    foreign = damaged / "pipeline-pp1-b1-mb1-fp32-other"
+    shutil.copytree(damaged / "pipeline-pp1-b1-mb1-fp32", foreign)
+    run_json = json.loads((foreign / "run.json").read_text())
+    run_json["run"]["experiment"] = "another-study"
+    (foreign / "run.json").write_text(json.dumps(run_json))
+    (damaged / "pipeline-pp2-b1-mb1-fp32" / "summary.json").unlink()  # unfinished
+    proc = analyze(damaged, tmp_path / "analysis")
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "analysis" / "study" / "report.md").read_text()
+    assert "`reference-b1-fp32`: summary.json unreadable" in report
+    assert "`pipeline-pp2-b4-mb1-fp32`: metrics of rank(s) [1] missing" in report
+    assert "`pipeline-pp1-b1-mb1-fp32-other`: belongs to experiment 'another-study'" in report
+    assert "`pipeline-pp2-b1-mb1-fp32`: unfinished" in report
+    results = pd.read_parquet(tmp_path / "analysis" / "study" / "results.parquet")
+    assert sorted(results["run_id"]) == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
+                                         "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32"]
