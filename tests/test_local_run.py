@@ -124,3 +124,38 @@ def test_killed_run_leaves_whole_json_lines_and_no_half_written_json(tmp_path: P
     assert not (bundle / "summary.json").exists(), "an unfinished run has no summary"
     for path in bundle.glob("*.json"):
         json.loads(path.read_text())  # whole or absent, never half-written
+
+
+def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """What Slurm does at the time limit and on scancel: SIGTERM to every process of the job."""
+    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\nparallel: {pp: 2}\nbatch_size: 1\n")
+    run_dir = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32"
+    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run_dir / "completions.jsonl").is_file()
+                   and len((run_dir / "completions.jsonl").read_text().splitlines()) >= 1):
+            assert time.monotonic() < deadline, "no completions appeared"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while not (run_dir / "summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "cancelled" and "SIGTERM" in summary["error"]
+    for rank in (0, 1):
+        metrics = json.loads((run_dir / f"metrics_rank_{rank}.json").read_text())
+        assert "SIGTERM" in metrics["error"]
+    assert "stopped by SIGTERM" in (run_dir / "rank_1.log").read_text()
+    for line in (run_dir / "completions.jsonl").read_text().splitlines():
+        json.loads(line)
+    from distinfer.bundle import RunBundle
+
+    assert not RunBundle(run_dir).is_done(), "a cancelled run is run again"

@@ -88,7 +88,7 @@ def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:
     args = (run_dir / "apptainer.args").read_text().splitlines()
     assert args == ["exec", "--nv", "--bind", "/shared/models", "--bind", "/scratch", "/shared/containers/distinfer.sif",
                     "python3", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                    "--rdzv-endpoint=node1:20077", "--rdzv-id=77", "-m", "distinfer.runtime.worker", str(run_dir)]
+                    "--rdzv-endpoint=node1:20077", "--rdzv-id=77", "-m", "distinfer.runtime", str(run_dir)]
 
 
 def test_outputs_path_unsafe_for_sbatch_lines_is_rejected(tmp_path: Path) -> None:

@@ -91,7 +91,11 @@ def run(
             note = "" if result.state != "failed" else f": {(result.summary or {}).get('error') or 'see ' + str(result.bundle.root)}"
             console.print(f"{result.state:>8}  {result.run.run_id}  ({result.seconds:.1f}s){note}", highlight=False)
 
-        results = run_local(runs, outputs, force=force, on_start=started, on_done=done)
+        try:
+            results = run_local(runs, outputs, force=force, on_start=started, on_done=done)
+        except KeyboardInterrupt:  # the ranks got the same Ctrl-C and wrote their state
+            errors.print("interrupted: finished runs are kept; run the same command again to continue")
+            raise typer.Exit(130) from None
     console.print(results_table(f"{exp.name}: {len(results)} run(s), bundles in {outputs / exp.name}", results))
     if any(r.state == "failed" for r in results):
         raise typer.Exit(1)

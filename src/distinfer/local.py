@@ -63,7 +63,7 @@ def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
         "--nproc-per-node", str(run.world_size),
-        "-m", "distinfer.runtime.worker", str(bundle.root),
+        "-m", "distinfer.runtime", str(bundle.root),
     ]
 
 

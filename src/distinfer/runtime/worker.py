@@ -1,4 +1,4 @@
-"""The per-rank entry point: `python -m distinfer.runtime.worker RUN_DIR`, started by torchrun or srun.
+"""What each rank runs (entry point: `python -m distinfer.runtime RUN_DIR`, started by torchrun or srun).
 
 Reads run.json, joins the process group, loads this rank's part of the model, generates every
 batch (warm-up excluded from the metrics), and writes the rank's log and metrics. Rank 0 writes
@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -165,6 +167,50 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
     }
 
 
+def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dict, status: str, state: dict,
+                   ranks: list[dict], device: torch.device, started: float) -> None:
+    """Rank 0's last word: runtime facts into run.json, then summary.json (atomically, last)."""
+    run_info["runtime"] = {"hostnames": sorted({r["hostname"] for r in ranks}), "env": allowed_env(os.environ),
+                           "threads_per_rank": torch.get_num_threads(), "device": str(device)}
+    atomic_write_json(bundle.run_json, run_info)
+    summary = {
+        "status": status,
+        "error": state.get("error"),
+        "run_id": spec.run_id,
+        "experiment": spec.experiment,
+        "engine": spec.engine,
+        "world_size": env.world_size,
+        "pp": spec.pp,
+        "tp": spec.tp,
+        "microbatches": spec.microbatches,
+        "batch_size": spec.batch_size,
+        "dtype": spec.dtype,
+        "config_hash": run_info.get("config_hash"),
+        **(state.get("latency") or LatencyReport().summary()),
+        "load_s": state.get("load_s"),
+        "tokenize_s": state.get("tokenize_s"),
+        "started_at": started,
+        "finished_at": time.time(),
+        "ranks": sorted(ranks, key=lambda r: r["rank"]),
+    }
+    atomic_write_json(bundle.summary_json, summary)
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _watch_stop_signals(on_stop) -> None:  # noqa: ANN001
+    """SIGTERM (Slurm's time limit and scancel) or Ctrl-C: handled by a thread, because the main thread
+    may sit in a blocking receive that a Python signal handler would not interrupt. The entry point
+    blocks them before any thread exists; blocking again here covers callers that did not."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def wait() -> None:
+        on_stop(signal.sigwait(STOP_SIGNALS))
+
+    threading.Thread(target=wait, daemon=True, name="stop-signals").start()
+
+
 def run(run_dir: Path) -> int:
     bundle = RunBundle(run_dir)
     env = dist_env_from(os.environ)
@@ -175,7 +221,22 @@ def run(run_dir: Path) -> int:
     state: dict = {}
     device = torch.device("cpu")
     started = time.time()
-    with UtilizationSampler(gpu_index=env.local_rank if torch.cuda.is_available() else None) as sampler:
+    sampler = UtilizationSampler(gpu_index=env.local_rank if torch.cuda.is_available() else None)
+
+    def stop(signum: int) -> None:
+        # What is written so far stays: completions line by line; this rank's metrics and rank 0's summary now.
+        name = signal.Signals(signum).name
+        state["error"] = f"rank {env.rank}: stopped by {name} (Slurm time limit, scancel or Ctrl-C)"
+        log.error("run stopped: %s", state["error"])
+        record = _rank_record(env, device, state, sampler.summary())
+        atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})
+        if env.rank == 0:
+            _write_outcome(bundle, spec, env, run_info, "cancelled", state, [record], device, started)
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    _watch_stop_signals(stop)
+    with sampler:
         try:
             device = init_distributed(env, spec.timeout_s)
             generate_all(spec, env, device, bundle, state)
@@ -192,29 +253,7 @@ def run(run_dir: Path) -> int:
         dist.gather_object(record, gathered, dst=0)
         ranks = gathered or []
     if env.rank == 0:
-        run_info["runtime"] = {"hostnames": sorted({r["hostname"] for r in ranks}), "env": allowed_env(os.environ),
-                               "threads_per_rank": torch.get_num_threads(), "device": str(device)}
-        atomic_write_json(bundle.run_json, run_info)
-        summary = {
-            "status": status,
-            "error": state.get("error"),
-            "run_id": spec.run_id,
-            "experiment": spec.experiment,
-            "engine": spec.engine,
-            "world_size": env.world_size,
-            "pp": spec.pp,
-            "microbatches": spec.microbatches,
-            "batch_size": spec.batch_size,
-            "dtype": spec.dtype,
-            "config_hash": run_info.get("config_hash"),
-            **(state.get("latency") or LatencyReport().summary()),
-            "load_s": state.get("load_s"),
-            "tokenize_s": state.get("tokenize_s"),
-            "started_at": started,
-            "finished_at": time.time(),
-            "ranks": sorted(ranks, key=lambda r: r["rank"]),
-        }
-        atomic_write_json(bundle.summary_json, summary)
+        _write_outcome(bundle, spec, env, run_info, status, state, ranks, device, started)
     log.info("finished run %s: %s", spec.run_id, status)
     shutdown_distributed()
     return 0 if status == "ok" else 1
@@ -222,10 +261,8 @@ def run(run_dir: Path) -> int:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        print("usage: python -m distinfer.runtime.worker RUN_DIR", file=sys.stderr)
+        print("usage: python -m distinfer.runtime RUN_DIR", file=sys.stderr)
         raise SystemExit(2)
     raise SystemExit(run(Path(sys.argv[1])))
 
 
-if __name__ == "__main__":
-    main()
