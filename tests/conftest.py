@@ -70,3 +70,37 @@ def slurm() -> dict[str, str]:
         yield env
     finally:
         subprocess.run(["bash", str(SLURM_SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_processes(run_dir: Path) -> dict[int, list[bytes]]:
+    """PID -> environment of every live process (torchrun or rank) working on the run at `run_dir`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(proc / "cwd"))
+            if b"distinfer.runtime" in args and any((cwd / a.decode()).resolve() == run_dir.resolve()
+                                                    for a in args if a and b"\n" not in a):
+                found[int(proc.name)] = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    """PID of the worker process of `rank` in the run at `run_dir`, or None."""
+    return next((pid for pid, env in run_processes(run_dir).items() if f"RANK={rank}".encode() in env), None)
+
+
+def kill_run(run_dir: Path) -> None:
+    """SIGKILL whatever still works on the run: torchrun puts its ranks in their own sessions, so killing
+    the launcher's process group does not reach them."""
+    import signal
+
+    for pid in run_processes(run_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_run, rank_pid
+
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
                   "output_tokens_per_s", "prompts_per_s", "ttft_s", "tpot_s", "itl_s", "e2e_s", "ranks",
@@ -114,7 +116,8 @@ def test_killed_run_leaves_whole_json_lines_and_no_half_written_json(tmp_path: P
         else:
             pytest.fail("no completions appeared")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, torchrun and both ranks: one process group
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and torchrun (one process group) ...
+        kill_run(completions.parent)  # ... and the ranks, which torchrun starts in sessions of their own
         proc.wait(timeout=30)
     lines = completions.read_text().splitlines()
     assert 2 <= len(lines) < 20
@@ -148,6 +151,7 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        kill_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "cancelled" and "SIGTERM" in summary["error"]
     for rank in (0, 1):
@@ -159,3 +163,36 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
     from distinfer.bundle import RunBundle
 
     assert not RunBundle(run_dir).is_done(), "a cancelled run is run again"
+
+
+def test_a_dead_rank_fails_the_run_and_is_named(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\n"
+                          "parallel: {pp: 2, timeout_s: 20}\nbatch_size: 1\n")
+    run_dir = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32"
+    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run_dir / "completions.jsonl").is_file() and (run_dir / "completions.jsonl").read_text()):
+            assert time.monotonic() < deadline, "no completions appeared"
+            time.sleep(0.1)
+        victim = rank_pid(run_dir, 1)
+        assert victim is not None
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        kill_run(run_dir)
+    assert proc.returncode == 1, output
+    assert stopped_after < 20, f"the other rank took {stopped_after:.1f}s to stop"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["dead_ranks"] == [1]
+    assert "rank(s) [1] died" in summary["error"]
+    assert [r["rank"] for r in summary["ranks"]] == [0]
+    lines = (run_dir / "completions.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["output_token_ids"] for line in lines)

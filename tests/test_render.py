@@ -73,7 +73,7 @@ def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:
     text = render_sbatch(run, exp.cluster, exp.container, run_dir)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    stub = {"apptainer": 'printf "%s\\n" "$@" > "${@: -1}/apptainer.args"',
+    stub = {"apptainer": 'printf "%s\\n" "$@" --- >> "$STUB_LOG"',
             "srun": 'shift 3; exec "$@"',  # drop srun's own options, run the task once
             "scontrol": "echo node1", "module": "true"}
     for name, body in stub.items():
@@ -81,14 +81,16 @@ def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:
         (bin_dir / name).chmod(0o755)
     script = tmp_path / "job.sbatch"
     script.write_text(text)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "STUB_LOG": str(tmp_path / "calls"),
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]"}
     run_dir.mkdir()
     subprocess.run(["bash", str(script)], env=env, check=True, timeout=60)
-    args = (run_dir / "apptainer.args").read_text().splitlines()
-    assert args == ["exec", "--nv", "--bind", "/shared/models", "--bind", "/scratch", "/shared/containers/distinfer.sif",
-                    "python3", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                    "--rdzv-endpoint=node1:20077", "--rdzv-id=77", "-m", "distinfer.runtime", str(run_dir)]
+    calls = (tmp_path / "calls").read_text().split("---\n")
+    prefix = ["exec", "--nv", "--bind", "/shared/models", "--bind", "/scratch", "/shared/containers/distinfer.sif"]
+    assert calls[0].splitlines() == prefix + [
+        "python3", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node1:20077", "--rdzv-id=77", "-m", "distinfer.runtime", str(run_dir)]
+    assert calls[1].splitlines() == prefix + ["python3", "-m", "distinfer.finalize", str(run_dir), "0"]
 
 
 def test_outputs_path_unsafe_for_sbatch_lines_is_rejected(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.bundle import RunBundle, atomic_write_json, read_json
+from distinfer.finalize import finalize_run
 from distinfer.plan import RunSpec, deepspeed_config
 from distinfer.provenance import provenance
 
@@ -77,7 +78,7 @@ def run_one(run: RunSpec, outputs: Path) -> RunResult:
     with (bundle.root / "launcher.log").open("w") as log:
         proc = subprocess.run(torchrun_command(run, bundle), stdout=log, stderr=subprocess.STDOUT,
                               env=worker_env(), check=False)
-    summary = bundle.summary()
+    summary = finalize_run(bundle.root, proc.returncode)
     state = "ok" if proc.returncode == 0 and summary and summary.get("status") == "ok" else "failed"
     return RunResult(run, bundle, state, summary, time.perf_counter() - start)
 

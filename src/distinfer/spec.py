@@ -180,7 +180,8 @@ def as_list(value: object) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _all_field_names(model: type[BaseModel] = None) -> set[str]:  # type: ignore[assignment]
+def _all_field_names(model: type[BaseModel] | None = None) -> set[str]:
+    """Every field name of the experiment schema, at any depth."""
     model = model or Experiment
     names = set(model.model_fields)
     for field in model.model_fields.values():

@@ -1,0 +1,63 @@
+"""After a run's ranks are gone: make summary.json say what happened, naming ranks that died.
+
+A rank that is killed outright (SIGKILL, out-of-memory killer, segfault, lost node) writes nothing,
+and the ranks torchrun or Slurm then stop report `cancelled`. This step, run by the local launcher
+and by the job script after `srun`, turns that into `failed` with the dead ranks named.
+`python -m distinfer.finalize RUN_DIR EXIT_CODE`. No torch import.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from distinfer.bundle import RunBundle, atomic_write_json, read_json
+
+
+def finalize_run(run_dir: Path, exit_code: int) -> dict | None:
+    """Rewrite summary.json when ranks died without a word; returns the final summary (None without run.json)."""
+    bundle = RunBundle(run_dir)
+    run_info = read_json(bundle.run_json)
+    if not run_info:
+        return None
+    spec = run_info.get("run", {})
+    world = int(spec.get("pp", 1)) * int(spec.get("tp", 1) or 1)
+    summary = bundle.summary()
+    if summary and summary.get("status") == "ok":
+        return summary
+    ranks = [m for m in (read_json(bundle.rank_metrics(r)) for r in range(world)) if m]
+    dead = sorted(set(range(world)) - {m.get("rank") for m in ranks})
+    if summary is not None and not dead:
+        return summary  # every rank wrote its own state: failed or cancelled, as they said
+    cause = (f"rank(s) {dead} died without writing their state (killed, crashed or lost; launcher exit code "
+             f"{exit_code})" if dead else f"rank 0 wrote no summary (launcher exit code {exit_code})")
+    others = "; ".join(str(m["error"]) for m in ranks if m.get("error"))
+    summary = {
+        **(summary or {}),
+        "status": "failed",
+        "error": cause + (f"; then: {others}" if others else ""),
+        "dead_ranks": dead,
+        "run_id": spec.get("run_id"),
+        "experiment": spec.get("experiment"),
+        "engine": spec.get("engine"),
+        "world_size": world,
+        "batch_size": spec.get("batch_size"),
+        "ranks": sorted(ranks, key=lambda m: m.get("rank", 0)),
+        "finalized_at": time.time(),
+    }
+    for rank in summary["ranks"]:
+        rank.pop("steps", None)
+    atomic_write_json(bundle.summary_json, summary)
+    return summary
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        print("usage: python -m distinfer.finalize RUN_DIR EXIT_CODE", file=sys.stderr)
+        raise SystemExit(2)
+    finalize_run(Path(sys.argv[1]), int(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()
