@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distinfer.spec import Experiment, as_list, resolve_path
+from distinfer.spec import Experiment, as_list, layer_lists, resolve_path
 
 DTYPE_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -68,8 +68,7 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     if par.layers == "auto":
         layouts: list[tuple[int, list[int] | None]] = [(pp, None) for pp in as_list(par.pp)]
     else:
-        lists = par.layers if isinstance(par.layers[0], list) else [par.layers]
-        layouts = [(len(counts), list(counts)) for counts in lists]
+        layouts = [(len(counts), list(counts)) for counts in layer_lists(par)]
     model_path = str(resolve_path(exp.model.path, spec_file)) if exp.model.path else ""
     runs: dict[str, RunSpec] = {}
     for engine, (pp, layers), mb, tp, batch in itertools.product(

@@ -175,6 +175,12 @@ class Experiment(_Strict):
         return value
 
 
+def layer_lists(parallel: ParallelSpec) -> list[list[int]]:
+    """The explicit per-stage layer lists (a sweep axis); empty for 'auto'."""
+    layers = parallel.layers
+    return [] if layers == "auto" else (layers if isinstance(layers[0], list) else [layers])  # type: ignore[return-value]
+
+
 def as_list(value: object) -> list:
     """A sweep field's values: a scalar becomes a one-element list."""
     return list(value) if isinstance(value, list) else [value]
@@ -273,18 +279,18 @@ def resolve_path(value: str, spec_file: Path) -> Path:
 def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
     layers = exp.parallel.layers
     if layers != "auto":
-        layer_lists = layers if isinstance(layers[0], list) else [layers]
-        for stages in layer_lists:
+        lists = layer_lists(exp.parallel)
+        for stages in lists:
             if sum(stages) != num_layers:
                 raise SpecError(
                     f"{path}: field 'parallel.layers': {stages} sums to {sum(stages)}, but the model has "
                     f"{num_layers} decoder layers; the per-stage counts must add up to {num_layers}"
                 )
         pp_values = as_list(exp.parallel.pp)
-        if "pp" in exp.parallel.model_fields_set and any(len(s) not in pp_values for s in layer_lists):
+        if "pp" in exp.parallel.model_fields_set and any(len(s) not in pp_values for s in lists):
             raise SpecError(
                 f"{path}: field 'parallel.layers': each layer list needs one entry per stage; "
-                f"pp is {pp_values} but the lists have {sorted({len(s) for s in layer_lists})} entries"
+                f"pp is {pp_values} but the lists have {sorted({len(s) for s in lists})} entries"
             )
     for pp in as_list(exp.parallel.pp):
         if pp > num_layers:
@@ -318,7 +324,8 @@ def _check_cluster(path: Path, exp: Experiment) -> None:
     per_node = max(1, exp.cluster.gpus_per_node) if profile.gpu else 1
     if profile.gpu and exp.cluster.gpus_per_node == 0:
         raise SpecError(f"{path}: field 'cluster.gpus_per_node': the {profile.name} profile needs at least 1")
-    stage_counts = as_list(exp.parallel.pp) if exp.parallel.layers == "auto" else [len(s) for s in _layer_lists(exp)]
+    explicit = layer_lists(exp.parallel)
+    stage_counts = [len(s) for s in explicit] if explicit else as_list(exp.parallel.pp)
     for ranks in sorted(set(stage_counts + as_list(exp.parallel.tp))):
         if ranks % per_node and ranks > per_node:
             raise SpecError(
@@ -332,11 +339,6 @@ def _check_cluster(path: Path, exp: Experiment) -> None:
                 f"!= {ranks} ranks (pp x tp); nodes x gpus_per_node must equal pp x tp (here: nodes {nodes}), "
                 f"or leave nodes out"
             )
-
-
-def _layer_lists(exp: Experiment) -> list[list[int]]:
-    layers = exp.parallel.layers
-    return [] if layers == "auto" else (layers if isinstance(layers[0], list) else [layers])
 
 
 def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
