@@ -27,6 +27,15 @@ def write_config(path: Path, body: str) -> Path:
     return path
 
 
+def stop_everything(proc: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL the CLI and torchrun (one process group), then the ranks (torchrun gives them their own sessions)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    kill_run(run_dir)
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distinfer", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
@@ -116,8 +125,7 @@ def test_killed_run_leaves_whole_json_lines_and_no_half_written_json(tmp_path: P
         else:
             pytest.fail("no completions appeared")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and torchrun (one process group) ...
-        kill_run(completions.parent)  # ... and the ranks, which torchrun starts in sessions of their own
+        stop_everything(proc, completions.parent)
         proc.wait(timeout=30)
     lines = completions.read_text().splitlines()
     assert 2 <= len(lines) < 20
@@ -147,11 +155,7 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
         while not (run_dir / "summary.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        kill_run(run_dir)
+        stop_everything(proc, run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "cancelled" and "SIGTERM" in summary["error"]
     for rank in (0, 1):
@@ -183,11 +187,7 @@ def test_a_dead_rank_fails_the_run_and_is_named(tmp_path: Path, tiny_models) -> 
         output, _ = proc.communicate(timeout=60)
         stopped_after = time.monotonic() - killed_at
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        kill_run(run_dir)
+        stop_everything(proc, run_dir)
     assert proc.returncode == 1, output
     assert stopped_after < 20, f"the other rank took {stopped_after:.1f}s to stop"
     summary = json.loads((run_dir / "summary.json").read_text())
