@@ -86,10 +86,13 @@ class RunBundle:
     def summary(self) -> dict | None:
         return read_json(self.summary_json)
 
-    def is_done(self) -> bool:
-        """True when the run finished with status ok (such runs are skipped unless forced)."""
+    def is_done(self, config_hash: str | None = None) -> bool:
+        """True when the run finished with status ok (such runs are skipped unless forced); with a
+        config hash, only if run.json records that same hash (a changed run counts as not done)."""
         summary = self.summary()
-        return isinstance(summary, dict) and summary.get("status") == "ok"
+        if not (isinstance(summary, dict) and summary.get("status") == "ok"):
+            return False
+        return config_hash is None or (read_json(self.run_json) or {}).get("config_hash") == config_hash
 
     def clear_results(self) -> None:
         """Remove the files of an earlier attempt (the run's definition: run.json, job.sbatch, ds_config.json stay)."""

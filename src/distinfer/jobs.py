@@ -57,9 +57,7 @@ def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[Pla
         bundle = RunBundle(outputs / run.experiment / run.run_id)
         memory = estimate_run(run, ModelFacts.from_config(config), exp) if config else []
         item = PlannedRun(run, bundle, memory)
-        recorded = read_json(bundle.run_json) or {}
-        finished = bundle.is_done() and recorded.get("config_hash") == run.config_hash()
-        if item.fits and not finished:  # a finished run keeps the files it ran with
+        if item.fits and not bundle.is_done(run.config_hash()):  # a finished run keeps the files it ran with
             write_run_json(run, outputs)
             script = render_sbatch(run, exp.cluster, exp.container, bundle.root.absolute())
             atomic_write_text(bundle.root / "job.sbatch", script)
@@ -83,11 +81,10 @@ def submit(planned: list[PlannedRun], outputs: Path, experiment: str, force: boo
     actions: list[tuple[str, str, str | None]] = []
     for item in planned:
         run_id = item.run.run_id
-        recorded = read_json(item.bundle.run_json) or {}
         previous = jobs.get(run_id, {}).get("job_id")
         if not item.fits:
             actions.append((run_id, "does not fit", None))
-        elif item.bundle.is_done() and recorded.get("config_hash") == item.run.config_hash() and not force:
+        elif item.bundle.is_done(item.run.config_hash()) and not force:
             actions.append((run_id, "done", previous))
         elif previous in live and live[previous] in LIVE_STATES:
             actions.append((run_id, f"already {live[previous].lower()}", previous))

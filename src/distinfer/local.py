@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from distinfer.bundle import RunBundle, atomic_write_json, read_json
+from distinfer.bundle import RunBundle, atomic_write_json
 from distinfer.finalize import finalize_run
 from distinfer.plan import RunSpec, deepspeed_config
 from distinfer.provenance import provenance
@@ -94,8 +94,7 @@ def run_local(
     results = []
     for run in resolve_builtin_models(runs):
         bundle = RunBundle(outputs / run.experiment / run.run_id)
-        recorded = read_json(bundle.run_json) or {}
-        if bundle.is_done() and recorded.get("config_hash") == run.config_hash() and not force:
+        if bundle.is_done(run.config_hash()) and not force:
             result = RunResult(run, bundle, "skipped", bundle.summary(), 0.0)
         else:
             if on_start:
