@@ -104,3 +104,14 @@ def kill_run(run_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def wait_for_first_completion(run_dir: Path, timeout: float = 180) -> None:
+    """Block until the run has written at least one completion line (it is generating)."""
+    import time
+
+    completions = run_dir / "completions.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (completions.is_file() and completions.read_text().strip()):
+        assert time.monotonic() < deadline, "no completions appeared"
+        time.sleep(0.1)

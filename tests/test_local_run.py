@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_run, rank_pid
+from conftest import kill_run, rank_pid, wait_for_first_completion
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
@@ -144,11 +144,7 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not ((run_dir / "completions.jsonl").is_file()
-                   and len((run_dir / "completions.jsonl").read_text().splitlines()) >= 1):
-            assert time.monotonic() < deadline, "no completions appeared"
-            time.sleep(0.1)
+        wait_for_first_completion(run_dir)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         deadline = time.monotonic() + 30
@@ -176,10 +172,7 @@ def test_a_dead_rank_fails_the_run_and_is_named(tmp_path: Path, tiny_models) -> 
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not ((run_dir / "completions.jsonl").is_file() and (run_dir / "completions.jsonl").read_text()):
-            assert time.monotonic() < deadline, "no completions appeared"
-            time.sleep(0.1)
+        wait_for_first_completion(run_dir)
         victim = rank_pid(run_dir, 1)
         assert victim is not None
         killed_at = time.monotonic()

@@ -134,17 +134,14 @@ def test_cancel_stops_a_running_job(slurm, tmp_path: Path, tiny_models) -> None:
 
 
 def test_a_dead_rank_fails_the_slurm_job_and_is_named(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    from conftest import rank_pid
+    from conftest import rank_pid, wait_for_first_completion
 
     config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2, timeout_s: 20}")
     config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 2000")
                       .replace("batch_size: 4", "batch_size: 1"))
     assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
     run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b1-mb1-fp32"
-    deadline = time.monotonic() + 120
-    while not ((run_dir / "completions.jsonl").is_file() and (run_dir / "completions.jsonl").read_text()):
-        assert time.monotonic() < deadline, "no completions appeared"
-        time.sleep(0.2)
+    wait_for_first_completion(run_dir, timeout=120)
     victim = rank_pid(run_dir, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
