@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo analysis test container clean-outputs
+.PHONY: setup system-deps models demo analysis test bench container clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,14 @@ $(VENV)/.installed: requirements.txt requirements-cluster.txt pyproject.toml
 models: setup
 	$(BIN)/distinfer models build-tiny
 
+# The demo study on this machine's CPU: strong scaling (1, 2, 3 stages), weak scaling, a batch sweep and a
+# precision sweep (fp32, fp16, bf16, int8) on the tiny Llama, then the analysis of each.
+DEMO := local-strong local-weak local-batch local-precision
+
 demo: models
-	$(BIN)/distinfer run configs/local-tiny.yaml --local
-	$(BIN)/distinfer analyze outputs/local-tiny
-	@echo "report: analysis/local-tiny/report.html"
+	@for c in $(DEMO); do $(BIN)/distinfer run configs/$$c.yaml --local || exit 1; done
+	$(BIN)/distinfer analyze $(addprefix outputs/,$(DEMO))
+	@for c in $(DEMO); do echo "report: analysis/$$c/report.html"; done
 
 # Tables, plots and a report for every experiment under outputs/.
 analysis: setup
@@ -36,6 +40,11 @@ system-deps:
 
 test: models system-deps
 	$(BIN)/python -m pytest
+
+# Engines side by side on a synthetic ~160M Llama (about 10 minutes on 2 cores): prints tokens/s and the
+# performance ratios, writes bench/results/bench-<time>.json.
+bench: models
+	$(BIN)/python bench/bench.py
 
 # The Apptainer image for GPU clusters; apptainer is not installable on the development machine.
 container:

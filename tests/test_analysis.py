@@ -12,27 +12,47 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from distinfer.analysis.tables import first_divergence, strong_scaling, weak_scaling
+from distinfer.analysis.tables import (
+    first_divergence,
+    strong_scaling,
+    token_agreement,
+    weak_scaling,
+    weak_scaling_efficiency,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_strong_scaling_math_on_known_numbers() -> None:
     runs = pd.DataFrame([
-        {"run_id": "a", "engine": "pipeline", "batch_size": 4, "dtype": "float32", "microbatches": 1,
+        {"run_id": "a", "engine": "pipeline", "batch_size": 4, "precision": "float32", "microbatches": 1,
          "world_size": 1, "output_tokens_per_s": 100.0},
-        {"run_id": "b", "engine": "pipeline", "batch_size": 4, "dtype": "float32", "microbatches": 1,
+        {"run_id": "b", "engine": "pipeline", "batch_size": 4, "precision": "float32", "microbatches": 1,
          "world_size": 2, "output_tokens_per_s": 150.0},
-        {"run_id": "c", "engine": "pipeline", "batch_size": 4, "dtype": "float32", "microbatches": 1,
+        {"run_id": "c", "engine": "pipeline", "batch_size": 4, "precision": "float32", "microbatches": 1,
          "world_size": 4, "output_tokens_per_s": 200.0},
     ])
     table = strong_scaling(runs).set_index("run_id")
     assert table.loc["a", "speedup"] == 1.0 and table.loc["b", "speedup"] == 1.5
     assert table.loc["c", "efficiency"] == pytest.approx(0.5)
-    assert weak_scaling(10.0, 12.5) == pytest.approx(0.8)
+    assert weak_scaling_efficiency(10.0, 12.5) == pytest.approx(0.8)
+    assert token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75 and token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_weak_scaling_table_on_known_numbers() -> None:
+    """n ranks get n x the prompts; T(n) is the wall time of one pass, efficiency T(1)/T(n)."""
+    runs = pd.DataFrame([
+        {"run_id": f"r{n}", "engine": "pipeline", "batch_size": 4, "precision": "float32", "microbatches": 1,
+         "world_size": n, "num_prompts": 4 * n, "wall_s": wall, "repeats": 2, "output_tokens_per_s": 1.0}
+        for n, wall in ((1, 20.0), (2, 25.0), (4, 40.0))
+    ])
+    table = weak_scaling(runs).set_index("run_id")
+    assert table["pass_s"].tolist() == [10.0, 12.5, 20.0]
+    assert table["efficiency"].tolist() == pytest.approx([1.0, 0.8, 0.5])
+    assert table.loc["r4", "prompts"] == 16
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +130,45 @@ def test_damaged_outputs_are_listed_and_the_rest_analysed(outputs: Path, tmp_pat
     results = pd.read_parquet(tmp_path / "analysis" / "study" / "results.parquet")
     assert sorted(results["run_id"]) == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
                                          "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32"]
+
+
+@pytest.fixture(scope="module")
+def precision_outputs(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A real precision sweep on the trained tiny Llama (built here if missing: about a minute), fp32 vs int8,
+    references planned automatically, perplexity on the shipped text, and a torch.profiler trace per rank."""
+    work = tmp_path_factory.mktemp("precision")
+    config = work / "e.yaml"
+    config.write_text(f"name: prec\nstudy: precision-sweep\nmodel: {{builtin: tiny-llama-trained, dtype: [float32, int8]}}\n"
+                      f"prompts: {REPO / 'prompts/correctness.jsonl'}\ngeneration: {{max_new_tokens: 8}}\n"
+                      "parallel: {pp: 2}\nbatch_size: 4\nbenchmark: {profile: torch}\n"
+                      f"accuracy: {{perplexity_text: {REPO / 'prompts/texts/perplexity.txt'}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=work,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work / "outputs"
+
+
+def test_precision_sweep_reports_agreement_and_perplexity(precision_outputs: Path, tmp_path: Path) -> None:
+    proc = analyze(precision_outputs / "prec", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "prec" / "precision.csv").set_index("run_id")
+    assert set(table.index) == {"pipeline-pp2-b4-mb1-fp32", "pipeline-pp2-b4-mb1-int8", "reference-b4-fp32",
+                                "reference-b4-int8"}, "references are planned automatically per precision"
+    assert table.loc["pipeline-pp2-b4-mb1-fp32", "token_agreement"] == 1.0
+    assert 0.0 < table.loc["pipeline-pp2-b4-mb1-int8", "token_agreement"] <= 1.0
+    assert table.loc["reference-b4-fp32", "perplexity_change"] == 0.0
+    assert table.loc["reference-b4-int8", "perplexity"] > 1.0
+    assert abs(table.loc["reference-b4-int8", "perplexity_change"]) < 0.5, "int8 weight-only barely moves perplexity"
+    correctness = pd.read_csv(tmp_path / "prec" / "correctness.csv").set_index("run_id")
+    assert correctness.loc["pipeline-pp2-b4-mb1-int8", "reference"] == "reference-b4-int8"
+    assert (correctness["exact_match_rate"] == 1.0).all(), "the pipeline equals the reference at each precision"
+    svg = (tmp_path / "prec" / "plots" / "precision.svg").read_text()
+    assert "token agreement with the baseline" in svg and "output throughput (tokens/s)" in svg
+    assert "Precision and quantization" in (tmp_path / "prec" / "report.md").read_text()
+
+
+def test_torch_profile_writes_a_trace_per_rank(precision_outputs: Path) -> None:
+    run = precision_outputs / "prec" / "pipeline-pp2-b4-mb1-fp32"
+    for rank in (0, 1):
+        trace = json.loads((run / f"trace_rank_{rank}.json").read_text())
+        assert any(e.get("ph") == "X" for e in trace["traceEvents"]), "complete events: opens in Perfetto"

@@ -112,7 +112,8 @@ def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
 
 
 def test_killed_run_leaves_whole_json_lines_and_no_half_written_json(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\nparallel: {pp: 2}\nbatch_size: 1\n")
+    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\nparallel: {pp: 2}\nbatch_size: 1\n"
+                          "reference: none\n")
     completions = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32" / "completions.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -139,7 +140,8 @@ def test_killed_run_leaves_whole_json_lines_and_no_half_written_json(tmp_path: P
 
 def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """What Slurm does at the time limit and on scancel: SIGTERM to every process of the job."""
-    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\nparallel: {pp: 2}\nbatch_size: 1\n")
+    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\nparallel: {pp: 2}\nbatch_size: 1\n"
+                          "reference: none\n")
     run_dir = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32"
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -167,7 +169,7 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
 
 def test_a_dead_rank_fails_the_run_and_is_named(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 400}\n"
-                          "parallel: {pp: 2, timeout_s: 20}\nbatch_size: 1\n")
+                          "parallel: {pp: 2, timeout_s: 20}\nbatch_size: 1\nreference: none\n")
     run_dir = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32"
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -189,3 +191,54 @@ def test_a_dead_rank_fails_the_run_and_is_named(tmp_path: Path, tiny_models) -> 
     assert [r["rank"] for r in summary["ranks"]] == [0]
     lines = (run_dir / "completions.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["output_token_ids"] for line in lines)
+
+
+def test_out_of_memory_is_reported_with_the_numbers_and_does_not_hang(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """A real allocation failure: each rank's heap is capped (DISTINFER_RANK_MEMORY_LIMIT, RLIMIT_DATA on CPU;
+    a memory fraction on CUDA) below what a batch of four ~3.7k-token prompts needs in prefill."""
+    words = "the quick brown fox jumps over a lazy dog while rivers carry old stones to the sea".split()
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": " ".join(words[(i + j) % len(words)]
+                                           for j in range(1800))}) + "\n" for i in range(4)))
+    (tmp_path / "e.yaml").write_text(f"name: t\nmodel: {{builtin: tiny-llama}}\nprompts: {prompts}\n"
+                                     "generation: {max_new_tokens: 4}\nparallel: {pp: 2, timeout_s: 300}\n"
+                                     "batch_size: 4\nreference: none\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", "e.yaml", "--local"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "DISTINFER_RANK_MEMORY_LIMIT": str(750 * 10**6)})
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert took < 60, f"{took:.0f}s: the ranks must not wait for the 300 s collective timeout"
+    summary = json.loads((tmp_path / "outputs/t/pipeline-pp2-b4-mb1-fp32/summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert "out of memory in batch 0 (4 prompt(s) of up to" in summary["error"], summary["error"]
+    assert "batch_size 4, float32" in summary["error"] and "of a 0.70 GiB limit" in summary["error"]
+    assert "out of memory" in " ".join(proc.stdout.split())
+
+
+def test_ctrl_c_then_again_gives_the_same_results_as_one_uninterrupted_study(study: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal: SIGINT to the foreground process group (the CLI and torchrun) in the middle of the
+    second run. The first run stays done; the same command again reruns only the rest; the completions then
+    equal those of the uninterrupted `study` (same runs and settings, more benchmark repeats to be slow)."""
+    config = write_config(tmp_path / "e.yaml", "generation: {max_new_tokens: 8}\n"
+                          "parallel: {engine: [reference, pipeline], pp: 2, microbatches: 2}\n"
+                          "batch_size: 4\nbenchmark: {repeats: 8}\n")
+    out = tmp_path / "outputs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_first_completion(out / "pipeline-pp2-b4-mb2-fp32")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stop_everything(proc, out / "pipeline-pp2-b4-mb2-fp32")
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert json.loads((out / "reference-b4-fp32/summary.json").read_text())["status"] == "ok"
+    assert json.loads((out / "pipeline-pp2-b4-mb2-fp32/summary.json").read_text())["status"] == "cancelled"
+    again = cli("run", str(config), "--local", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"skipped\s+reference-b4-fp32", again.stdout) and re.search(r"ok\s+pipeline", again.stdout)
+    for run_id in ("reference-b4-fp32", "pipeline-pp2-b4-mb2-fp32"):
+        assert (out / run_id / "completions.jsonl").read_text() == \
+            (study / "outputs" / "t" / run_id / "completions.jsonl").read_text(), run_id

@@ -40,4 +40,7 @@ def test_plan_command_shows_what_fits(tmp_path: Path) -> None:
     assert "does not fit: pipeline-pp1-b8-mb1-fp32 needs 24.43 GiB" in proc.stdout
     assert "each stage holds only its layers" in proc.stdout
     written = sorted(p.parent.name for p in (tmp_path / "openllama3b-t4-fp32").glob("*/job.sbatch"))
-    assert written == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp2-b1-mb1-fp32", "pipeline-pp2-b8-mb1-fp32"]
+    assert written == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp2-b1-mb1-fp32", "pipeline-pp2-b8-mb1-fp32",
+                       "reference-b1-fp32"], "the automatic fp32 reference fits at batch 1 only"
+    assert "does not fit: reference-b8-fp32" in proc.stdout
+

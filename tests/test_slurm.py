@@ -47,6 +47,11 @@ def status_rows(env: dict, cwd: Path, experiment: str) -> dict[str, tuple[str, s
     return rows
 
 
+def job_logs(out: Path) -> str:
+    """The Slurm stdout/stderr of every job under `out`, for assertion messages."""
+    return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in sorted(out.glob("*/slurm-*.*")))
+
+
 def completions(run_dir: Path) -> list[list[int]]:
     return [json.loads(line)["output_token_ids"] for line in (run_dir / "completions.jsonl").open()]
 
@@ -56,7 +61,8 @@ def write_experiment(path: Path, model: str, engines: str, extra: str = "") -> P
         f"name: slurm-tiny\nmodel: {model}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
         f"generation: {{max_new_tokens: 8}}\nparallel: {engines}\nbatch_size: 4\n"
         # The local nodes n1, n2 do not resolve by name: rendezvous on the loopback address instead.
-        f"cluster: {{profile: cpu, time: '00:10:00', env: {{DISTINFER_HEAD_ADDR: 127.0.0.1}}}}\n{extra}"
+        f"cluster: {{profile: cpu, time: '00:10:00', env: {{DISTINFER_HEAD_ADDR: 127.0.0.1}}}}\n"
+        f"reference: none\n{extra}"
     )
     return path
 
@@ -69,9 +75,10 @@ def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Pat
     assert proc.stdout.count("submitted") == 4
     wait_for_jobs(slurm, tmp_path, "slurm-tiny")
     rows = status_rows(slurm, tmp_path, "slurm-tiny")
-    assert rows == {r: ("COMPLETED", "ok") for r in ("deepspeed-tp2-b4-fp32", "pipeline-pp1-b4-mb1-fp32",
-                                                      "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32")}, rows
     out = tmp_path / "outputs" / "slurm-tiny"
+    assert rows == {r: ("COMPLETED", "ok") for r in ("deepspeed-tp2-b4-fp32", "pipeline-pp1-b4-mb1-fp32",
+                                                      "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32")}, \
+        f"{rows}\n{job_logs(out)}"
     reference = completions(out / "reference-b4-fp32")
     assert len(reference) == 20
     assert completions(out / "pipeline-pp2-b4-mb1-fp32") == reference
@@ -150,3 +157,25 @@ def test_a_dead_rank_fails_the_slurm_job_and_is_named(slurm, tmp_path: Path, tin
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dead_ranks"] == [1] and "rank(s) [1] died" in summary["error"]
     assert (run_dir / "completions.jsonl").read_text().splitlines()
+
+
+def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """A real Slurm time limit (1 minute; slurmctld checks limits every ~30 s): SIGTERM at the limit."""
+    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2}",
+                              "benchmark: {repeats: 20}\n")
+    config.write_text(config.read_text().replace("'00:10:00'", "'00:01:00'").replace("max_new_tokens: 8",
+                                                                                      "max_new_tokens: 1000"))
+    assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
+    run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b4-mb1-fp32"
+    wait_for_jobs(slurm, tmp_path, "slurm-tiny", timeout=180)
+    assert status_rows(slurm, tmp_path, "slurm-tiny")["pipeline-pp2-b4-mb1-fp32"] == ("TIMEOUT", "timeout"), \
+        job_logs(run_dir.parent)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "time limit" in summary["error"]
+    for line in (run_dir / "completions.jsonl").read_text().splitlines():
+        json.loads(line)
+    proc = cli(slurm, tmp_path, "submit", str(config))
+    assert "resubmitted  pipeline-pp2-b4-mb1-fp32" in proc.stdout, proc.stdout + proc.stderr
+    assert (run_dir / "attempts" / "1" / "summary.json").is_file(), "the timed-out attempt is kept"
+    assert cli(slurm, tmp_path, "cancel", "slurm-tiny").returncode == 0
+    wait_for_jobs(slurm, tmp_path, "slurm-tiny", timeout=60)

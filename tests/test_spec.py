@@ -45,7 +45,7 @@ def test_explicit_layer_lists_set_the_stage_count(tmp_path: Path) -> None:
     spec_file = tmp_path / "e.yaml"
     spec_file.write_text(
         f"name: uneven\nmodel: {{builtin: tiny-gpt2}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
-        "parallel: {layers: [[3, 5], [1, 5, 2]], microbatches: [1, 2]}\nbatch_size: 4\n"
+        "parallel: {layers: [[3, 5], [1, 5, 2]], microbatches: [1, 2]}\nbatch_size: 4\nreference: none\n"
     )
     runs = expand(load_experiment(spec_file), spec_file)
     assert [(r.pp, r.layers, r.microbatches) for r in runs] == [
@@ -58,3 +58,18 @@ def test_validation_does_not_import_torch() -> None:
             "import distinfer.cli; e = load_experiment('configs/local-tiny.yaml'); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_studies_plan_their_references_and_weak_scaling_grows_the_prompts() -> None:
+    spec_file = REPO / "configs" / "local-weak.yaml"
+    runs = {r.run_id: r for r in expand(load_experiment(spec_file), spec_file)}
+    assert [(r.world_size, r.num_prompts) for r in runs.values() if r.engine == "pipeline"] == [(1, 4), (2, 8), (3, 12)]
+    assert runs["reference-b4-fp32-n12"].num_prompts == 12, "one reference covers every run's prompts"
+    spec_file = REPO / "configs" / "local-precision.yaml"
+    runs = {r.run_id: r for r in expand(load_experiment(spec_file), spec_file)}
+    assert {r.run_id for r in runs.values() if r.engine == "reference"} == {
+        "reference-b4-fp32", "reference-b4-fp16", "reference-b4-bf16", "reference-b4-int8"}
+    assert (runs["pipeline-pp1-b4-mb1-int8"].quantization, runs["pipeline-pp1-b4-mb1-int8"].dtype) == ("int8", "float32")
+    spec_file = REPO / "configs" / "local-long-context.yaml"
+    runs = {r.run_id: r for r in expand(load_experiment(spec_file), spec_file)}
+    assert runs["pipeline-pp2-b2-mb1-fp32-ctx2048"].generation["max_prompt_tokens"] == 2048

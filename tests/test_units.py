@@ -111,3 +111,64 @@ def test_atomic_json_and_jsonl(tmp_path: Path) -> None:
     writer.write({"id": "a"})
     assert json.loads(bundle.completions.read_text()) == {"id": "a"}  # flushed before close
     writer.close()
+
+
+def test_a_stop_signal_after_the_time_limit_is_a_timeout() -> None:
+    from datetime import datetime
+
+    from distinfer.runtime.worker import stop_status
+
+    end = datetime(2026, 1, 1, 12, 0, 0)
+    at = end.timestamp()
+    assert stop_status({"DISTINFER_JOB_END": end.isoformat()}, at + 30) == "timeout"
+    assert stop_status({"DISTINFER_JOB_END": end.isoformat()}, at - 600) == "cancelled"  # scancel before the limit
+    assert stop_status({"DISTINFER_JOB_END": "Unknown"}, at) == "cancelled"
+    assert stop_status({}, at) == "cancelled"  # Ctrl-C on a local run
+
+
+def test_finalize_names_the_rank_that_failed_when_rank_0_was_only_stopped(tmp_path: Path) -> None:
+    """Rank 1 fails; torchrun then stops rank 0, whose summary says cancelled: the run failed, because of rank 1."""
+    from distinfer.finalize import finalize_run
+
+    bundle = RunBundle(tmp_path)
+    atomic_write_json(bundle.run_json, {"run": {"pp": 2, "tp": 1, "run_id": "r"}})
+    atomic_write_json(bundle.summary_json, {"status": "cancelled", "error": "rank 0: stopped by SIGTERM"})
+    atomic_write_json(bundle.rank_metrics(0), {"rank": 0, "status": "cancelled", "error": "rank 0: stopped by SIGTERM"})
+    atomic_write_json(bundle.rank_metrics(1), {"rank": 1, "status": "failed", "error": "rank 1: out of memory in x"})
+    summary = finalize_run(tmp_path, 1)
+    assert summary is not None and summary["status"] == "failed" and summary["failed_ranks"] == [1]
+    assert summary["error"].startswith("rank 1: out of memory") and summary["dead_ranks"] == []
+    assert read_json(bundle.summary_json) == summary
+    # An ok run stays ok when only the launcher's teardown failed; the exit code is kept.
+    atomic_write_json(bundle.summary_json, {"status": "ok"})
+    assert finalize_run(tmp_path, 1) == {"status": "ok", "launcher_exit_code": 1}
+
+
+def test_a_new_attempt_archives_the_last_one(tmp_path: Path) -> None:
+    bundle = RunBundle(tmp_path)
+    atomic_write_json(bundle.run_json, {"run": {}})
+    atomic_write_json(bundle.summary_json, {"status": "failed"})
+    bundle.rank_log(0).write_text("first attempt\n")
+    assert bundle.archive_attempt() == tmp_path / "attempts" / "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attempts", "run.json"]
+    bundle.rank_log(0).write_text("second attempt\n")
+    assert bundle.archive_attempt() == tmp_path / "attempts" / "2"
+    assert (tmp_path / "attempts" / "1" / "rank_0.log").read_text() == "first attempt\n"
+    assert bundle.archive_attempt() is None
+
+
+def test_long_context_prompts_are_deterministic_and_cut_to_the_context(tiny_models) -> None:  # noqa: ANN001
+    from distinfer.models.loading import load_tokenizer
+    from distinfer.prompts import build_prompt_set, take_prompts
+    from distinfer.runtime.worker import make_batches
+
+    texts = Path(__file__).resolve().parent.parent / "prompts" / "texts" / "passages.txt"
+    prompts = build_prompt_set(texts, 1024, 3, "Question: what is it about? Answer:")
+    assert prompts == build_prompt_set(texts, 1024, 3, "Question: what is it about? Answer:")
+    assert len({p.prompt for p in prompts}) == 3 and all(p.prompt.endswith("Answer:") for p in prompts)
+    tokenizer = load_tokenizer(tiny_models["tiny-llama"])
+    batch = make_batches(prompts, tokenizer, 3, max_prompt_tokens=1024)[0]
+    assert batch.input_ids.shape == (3, 1024) and bool(batch.attention_mask.all()), "every prompt exactly 1024"
+    assert tokenizer.decode(batch.input_ids[0][-8:]).endswith("Answer:"), "cut from the left: the question stays"
+    assert [p.id for p in take_prompts(prompts, 5)] == ["ctx1024-0", "ctx1024-1", "ctx1024-2", "ctx1024-0#2",
+                                                        "ctx1024-1#2"]

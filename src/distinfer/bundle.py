@@ -59,6 +59,9 @@ class JsonlWriter:
         self._file.close()
 
 
+DEFINITION_FILES = ("run.json", "job.sbatch", "ds_config.json")
+
+
 @dataclass(frozen=True)
 class RunBundle:
     """Paths of one run's files: outputs/<experiment>/<run_id>/."""
@@ -94,8 +97,16 @@ class RunBundle:
             return False
         return config_hash is None or (read_json(self.run_json) or {}).get("config_hash") == config_hash
 
-    def clear_results(self) -> None:
-        """Remove the files of an earlier attempt (the run's definition: run.json, job.sbatch, ds_config.json stay)."""
-        for path in self.root.glob("*"):
-            if path.name not in ("run.json", "job.sbatch", "ds_config.json") and path.is_file():
-                path.unlink()
+    def archive_attempt(self) -> Path | None:
+        """Move the files of an earlier attempt into attempts/<n>/ (nothing is deleted); the run's definition
+        (run.json, job.sbatch, ds_config.json) stays. Returns the archive folder, None if there was nothing."""
+        results = [p for p in self.root.glob("*") if p.is_file() and p.name not in DEFINITION_FILES]
+        if not results:
+            return None
+        attempts = self.root / "attempts"
+        number = 1 + max((int(p.name) for p in attempts.glob("*") if p.name.isdigit()), default=0)
+        target = attempts / str(number)
+        target.mkdir(parents=True)
+        for path in results:
+            path.rename(target / path.name)
+        return target

@@ -88,7 +88,7 @@ def run(
             status.update(f"running {r.run_id} ({r.world_size} rank(s))")
 
         def done(result) -> None:  # noqa: ANN001
-            note = "" if result.state != "failed" else f": {(result.summary or {}).get('error') or 'see ' + str(result.bundle.root)}"
+            note = "" if result.state in ("ok", "skipped") else f": {(result.summary or {}).get('error') or 'see ' + str(result.bundle.root)}"
             console.print(f"{result.state:>8}  {result.run.run_id}  ({result.seconds:.1f}s){note}", highlight=False)
 
         try:
@@ -97,7 +97,7 @@ def run(
             errors.print("interrupted: finished runs are kept; run the same command again to continue")
             raise typer.Exit(130) from None
     console.print(results_table(f"{exp.name}: {len(results)} run(s), bundles in {outputs / exp.name}", results))
-    if any(r.state == "failed" for r in results):
+    if any(r.state not in ("ok", "skipped") for r in results):
         raise typer.Exit(1)
 
 
@@ -249,11 +249,13 @@ def analyze(
 def build_tiny(
     name: list[str] = typer.Option(["tiny-llama", "tiny-gpt2"], "--name", help="Which built-in model(s)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
+    trained: bool = typer.Option(False, "--trained", help="Build the trained variants (<name>-trained): a short, "
+                                 "deterministic, offline training, so that accuracy figures mean something."),
 ) -> None:
     """Build the built-in tiny models offline (cached in $DISTINFER_CACHE or ~/.cache/distinfer)."""
     from distinfer.models.tiny import TINY_MODELS, build_tiny_model
 
-    for n in name:
+    for n in (f"{n}-trained" if trained and not n.endswith("-trained") else n for n in name):
         if n not in TINY_MODELS:
             errors.print(f"error: unknown built-in model {n!r}; allowed: {', '.join(TINY_MODELS)}")
             raise typer.Exit(2)

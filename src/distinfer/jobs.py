@@ -42,8 +42,8 @@ def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[Memor
     profile = HARDWARE[exp.cluster.profile]
     stages = split_layers(facts.layers, run.pp, run.layers) if run.engine != "reference" else split_layers(facts.layers, 1)
     ctx = context_tokens(run)
-    return [estimate_stage_memory(facts, s, run.dtype, run.batch_size, ctx, profile.memory_bytes, profile.gpu)
-            for s in stages]
+    return [estimate_stage_memory(facts, s, run.dtype, run.batch_size, ctx, profile.memory_bytes, profile.gpu,
+                                  run.quantization) for s in stages]
 
 
 def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[PlannedRun]:
@@ -91,7 +91,7 @@ def submit(planned: list[PlannedRun], outputs: Path, experiment: str, force: boo
         elif dry_run:
             actions.append((run_id, "would submit", None))
         else:
-            item.bundle.clear_results()
+            item.bundle.archive_attempt()
             job_id = sbatch(item.bundle.root / "job.sbatch")
             history = jobs.get(run_id, {}).get("history", []) + ([previous] if previous else [])
             jobs[run_id] = {"job_id": job_id, "submitted_at": time.time(), "history": history}

@@ -21,7 +21,7 @@ from distinfer.provenance import provenance
 class RunResult:
     run: RunSpec
     bundle: RunBundle
-    state: str  # ok | failed | skipped (already ok)
+    state: str  # ok | failed | cancelled | timeout (summary.json's status) | skipped (already ok)
     summary: dict | None
     seconds: float
 
@@ -72,14 +72,14 @@ def run_one(run: RunSpec, outputs: Path) -> RunResult:
     """Launch one run with torchrun and wait for it; launcher output goes to launcher.log."""
     bundle = RunBundle(outputs / run.experiment / run.run_id)
     bundle.root.mkdir(parents=True, exist_ok=True)
-    bundle.clear_results()
+    bundle.archive_attempt()
     bundle = write_run_json(run, outputs)
     start = time.perf_counter()
     with (bundle.root / "launcher.log").open("w") as log:
         proc = subprocess.run(torchrun_command(run, bundle), stdout=log, stderr=subprocess.STDOUT,
                               env=worker_env(), check=False)
     summary = finalize_run(bundle.root, proc.returncode)
-    state = "ok" if proc.returncode == 0 and summary and summary.get("status") == "ok" else "failed"
+    state = str(summary.get("status", "failed")) if summary else "failed"
     return RunResult(run, bundle, state, summary, time.perf_counter() - start)
 
 

@@ -88,16 +88,20 @@ def estimate_stage_memory(
     context_tokens: int,
     capacity: int,
     gpu: bool,
+    quantization: str | None = None,
 ) -> MemoryEstimate:
-    """Bytes one rank needs for its stage at this batch size and context (prompt + new tokens)."""
+    """Bytes one rank needs for its stage at this batch size and context (prompt + new tokens).
+    int8 weight-only: the linear layers' weights take one byte each (plus a scale per output channel)."""
     size = DTYPE_BYTES[dtype]
+    weight_size = 1 if quantization == "int8" else size
     layers = stage.stop - stage.start
-    params = layers * facts.layer_parameters()
+    weights = layers * facts.layer_parameters() * weight_size
     if stage.is_first:
-        params += facts.embedding_parameters()
+        weights += facts.embedding_parameters() * size
     if stage.is_last:
-        params += facts.hidden + (facts.embedding_parameters() if not facts.tied or not stage.is_first else 0)
+        weights += facts.hidden * size
+        weights += (facts.embedding_parameters() * weight_size if not facts.tied or not stage.is_first else 0)
     kv = 2 * layers * batch * context_tokens * facts.kv_heads * facts.head_dim * size
     activations = batch * context_tokens * (2 * facts.hidden + facts.intermediate) * size + batch * facts.vocab * 4
     overhead = GPU_OVERHEAD_BYTES if gpu else CPU_OVERHEAD_BYTES
-    return MemoryEstimate(params * size, kv, activations, overhead, capacity)
+    return MemoryEstimate(weights, kv, activations, overhead, capacity)

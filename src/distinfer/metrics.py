@@ -77,6 +77,7 @@ class LatencyReport:
             "output_tokens": tokens,
             "output_tokens_per_s": tokens / self.wall_s if self.wall_s > 0 else None,
             "prompts_per_s": len(self.requests) / self.wall_s if self.wall_s > 0 else None,
+            "wall_s": self.wall_s,
             "ttft_s": distribution([r.ttft for r in self.requests]),
             "tpot_s": distribution(tpots),
             "itl_s": distribution([gap for r in self.requests for gap in r.itl]),

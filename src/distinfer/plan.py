@@ -8,9 +8,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distinfer.profiles import HARDWARE
 from distinfer.spec import Experiment, as_list, layer_lists, resolve_path
 
-DTYPE_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PRECISION_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,18 @@ class RunSpec:
     repeats: int
     timeout_s: float
     tp: int = 1  # tensor-parallel ranks (deepspeed engine)
+    quantization: str | None = None  # "int8": torchao int8 weight-only; `dtype` is then the activations' dtype
+    prompt_set: dict | None = None  # {context_tokens, count, question}: `prompts` is then a text file
+    num_prompts: int | None = None  # use the first n prompts (repeating the file): weak scaling
+    study: str = "matrix"
+    profile: str = "none"  # none | torch | nsys
+    perplexity_text: str | None = None
+    perplexity_tokens: int = 512
+
+    @property
+    def precision(self) -> str:
+        """What the precision sweep varies: the dtype, or the quantization when there is one."""
+        return self.quantization or self.dtype
 
     @property
     def world_size(self) -> int:
@@ -51,56 +64,95 @@ class RunSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int, batch: int, dtype: str,
-               tp: int = 1) -> str:
-    """Readable, unique within an experiment: e.g. pipeline-pp2-L3.5-b4-mb2-fp32, reference-b4-fp32."""
+def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int, batch: int, precision: str,
+               tp: int = 1, context: int | None = None, num_prompts: int | None = None) -> str:
+    """Readable, unique within an experiment: e.g. pipeline-pp2-L3.5-b4-mb2-fp32, reference-b4-int8-ctx2048."""
+    suffix = PRECISION_TAGS[precision] + (f"-ctx{context}" if context else "") + (f"-n{num_prompts}" if num_prompts else "")
     if engine == "reference":
-        return f"reference-b{batch}-{DTYPE_TAGS[dtype]}"
+        return f"reference-b{batch}-{suffix}"
     if engine == "deepspeed":
-        return f"deepspeed-tp{tp}-b{batch}-{DTYPE_TAGS[dtype]}"
+        return f"deepspeed-tp{tp}-b{batch}-{suffix}"
     tag = f"-L{'.'.join(map(str, layers))}" if layers else ""
-    return f"{engine}-pp{pp}{tag}-b{batch}-mb{microbatches}-{DTYPE_TAGS[dtype]}"
+    return f"{engine}-pp{pp}{tag}-b{batch}-mb{microbatches}-{suffix}"
 
 
 def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
-    """The cartesian product of the sweep fields; reference runs ignore the layout axes."""
+    """The cartesian product of the sweep fields; reference runs ignore the layout axes. With
+    `reference: auto`, a reference run is added for every batch size, precision and context of the others."""
     par = exp.parallel
     if par.layers == "auto":
         layouts: list[tuple[int, list[int] | None]] = [(pp, None) for pp in as_list(par.pp)]
     else:
         layouts = [(len(counts), list(counts)) for counts in layer_lists(par)]
-    model_path = str(resolve_path(exp.model.path, spec_file)) if exp.model.path else ""
+    gpu = HARDWARE[exp.cluster.profile].gpu
+    prompt_set = None if isinstance(exp.prompts, str) else exp.prompts
+    prompts_file = exp.prompts if prompt_set is None else prompt_set.texts
+    contexts = [None] if prompt_set is None else as_list(prompt_set.context_tokens)
+    common = dict(
+        experiment=exp.name,
+        model_path=str(resolve_path(exp.model.path, spec_file)) if exp.model.path else "",
+        builtin=exp.model.builtin,
+        trust_remote_code=exp.model.trust_remote_code,
+        prompts=str(resolve_path(prompts_file, spec_file)),
+        warmup=exp.benchmark.warmup,
+        repeats=exp.benchmark.repeats,
+        timeout_s=par.timeout_s,
+        study=exp.study,
+        profile=exp.benchmark.profile,
+        perplexity_text=(str(resolve_path(exp.accuracy.perplexity_text, spec_file))
+                         if exp.accuracy.perplexity_text else None),
+        perplexity_tokens=exp.accuracy.perplexity_tokens,
+    )
+
+    def make(engine: str, pp: int, layers: list[int] | None, mb: int, tp: int, batch: int, precision: str,
+             context: int | None, num_prompts: int | None) -> RunSpec:
+        generation = exp.generation.model_dump()
+        if context is not None:
+            generation["max_prompt_tokens"] = context
+        return RunSpec(
+            **common,
+            run_id=run_id_for(engine, pp, layers, mb, batch, precision, tp, context, num_prompts),
+            engine=engine,
+            dtype=("float16" if gpu else "float32") if precision == "int8" else precision,
+            quantization="int8" if precision == "int8" else None,
+            generation=generation,
+            pp=pp,
+            layers=layers,
+            microbatches=mb,
+            batch_size=batch,
+            tp=tp,
+            prompt_set=None if context is None else {"context_tokens": context, "count": prompt_set.count,
+                                                     "question": prompt_set.question},
+            num_prompts=num_prompts,
+        )
+
     runs: dict[str, RunSpec] = {}
-    for engine, (pp, layers), mb, tp, batch in itertools.product(
-        as_list(par.engine), layouts, as_list(par.microbatches), as_list(par.tp), as_list(exp.batch_size)
+    for engine, (pp, layers), mb, tp, batch, precision, context in itertools.product(
+        as_list(par.engine), layouts, as_list(par.microbatches), as_list(par.tp), as_list(exp.batch_size),
+        as_list(exp.model.dtype), contexts,
     ):
         if engine != "pipeline":  # the layout axes belong to the pipeline engine
             pp, layers, mb = 1, None, 1
         if engine != "deepspeed":
             tp = 1
-        run_id = run_id_for(engine, pp, layers, mb, batch, exp.model.dtype, tp)
-        runs.setdefault(
-            run_id,
-            RunSpec(
-                experiment=exp.name,
-                run_id=run_id,
-                engine=engine,
-                model_path=model_path,
-                builtin=exp.model.builtin,
-                dtype=exp.model.dtype,
-                trust_remote_code=exp.model.trust_remote_code,
-                prompts=str(resolve_path(exp.prompts, spec_file)),
-                generation=exp.generation.model_dump(),
-                pp=pp,
-                layers=layers,
-                microbatches=mb,
-                batch_size=batch,
-                warmup=exp.benchmark.warmup,
-                repeats=exp.benchmark.repeats,
-                timeout_s=par.timeout_s,
-                tp=tp,
-            ),
-        )
+        num_prompts = exp.prompts_per_rank * pp * tp if exp.prompts_per_rank else None
+        run = make(engine, pp, layers, mb, tp, batch, precision, context, num_prompts)
+        runs.setdefault(run.run_id, run)
+    if exp.reference == "auto":
+        wanted: dict[tuple, list[int | None]] = {}
+        for run in runs.values():
+            if run.engine != "reference":
+                context = (run.prompt_set or {}).get("context_tokens")
+                wanted.setdefault((run.batch_size, run.precision, context), []).append(run.num_prompts)
+        for (batch, precision, context), counts in wanted.items():
+            num_prompts = None if None in counts else max(counts)  # type: ignore[type-var]
+            reference = make("reference", 1, None, 1, 1, batch, precision, context, num_prompts)
+            covered = any(r.engine == "reference" and r.batch_size == batch and r.precision == precision
+                          and (r.prompt_set or {}).get("context_tokens") == context
+                          and (r.num_prompts is None or (num_prompts is not None and r.num_prompts >= num_prompts))
+                          for r in runs.values())
+            if not covered:
+                runs.setdefault(reference.run_id, reference)
     return list(runs.values())
 
 

@@ -25,6 +25,6 @@ HARDWARE = {
         HardwareProfile("a100-40gb", 39 * GIB, ("float32", "float16", "bfloat16"), True),
         HardwareProfile("a100-80gb", 79 * GIB, ("float32", "float16", "bfloat16"), True),
         HardwareProfile("h100-80gb", 79 * GIB, ("float32", "float16", "bfloat16"), True),
-        HardwareProfile("cpu", 8 * GIB, ("float32", "bfloat16"), False, "CPU ranks over gloo"),
+        HardwareProfile("cpu", 8 * GIB, ("float32", "float16", "bfloat16"), False, "CPU ranks over gloo"),
     )
 }

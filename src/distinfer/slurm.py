@@ -59,6 +59,13 @@ def worker_python(cluster: ClusterSpec, container: ContainerSpec) -> str:
     return sys.executable
 
 
+def profiler_prefix(run: RunSpec, run_dir: Path) -> list[str]:
+    """`profile: nsys`: each node's torchrun and its ranks run under Nsight Systems, one report per process."""
+    if run.profile != "nsys":
+        return []
+    return ["nsys", "profile", "--trace=cuda,nvtx,osrt", "--force-overwrite=true", f"--output={run_dir}/nsys-%h-%p"]
+
+
 def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, run_dir: Path) -> str:
     """The job script of one run (a pure function of its arguments)."""
     run_dir = run_dir.resolve() if not run_dir.is_absolute() else run_dir
@@ -101,6 +108,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "python": shlex.quote(worker_python(cluster, container)),
         "ranks_per_node": str(shape.ranks_per_node),
         "launch_prefix": " ".join(shlex.quote(part) for part in launch),
+        "profile_prefix": " ".join(shlex.quote(part) for part in profiler_prefix(run, run_dir)),
     }
     return _fill(TEMPLATE.read_text(), values)
 

@@ -13,9 +13,16 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distinfer.models.profiles import model_config_layer_count, model_layer_count
+from distinfer.models.profiles import (
+    max_positions,
+    model_config_layer_count,
+    model_layer_count,
+    read_json_file,
+    read_model_config,
+)
+from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
-from distinfer.prompts import PromptFileError, load_prompts
+from distinfer.prompts import PromptFileError, load_prompts, read_paragraphs
 
 
 class SpecError(Exception):
@@ -23,9 +30,10 @@ class SpecError(Exception):
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
-Dtype = Literal["float32", "float16", "bfloat16"]
+Dtype = Literal["float32", "float16", "bfloat16", "int8"]
+Study = Literal["matrix", "strong-scaling", "weak-scaling", "batch-sweep", "precision-sweep", "optimization"]
 Engine = Literal["pipeline", "reference", "deepspeed"]
-Builtin = Literal["tiny-llama", "tiny-gpt2"]
+Builtin = Literal["tiny-llama", "tiny-gpt2", "tiny-llama-trained", "tiny-gpt2-trained"]
 
 
 class _Strict(BaseModel):
@@ -41,8 +49,9 @@ class ModelSpec(_Strict):
     """A tiny model built offline by distinfer (cached outside git)."""
     config: str | None = None
     """A config.json with the model's architecture, for planning where `path` exists only on the cluster."""
-    dtype: Dtype = "float32"
-    """Weights and activations dtype."""
+    dtype: Dtype | list[Dtype] = "float32"
+    """float32 | float16 | bfloat16 | int8, or a list (a precision sweep). int8: torchao int8 weight-only
+    quantization; activations in float16 on GPUs, float32 on CPU."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint. Off unless set here."""
 
@@ -92,6 +101,29 @@ class BenchmarkSpec(_Strict):
     """Batches run before measuring (outputs discarded)."""
     repeats: PositiveInt = 1
     """Passes over the whole prompt set; completions come from the first."""
+    profile: Literal["none", "torch", "nsys"] = "none"
+    """torch: a torch.profiler trace of the first measured batch per rank (trace_rank_<r>.json, opens in
+    Perfetto); nsys: the job script runs the ranks under `nsys profile` (GPU clusters)."""
+
+
+class PromptSetSpec(_Strict):
+    """Long-context prompts built deterministically from a text file (paragraphs separated by blank lines):
+    prompt i starts at paragraph i and takes the following ones (wrapping around) until it has
+    `context_tokens` tokens, cut from the left, ending with `question`."""
+
+    texts: str
+    context_tokens: PositiveInt | list[PositiveInt]
+    """Tokens per prompt; a list is a sweep axis (e.g. [2048, 4096])."""
+    count: PositiveInt = 8
+    question: Annotated[str, Field(min_length=1)] = "Question: what is the passage above about? Answer:"
+
+
+class AccuracySpec(_Strict):
+    """Accuracy measures beside the completions."""
+
+    perplexity_text: str | None = None
+    """A fixed text; reference runs report its perplexity (compare precisions and quantization)."""
+    perplexity_tokens: PositiveInt = 512
 
 
 SAFE_SBATCH = r"^[A-Za-z0-9._,:+@-]+$"  # values that go into #SBATCH lines verbatim
@@ -158,8 +190,17 @@ class Experiment(_Strict):
     """One experiment file."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    study: Study = "matrix"
+    """What the experiment shows; the analysis leads with it, and validation checks it sweeps what it needs."""
     model: ModelSpec
-    prompts: str
+    prompts: str | PromptSetSpec
+    """A JSONL prompt file, or a long-context prompt set built from a text file."""
+    prompts_per_rank: PositiveInt | None = None
+    """weak-scaling: a run with n ranks gets the first n x this many prompts (the file repeats if shorter)."""
+    reference: Literal["auto", "none"] = "auto"
+    """auto: plan a single-device reference run (same batch size and precision) for every other run, so
+    correctness can be checked; none: only the runs listed."""
+    accuracy: AccuracySpec = AccuracySpec()
     generation: GenerationSpec = GenerationSpec()
     parallel: ParallelSpec = ParallelSpec()
     batch_size: PositiveInt | list[PositiveInt] = 1
@@ -169,8 +210,9 @@ class Experiment(_Strict):
 
     @field_validator("prompts")
     @classmethod
-    def _prompts_path(cls, value: str) -> str:
-        if "\n" in value or not value.strip():
+    def _prompts_path(cls, value: str | PromptSetSpec) -> str | PromptSetSpec:
+        path = value if isinstance(value, str) else value.texts
+        if "\n" in path or not path.strip():
             raise ValueError("must be a non-empty path without newlines")
         return value
 
@@ -204,6 +246,9 @@ SWEEP_HINTS = {
     "parallel.engine": "pipeline | reference | deepspeed, or a list of them",
     "parallel.tp": "an integer >= 1 or a list of them",
     "parallel.layers": "auto, a list of layer counts per stage, or a list of such lists",
+    "model.dtype": "float32 | float16 | bfloat16 | int8, or a list of them",
+    "prompts": "a JSONL file path, or {texts: FILE, context_tokens: N or [N, ...], count: N}",
+    "prompts.context_tokens": "an integer >= 1 or a list of them",
 }
 
 
@@ -316,11 +361,12 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
 
 def _check_cluster(path: Path, exp: Experiment) -> None:
     profile = HARDWARE[exp.cluster.profile]
-    if exp.model.dtype not in profile.dtypes:
-        raise SpecError(
-            f"{path}: field 'model.dtype': {exp.model.dtype} is not supported on {profile.name} "
-            f"({profile.note or 'see the profile'}); allowed: {', '.join(profile.dtypes)}"
-        )
+    for dtype in as_list(exp.model.dtype):
+        if dtype != "int8" and dtype not in profile.dtypes:
+            raise SpecError(
+                f"{path}: field 'model.dtype': {dtype} is not supported on {profile.name} "
+                f"({profile.note or 'see the profile'}); allowed: {', '.join(profile.dtypes)}, int8"
+            )
     per_node = max(1, exp.cluster.gpus_per_node) if profile.gpu else 1
     if profile.gpu and exp.cluster.gpus_per_node == 0:
         raise SpecError(f"{path}: field 'cluster.gpus_per_node': the {profile.name} profile needs at least 1")
@@ -355,31 +401,114 @@ def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
         # In a union (value or list of values) the deepest error is the specific one, e.g. batch_size[1].
         deepest = max(exc.errors(), key=lambda e: len(e["loc"]))
         raise SpecError(_format_error(path, deepest)) from None
-    prompts = resolve_path(exp.prompts, path)
-    if not prompts.is_file():
-        raise SpecError(f"{path}: field 'prompts': file not found: {exp.prompts}")
-    try:
-        load_prompts(prompts)
-    except PromptFileError as exc:
-        raise SpecError(f"{path}: field 'prompts': {exc}") from None
+    _check_prompts(path, exp)
     num_layers: int | None = None
+    config: dict | None = None
     if exp.model.builtin is not None:
         num_layers = model_layer_count(exp.model.builtin)
+        config = TINY_MODELS[exp.model.builtin].config
     elif exp.model.config is not None:
-        config = resolve_path(exp.model.config, path)
+        config_file = resolve_path(exp.model.config, path)
         try:
-            num_layers = model_config_layer_count(config)
+            num_layers = model_config_layer_count(config_file)
+            config = read_json_file(config_file)
         except ValueError as exc:
             raise SpecError(f"{path}: field 'model.config': {exc}") from None
     else:
         model_dir = resolve_path(str(exp.model.path), path)
         try:
             num_layers = model_layer_count(model_dir)
+            config = read_model_config(model_dir)
         except ValueError as exc:
             if require_model or model_dir.exists():
                 raise SpecError(f"{path}: field 'model.path': {exc}") from None
+    if config is not None:
+        _check_context(path, exp, config)
     if num_layers is not None:
         _check_layout(path, exp, num_layers)
+    _check_study(path, exp)
     if "cluster" in exp.model_fields_set:
         _check_cluster(path, exp)
     return exp
+
+
+def _check_context(path: Path, exp: Experiment, config: dict) -> None:
+    """Prompt + new tokens must fit the model's positions (OpenLLaMA-3B v2: 2048)."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    new = exp.generation.max_new_tokens
+    if isinstance(exp.prompts, str):
+        prompt, field = exp.generation.max_prompt_tokens, "generation.max_prompt_tokens"
+    else:
+        prompt, field = max(as_list(exp.prompts.context_tokens)), "prompts.context_tokens"
+    if prompt is not None and prompt + new > limit:
+        raise SpecError(f"{path}: field '{field}': {prompt} prompt tokens + {new} new tokens exceed the model's "
+                        f"{limit} positions; allowed: prompt + max_new_tokens <= {limit}")
+
+
+def _check_prompts(path: Path, exp: Experiment) -> None:
+    field = "prompts" if isinstance(exp.prompts, str) else "prompts.texts"
+    source = exp.prompts if isinstance(exp.prompts, str) else exp.prompts.texts
+    file = resolve_path(source, path)
+    if not file.is_file():
+        raise SpecError(f"{path}: field '{field}': file not found: {source}")
+    try:
+        if isinstance(exp.prompts, str):
+            load_prompts(file)
+        else:
+            read_paragraphs(file)
+    except PromptFileError as exc:
+        raise SpecError(f"{path}: field '{field}': {exc}") from None
+    if exp.accuracy.perplexity_text is not None and not resolve_path(exp.accuracy.perplexity_text, path).is_file():
+        raise SpecError(f"{path}: field 'accuracy.perplexity_text': file not found: {exp.accuracy.perplexity_text}")
+
+
+def world_sizes(exp: Experiment) -> set[int]:
+    """The rank counts the matrix covers (pipeline stages, TP ranks, 1 for the reference engine)."""
+    engines = as_list(exp.parallel.engine)
+    explicit = layer_lists(exp.parallel)
+    sizes = set()
+    if "pipeline" in engines:
+        sizes |= {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
+    if "deepspeed" in engines:
+        sizes |= set(as_list(exp.parallel.tp))
+    if "reference" in engines:
+        sizes.add(1)
+    return sizes
+
+
+def swept_axes(exp: Experiment) -> list[str]:
+    """The sweep fields that hold more than one value."""
+    par = exp.parallel
+    axes = {"parallel.engine": par.engine, "parallel.pp": par.pp, "parallel.tp": par.tp,
+            "parallel.microbatches": par.microbatches, "batch_size": exp.batch_size, "model.dtype": exp.model.dtype,
+            "parallel.layers": layer_lists(par) if len(layer_lists(par)) > 1 else None}
+    if not isinstance(exp.prompts, str):
+        axes["prompts.context_tokens"] = exp.prompts.context_tokens
+    return [name for name, value in axes.items() if isinstance(value, list) and len(value) > 1]
+
+
+def _check_study(path: Path, exp: Experiment) -> None:
+    """A named study must sweep what it is about; int8 and prompts_per_rank only where they work."""
+    need = {
+        "strong-scaling": (len(world_sizes(exp)) >= 2, "parallel.pp", "at least two rank counts, e.g. pp: [1, 2, 3]"),
+        "weak-scaling": (len(world_sizes(exp)) >= 2, "parallel.pp", "at least two rank counts, e.g. pp: [1, 2, 3]"),
+        "batch-sweep": (len(as_list(exp.batch_size)) >= 2, "batch_size", "at least two batch sizes"),
+        "precision-sweep": (len(as_list(exp.model.dtype)) >= 2, "model.dtype",
+                            "at least two precisions, e.g. [float32, float16, int8]"),
+        "optimization": (len(swept_axes(exp)) == 1, "parallel",
+                         f"exactly one swept field (the change; its first value is the baseline), "
+                         f"got {swept_axes(exp) or 'none'}"),
+    }
+    if exp.study in need and not need[exp.study][0]:
+        ok, field, what = need[exp.study]
+        raise SpecError(f"{path}: field '{field}': a {exp.study} study needs {what}")
+    if exp.study == "weak-scaling" and exp.prompts_per_rank is None:
+        raise SpecError(f"{path}: field 'prompts_per_rank': a weak-scaling study needs it (prompts per rank, "
+                        "so that the work grows with the ranks)")
+    if exp.prompts_per_rank is not None and exp.study != "weak-scaling":
+        raise SpecError(f"{path}: field 'prompts_per_rank': only used by study: weak-scaling (here: {exp.study})")
+    if "int8" in as_list(exp.model.dtype) and "deepspeed" in as_list(exp.parallel.engine):
+        raise SpecError(f"{path}: field 'model.dtype': int8 (torchao weight-only) runs on the pipeline and "
+                        "reference engines, not deepspeed; drop one of them")

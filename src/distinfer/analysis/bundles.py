@@ -21,6 +21,7 @@ class LoadedExperiment:
     provenance: dict[str, dict] = field(default_factory=dict)
     model: str = "?"
     hardware: str = "?"
+    study: str = "matrix"
 
 
 def _read(path: Path) -> tuple[dict | None, str | None]:
@@ -74,12 +75,17 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         if missing:
             problems.append({"run_id": run_dir.name, "problem": f"metrics of rank(s) {missing} missing; "
                              "per-rank breakdown left out"})
-        row = {k: spec.get(k) for k in ("run_id", "engine", "pp", "tp", "microbatches", "batch_size", "dtype")}
+        row = {k: spec.get(k) for k in ("run_id", "engine", "pp", "tp", "microbatches", "batch_size", "dtype",
+                                         "quantization", "num_prompts", "study", "repeats")}
         row["tp"] = row["tp"] or 1
+        row["precision"] = row["quantization"] or row["dtype"]
+        row["context_tokens"] = (spec.get("prompt_set") or {}).get("context_tokens")
+        row["perplexity"] = summary.get("perplexity")
         row["world_size"] = summary.get("world_size")
         row["output_tokens"] = summary.get("output_tokens")
         row["output_tokens_per_s"] = summary.get("output_tokens_per_s")
         row["prompts_per_s"] = summary.get("prompts_per_s")
+        row["wall_s"] = summary.get("wall_s")
         for metric in LATENCIES:
             for stat, value in (summary.get(metric) or {}).items():
                 row[f"{metric.removesuffix('_s')}_{stat}_s"] = value
@@ -98,5 +104,6 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         hardware = "CPU (gloo)" if device == "cpu" else f"GPU {device} (NCCL)"
         provenance[row["run_id"]] = {**run_json.get("provenance", {}), "runtime": run_json.get("runtime", {}),
                                      "slurm": _read(run_dir / "slurm.json")[0]}
+    studies = {r.get("study") or "matrix" for r in rows}
     return LoadedExperiment(name, pd.DataFrame(rows), pd.DataFrame(rank_rows), problems, completions, provenance,
-                            model, hardware)
+                            model, hardware, studies.pop() if len(studies) == 1 else "matrix")

@@ -85,3 +85,34 @@ def latency_plot(runs: pd.DataFrame, subject: str, out: Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle(f"Latency distribution: {subject}")
     return _save(fig, out, "latency")
+
+
+def weak_scaling_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, group in table.groupby(["engine", "batch_size", "microbatches"]):
+        ax.plot(group["world_size"], group["efficiency"], marker="o", label=f"{key[0]}, batch {key[1]}, mb {key[2]}")
+    n = sorted(table["world_size"].unique())
+    ax.axhline(1.0, linestyle="--", color="grey", label="ideal (E = 1: equal time for n x the work)")
+    ax.set_xlabel("ranks n (prompts grow with n)")
+    ax.set_ylabel("weak-scaling efficiency E(n) = T(1) / T(n)")
+    ax.set_xticks(n)
+    ax.set_ylim(0, max(1.1, float(table["efficiency"].max()) * 1.1))
+    ax.set_title(f"Weak scaling: {subject}")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "weak_scaling")
+
+
+def precision_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    """Throughput against agreement with the baseline precision: the quantization trade-off at a glance."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for precision, group in table.groupby("precision"):
+        ax.scatter(group["token_agreement"] * 100, group["output_tokens_per_s"], s=40, label=str(precision))
+        for row in group.itertuples():
+            ax.annotate(f"{row.engine} n={row.world_size} b={row.batch_size}", (row.token_agreement * 100,
+                        row.output_tokens_per_s), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("token agreement with the baseline precision's reference (%)")
+    ax.set_ylabel("output throughput (tokens/s)")
+    ax.set_xlim(0, 105)
+    ax.set_title(f"Precision and quantization: {subject}")
+    ax.legend(title="precision", fontsize=8)
+    return _save(fig, out, "precision")

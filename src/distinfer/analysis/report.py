@@ -47,19 +47,24 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         [{"run_id": r, "state": "ok"} for r in loaded.runs.get("run_id", [])]
         + [{"run_id": p["run_id"], "state": p["problem"]} for p in loaded.problems]
     )
-    key = ["run_id", "engine", "world_size", "batch_size", "microbatches", "dtype", "output_tokens",
+    key = ["run_id", "engine", "world_size", "batch_size", "microbatches", "precision", "context_tokens", "output_tokens",
            "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s", "e2e_p90_s", "peak_memory_bytes"]
     results = tables["results"]
+    studies = [("Strong scaling", "strong_scaling", "strong-scaling"), ("Weak scaling", "weak_scaling", "weak-scaling"),
+               ("Batch sweep", "batch_sweep", "batch-sweep"),
+               ("Precision and quantization (against the baseline precision)", "precision", "precision-sweep"),
+               ("Optimization against the baseline", "optimization", "optimization")]
+    # The study the experiment names comes first; the other tables follow when they have rows.
+    studies.sort(key=lambda s: s[2] != loaded.study)
     sections = [
         ("Runs and their states", states),
         ("Results (all columns: results.csv)", results[[c for c in key if c in results]]),
-        ("Strong scaling", tables["strong_scaling"]),
-        ("Batch sweep", tables["batch_sweep"]),
+        *((heading, tables[name]) for heading, name, study in studies if study == loaded.study or not tables[name].empty),
         ("Correctness against the reference", tables["correctness"]),
         ("Time per rank: compute, communication, waiting", tables["time_breakdown"]),
         ("Provenance", _provenance(loaded)),
     ]
-    title = f"distinfer report: {loaded.name} ({loaded.model} on {loaded.hardware})"
+    title = f"distinfer report: {loaded.name}, {loaded.study} ({loaded.model} on {loaded.hardware})"
     md = [f"# {title}\n"]
     if loaded.problems:
         md.append("**Problems:** " + "; ".join(f"`{p['run_id']}`: {p['problem']}" for p in loaded.problems) + "\n")

@@ -64,13 +64,27 @@ def model_layer_count(model: str | Path) -> int:
     return _layer_count(read_model_config(Path(model)), f"{model}/config.json")
 
 
-def model_config_layer_count(config_file: Path) -> int:
-    """Number of decoder layers named by a standalone config.json."""
+def read_json_file(config_file: Path) -> dict:
     try:
         data = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {config_file}: {exc}") from None
-    return _layer_count(data, str(config_file))
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    return data
+
+
+def model_config_layer_count(config_file: Path) -> int:
+    """Number of decoder layers named by a standalone config.json."""
+    return _layer_count(read_json_file(config_file), str(config_file))
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence (prompt + generated tokens) the model's position embeddings allow, if stated."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
 
 
 def _layer_count(data: dict, where: str) -> int:

@@ -7,6 +7,7 @@ completions.jsonl as they are produced and summary.json last.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -16,6 +17,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -27,8 +30,9 @@ from distinfer.metrics import LatencyReport, rank_totals
 from distinfer.models.loading import count_parameters, load_full_model, load_stage_model, load_tokenizer
 from distinfer.models.profiles import model_layer_count
 from distinfer.plan import RunSpec
-from distinfer.prompts import Prompt, load_prompts
+from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_prompts
 from distinfer.provenance import allowed_env
+from distinfer.runtime.accuracy import perplexity
 from distinfer.runtime.dist import DistEnv, dist_env_from, init_distributed, shutdown_distributed
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
@@ -75,15 +79,36 @@ def make_batches(prompts: list[Prompt], tokenizer, batch_size: int, max_prompt_t
     return batches
 
 
+def _maybe_quantized(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
+    if spec.quantization == "int8":
+        from distinfer.models.quantize import quantize_int8_weights
+
+        return quantize_int8_weights(model)
+    return model
+
+
+def run_prompts(spec: RunSpec) -> list[Prompt]:
+    """The run's prompts: the JSONL file or the long-context set built from a text file; for weak scaling,
+    the first `num_prompts` of them."""
+    if spec.prompt_set:
+        prompts = build_prompt_set(Path(spec.prompts), spec.prompt_set["context_tokens"], spec.prompt_set["count"],
+                                   spec.prompt_set["question"])
+    else:
+        prompts = load_prompts(Path(spec.prompts))
+    return take_prompts(prompts, spec.num_prompts) if spec.num_prompts else prompts
+
+
 def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, spec_dir: Path) -> tuple[object, dict]:  # noqa: ANN001,E501
     """The engine of this rank and facts about its share of the model."""
     model_dir = Path(spec.model_path)
     stop = stop_rule(model_dir, tokenizer, spec.generation["max_new_tokens"])
     sampler = Sampler(sampling_params(spec.generation), device)
     if spec.engine == "reference":
-        model = load_full_model(model_dir, spec.dtype, device, spec.trust_remote_code)
+        model = _maybe_quantized(load_full_model(model_dir, spec.dtype, device, spec.trust_remote_code), spec)
         layers = list(range(model_layer_count(model_dir)))
         info = {"layers": layers, "parameters": count_parameters(model)}
+        if spec.perplexity_text:
+            info.update(perplexity(model, tokenizer, Path(spec.perplexity_text), spec.perplexity_tokens, device))
         return ReferenceEngine(model, device, sampler.params, stop), info
     if env.world_size != spec.world_size:
         raise RuntimeError(f"run needs {spec.world_size} ranks but was started with {env.world_size}")
@@ -96,9 +121,58 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
         return engine, {"layers": layers, "parameters": count_parameters(engine.model)}
     layout = split_layers(model_layer_count(model_dir), spec.pp, spec.layers)[env.rank]
     model, family = load_stage_model(model_dir, layout, spec.dtype, device, spec.trust_remote_code)
+    model = _maybe_quantized(model, spec)
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches)
     return engine, info
+
+
+MEMORY_LIMIT_ENV = "DISTINFER_RANK_MEMORY_LIMIT"
+
+
+def apply_memory_limit(device: torch.device, environ: dict[str, str] | os._Environ) -> int | None:
+    """Cap this rank's memory at DISTINFER_RANK_MEMORY_LIMIT bytes, to find out what a smaller device can run:
+    on CUDA as a fraction of the GPU's memory, on CPU as RLIMIT_DATA (the heap, where tensors live)."""
+    value = environ.get(MEMORY_LIMIT_ENV)
+    if not value:
+        return None
+    limit = int(value)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
+    else:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    return limit
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError), or Python's MemoryError."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
+def out_of_memory_report(spec: RunSpec, env: DistEnv, device: torch.device, state: dict) -> str:
+    batch = state.get("batch") or {}
+    where = (f"batch {batch['index']} ({batch['size']} prompt(s) of up to {batch['prompt_tokens']} tokens "
+             f"+ {spec.generation['max_new_tokens']} new)" if batch else "loading the model")
+    limit = state.get("memory_limit")
+    return (f"rank {env.rank}: out of memory in {where}, batch_size {spec.batch_size}, {spec.dtype}, "
+            f"layers {state.get('layers', [])[:1] + state.get('layers', [])[-1:]}; peak "
+            f"{_peak_memory(device) / 2**30:.2f} GiB" + (f" of a {limit / 2**30:.2f} GiB limit" if limit else "")
+            + ". Lower batch_size or the prompt length, or use more stages (`distinfer plan` estimates this)")
+
+
+@contextlib.contextmanager
+def _profiled(spec: RunSpec, env: DistEnv, bundle: RunBundle, first: bool, device: torch.device) -> Iterator[None]:
+    """With `profile: torch`, a torch.profiler trace of the first measured batch: trace_rank_<r>.json."""
+    if spec.profile != "torch" or not first:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    prof.export_chrome_trace(str(bundle.root / f"trace_rank_{env.rank}.json"))
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -116,11 +190,16 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     log.info("loaded layers %s (%d parameters) in %.2fs", info["layers"][:1] + info["layers"][-1:],
              info["parameters"], state["load_s"])
     t0 = time.perf_counter()
-    prompts = load_prompts(Path(spec.prompts))
+    prompts = run_prompts(spec)
     batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
     state["tokenize_s"] = time.perf_counter() - t0
+    def note(batch: Batch) -> Batch:  # what an out-of-memory report names
+        state["batch"] = {"index": batch.index, "size": len(batch.prompt_indices),
+                          "prompt_tokens": int(batch.input_ids.shape[1])}
+        return batch
+
     for _ in range(spec.warmup):
-        engine.generate(batches[0])
+        engine.generate(note(batches[0]))
     engine.steps.clear()
     latency = LatencyReport()
     writer = JsonlWriter(bundle.completions) if env.rank == 0 else None
@@ -129,7 +208,8 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
             if hasattr(engine, "sampler"):
                 engine.sampler.reset()  # each repeat reproduces the same sampled completions
             for batch in batches:
-                out = engine.generate(batch)
+                with _profiled(spec, env, bundle, repeat == 0 and batch.index == 0, device):
+                    out = engine.generate(note(batch))
                 if out is None:
                     continue
                 latency.add_batch(out.token_times, time.perf_counter() - out.start)
@@ -154,6 +234,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
 def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) -> dict:
     return {
         "rank": env.rank,
+        "status": state.get("status", "failed"),
         "hostname": socket.gethostname(),
         "layers": state.get("layers", []),
         "parameters": state.get("parameters"),
@@ -185,6 +266,12 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
         "microbatches": spec.microbatches,
         "batch_size": spec.batch_size,
         "dtype": spec.dtype,
+        "quantization": spec.quantization,
+        "precision": spec.precision,
+        "context_tokens": (spec.prompt_set or {}).get("context_tokens"),
+        "num_prompts": spec.num_prompts,
+        "perplexity": state.get("perplexity"),
+        "perplexity_tokens": state.get("perplexity_tokens"),
         "config_hash": run_info.get("config_hash"),
         **(state.get("latency") or LatencyReport().summary()),
         "load_s": state.get("load_s"),
@@ -197,6 +284,16 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def stop_status(environ: dict[str, str] | os._Environ, now: float) -> str:
+    """`timeout` when a stop signal comes at or after the Slurm job's time limit (the job script exports its
+    end as DISTINFER_JOB_END, from squeue), else `cancelled` (scancel, Ctrl-C)."""
+    try:
+        end = datetime.fromisoformat(environ.get("DISTINFER_JOB_END", "")).timestamp()
+    except ValueError:  # not under Slurm, or no limit (UNLIMITED, N/A)
+        return "cancelled"
+    return "timeout" if now >= end - 2 else "cancelled"
 
 
 def _watch_stop_signals(on_stop) -> None:  # noqa: ANN001
@@ -226,12 +323,14 @@ def run(run_dir: Path) -> int:
     def stop(signum: int) -> None:
         # What is written so far stays: completions line by line; this rank's metrics and rank 0's summary now.
         name = signal.Signals(signum).name
-        state["error"] = f"rank {env.rank}: stopped by {name} (Slurm time limit, scancel or Ctrl-C)"
+        state["status"] = stop_status(os.environ, time.time())
+        why = "the job's time limit" if state["status"] == "timeout" else "scancel, Ctrl-C or the launcher"
+        state["error"] = f"rank {env.rank}: stopped by {name} ({why})"
         log.error("run stopped: %s", state["error"])
         record = _rank_record(env, device, state, sampler.summary())
         atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})
         if env.rank == 0:
-            _write_outcome(bundle, spec, env, run_info, "cancelled", state, [record], device, started)
+            _write_outcome(bundle, spec, env, run_info, state["status"], state, [record], device, started)
         logging.shutdown()
         os._exit(128 + signum)
 
@@ -239,11 +338,15 @@ def run(run_dir: Path) -> int:
     with sampler:
         try:
             device = init_distributed(env, spec.timeout_s)
+            state["memory_limit"] = apply_memory_limit(device, os.environ)
             generate_all(spec, env, device, bundle, state)
-            status = "ok"
+            status = state["status"] = "ok"
         except Exception as exc:  # the run fails; the bundle says why instead of a lost traceback
-            status = "failed"
+            status = state["status"] = "failed"
             state["error"] = f"rank {env.rank}: {type(exc).__name__}: {exc}"
+            if is_out_of_memory(exc):
+                state["error"] = f"{out_of_memory_report(spec, env, device, state)} ({type(exc).__name__}: {exc})"
+                state["out_of_memory"] = True
             log.error("run failed: %s\n%s", state["error"], traceback.format_exc())
     record = _rank_record(env, device, state, sampler.summary())
     atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})

@@ -1,0 +1,204 @@
+"""`make bench`: the engines side by side on one machine, interleaved, on a synthetic ~160 M-parameter Llama.
+
+Measures, in one run and round-robin (repeat r runs every engine before repeat r+1 starts):
+  hf-generate       `transformers` generate in this process, all cores (what a user would otherwise write)
+  reference         distinfer's reference engine (generate inside a distinfer run)
+  pp1               distinfer pipeline, one stage
+  pp2-mb<k>         distinfer pipeline, two stages (k micro-batches; k > 1 at batch 8 only)
+  ds-tp2            DeepSpeed AutoTP over two ranks
+  copy bandwidth    torch memory copy (read + write bytes per second): the decode speed limit
+and prints median tokens/s, the issue's ratios and the per-rank compute/communication/wait split, and
+writes bench/results/bench-<time>.json. Token counts are those generated (through EOS, the same on every
+engine since they are token-exact); distinfer figures are its own measured-batch throughput (warm-up and
+model load excluded), HF generate is timed the same way (after one warm-up batch).
+
+    python bench/bench.py [--repeats 3] [--new-tokens 32] [--engines pp1,hf-generate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                    num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+BATCHES = {1: 4, 8: 8}  # batch size -> prompts (batch 1: four one-prompt batches; batch 8: one full batch)
+ENGINES = {  # name -> parallel settings (batch 8 gets more micro-batches where named)
+    "reference": {"engine": "reference"},
+    "pp1": {"engine": "pipeline", "pp": 1},
+    "pp2-mb1": {"engine": "pipeline", "pp": 2, "microbatches": 1},
+    "pp2-mb2": {"engine": "pipeline", "pp": 2, "microbatches": 2},
+    "pp2-mb4": {"engine": "pipeline", "pp": 2, "microbatches": 4},
+    "ds-tp2": {"engine": "deepspeed", "tp": 2},
+}
+
+
+def build_model(cache: Path) -> Path:
+    """A randomly initialised Llama (tiny-llama's tokenizer, larger layers), saved as safetensors once."""
+    target = cache / "bench-llama-160m"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distinfer.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(add_bos=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), initializer_range=0.02, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, **MODEL_CONFIG)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def prompts_file(work: Path, count: int) -> Path:
+    lines = (REPO / "prompts" / "correctness.jsonl").read_text().splitlines()[:count]
+    path = work / f"prompts-{count}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_distinfer(work: Path, model: Path, name: str, batch: int, new_tokens: int) -> dict:
+    """One `distinfer run --local --force`; returns its summary.json."""
+    parallel = dict(ENGINES[name])
+    config = work / f"{name}-b{batch}.yaml"
+    config.write_text(json.dumps({
+        "name": f"bench-{name}-b{batch}", "model": {"path": str(model)}, "reference": "none",
+        "prompts": str(prompts_file(work, BATCHES[batch])), "generation": {"max_new_tokens": new_tokens},
+        "parallel": parallel, "batch_size": batch, "benchmark": {"warmup": 1, "repeats": 1},
+    }))
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--force",
+                           "--outputs", str(work / "outputs")], capture_output=True, text=True, timeout=1200)
+    run_dirs = list((work / "outputs" / f"bench-{name}-b{batch}").glob("*/summary.json"))
+    if proc.returncode != 0 or not run_dirs:
+        raise RuntimeError(f"{name} batch {batch} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(run_dirs[0].read_text())
+
+
+def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) -> dict:
+    """HF generate in this process (all cores), the same prompts and batches, one warm-up batch first."""
+    from distinfer.models.loading import load_full_model, load_tokenizer
+    from distinfer.prompts import load_prompts
+    from distinfer.runtime.worker import make_batches
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = load_full_model(model_dir, "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(model_dir)
+    batches = make_batches(load_prompts(prompts_file(work, BATCHES[batch])), tokenizer, batch)
+
+    def generate(b) -> torch.Tensor:  # noqa: ANN001
+        with torch.inference_mode():
+            out = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=2, pad_token_id=0)
+        return out[:, b.input_ids.shape[1]:]
+
+    generate(batches[0])
+    tokens, wall = 0, 0.0
+    for b in batches:
+        start = time.perf_counter()
+        out = generate(b)
+        wall += time.perf_counter() - start
+        for row in out.tolist():
+            tokens += row.index(2) + 1 if 2 in row else len(row)
+    return {"output_tokens": tokens, "output_tokens_per_s": tokens / wall}
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by the best of several large tensor copies."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--engines", default="hf-generate," + ",".join(ENGINES))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTINFER_CACHE",
+                                                                          Path.home() / ".cache" / "distinfer")))
+    args = parser.parse_args()
+    engines = args.engines.split(",")
+    model = build_model(args.cache)
+    weight_bytes = sum(p.numel() * 4 for p in __import__("safetensors.torch", fromlist=["load_file"])
+                       .load_file(str(model / "model.safetensors")).values())
+    samples: dict[tuple[str, int], list[float]] = {}
+    splits: dict[tuple[str, int], list[dict]] = {}
+    bandwidth: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="distinfer-bench-") as tmp:
+        work = Path(tmp)
+        for repeat in range(args.repeats):
+            bandwidth.append(copy_bandwidth())
+            for batch in BATCHES:
+                for name in engines:
+                    if batch == 1 and name in ("pp2-mb2", "pp2-mb4"):
+                        continue
+                    if name == "hf-generate":
+                        result = run_hf_generate(model, work, batch, args.new_tokens)
+                    else:
+                        result = run_distinfer(work, model, name, batch, args.new_tokens)
+                        splits[(name, batch)] = [{k: r.get(k) for k in ("rank", "compute_s", "comm_s", "wait_s")}
+                                                 for r in result.get("ranks", [])]
+                    samples.setdefault((name, batch), []).append(result["output_tokens_per_s"])
+                    print(f"repeat {repeat + 1}/{args.repeats} batch {batch} {name:12s} "
+                          f"{result['output_tokens_per_s']:8.2f} tok/s", flush=True)
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    copy_bw = statistics.median(bandwidth)
+    print(f"\nmachine: {os.cpu_count()} cores; model: {weight_bytes / 4 / 1e6:.0f} M parameters, fp32 "
+          f"({weight_bytes / 2**20:.0f} MiB); {args.new_tokens} new tokens; median of {args.repeats}")
+    print(f"memory copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)\n")
+    print(f"{'engine':14s} {'batch 1 tok/s':>14s} {'batch 8 tok/s':>14s}")
+    for name in engines:
+        cells = [f"{median[(name, b)]:14.2f}" if (name, b) in median else f"{'-':>14s}" for b in BATCHES]
+        print(f"{name:14s} {' '.join(cells)}")
+    ratios = {}
+    for batch in BATCHES:
+        if ("pp1", batch) in median and ("hf-generate", batch) in median:
+            ratios[f"pp1_over_hf_generate_b{batch}"] = median[("pp1", batch)] / median[("hf-generate", batch)]
+        one = [median[(n, batch)] for n in ("reference", "pp1") if (n, batch) in median]
+        two = [median[(n, batch)] for n in ("pp2-mb1", "pp2-mb2", "pp2-mb4") if (n, batch) in median]
+        if one and two:
+            ratios[f"pp2_over_best_one_process_b{batch}"] = max(two) / max(one)
+    if ("pp1", 1) in median:
+        ratios["decode_weight_read_over_copy_bandwidth_b1"] = median[("pp1", 1)] * weight_bytes / copy_bw
+    targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "decode_weight_read": 0.60}
+    print("\nratio                                        value   target")
+    for key, value in ratios.items():
+        target = next(t for prefix, t in targets.items() if key.startswith(prefix))
+        print(f"{key:44s} {value:6.2f}   >= {target:.2f} {'met' if value >= target else 'NOT met'}")
+    print("\nper-rank split of the last repeat (s): compute / communication / wait")
+    for (name, batch), ranks in sorted(splits.items()):
+        cells = "; ".join(f"rank {r['rank']}: {r['compute_s']:.2f} / {r['comm_s']:.2f} / {r['wait_s']:.2f}"
+                          for r in ranks)
+        print(f"  {name:10s} b{batch}: {cells}")
+    out = REPO / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "torch": torch.__version__},
+                               "model": {"parameters": weight_bytes // 4, **MODEL_CONFIG},
+                               "new_tokens": args.new_tokens, "repeats": args.repeats,
+                               "copy_bandwidth_bytes_per_s": copy_bw,
+                               "tokens_per_s": {f"{n}/b{b}": v for (n, b), v in samples.items()},
+                               "median_tokens_per_s": {f"{n}/b{b}": v for (n, b), v in median.items()},
+                               "ratios": ratios, "rank_split": {f"{n}/b{b}": v for (n, b), v in splits.items()}},
+                              indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
