@@ -26,7 +26,7 @@ DEMO := local-strong local-weak local-batch local-precision
 demo: models
 	@for c in $(DEMO); do $(BIN)/distinfer run configs/$$c.yaml --local || exit 1; done
 	$(BIN)/distinfer analyze $(addprefix outputs/,$(DEMO))
-	@for c in $(DEMO); do echo "report: analysis/$$c/report.html"; done
+	@echo "report: analysis/report.html (every plot of the demo study; each experiment's own: analysis/<exp>/report.html)"
 
 # Tables, plots and a report for every experiment under outputs/.
 analysis: setup

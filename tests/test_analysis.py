@@ -120,6 +120,10 @@ def test_damaged_outputs_are_listed_and_the_rest_analysed(outputs: Path, tmp_pat
     run_json["run"]["experiment"] = "another-study"
     (foreign / "run.json").write_text(json.dumps(run_json))
     (damaged / "pipeline-pp2-b1-mb1-fp32" / "summary.json").unlink()  # unfinished
+    (damaged / "reference-b4-fp32" / "summary.json").write_text("")  # empty
+    older = json.loads((damaged / "pipeline-pp1-b4-mb1-fp32" / "run.json").read_text())
+    del older["schema"]  # as written before bundles had a schema number
+    (damaged / "pipeline-pp1-b4-mb1-fp32" / "run.json").write_text(json.dumps(older))
     proc = analyze(damaged, tmp_path / "analysis")
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "analysis" / "study" / "report.md").read_text()
@@ -127,9 +131,10 @@ def test_damaged_outputs_are_listed_and_the_rest_analysed(outputs: Path, tmp_pat
     assert "`pipeline-pp2-b4-mb1-fp32`: metrics of rank(s) [1] missing" in report
     assert "`pipeline-pp1-b1-mb1-fp32-other`: belongs to experiment 'another-study'" in report
     assert "`pipeline-pp2-b1-mb1-fp32`: unfinished" in report
+    assert "`reference-b4-fp32`: summary.json unreadable" in report
+    assert "`pipeline-pp1-b4-mb1-fp32`: bundle schema 1 from another distinfer version" in report
     results = pd.read_parquet(tmp_path / "analysis" / "study" / "results.parquet")
-    assert sorted(results["run_id"]) == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
-                                         "pipeline-pp2-b4-mb1-fp32", "reference-b4-fp32"]
+    assert sorted(results["run_id"]) == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp2-b4-mb1-fp32"]
 
 
 @pytest.fixture(scope="module")

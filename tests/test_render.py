@@ -137,3 +137,19 @@ def test_awkward_values_arrive_unchanged_and_inject_nothing(slurm, tmp_path: Pat
     assert run_json["run"]["prompts"] == str(prompts_dir / "p.jsonl")
     injected = [p for p in tmp_path.rglob("INJECTED_*")] + list(Path.home().glob("INJECTED_*"))
     assert not injected, f"an injected command ran: {injected}"
+
+
+def test_nsys_profile_wraps_each_nodes_ranks(tmp_path: Path) -> None:
+    """`profile: nsys` (GPU clusters; nsys is not installed here): torchrun and its ranks run under nsys."""
+    text = (REPO / "configs" / "openllama3b-t4-fp16.yaml").read_text()
+    text = text.replace("../prompts/", f"{REPO}/prompts/").replace("config: models/", f"config: {REPO}/configs/models/")
+    config = tmp_path / "nsys.yaml"
+    config.write_text(text.replace("benchmark: {warmup: 1, repeats: 3}", "benchmark: {warmup: 1, repeats: 3, profile: nsys}"))
+    exp = load_experiment(config, require_model=False)
+    run = next(r for r in expand(exp, config) if r.pp == 2)
+    script = render_sbatch(run, exp.cluster, exp.container, SCRATCH / "nsys" / run.run_id)
+    assert ("PROFILER=(nsys profile '--trace=cuda,nvtx,osrt' --force-overwrite=true "
+            f"--output={SCRATCH}/nsys/{run.run_id}/nsys-%h-%p)") in script
+    assert '"${LAUNCH[@]}" "${PROFILER[@]}" "$PYTHON" -m torch.distributed.run' in script
+    (tmp_path / "job.sbatch").write_text(script)
+    assert shellcheck(tmp_path / "job.sbatch").returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,8 @@ def test_slurm_variables_map_to_torch_ones() -> None:
     assert first_host("n1") == "n1" and first_host("gpu[03-05,9],login1") == "gpu03"
     assert first_host("node[9,10]") == "node9"
     assert cpu_threads_per_rank(10_000) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads_per_rank(2, ranks_compute_together=False) == cores, "one stage busy at a time: all cores"
 
 
 def test_environment_capture_is_an_allow_list() -> None:

@@ -60,6 +60,8 @@ class JsonlWriter:
 
 
 DEFINITION_FILES = ("run.json", "job.sbatch", "ds_config.json")
+# The layout of run.json and summary.json; the analysis lists bundles with another schema instead of misreading them.
+BUNDLE_SCHEMA = 2
 
 
 @dataclass(frozen=True)

@@ -231,18 +231,24 @@ def analyze(
     experiments: list[Path] = typer.Argument(..., help="Experiment folders under outputs/ (outputs/<exp>)."),
     out: Path = typer.Option(Path("analysis"), help="Where analysis/<exp>/ is written."),
 ) -> None:
-    """Tables (parquet, csv, json), plots (PNG, SVG) and report.md/.html for each experiment folder."""
+    """Tables (parquet, csv, json), plots (PNG, SVG) and report.md/.html for each experiment folder; with several,
+    also an overview with every plot (analysis/report.html)."""
     from distinfer.analysis.analyze import analyze as analyze_experiment
+    from distinfer.analysis.report import write_overview
 
+    results = []
     for folder in experiments:
         if not folder.is_dir():
             errors.print(f"error: {folder} is not an experiment folder (expected outputs/<experiment>)")
             raise typer.Exit(2)
         result = analyze_experiment(folder, out)
+        results.append(result)
         console.print(f"{folder.name}: {result.runs} run(s) analysed, {len(result.problems)} problem(s) listed; "
                       f"report: {result.out / 'report.html'}", highlight=False)
         for problem in result.problems:
             console.print(f"  [yellow]problem:[/] {problem['run_id']}: {problem['problem']}", highlight=False)
+    if len(results) > 1:
+        console.print(f"every plot of the {len(results)} experiments: {write_overview(results, out)}", highlight=False)
 
 
 @models_app.command("build-tiny")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from distinfer.bundle import RunBundle, atomic_write_json
+from distinfer.bundle import BUNDLE_SCHEMA, RunBundle, atomic_write_json
 from distinfer.finalize import finalize_run
 from distinfer.plan import RunSpec, deepspeed_config
 from distinfer.provenance import provenance
@@ -45,7 +45,8 @@ def write_run_json(run: RunSpec, outputs: Path) -> RunBundle:
     """outputs/<experiment>/<run_id>/run.json: the run, its config hash and where it was planned."""
     bundle = RunBundle(outputs / run.experiment / run.run_id)
     atomic_write_json(
-        bundle.run_json, {"run": run.to_dict(), "config_hash": run.config_hash(), "provenance": provenance(os.environ)}
+        bundle.run_json, {"schema": BUNDLE_SCHEMA, "run": run.to_dict(), "config_hash": run.config_hash(),
+                          "provenance": provenance(os.environ)}
     )
     if run.engine == "deepspeed":
         atomic_write_json(bundle.root / "ds_config.json", deepspeed_config(run))

@@ -108,7 +108,9 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "python": shlex.quote(worker_python(cluster, container)),
         "ranks_per_node": str(shape.ranks_per_node),
         "launch_prefix": " ".join(shlex.quote(part) for part in launch),
-        "profile_prefix": " ".join(shlex.quote(part) for part in profiler_prefix(run, run_dir)),
+        # Quoted even where shlex would not: shellcheck reads a bare comma in an array as a mistake (SC2054).
+        "profile_prefix": " ".join(f"'{part}'" if "," in part and "'" not in part else shlex.quote(part)
+                                   for part in profiler_prefix(run, run_dir)),
     }
     return _fill(TEMPLATE.read_text(), values)
 

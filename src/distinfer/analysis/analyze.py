@@ -38,6 +38,7 @@ class AnalysisResult:
     runs: int
     problems: list[dict]
     plots: list[str]
+    study: str = "matrix"
 
 
 def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
@@ -85,4 +86,4 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
         plots.time_breakdown_plot(tables["time_breakdown"], subject, plot_dir)
         made.append("time_breakdown")
     write_report(loaded, tables, made, out)
-    return AnalysisResult(out, len(runs), loaded.problems, made)
+    return AnalysisResult(out, len(runs), loaded.problems, made, loaded.study)

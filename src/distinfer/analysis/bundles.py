@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from distinfer.bundle import BUNDLE_SCHEMA
+
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 
 
@@ -56,6 +58,10 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         run_json, error = _read(run_dir / "run.json")
         if run_json is None:
             problems.append({"run_id": run_dir.name, "problem": error or "no run.json"})
+            continue
+        if run_json.get("schema") != BUNDLE_SCHEMA:
+            problems.append({"run_id": run_dir.name, "problem": f"bundle schema {run_json.get('schema', 1)} from another "
+                             f"distinfer version (this one reads {BUNDLE_SCHEMA}); run it again to include it"})
             continue
         spec = run_json.get("run", {})
         if spec.get("experiment") != name:

@@ -86,3 +86,23 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
+
+
+def write_overview(results: list, root: Path) -> Path:  # list[AnalysisResult]
+    """analysis/report.md and report.html: every analysed experiment's plots on one page, with links to
+    each experiment's own report (analysis/<exp>/report.html)."""
+    md = ["# distinfer studies\n"]
+    body = ["<h1>distinfer studies</h1>"]
+    for result in results:
+        name = result.out.name
+        heading = f"{name}: {result.study}, {result.runs} run(s), {len(result.problems)} problem(s)"
+        md += [f"## {heading}\n", f"[full report]({name}/report.md)\n"]
+        md += [f"![{plot}]({name}/plots/{plot}.svg)\n" for plot in result.plots]
+        body += [f"<h2>{html.escape(heading)}</h2>", f'<p><a href="{html.escape(name)}/report.html">full report</a></p>']
+        body += [f'<figure><img src="{html.escape(name)}/plots/{plot}.svg" alt="{plot}"></figure>' for plot in result.plots]
+    (root / "report.md").write_text("\n".join(md))
+    style = "body{font-family:sans-serif;max-width:1200px;margin:auto} img{max-width:100%}"
+    path = root / "report.html"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>distinfer studies</title>"
+                    f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return path

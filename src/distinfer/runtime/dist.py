@@ -63,13 +63,15 @@ def dist_env_from(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv()
 
 
-def cpu_threads_per_rank(local_world_size: int) -> int:
-    """The cores this process may use, split evenly between the ranks on its node."""
+def cpu_threads_per_rank(local_world_size: int, ranks_compute_together: bool = True) -> int:
+    """The cores this process may use: split evenly between the ranks on its node when they compute at the same
+    time (tensor parallel, pipeline micro-batches); all of them when only one rank computes at a time (a
+    pipeline without micro-batches: the others wait in a blocking receive, which uses no CPU)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    return max(1, cores // max(1, local_world_size)) if ranks_compute_together else max(1, cores)
 
 
-def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
+def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: bool = True) -> torch.device:
     """Join the process group (if more than one rank) and return this rank's device."""
     if torch.cuda.is_available():  # GPU cluster path: one device per local rank, NCCL
         device = torch.device("cuda", env.local_rank)
@@ -77,7 +79,7 @@ def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(cpu_threads_per_rank(env.local_world_size))
+        torch.set_num_threads(cpu_threads_per_rank(env.local_world_size, ranks_compute_together))
         backend = "gloo"
     if env.world_size > 1 and not dist.is_initialized():
         # env:// reuses torchrun's agent store when there is one; under plain srun it starts its own.

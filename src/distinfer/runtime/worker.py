@@ -337,7 +337,9 @@ def run(run_dir: Path) -> int:
     _watch_stop_signals(stop)
     with sampler:
         try:
-            device = init_distributed(env, spec.timeout_s)
+            # Without micro-batches one pipeline stage computes at a time: each may use every core.
+            together = not (spec.engine == "pipeline" and spec.microbatches == 1)
+            device = init_distributed(env, spec.timeout_s, together)
             state["memory_limit"] = apply_memory_limit(device, os.environ)
             generate_all(spec, env, device, bundle, state)
             status = state["status"] = "ok"
