@@ -49,6 +49,11 @@ class RunSpec:
         return self.quantization or self.dtype
 
     @property
+    def context_tokens(self) -> int | None:
+        """The long-context prompt set's length in tokens (None for a prompt file)."""
+        return (self.prompt_set or {}).get("context_tokens")
+
+    @property
     def world_size(self) -> int:
         return self.pp * self.tp
 
@@ -142,13 +147,12 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
         wanted: dict[tuple, list[int | None]] = {}
         for run in runs.values():
             if run.engine != "reference":
-                context = (run.prompt_set or {}).get("context_tokens")
-                wanted.setdefault((run.batch_size, run.precision, context), []).append(run.num_prompts)
+                wanted.setdefault((run.batch_size, run.precision, run.context_tokens), []).append(run.num_prompts)
         for (batch, precision, context), counts in wanted.items():
             num_prompts = None if None in counts else max(counts)  # type: ignore[type-var]
             reference = make("reference", 1, None, 1, 1, batch, precision, context, num_prompts)
             covered = any(r.engine == "reference" and r.batch_size == batch and r.precision == precision
-                          and (r.prompt_set or {}).get("context_tokens") == context
+                          and r.context_tokens == context
                           and (r.num_prompts is None or (num_prompts is not None and r.num_prompts >= num_prompts))
                           for r in runs.values())
             if not covered:

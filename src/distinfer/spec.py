@@ -13,13 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distinfer.models.profiles import (
-    max_positions,
-    model_config_layer_count,
-    model_layer_count,
-    read_json_file,
-    read_model_config,
-)
+from distinfer.models.profiles import config_layer_count, max_positions, read_json_file, read_model_config
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import PromptFileError, load_prompts, read_paragraphs
@@ -403,22 +397,23 @@ def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
         raise SpecError(_format_error(path, deepest)) from None
     _check_prompts(path, exp)
     num_layers: int | None = None
-    config: dict | None = None
+    config: dict | None = None  # the model's config.json, read once for the layer count and the positions
     if exp.model.builtin is not None:
-        num_layers = model_layer_count(exp.model.builtin)
         config = TINY_MODELS[exp.model.builtin].config
+        num_layers = config_layer_count(config, exp.model.builtin)
     elif exp.model.config is not None:
         config_file = resolve_path(exp.model.config, path)
         try:
-            num_layers = model_config_layer_count(config_file)
             config = read_json_file(config_file)
+            num_layers = config_layer_count(config, str(config_file))
         except ValueError as exc:
             raise SpecError(f"{path}: field 'model.config': {exc}") from None
     else:
         model_dir = resolve_path(str(exp.model.path), path)
         try:
-            num_layers = model_layer_count(model_dir)
-            config = read_model_config(model_dir)
+            found = read_model_config(model_dir)
+            num_layers = config_layer_count(found, f"{model_dir}/config.json")
+            config = found
         except ValueError as exc:
             if require_model or model_dir.exists():
                 raise SpecError(f"{path}: field 'model.path': {exc}") from None
@@ -501,8 +496,8 @@ def _check_study(path: Path, exp: Experiment) -> None:
                          f"exactly one swept field (the change; its first value is the baseline), "
                          f"got {swept_axes(exp) or 'none'}"),
     }
-    if exp.study in need and not need[exp.study][0]:
-        ok, field, what = need[exp.study]
+    ok, field, what = need.get(exp.study, (True, "", ""))
+    if not ok:
         raise SpecError(f"{path}: field '{field}': a {exp.study} study needs {what}")
     if exp.study == "weak-scaling" and exp.prompts_per_rank is None:
         raise SpecError(f"{path}: field 'prompts_per_rank': a weak-scaling study needs it (prompts per rank, "

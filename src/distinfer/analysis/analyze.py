@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-
-import pandas as pd
 from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from distinfer.analysis import plots
 from distinfer.analysis.bundles import load_experiment_outputs

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pandas as pd
 
 from distinfer.analysis.bundles import LoadedExperiment
+
+
+SCALING_KEYS = ["engine", "batch_size", "precision", "microbatches"]
+
+
+def _scaling_groups(runs: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, pd.Series]]:
+    """Groups of non-reference runs that differ only in their rank count, each with its one-rank run."""
+    for _, group in runs[runs["engine"] != "reference"].groupby(SCALING_KEYS):
+        base = group[group["world_size"] == 1]
+        if not base.empty and len(group) >= 2:
+            yield group.sort_values("world_size"), base.iloc[0]
 
 
 def strong_scaling(runs: pd.DataFrame) -> pd.DataFrame:
@@ -15,17 +28,13 @@ def strong_scaling(runs: pd.DataFrame) -> pd.DataFrame:
     """
     if runs.empty:
         return pd.DataFrame()
-    keys = ["engine", "batch_size", "precision", "microbatches"]
+    fixed = runs[runs["num_prompts"].isna()] if "num_prompts" in runs else runs
     out = []
-    fixed = runs[(runs["engine"] != "reference") & runs["num_prompts"].isna()] if "num_prompts" in runs else runs
-    for _, group in fixed[fixed["engine"] != "reference"].groupby(keys):
-        base = group[group["world_size"] == 1]
-        if base.empty or len(group) < 2:
-            continue
-        t1 = float(base["output_tokens_per_s"].iloc[0])
-        for _, row in group.sort_values("world_size").iterrows():
+    for group, base in _scaling_groups(fixed):
+        t1 = float(base["output_tokens_per_s"])
+        for _, row in group.iterrows():
             speedup = float(row["output_tokens_per_s"]) / t1
-            out.append({**{k: row[k] for k in keys}, "world_size": row["world_size"], "run_id": row["run_id"],
+            out.append({**{k: row[k] for k in SCALING_KEYS}, "world_size": row["world_size"], "run_id": row["run_id"],
                         "output_tokens_per_s": row["output_tokens_per_s"], "speedup": speedup,
                         "efficiency": speedup / row["world_size"]})
     return pd.DataFrame(out)
@@ -41,16 +50,12 @@ def weak_scaling(runs: pd.DataFrame) -> pd.DataFrame:
     efficiency T(1)/T(n); compared within one engine, batch size, precision and micro-batch count."""
     if runs.empty or "num_prompts" not in runs or runs["num_prompts"].isna().all():
         return pd.DataFrame()
-    keys = ["engine", "batch_size", "precision", "microbatches"]
     out = []
-    for _, group in runs[(runs["engine"] != "reference") & runs["num_prompts"].notna()].groupby(keys):
-        base = group[group["world_size"] == 1]
-        if base.empty or len(group) < 2:
-            continue
-        t1 = float(base["wall_s"].iloc[0]) / float(base["repeats"].iloc[0])
-        for _, row in group.sort_values("world_size").iterrows():
+    for group, base in _scaling_groups(runs[runs["num_prompts"].notna()]):
+        t1 = float(base["wall_s"]) / float(base["repeats"])
+        for _, row in group.iterrows():
             tn = float(row["wall_s"]) / float(row["repeats"])
-            out.append({**{k: row[k] for k in keys}, "world_size": row["world_size"], "run_id": row["run_id"],
+            out.append({**{k: row[k] for k in SCALING_KEYS}, "world_size": row["world_size"], "run_id": row["run_id"],
                         "prompts": int(row["num_prompts"]), "pass_s": tn,
                         "output_tokens_per_s": row["output_tokens_per_s"],
                         "efficiency": weak_scaling_efficiency(t1, tn)})

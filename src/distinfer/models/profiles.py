@@ -61,7 +61,7 @@ def model_layer_count(model: str | Path) -> int:
     """Number of decoder layers of a built-in model name or a model folder."""
     if isinstance(model, str) and model in TINY_MODELS:
         return int(TINY_MODELS[model].config["num_hidden_layers"])
-    return _layer_count(read_model_config(Path(model)), f"{model}/config.json")
+    return config_layer_count(read_model_config(Path(model)), f"{model}/config.json")
 
 
 def read_json_file(config_file: Path) -> dict:
@@ -74,11 +74,6 @@ def read_json_file(config_file: Path) -> dict:
     return data
 
 
-def model_config_layer_count(config_file: Path) -> int:
-    """Number of decoder layers named by a standalone config.json."""
-    return _layer_count(read_json_file(config_file), str(config_file))
-
-
 def max_positions(config: dict) -> int | None:
     """The longest sequence (prompt + generated tokens) the model's position embeddings allow, if stated."""
     for key in ("max_position_embeddings", "n_positions"):
@@ -87,7 +82,8 @@ def max_positions(config: dict) -> int | None:
     return None
 
 
-def _layer_count(data: dict, where: str) -> int:
+def config_layer_count(data: dict, where: str) -> int:
+    """Number of decoder layers a config names; `where` names the config in the error."""
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in data:
             return int(data[key])

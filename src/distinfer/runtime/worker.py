@@ -268,7 +268,7 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
         "dtype": spec.dtype,
         "quantization": spec.quantization,
         "precision": spec.precision,
-        "context_tokens": (spec.prompt_set or {}).get("context_tokens"),
+        "context_tokens": spec.context_tokens,
         "num_prompts": spec.num_prompts,
         "perplexity": state.get("perplexity"),
         "perplexity_tokens": state.get("perplexity_tokens"),
