@@ -3,14 +3,17 @@
 Measures, in one run and round-robin (repeat r runs every engine before repeat r+1 starts):
   hf-generate       `transformers` generate in this process, all cores (what a user would otherwise write)
   reference         distinfer's reference engine (generate inside a distinfer run)
-  pp1               distinfer pipeline, one stage
+  pp1-stock         distinfer pipeline, one stage, PyTorch's stock fp32 linear kernels (`cpu_kernels: stock`)
+  pp1               distinfer pipeline, one stage (oneDNN / row-split linear kernels, the default)
   pp2-mb<k>         distinfer pipeline, two stages (k micro-batches; k > 1 at batch 8 only)
   ds-tp2            DeepSpeed AutoTP over two ranks
   copy bandwidth    torch memory copy (read + write bytes per second): the decode speed limit
 and prints median tokens/s, the issue's ratios and the per-rank compute/communication/wait split, and
 writes bench/results/bench-<time>.json. Token counts are those generated (through EOS, the same on every
 engine since they are token-exact); distinfer figures are its own measured-batch throughput (warm-up and
-model load excluded), HF generate is timed the same way (after one warm-up batch).
+model load excluded), HF generate is timed the same way (after one warm-up batch). The weight-read ratio
+takes pp1's batch-1 decode step (mean time per output token after the first) as the time to read every
+weight once.
 
     python bench/bench.py [--repeats 3] [--new-tokens 32] [--engines pp1,hf-generate]
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,6 +39,7 @@ MODEL_CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=
 BATCHES = {1: 4, 8: 8}  # batch size -> prompts (batch 1: four one-prompt batches; batch 8: one full batch)
 ENGINES = {  # name -> parallel settings (batch 8 gets more micro-batches where named)
     "reference": {"engine": "reference"},
+    "pp1-stock": {"engine": "pipeline", "pp": 1, "cpu_kernels": "stock"},
     "pp1": {"engine": "pipeline", "pp": 1},
     "pp2-mb1": {"engine": "pipeline", "pp": 2, "microbatches": 1},
     "pp2-mb2": {"engine": "pipeline", "pp": 2, "microbatches": 2},
@@ -60,6 +65,14 @@ def build_model(cache: Path) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of every tensor in the bench's fp32 safetensors file, from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(4 * math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
 
 def prompts_file(work: Path, count: int) -> Path:
@@ -136,9 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     engines = args.engines.split(",")
     model = build_model(args.cache)
-    weight_bytes = sum(p.numel() * 4 for p in __import__("safetensors.torch", fromlist=["load_file"])
-                       .load_file(str(model / "model.safetensors")).values())
+    weight_bytes = checkpoint_bytes(model / "model.safetensors")
     samples: dict[tuple[str, int], list[float]] = {}
+    decode_step_s: dict[tuple[str, int], list[float]] = {}  # distinfer runs: mean time per output token after the first
     splits: dict[tuple[str, int], list[dict]] = {}
     bandwidth: list[float] = []
     with tempfile.TemporaryDirectory(prefix="distinfer-bench-") as tmp:
@@ -153,6 +166,7 @@ def main() -> None:
                         result = run_hf_generate(model, work, batch, args.new_tokens)
                     else:
                         result = run_distinfer(work, model, name, batch, args.new_tokens)
+                        decode_step_s.setdefault((name, batch), []).append(result["tpot_s"]["mean"])
                         splits[(name, batch)] = [{k: r.get(k) for k in ("rank", "compute_s", "comm_s", "wait_s")}
                                                  for r in result.get("ranks", [])]
                     samples.setdefault((name, batch), []).append(result["output_tokens_per_s"])
@@ -175,8 +189,11 @@ def main() -> None:
         two = [median[(n, batch)] for n in ("pp2-mb1", "pp2-mb2", "pp2-mb4") if (n, batch) in median]
         if one and two:
             ratios[f"pp2_over_best_one_process_b{batch}"] = max(two) / max(one)
-    if ("pp1", 1) in median:
-        ratios["decode_weight_read_over_copy_bandwidth_b1"] = median[("pp1", 1)] * weight_bytes / copy_bw
+    if ("pp1", 1) in decode_step_s:  # a batch-1 decode step reads every weight once
+        step = statistics.median(decode_step_s[("pp1", 1)])
+        ratios["decode_weight_read_over_copy_bandwidth_b1"] = weight_bytes / step / copy_bw
+        print(f"\npipeline 1 stage, batch 1: {step * 1e3:.1f} ms per decode step = weights read at "
+              f"{weight_bytes / step / 1e9:.1f} GB/s")
     targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "decode_weight_read": 0.60}
     print("\nratio                                        value   target")
     for key, value in ratios.items():
@@ -195,6 +212,7 @@ def main() -> None:
                                "copy_bandwidth_bytes_per_s": copy_bw,
                                "tokens_per_s": {f"{n}/b{b}": v for (n, b), v in samples.items()},
                                "median_tokens_per_s": {f"{n}/b{b}": v for (n, b), v in median.items()},
+                               "decode_step_s": {f"{n}/b{b}": v for (n, b), v in decode_step_s.items()},
                                "ratios": ratios, "rank_split": {f"{n}/b{b}": v for (n, b), v in splits.items()}},
                               indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO)}")

@@ -1,6 +1,7 @@
 """Spawned gloo ranks that run many pipeline configurations in one process group (real multi-process).
 
-Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override).
+Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override). Stages run
+with the engine's fast CPU linear kernels, as `distinfer run` does by default.
 Rank 0 puts {case index: (tokens per prompt, stage facts per rank)} on the queue.
 """
 
@@ -16,6 +17,7 @@ from distinfer.layout import split_layers
 from distinfer.models.loading import count_parameters, load_stage_model, load_tokenizer
 from distinfer.models.profiles import model_layer_count
 from distinfer.prompts import load_prompts
+from distinfer.runtime.kernels import use_fast_cpu_linears
 from distinfer.runtime.pipeline import PipelineEngine, StopRule
 from distinfer.runtime.sampling import Sampler
 from distinfer.runtime.worker import make_batches
@@ -35,6 +37,7 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, cases: list, max
     for index, (counts, batch_size, microbatches, params, eos) in enumerate(cases):
         layout = split_layers(num_layers, world, counts)[rank]
         model, family = load_stage_model(Path(model_dir), layout, "float32", torch.device("cpu"))
+        use_fast_cpu_linears(model, splits=2)  # the engine's default CPU kernels, both paths (one row and several)
         stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
         engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches)
         tokens: list[list[int]] = []

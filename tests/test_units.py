@@ -14,6 +14,7 @@ from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
 from distinfer.provenance import allowed_env
 from distinfer.runtime.dist import DistEnv, cpu_threads_per_rank, dist_env_from, first_host
+from distinfer.runtime.kernels import CpuLinear
 from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
 from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
 
@@ -175,3 +176,54 @@ def test_long_context_prompts_are_deterministic_and_cut_to_the_context(tiny_mode
     assert tokenizer.decode(batch.input_ids[0][-8:]).endswith("Answer:"), "cut from the left: the question stays"
     assert [p.id for p in take_prompts(prompts, 5)] == ["ctx1024-0", "ctx1024-1", "ctx1024-2", "ctx1024-0#2",
                                                         "ctx1024-1#2"]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    fast = CpuLinear(linear.weight, linear.bias, splits)
+    x = torch.randn(1, rows, 64)  # one sequence of `rows` tokens
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert fast.weight is linear.weight  # no copy of the weights
+    assert fast.splits == splits
+
+
+def test_cpu_linear_falls_back_when_rows_do_not_split_evenly() -> None:
+    linear = torch.nn.Linear(16, 10, bias=False)
+    fast = CpuLinear(linear.weight, None, 4)  # 10 outputs do not split in 4
+    assert fast.splits == 1
+    x = torch.randn(1, 1, 16)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, per_layer", [("tiny-llama", 7), ("tiny-gpt2", 4)])
+def test_fast_linears_replace_every_projection_and_keep_the_logits(tiny_models, name: str, per_layer: int) -> None:  # noqa: ANN001,E501
+    from distinfer.models.loading import count_parameters, load_full_model
+    from distinfer.runtime.kernels import use_fast_cpu_linears
+
+    stock = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
+    fast = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
+    layers = stock.config.num_hidden_layers
+    assert use_fast_cpu_linears(fast, splits=2) == layers * per_layer + 1  # + the head (GPT-2: Conv1D too)
+    assert not [m for m in fast.modules() if type(m).__name__ in ("Linear", "Conv1D")]
+    assert count_parameters(fast) == count_parameters(stock)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
+    with torch.inference_mode():
+        assert torch.allclose(fast(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(fast(ids[:, :1]).logits, stock(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+    half = load_full_model(tiny_models[name], "bfloat16", torch.device("cpu"))
+    assert use_fast_cpu_linears(half) == 0  # only fp32 layers change
+
+
+def test_fast_linears_leave_quantized_layers_alone() -> None:
+    from distinfer.models.quantize import quantize_int8_weights
+    from distinfer.runtime.kernels import use_fast_cpu_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model = quantize_int8_weights(model) or model
+    assert use_fast_cpu_linears(model) == 0
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]

@@ -88,7 +88,7 @@ def run(
             status.update(f"running {r.run_id} ({r.world_size} rank(s))")
 
         def done(result) -> None:  # noqa: ANN001
-            note = "" if result.state in ("ok", "skipped") else f": {(result.summary or {}).get('error') or 'see ' + str(result.bundle.root)}"
+            note = "" if result.succeeded else f": {(result.summary or {}).get('error') or 'see ' + str(result.bundle.root)}"
             console.print(f"{result.state:>8}  {result.run.run_id}  ({result.seconds:.1f}s){note}", highlight=False)
 
         try:
@@ -97,7 +97,7 @@ def run(
             errors.print("interrupted: finished runs are kept; run the same command again to continue")
             raise typer.Exit(130) from None
     console.print(results_table(f"{exp.name}: {len(results)} run(s), bundles in {outputs / exp.name}", results))
-    if any(r.state not in ("ok", "skipped") for r in results):
+    if not all(r.succeeded for r in results):
         raise typer.Exit(1)
 
 

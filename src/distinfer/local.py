@@ -25,6 +25,10 @@ class RunResult:
     summary: dict | None
     seconds: float
 
+    @property
+    def succeeded(self) -> bool:
+        return self.state in ("ok", "skipped")
+
 
 def resolve_builtin_models(runs: list[RunSpec]) -> list[RunSpec]:
     """Build (or reuse from the cache) the built-in models the runs name, and point the runs at them."""

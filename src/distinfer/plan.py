@@ -42,6 +42,7 @@ class RunSpec:
     profile: str = "none"  # none | torch | nsys
     perplexity_text: str | None = None
     perplexity_tokens: int = 512
+    cpu_kernels: str = "fast"  # fast | stock: linear-layer kernels of pipeline ranks on CPU
 
     @property
     def precision(self) -> str:
@@ -102,6 +103,7 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
         warmup=exp.benchmark.warmup,
         repeats=exp.benchmark.repeats,
         timeout_s=par.timeout_s,
+        cpu_kernels=par.cpu_kernels,
         study=exp.study,
         profile=exp.benchmark.profile,
         perplexity_text=(str(resolve_path(exp.accuracy.perplexity_text, spec_file))

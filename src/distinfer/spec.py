@@ -86,6 +86,9 @@ class ParallelSpec(_Strict):
     microbatches: PositiveInt | list[PositiveInt] = 1
     timeout_s: float = Field(120.0, gt=0)
     """Collective/point-to-point timeout: a dead peer fails the run after this long."""
+    cpu_kernels: Literal["fast", "stock"] = "fast"
+    """Pipeline ranks on CPU: 'fast' runs fp32 linear layers with oneDNN (and one-row products split over the
+    cores); 'stock' keeps PyTorch's default (MKL). GPU ranks always use cuBLAS."""
 
 
 class BenchmarkSpec(_Strict):

@@ -34,6 +34,7 @@ from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_promp
 from distinfer.provenance import allowed_env
 from distinfer.runtime.accuracy import perplexity
 from distinfer.runtime.dist import DistEnv, dist_env_from, init_distributed, shutdown_distributed
+from distinfer.runtime.kernels import use_fast_cpu_linears
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
 from distinfer.runtime.reference import ReferenceEngine
@@ -123,6 +124,8 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     model, family = load_stage_model(model_dir, layout, spec.dtype, device, spec.trust_remote_code)
     model = _maybe_quantized(model, spec)
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
+    if device.type == "cpu" and spec.cpu_kernels == "fast":
+        info["fast_linears"] = use_fast_cpu_linears(model)
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches)
     return engine, info
 
@@ -155,7 +158,7 @@ def out_of_memory_report(spec: RunSpec, env: DistEnv, device: torch.device, stat
     where = (f"batch {batch['index']} ({batch['size']} prompt(s) of up to {batch['prompt_tokens']} tokens "
              f"+ {spec.generation['max_new_tokens']} new)" if batch else "loading the model")
     limit = state.get("memory_limit")
-    return (f"rank {env.rank}: out of memory in {where}, batch_size {spec.batch_size}, {spec.dtype}, "
+    return (f"rank {env.rank}: out of memory in {where}, batch_size {spec.batch_size}, {spec.precision}, "
             f"layers {state.get('layers', [])[:1] + state.get('layers', [])[-1:]}; peak "
             f"{_peak_memory(device) / 2**30:.2f} GiB" + (f" of a {limit / 2**30:.2f} GiB limit" if limit else "")
             + ". Lower batch_size or the prompt length, or use more stages (`distinfer plan` estimates this)")
