@@ -227,3 +227,21 @@ def test_fast_linears_leave_quantized_layers_alone() -> None:
     model = quantize_int8_weights(model) or model
     assert use_fast_cpu_linears(model) == 0
     assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
+
+
+def test_bench_ratios_pair_engines_within_each_repeat() -> None:
+    """The machine's speed drifts between repeats; the ratio of two engines run side by side does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parent.parent / "bench" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    samples = {("hf-generate", 1): [10.0, 20.0, 40.0], ("pp1", 1): [13.0, 26.0, 52.0],
+               ("pp2-mb1", 1): [12.0, 24.0, 48.0], ("pp1", 8): [100.0, 50.0, 200.0],
+               ("pp2-mb1", 8): [80.0, 40.0, 160.0], ("pp2-mb2", 8): [90.0, 45.0, 100.0]}
+    ratios = bench.paired_ratios(samples, {("pp1", 1): [0.02, 0.04, 0.01]}, [4e10, 2e10, 8e10], 4 * 10**8)
+    assert ratios["pp1_over_hf_generate_b1"] == pytest.approx(1.3)
+    assert ratios["pp2_over_best_one_process_b1"] == pytest.approx(12 / 13)
+    assert ratios["pp2_over_best_one_process_b8"] == pytest.approx(0.9)  # the better of 1 and 2 micro-batches
+    assert ratios["decode_weight_read_over_copy_bandwidth_b1"] == pytest.approx(0.5)
+    assert "pp1_over_hf_generate_b8" not in ratios
