@@ -479,9 +479,10 @@ def world_sizes(exp: Experiment) -> set[int]:
 def swept_axes(exp: Experiment) -> list[str]:
     """The sweep fields that hold more than one value."""
     par = exp.parallel
+    layouts = layer_lists(par)
     axes = {"parallel.engine": par.engine, "parallel.pp": par.pp, "parallel.tp": par.tp,
             "parallel.microbatches": par.microbatches, "batch_size": exp.batch_size, "model.dtype": exp.model.dtype,
-            "parallel.layers": layer_lists(par) if len(layer_lists(par)) > 1 else None}
+            "parallel.layers": layouts if len(layouts) > 1 else None}
     if not isinstance(exp.prompts, str):
         axes["prompts.context_tokens"] = exp.prompts.context_tokens
     return [name for name, value in axes.items() if isinstance(value, list) and len(value) > 1]

@@ -84,8 +84,8 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         row = {k: spec.get(k) for k in ("run_id", "engine", "pp", "tp", "microbatches", "batch_size", "dtype",
                                          "quantization", "num_prompts", "study", "repeats")}
         row["tp"] = row["tp"] or 1
-        row["precision"] = row["quantization"] or row["dtype"]
-        row["context_tokens"] = (spec.get("prompt_set") or {}).get("context_tokens")
+        row["precision"] = summary.get("precision")  # RunSpec.precision / .context_tokens, as the run recorded them
+        row["context_tokens"] = summary.get("context_tokens")
         row["perplexity"] = summary.get("perplexity")
         row["world_size"] = summary.get("world_size")
         row["output_tokens"] = summary.get("output_tokens")

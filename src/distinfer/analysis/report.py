@@ -80,12 +80,16 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
     body += [f'<figure><img src="plots/{name}.svg" alt="{name}"></figure>' for name in plots]
     for heading, frame in sections:
         body += [f"<h2>{html.escape(heading)}</h2>", _html_table(frame)]
-    style = "body{font-family:sans-serif;max-width:1200px;margin:auto} table{border-collapse:collapse;font-size:12px}" \
-            " td,th{border:1px solid #ccc;padding:2px 6px} img{max-width:100%}"
-    (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
+    (out / "report.html").write_text(_html_page(title, body))
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto} table{border-collapse:collapse;font-size:12px}"
+         " td,th{border:1px solid #ccc;padding:2px 6px} img{max-width:100%}")
+
+
+def _html_page(title: str, body: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def write_overview(results: list, root: Path) -> Path:  # list[AnalysisResult]
@@ -101,8 +105,6 @@ def write_overview(results: list, root: Path) -> Path:  # list[AnalysisResult]
         body += [f"<h2>{html.escape(heading)}</h2>", f'<p><a href="{html.escape(name)}/report.html">full report</a></p>']
         body += [f'<figure><img src="{html.escape(name)}/plots/{plot}.svg" alt="{plot}"></figure>' for plot in result.plots]
     (root / "report.md").write_text("\n".join(md))
-    style = "body{font-family:sans-serif;max-width:1200px;margin:auto} img{max-width:100%}"
     path = root / "report.html"
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>distinfer studies</title>"
-                    f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    path.write_text(_html_page("distinfer studies", body))
     return path

@@ -24,12 +24,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def quiet_transformers() -> None:
     """No progress bars or info lines from transformers in library use (nor from torchao, which transformers
     imports when it is installed: it warns about CUDA kernels it cannot load on a CPU machine)."""
-    import logging as std_logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        std_logging.getLogger(name).setLevel(std_logging.ERROR)
     from transformers.utils import logging
 
+    from distinfer.models.quantize import silence_torchao_logs
+
+    silence_torchao_logs()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
 

@@ -8,13 +8,18 @@ import warnings
 from torch import nn
 
 
+def silence_torchao_logs() -> None:
+    """torchao warns about CUDA kernels it cannot load on a CPU machine, and notes deprecations."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def quantize_int8_weights(model: nn.Module) -> nn.Module:
     """Every nn.Linear's weight to int8 with a per-channel scale (torchao Int8WeightOnlyConfig), in place.
 
     Activations stay in the model's dtype; on CPU and GPU alike. Embeddings are not quantized.
     """
-    for name in ("torchao", "torch.utils._pytree"):  # CUDA kernels it cannot load here; deprecation notes
-        logging.getLogger(name).setLevel(logging.ERROR)
+    silence_torchao_logs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torchao.quantization import Int8WeightOnlyConfig, quantize_

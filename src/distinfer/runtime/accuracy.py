@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distinfer.models.profiles import max_positions
+
 
 def perplexity(model: nn.Module, tokenizer, text_file: Path, max_tokens: int, device: torch.device) -> dict:  # noqa: ANN001
     """exp(mean next-token negative log-likelihood) over the first `max_tokens` tokens of the text, one forward."""
-    limit = min(max_tokens, int(getattr(model.config, "max_position_embeddings", 0)
-                                or getattr(model.config, "n_positions", max_tokens)))
+    limit = min(max_tokens, max_positions(model.config.to_dict()) or max_tokens)
     ids = tokenizer(text_file.read_text(), return_tensors="pt")["input_ids"][:, :limit].to(device)
     with torch.inference_mode():
         logits = model(input_ids=ids).logits.float()

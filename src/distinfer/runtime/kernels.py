@@ -46,18 +46,21 @@ class CpuLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
 
 
-def _as_linear_weight(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None] | None:
-    """(weight [out, in], bias) of an fp32 nn.Linear or GPT-2 Conv1D (stored [in, out]), else None."""
+def _is_fp32_cpu_linear(module: nn.Module) -> bool:
+    """An nn.Linear or GPT-2 Conv1D with a plain fp32 weight on the CPU (not e.g. a torchao int8 tensor)."""
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or type(weight.detach()) is not torch.Tensor:  # e.g. torchao int8
-        return None
+    if not isinstance(weight, nn.Parameter) or type(weight.detach()) is not torch.Tensor:
+        return False
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return None
-    if type(module) is nn.Linear:
-        return weight, module.bias
-    if type(module).__name__ == "Conv1D" and weight.dim() == 2:  # transformers.pytorch_utils.Conv1D
-        return nn.Parameter(weight.detach().t().contiguous(), requires_grad=False), module.bias
-    return None
+        return False
+    return type(module) is nn.Linear or (type(module).__name__ == "Conv1D" and weight.dim() == 2)
+
+
+def _cpu_linear(module: nn.Module, splits: int) -> CpuLinear:
+    weight = module.weight
+    if type(module) is not nn.Linear:  # transformers.pytorch_utils.Conv1D stores the weight as [in, out]
+        weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+    return CpuLinear(weight, module.bias, splits)
 
 
 def use_fast_cpu_linears(model: nn.Module, splits: int | None = None) -> int:
@@ -66,10 +69,9 @@ def use_fast_cpu_linears(model: nn.Module, splits: int | None = None) -> int:
     if not fast_cpu_linear_available():
         return 0
     splits = splits or torch.get_num_threads()
-    targets = [(name, module) for name, module in model.named_modules() if _as_linear_weight(module) is not None]
+    targets = [(name, module) for name, module in model.named_modules() if _is_fp32_cpu_linear(module)]
     for name, module in targets:
-        weight, bias = _as_linear_weight(module)  # type: ignore[misc]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, CpuLinear(weight, bias, splits))
+        setattr(parent, child, _cpu_linear(module, splits))
     return len(targets)
