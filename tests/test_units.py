@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_jso
 from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
 from distinfer.provenance import allowed_env
-from distinfer.runtime.dist import DistEnv, cpu_threads_per_rank, dist_env_from, first_host
+from distinfer.runtime.dist import DistEnv, dist_env_from, first_host
+from distinfer.runtime.threads import OPENMP_BINDING_VARS, rank_cores
 from distinfer.runtime.kernels import CpuLinear
 from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
 from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
@@ -69,9 +72,42 @@ def test_slurm_variables_map_to_torch_ones() -> None:
     assert dist_env_from({}) == DistEnv()
     assert first_host("n1") == "n1" and first_host("gpu[03-05,9],login1") == "gpu03"
     assert first_host("node[9,10]") == "node9"
-    assert cpu_threads_per_rank(10_000) == 1
-    cores = len(os.sched_getaffinity(0))
-    assert cpu_threads_per_rank(2, ranks_compute_together=False) == cores, "one stage busy at a time: all cores"
+
+
+def test_rank_cores_split_or_rotate() -> None:
+    cores = [0, 1, 2, 3]
+    assert [rank_cores(r, 2, True, cores) for r in range(2)] == [[0, 1], [2, 3]], "computing together: a share each"
+    assert [rank_cores(r, 4, True, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]], "more ranks than cores"
+    assert rank_cores(0, 2, False, cores) == [0, 1, 2, 3], "taking turns: every core"
+    assert rank_cores(1, 2, False, cores) == [1, 2, 3, 0], "each stage's main thread on a core of its own"
+
+
+PIN_PROBE = """
+import json, os, sys, torch
+from distinfer.runtime.threads import pin_threads, available_cores
+cores = available_cores()[:2]
+torch.set_num_threads(2)  # starts a helper thread of its own; the workers are the threads that come after
+before = set(os.listdir("/proc/self/task"))
+pinned = pin_threads(cores)
+workers = set(os.listdir("/proc/self/task")) - before
+print(json.dumps({"cores": cores, "pinned": pinned, "threads": torch.get_num_threads(),
+                  "main": sorted(os.sched_getaffinity(0)),
+                  "workers": sorted({c for t in workers for c in os.sched_getaffinity(int(t))})}))
+"""
+
+
+def test_pin_threads_puts_main_and_openmp_workers_on_their_cores() -> None:
+    # A fresh interpreter: pinning changes the calling process, and OpenMP's workers must not exist yet.
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_BINDING_VARS}
+    probe = json.loads(subprocess.run([sys.executable, "-c", PIN_PROBE], capture_output=True, text=True, env=env,
+                                      check=True).stdout)
+    assert len(probe["cores"]) == 2, "this test needs a machine with two cores or more"
+    first, second = probe["cores"]
+    assert probe["pinned"] and probe["threads"] == 2
+    assert probe["main"] == [first] and probe["workers"] == [second], probe
+    user = json.loads(subprocess.run([sys.executable, "-c", PIN_PROBE], capture_output=True, text=True,
+                                     env={**env, "OMP_PROC_BIND": "close"}, check=True).stdout)
+    assert not user["pinned"], "the user's own OpenMP binding is left alone"
 
 
 def test_environment_capture_is_an_allow_list() -> None:

@@ -7,15 +7,16 @@ GOMP_SPINCOUNT is set here too, before torch loads OpenMP: after a parallel regi
 spin (300000 rounds by default, milliseconds) before they sleep. A pipeline stage that has finished
 its step and waits for the next would keep a core busy that the stage now computing needs; on the
 2-core bench, PP = 2 went from 26 to 42-44 tok/s at batch 1 with 20000 rounds, and PP = 1 kept its speed
-(OMP_WAIT_POLICY=PASSIVE, no spinning at all, cost PP = 1 a fifth of its speed). A value set by the
-user wins.
+(OMP_WAIT_POLICY=PASSIVE, no spinning at all, cost PP = 1 a fifth of its speed). With threads pinned
+(runtime/threads.py) a spinning worker holds the very core the next stage's main thread is pinned to,
+so the count is 2000 (~50 us here): PP = 1 measured no slower than with 20000. A value set by the user wins.
 """
 
 import os
 import signal
 
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 from distinfer.runtime.worker import main  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Process-group setup: the one place where torchrun and Slurm variables become rank, world and master.
 
 Backend nccl on CUDA, gloo on CPU, always with a timeout so that a dead peer fails the run instead
-of hanging it. CPU ranks split the node's cores between them.
+of hanging it. CPU ranks split the node's cores between them and pin their threads (runtime/threads.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from distinfer.runtime.threads import pin_threads, rank_cores
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,6 @@ def dist_env_from(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv()
 
 
-def cpu_threads_per_rank(local_world_size: int, ranks_compute_together: bool = True) -> int:
-    """The cores this process may use: split evenly between the ranks on its node when they compute at the same
-    time (tensor parallel, pipeline micro-batches); all of them when only one rank computes at a time (a
-    pipeline without micro-batches: the others wait in a blocking receive, which uses no CPU)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size)) if ranks_compute_together else max(1, cores)
-
-
 def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: bool = True) -> torch.device:
     """Join the process group (if more than one rank) and return this rank's device."""
     if torch.cuda.is_available():  # GPU cluster path: one device per local rank, NCCL
@@ -79,7 +73,7 @@ def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: boo
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(cpu_threads_per_rank(env.local_world_size, ranks_compute_together))
+        pin_threads(rank_cores(env.local_rank, env.local_world_size, ranks_compute_together))
         backend = "gloo"
     if env.world_size > 1 and not dist.is_initialized():
         # env:// reuses torchrun's agent store when there is one; under plain srun it starts its own.
