@@ -103,9 +103,10 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     """HF generate in this process (all cores), the same prompts and batches, one warm-up batch first."""
     from distinfer.models.loading import load_full_model, load_tokenizer
     from distinfer.prompts import load_prompts
+    from distinfer.runtime.threads import available_cores
     from distinfer.runtime.worker import make_batches
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(len(available_cores()))
     model = load_full_model(model_dir, "float32", torch.device("cpu"))
     tokenizer = load_tokenizer(model_dir)
     batches = make_batches(load_prompts(prompts_file(work, BATCHES[batch])), tokenizer, batch)

@@ -16,10 +16,10 @@ from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
 from distinfer.provenance import allowed_env
 from distinfer.runtime.dist import DistEnv, dist_env_from, first_host
-from distinfer.runtime.threads import OPENMP_BINDING_VARS, rank_cores
 from distinfer.runtime.kernels import CpuLinear
 from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
 from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
+from distinfer.runtime.threads import OPENMP_BINDING_VARS, rank_cores
 
 
 def test_balanced_split_gives_the_remainder_to_early_stages() -> None:
@@ -83,7 +83,7 @@ def test_rank_cores_split_or_rotate() -> None:
 
 
 PIN_PROBE = """
-import json, os, sys, torch
+import json, os, torch
 from distinfer.runtime.threads import pin_threads, available_cores
 cores = available_cores()[:2]
 torch.set_num_threads(2)  # starts a helper thread of its own; the workers are the threads that come after
