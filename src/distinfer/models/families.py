@@ -64,25 +64,33 @@ class Family:
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def run_layers(
+    def layer_kwargs(
         self,
         model: nn.Module,
-        hidden: torch.Tensor,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: object,
-    ) -> torch.Tensor:
-        """This stage's decoder layers on `hidden`, with the causal mask built as the model builds it."""
+    ) -> dict:
+        """What every decoder layer takes besides the hidden states, for a step of `shape` = (rows, positions):
+        the causal mask as the model builds it, the cache, the family's extras (rotary embedding). Needs no
+        hidden states, so a pipeline stage builds it while it waits for them."""
+        like = torch.empty((*shape, model.config.hidden_size), dtype=dtype, device=position_ids.device)
         mask = create_causal_mask(
             config=model.config,
-            inputs_embeds=hidden,
+            inputs_embeds=like,
             attention_mask=attention_mask,
             past_key_values=cache,
             position_ids=position_ids,
         )
-        extra = self.layer_inputs(model, hidden, position_ids)
+        extra = self.layer_inputs(model, like, position_ids)
+        return {"attention_mask": mask, "past_key_values": cache, "use_cache": True, **extra}
+
+    def run_layers(self, model: nn.Module, hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+        """This stage's decoder layers on `hidden` (`layer_kwargs` from `layer_kwargs`)."""
         for layer in self.decoder_layers(model):
-            hidden = layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
+            hidden = layer(hidden, **layer_kwargs)
         return hidden
 
 

@@ -7,8 +7,10 @@ last stage samples and sends the token ids to stage 0, which feeds them in again
 stages, so that every stage applies the same stop rule (EOS in every row, or the length) and a
 finished micro-batch leaves every stage without a message of its own. All stages walk the live
 micro-batches in the same order. With several micro-batches, stage 0 starts micro-batch k+1 while
-later stages work on k. Messages go straight to the process group (`ProcessGroup.send/recv`): the
-`torch.distributed` wrappers cost ~30 us a call, a few percent of a pipelined decode step on CPU.
+later stages work on k. While a stage waits for its input it builds the next forward's mask and
+rotary embedding, which need no hidden states. Messages go straight to the process group
+(`ProcessGroup.send/recv`): the `torch.distributed` wrappers cost ~30 us a call, a few percent of a
+pipelined decode step on CPU.
 """
 
 from __future__ import annotations
@@ -60,11 +62,14 @@ class _MicroBatch:
     position_ids: torch.Tensor
     cache: DynamicCache = field(default_factory=DynamicCache)
     finished: torch.Tensor | None = None
+    any_finished: bool = False  # a row has sampled EOS (its later tokens are padding)
     tokens: list[torch.Tensor] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     step: int = 0  # forwards done on this stage
     generated: int = 0  # tokens sampled so far (every stage counts them to apply the stop rule)
     pending_tokens: torch.Tensor | None = None  # single-stage: sampled, not yet consumed
+    layer_kwargs: dict | None = None  # the next forward's mask, rotary embedding, ..., built ahead
+    prepare_s: float = 0.0  # time spent building them (counted as compute)
 
     def extend(self) -> None:
         """One more position for every row: what `generate` does to the mask and positions each step."""
@@ -103,6 +108,7 @@ class PipelineEngine:
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # keep each tensor alive until sent
         self._group = dist.group.WORLD if world_size > 1 else None
         self._token_peers = list(range(world_size - 1)) if self.is_last else []  # stage 0 and the middle stages
+        self._eos = torch.tensor(stop.eos_token_ids, device=device)
         self._batch_index = 0
 
     # -- communication, timed ------------------------------------------------------------------
@@ -128,10 +134,13 @@ class PipelineEngine:
     def _ends(self, mb: _MicroBatch, tokens: torch.Tensor) -> bool:
         """Note one step's sampled tokens; True when the micro-batch is done (every row at EOS, or the length).
         Every stage calls this with the same tokens, so they all drop the micro-batch at the same step."""
-        eos = torch.tensor(self.stop.eos_token_ids, device=tokens.device)
-        mb.finished = mb.finished | torch.isin(tokens, eos)
         mb.generated += 1
-        return mb.generated >= self.stop.max_new_tokens or bool(mb.finished.all())
+        if mb.generated >= self.stop.max_new_tokens:
+            return True
+        mb.finished |= torch.isin(tokens, self._eos)
+        done = int(mb.finished.sum())
+        mb.any_finished = done > 0
+        return done == mb.finished.numel()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":  # GPU path: kernels are asynchronous; time them whole
@@ -144,10 +153,22 @@ class PipelineEngine:
         )
 
     # -- one stage's work on one micro-batch --------------------------------------------------
+    def _prepare(self, mb: _MicroBatch, positions: int) -> None:
+        """Build the next forward's layer inputs (mask, rotary embedding) from what is known before its
+        input arrives: called while waiting, it takes these small ops off the path from one stage to the next."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            mb.layer_kwargs = self.family.layer_kwargs(self.model, (mb.rows.numel(), positions), self.dtype,
+                                                       mb.attention_mask, mb.position_ids, mb.cache)
+        mb.prepare_s = time.perf_counter() - t0
+
     def _compute(self, mb: _MicroBatch, inputs: torch.Tensor) -> torch.Tensor:
         """Embedding (first stage), this stage's layers, and the head + sampling (last stage)."""
+        if mb.layer_kwargs is None:
+            self._prepare(mb, inputs.shape[1])
+        layer_kwargs, mb.layer_kwargs = mb.layer_kwargs, None
         hidden = self.family.embed(self.model, inputs, mb.position_ids) if self.is_first else inputs
-        hidden = self.family.run_layers(self.model, hidden, mb.attention_mask, mb.position_ids, mb.cache)
+        hidden = self.family.run_layers(self.model, hidden, layer_kwargs)
         if not self.is_last:
             return hidden
         logits = self.family.head(self.model, hidden[:, -1:, :])[:, -1, :]
@@ -168,40 +189,48 @@ class PipelineEngine:
         else:
             self._send(out, self.rank + 1)
         self._forget_completed()
-        self._record(mb, int(inputs.shape[0] * inputs.shape[1]), t1 - t0, time.perf_counter() - t1, wait)
+        compute, mb.prepare_s = t1 - t0 + mb.prepare_s, 0.0
+        self._record(mb, int(inputs.shape[0] * inputs.shape[1]), compute, time.perf_counter() - t1, wait)
         return out
 
     def _first_stage_step(self, mb: _MicroBatch, start: float) -> bool:
-        """Stage 0: take the sampled tokens of `mb`, decide whether it goes on, feed them in again."""
+        """Stage 0: take the sampled tokens of `mb`, decide whether it goes on, feed them in again. The next
+        position's inputs are built before the tokens are awaited (wasted once, at the micro-batch's end)."""
+        mb.extend()
+        self._prepare(mb, 1)
         t0 = time.perf_counter()
         if self.is_last:
             tokens, mb.pending_tokens = mb.pending_tokens, None
         else:
             tokens = self._recv((mb.rows.numel(),), torch.long, self.world_size - 1)
         wait = time.perf_counter() - t0
-        now = time.perf_counter() - start
-        tokens = torch.where(mb.finished, torch.full_like(tokens, self.stop.pad_token_id), tokens)
+        mb.times.append(time.perf_counter() - start)
+        if mb.any_finished:
+            tokens = torch.where(mb.finished, self.stop.pad_token_id, tokens)
         mb.tokens.append(tokens)
-        mb.times.append(now)
         mb.step += 1
         if self._ends(mb, tokens):
             return False
-        mb.extend()
         self._forward(mb, tokens[:, None], wait)
         return True
 
     def _later_stage_step(self, mb: _MicroBatch) -> bool:
         """Stages 1..n-1: receive hidden states, compute, pass them on (or sample and send the tokens)."""
-        t0 = time.perf_counter()
         rows = mb.rows.numel()
+        wait = 0.0
         if mb.step > 0 and not self.is_last:  # a middle stage learns the last step's tokens first
-            if self._ends(mb, self._recv((rows,), torch.long, self.world_size - 1)):
+            t0 = time.perf_counter()
+            tokens = self._recv((rows,), torch.long, self.world_size - 1)
+            wait = time.perf_counter() - t0
+            if self._ends(mb, tokens):
                 return False
-        length = mb.input_ids.shape[1] if mb.step == 0 else 1
-        hidden = self._recv((rows, length, self.hidden_size), self.dtype, self.rank - 1)
-        wait = time.perf_counter() - t0
         if mb.step > 0:
             mb.extend()
+        length = mb.input_ids.shape[1] if mb.step == 0 else 1
+        self._prepare(mb, length)
+        t0 = time.perf_counter()
+        hidden = self._recv((rows, length, self.hidden_size), self.dtype, self.rank - 1)
+        wait += time.perf_counter() - t0
         out = self._forward(mb, hidden, wait)
         mb.step += 1
         return not (self.is_last and self._ends(mb, out))
