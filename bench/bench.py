@@ -8,6 +8,7 @@ Measures, in one run and round-robin (repeat r runs every engine before repeat r
   pp2-mb<k>         distinfer pipeline, two stages (k micro-batches; k > 1 at batch 8 only)
   ds-tp2            DeepSpeed AutoTP over two ranks
   copy bandwidth    torch memory copy (read + write bytes per second): the decode speed limit
+then two stages against one stage batch by batch in the same two processes (bench/paired.py),
 and prints median tokens/s, the issue's ratios and the per-rank compute/communication/wait split, and
 writes bench/results/bench-<time>.json. Token counts are those generated (through EOS, the same on every
 engine since they are token-exact); distinfer figures are its own measured-batch throughput (warm-up and
@@ -15,7 +16,7 @@ model load excluded), HF generate is timed the same way (after one warm-up batch
 takes pp1's batch-1 decode step (mean time per output token after the first) as the time to read every
 weight once.
 
-    python bench/bench.py [--repeats 5] [--new-tokens 32] [--engines pp1,hf-generate]
+    python bench/bench.py [--repeats 5] [--new-tokens 32] [--engines pp1,hf-generate] [--rounds 16]
 """
 
 from __future__ import annotations
@@ -103,18 +104,21 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     """HF generate in this process (all cores), the same prompts and batches, one warm-up batch first."""
     from distinfer.models.loading import load_full_model, load_tokenizer
     from distinfer.prompts import load_prompts
+    from distinfer.runtime.pipeline import truncate_at_eos
     from distinfer.runtime.threads import available_cores
-    from distinfer.runtime.worker import make_batches
+    from distinfer.runtime.worker import make_batches, stop_rule
 
     torch.set_num_threads(len(available_cores()))
     model = load_full_model(model_dir, "float32", torch.device("cpu"))
     tokenizer = load_tokenizer(model_dir)
+    stop = stop_rule(model_dir, tokenizer, new_tokens)
     batches = make_batches(load_prompts(prompts_file(work, BATCHES[batch])), tokenizer, batch)
 
     def generate(b) -> torch.Tensor:  # noqa: ANN001
         with torch.inference_mode():
             out = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=new_tokens,
-                                 do_sample=False, eos_token_id=2, pad_token_id=0)
+                                 do_sample=False, eos_token_id=list(stop.eos_token_ids),
+                                 pad_token_id=stop.pad_token_id)
         return out[:, b.input_ids.shape[1]:]
 
     generate(batches[0])
@@ -124,7 +128,7 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
         out = generate(b)
         wall += time.perf_counter() - start
         for row in out.tolist():
-            tokens += row.index(2) + 1 if 2 in row else len(row)
+            tokens += len(truncate_at_eos(row, row, stop.eos_token_ids)[0])
     return {"output_tokens": tokens, "output_tokens_per_s": tokens / wall}
 
 
@@ -177,9 +181,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--engines", default="hf-generate," + ",".join(ENGINES))
+    parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTINFER_CACHE",
                                                                           Path.home() / ".cache" / "distinfer")))
     args = parser.parse_args()
+    from paired import measure as measure_paired  # bench/paired.py, next to this script
+
     engines = args.engines.split(",")
     model = build_model(args.cache)
     weight_bytes = checkpoint_bytes(model / "model.safetensors")
@@ -205,6 +212,7 @@ def main() -> None:
                     samples.setdefault((name, batch), []).append(result["output_tokens_per_s"])
                     print(f"repeat {repeat + 1}/{args.repeats} batch {batch} {name:12s} "
                           f"{result['output_tokens_per_s']:8.2f} tok/s", flush=True)
+    paired_results = measure_paired(model, list(BATCHES), args.rounds, args.new_tokens, [2]) if args.rounds else {}
     median = {key: statistics.median(values) for key, values in samples.items()}
     copy_bw = statistics.median(bandwidth)
     print(f"\nmachine: {os.cpu_count()} cores; model: {weight_bytes / 4 / 1e6:.0f} M parameters, fp32 "
@@ -215,12 +223,23 @@ def main() -> None:
         cells = [f"{median[(name, b)]:14.2f}" if (name, b) in median else f"{'-':>14s}" for b in BATCHES]
         print(f"{name:14s} {' '.join(cells)}")
     ratios = paired_ratios(samples, decode_step_s, bandwidth, weight_bytes)
+    for batch, result in paired_results.items():
+        ratios[f"pp2_over_pp1_batch_by_batch_b{batch}"] = result["ratio_median"]
     if ("pp1", 1) in decode_step_s:
         step = statistics.median(decode_step_s[("pp1", 1)])
         print(f"\npipeline 1 stage, batch 1: {step * 1e3:.1f} ms per decode step (median) = weights read at "
               f"{weight_bytes / step / 1e9:.1f} GB/s")
-    targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "decode_weight_read": 0.60}
-    print("\nratio (median over repeats of the ratio within each repeat)   value   target")
+    if paired_results:
+        print(f"\ntwo stages against one, batch by batch in the same two processes ({args.rounds} rounds, "
+              "bench/paired.py):")
+        for batch, result in paired_results.items():
+            speeds = ", ".join(f"{n} {v:.1f}" for n, v in result["median_tokens_per_s"].items())
+            low, high = result["ratio_quartiles"]
+            print(f"  batch {batch}: {speeds} tok/s; best two-stage / one-stage {result['ratio_median']:.3f} "
+                  f"(quartiles {low:.3f}-{high:.3f})")
+    targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "pp2_over_pp1_batch_by_batch": 0.95,
+               "decode_weight_read": 0.60}
+    print("\nratio (median over repeats, or rounds, of the ratio within each)   value   target")
     for key, value in ratios.items():
         target = next(t for prefix, t in targets.items() if key.startswith(prefix))
         print(f"{key:60s} {value:6.2f}   >= {target:.2f} {'met' if value >= target else 'NOT met'}")
@@ -238,7 +257,8 @@ def main() -> None:
                                "tokens_per_s": {f"{n}/b{b}": v for (n, b), v in samples.items()},
                                "median_tokens_per_s": {f"{n}/b{b}": v for (n, b), v in median.items()},
                                "decode_step_s": {f"{n}/b{b}": v for (n, b), v in decode_step_s.items()},
-                               "ratios": ratios, "rank_split": {f"{n}/b{b}": v for (n, b), v in splits.items()}},
+                               "ratios": ratios, "paired": paired_results,
+                               "rank_split": {f"{n}/b{b}": v for (n, b), v in splits.items()}},
                               indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO)}")
 

@@ -116,3 +116,17 @@ def test_each_stage_holds_only_its_layers(model_case) -> None:  # noqa: ANN001
             for s in stages:
                 assert s["params"] == expected_stage_params(model_dir, s["start"], s["stop"], s["first"], s["last"])
                 assert s["params"] < full, f"stage {s} holds the whole model"
+
+
+def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """bench/paired.py (part of `make bench`) runs one stage and two stages (1 and 2 micro-batches) batch by
+    batch in two real gloo ranks and fails if their tokens differ; here on the tiny Llama, 2 rounds."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))  # spawned ranks import it
+    import paired
+
+    results = paired.measure(tiny_models["tiny-llama"], [1, 4], rounds=2, new_tokens=8, microbatches=[2])
+    assert set(results) == {1, 4}
+    assert set(results[1]["median_tokens_per_s"]) == {"pp1", "pp2-mb1"}
+    assert set(results[4]["median_tokens_per_s"]) == {"pp1", "pp2-mb1", "pp2-mb2"}
+    for summary in results.values():
+        assert summary["rounds"] == 2 and all(r > 0 for r in summary["ratios"])

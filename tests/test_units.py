@@ -267,11 +267,7 @@ def test_fast_linears_leave_quantized_layers_alone() -> None:
 
 def test_bench_ratios_pair_engines_within_each_repeat() -> None:
     """The machine's speed drifts between repeats; the ratio of two engines run side by side does not."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parent.parent / "bench" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench")
     samples = {("hf-generate", 1): [10.0, 20.0, 40.0], ("pp1", 1): [13.0, 26.0, 52.0],
                ("pp2-mb1", 1): [12.0, 24.0, 48.0], ("pp1", 8): [100.0, 50.0, 200.0],
                ("pp2-mb1", 8): [80.0, 40.0, 160.0], ("pp2-mb2", 8): [90.0, 45.0, 100.0]}
@@ -281,3 +277,23 @@ def test_bench_ratios_pair_engines_within_each_repeat() -> None:
     assert ratios["pp2_over_best_one_process_b8"] == pytest.approx(0.9)  # the better of 1 and 2 micro-batches
     assert ratios["decode_weight_read_over_copy_bandwidth_b1"] == pytest.approx(0.5)
     assert "pp1_over_hf_generate_b8" not in ratios
+
+
+def _bench_module(name: str):  # noqa: ANN202
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
+    paired = _bench_module("paired")
+    rounds = [{"pp1": 100.0, "pp2-mb1": 90.0, "pp2-mb2": 95.0}, {"pp1": 50.0, "pp2-mb1": 49.0, "pp2-mb2": 20.0},
+              {"pp1": 200.0, "pp2-mb1": 180.0, "pp2-mb2": 100.0}]
+    summary = paired.summarize(rounds)
+    assert summary["ratios"] == pytest.approx([0.95, 0.98, 0.9])
+    assert summary["ratio_median"] == pytest.approx(0.95)
+    assert summary["median_tokens_per_s"] == {"pp1": 100.0, "pp2-mb1": 90.0, "pp2-mb2": 95.0}
+    assert summary["rounds"] == 3

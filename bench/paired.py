@@ -1,0 +1,179 @@
+"""Two pipeline stages against one, batch by batch in the same two processes (part of `make bench`).
+
+Separate `distinfer run`s of the two engines sit a minute apart, and this machine's speed drifts by up to
+2x within minutes, so their ratio carries that drift. Here two ranks start once (gloo, threads pinned as
+a run pins them) and, round after round, generate the same batch with one stage (rank 0 alone, every
+core) and with two stages (one or more micro-batches), in alternating order. Each round gives a ratio
+best-two-stage / one-stage tokens/s; the median and quartiles over the rounds are reported. Every round
+also checks that the engines' tokens are equal.
+
+The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears`, `PipelineEngine`),
+without the run's bookkeeping. With micro-batches the stages compute at once, so each rank then uses
+its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
+the cores they were started on (on the 2-core machine both layouts give the same cores).
+
+    python bench/paired.py [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS_PER_BATCH_1 = 4  # batch 1 cycles through this many one-prompt batches, as bench.py does
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _use_cores(cores: list[int]) -> None:
+    """This rank's thread count and main-thread core for the next phase."""
+    torch.set_num_threads(len(cores))
+    os.sched_setaffinity(0, cores[:1])
+
+
+def _rank(rank: int, options: dict) -> None:
+    from distinfer.layout import split_layers
+    from distinfer.models.loading import load_stage_model, load_tokenizer
+    from distinfer.models.profiles import model_layer_count
+    from distinfer.prompts import load_prompts
+    from distinfer.runtime.dist import DistEnv, init_distributed, shutdown_distributed
+    from distinfer.runtime.kernels import use_fast_cpu_linears
+    from distinfer.runtime.pipeline import PipelineEngine
+    from distinfer.runtime.sampling import Sampler, SamplingParams
+    from distinfer.runtime.threads import rank_cores
+    from distinfer.runtime.worker import make_batches, stop_rule
+
+    env = DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, master_port=options["port"])
+    alone, shared = rank_cores(rank, 2, False), rank_cores(rank, 2, True)  # before pinning narrows the mask
+    device = init_distributed(env, timeout_s=600, ranks_compute_together=False)
+    model_dir = Path(options["model"])
+    tokenizer = load_tokenizer(model_dir)
+    stop = stop_rule(model_dir, tokenizer, options["new_tokens"])
+    layers = model_layer_count(model_dir)
+
+    def stage(world: int, r: int):  # noqa: ANN202
+        model, family = load_stage_model(model_dir, split_layers(layers, world, None)[r], "float32", device)
+        use_fast_cpu_linears(model, len(alone))
+        return model, family
+
+    def engine(model_family, world: int, r: int, microbatches: int) -> PipelineEngine:  # noqa: ANN001
+        model, family = model_family
+        return PipelineEngine(model, family, r, world, device, Sampler(SamplingParams(), device), stop, microbatches)
+
+    half = stage(2, rank)
+    phases: dict[str, tuple[PipelineEngine | None, list[int]]] = {
+        "pp1": (engine(stage(1, 0), 1, 0, 1) if rank == 0 else None, alone),
+        "pp2-mb1": (engine(half, 2, rank, 1), alone),
+    }
+    for k in options["microbatches"]:
+        phases[f"pp2-mb{k}"] = (engine(half, 2, rank, k), shared)
+    prompts = load_prompts(Path(options["prompts"]))
+    results: dict = {}
+    for batch_size in options["batches"]:
+        count = PROMPTS_PER_BATCH_1 if batch_size == 1 else batch_size
+        batches = make_batches(prompts[:count], tokenizer, batch_size)
+        names = [n for n in phases if batch_size > 1 or not n.startswith("pp2-mb") or n == "pp2-mb1"]
+        per_round: list[dict[str, float]] = []
+        for round_ in range(options["rounds"] + 1):  # round 0 warms up
+            batch = batches[round_ % len(batches)]
+            order = names if round_ % 2 == 0 else names[::-1]
+            speeds, tokens = {}, {}
+            for name in order:
+                eng, cores = phases[name]
+                _use_cores(cores)
+                dist.barrier()
+                if eng is not None:
+                    start = time.perf_counter()
+                    out = eng.generate(batch)
+                    if out is not None:
+                        tokens[name] = out.tokens
+                        speeds[name] = sum(map(len, out.tokens)) / (time.perf_counter() - start)
+                dist.barrier()
+            if rank == 0:
+                differs = [n for n in tokens if tokens[n] != tokens["pp1"]]
+                if differs:
+                    raise RuntimeError(f"batch {batch_size}, round {round_}: {differs} differ from pp1's tokens")
+                if round_ > 0:
+                    per_round.append(speeds)
+        if rank == 0:
+            results[batch_size] = per_round
+    if rank == 0:
+        Path(options["out"]).write_text(json.dumps(results))
+    shutdown_distributed()
+
+
+def summarize(per_round: list[dict[str, float]]) -> dict:
+    """Median tokens/s of each engine, and the median and quartiles of best-two-stage / one-stage per round."""
+    ratios = [max(v for n, v in speeds.items() if n.startswith("pp2")) / speeds["pp1"] for speeds in per_round]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "median_tokens_per_s": {n: statistics.median(s[n] for s in per_round) for n in per_round[0]},
+        "rounds": len(per_round),
+        "ratio_median": statistics.median(ratios),
+        "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "ratios": ratios,
+    }
+
+
+def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int]) -> dict[int, dict]:
+    """Run the two ranks; returns, per batch size, `summarize`'s figures."""
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    os.environ["GOMP_SPINCOUNT"] = spin or "2000"  # what runtime/__main__.py gives every rank
+    try:
+        with tempfile.TemporaryDirectory(prefix="distinfer-paired-") as tmp:
+            out = Path(tmp) / "paired.json"
+            options = {"port": _free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
+                       "batches": batches, "microbatches": microbatches, "out": str(out),
+                       "prompts": str(REPO / "prompts" / "correctness.jsonl")}
+            ranks = mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False)
+            try:
+                while not ranks.join():  # raises, naming the rank, when one fails
+                    pass
+            finally:
+                for process in ranks.processes:  # stopped by PID, also when this process is interrupted
+                    if process.is_alive():
+                        process.kill()
+                        process.join()
+            raw = json.loads(out.read_text())
+    finally:
+        if spin is None:
+            del os.environ["GOMP_SPINCOUNT"]
+    return {int(b): summarize(per_round) for b, per_round in raw.items()}
+
+
+def main() -> None:
+    from bench import build_model  # the bench's model, built once into the cache
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--microbatches", default="2", help="micro-batch counts > 1 to try at batch > 1")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTINFER_CACHE",
+                                                                          Path.home() / ".cache" / "distinfer")))
+    args = parser.parse_args()
+    results = measure(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
+                      args.new_tokens, [int(k) for k in args.microbatches.split(",") if k])
+    for batch, r in results.items():
+        speeds = ", ".join(f"{n} {v:.1f}" for n, v in r["median_tokens_per_s"].items())
+        print(f"batch {batch}: {speeds} tok/s; best two stages / one stage {r['ratio_median']:.3f} "
+              f"(quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, {r['rounds']} rounds)")
+
+
+if __name__ == "__main__":
+    main()
