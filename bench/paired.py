@@ -87,7 +87,7 @@ def _rank(rank: int, options: dict) -> None:
     for batch_size in options["batches"]:
         count = PROMPTS_PER_BATCH_1 if batch_size == 1 else batch_size
         batches = make_batches(prompts[:count], tokenizer, batch_size)
-        names = [n for n in phases if batch_size > 1 or not n.startswith("pp2-mb") or n == "pp2-mb1"]
+        names = [n for n in phases if batch_size > 1 or n in ("pp1", "pp2-mb1")]  # micro-batches need rows
         per_round: list[dict[str, float]] = []
         for round_ in range(options["rounds"] + 1):  # round 0 warms up
             batch = batches[round_ % len(batches)]

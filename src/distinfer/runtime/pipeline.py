@@ -164,9 +164,7 @@ class PipelineEngine:
 
     def _compute(self, mb: _MicroBatch, inputs: torch.Tensor) -> torch.Tensor:
         """Embedding (first stage), this stage's layers, and the head + sampling (last stage)."""
-        if mb.layer_kwargs is None:
-            self._prepare(mb, inputs.shape[1])
-        layer_kwargs, mb.layer_kwargs = mb.layer_kwargs, None
+        layer_kwargs, mb.layer_kwargs = mb.layer_kwargs, None  # built by `_prepare` before every forward
         hidden = self.family.embed(self.model, inputs, mb.position_ids) if self.is_first else inputs
         hidden = self.family.run_layers(self.model, hidden, layer_kwargs)
         if not self.is_last:
@@ -261,6 +259,7 @@ class PipelineEngine:
         live = list(micro)
         if self.is_first:
             for mb in micro:
+                self._prepare(mb, mb.input_ids.shape[1])
                 self._forward(mb, mb.input_ids, 0.0)
             while live:
                 live = [mb for mb in live if self._first_stage_step(mb, start)]
