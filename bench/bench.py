@@ -104,7 +104,8 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     """HF generate in this process (all cores), the same prompts and batches, one warm-up batch first."""
     from distinfer.models.loading import load_full_model, load_tokenizer
     from distinfer.prompts import load_prompts
-    from distinfer.runtime.pipeline import truncate_at_eos
+    from distinfer.runtime.pipeline import eos_prefix
+    from distinfer.runtime.reference import hf_generate
     from distinfer.runtime.threads import available_cores
     from distinfer.runtime.worker import make_batches, stop_rule
 
@@ -114,21 +115,14 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     stop = stop_rule(model_dir, tokenizer, new_tokens)
     batches = make_batches(load_prompts(prompts_file(work, BATCHES[batch])), tokenizer, batch)
 
-    def generate(b) -> torch.Tensor:  # noqa: ANN001
-        with torch.inference_mode():
-            out = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=new_tokens,
-                                 do_sample=False, eos_token_id=list(stop.eos_token_ids),
-                                 pad_token_id=stop.pad_token_id)
-        return out[:, b.input_ids.shape[1]:]
-
-    generate(batches[0])
+    cpu = torch.device("cpu")
+    hf_generate(model, batches[0], stop, cpu)
     tokens, wall = 0, 0.0
     for b in batches:
         start = time.perf_counter()
-        out = generate(b)
+        out = hf_generate(model, b, stop, cpu)
         wall += time.perf_counter() - start
-        for row in out.tolist():
-            tokens += len(truncate_at_eos(row, row, stop.eos_token_ids)[0])
+        tokens += sum(len(eos_prefix(row, stop.eos_token_ids)) for row in out.tolist())
     return {"output_tokens": tokens, "output_tokens_per_s": tokens / wall}
 
 

@@ -16,7 +16,7 @@ from conftest import spawn_ranks
 from distinfer.models.families import family_of
 from distinfer.models.loading import count_parameters, load_full_model, load_tokenizer
 from distinfer.prompts import load_prompts
-from distinfer.runtime.pipeline import truncate_at_eos
+from distinfer.runtime.pipeline import eos_prefix
 from distinfer.runtime.sampling import SamplingParams
 from distinfer.runtime.worker import make_batches
 from pp_harness import PROMPTS
@@ -39,7 +39,7 @@ def hf_generate(model_dir: Path, batch_size: int, eos: int | None = None) -> lis
             ids = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
                                  max_new_tokens=MAX_NEW, eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
         for row in ids[:, batch.input_ids.shape[1]:].tolist():
-            out.append(truncate_at_eos(row, list(range(len(row))), (eos_id,))[0])
+            out.append(eos_prefix(row, (eos_id,)))
     return out
 
 

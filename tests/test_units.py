@@ -297,3 +297,28 @@ def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
     assert summary["ratio_median"] == pytest.approx(0.95)
     assert summary["median_tokens_per_s"] == {"pp1": 100.0, "pp2-mb1": 90.0, "pp2-mb2": 95.0}
     assert summary["rounds"] == 3
+
+
+def test_local_workers_see_no_gpu_even_when_the_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --local` is the CPU dry run: on a one-GPU workstation rank 1 would otherwise ask for cuda:1."""
+    from distinfer.local import worker_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert worker_env()["CUDA_VISIBLE_DEVICES"] == ""
+    assert worker_env({"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"
+
+
+def test_layer_span_names_first_and_last_layer() -> None:
+    from distinfer.runtime.worker import layer_span
+
+    assert layer_span([3, 4, 5]) == "3-5"
+    assert layer_span([3]) == "3"
+    assert layer_span([]) == ""
+
+
+def test_eos_prefix_keeps_tokens_through_the_first_eos() -> None:
+    from distinfer.runtime.pipeline import eos_prefix
+
+    assert eos_prefix([5, 2, 7, 2], (2, 9)) == [5, 2]
+    assert eos_prefix([5, 9], (2, 9)) == [5, 9]
+    assert eos_prefix([5, 6], (2,)) == [5, 6]

@@ -58,9 +58,11 @@ def write_run_json(run: RunSpec, outputs: Path) -> RunBundle:
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a local worker: offline Hugging Face, quiet tokenizers."""
+    """The environment of a local worker: offline Hugging Face, quiet tokenizers, and no GPU. A local run is the
+    CPU dry run of the cluster's pipeline (gloo); on a machine with fewer GPUs than ranks a visible GPU would
+    send rank 1 to a device that does not exist."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     env.update(extra or {})
     return env
 

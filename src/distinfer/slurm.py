@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from distinfer.memory import GPU_ALLOCATOR
 from distinfer.plan import RunSpec
 from distinfer.profiles import HARDWARE
 from distinfer.spec import ClusterSpec, ContainerSpec
@@ -91,6 +92,8 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if cluster.cpus_per_task:
         env["OMP_NUM_THREADS"] = str(max(1, cluster.cpus_per_task // shape.ranks_per_node))
+    if profile.gpu:  # the KV cache grows every step: without this, cached blocks of old sizes pile up
+        env["PYTORCH_CUDA_ALLOC_CONF"] = GPU_ALLOCATOR
     env.update(cluster.env)
     launch: list[str] = []
     if container.runtime == "apptainer":

@@ -282,9 +282,15 @@ def _collect(micro: list[_MicroBatch], rows: int, stop: StopRule, start: float) 
     return BatchOutput(tokens=tokens, token_times=times, start=start)
 
 
-def truncate_at_eos(ids: list[int], times: list[float], eos: tuple[int, ...]) -> tuple[list[int], list[float]]:
-    """Tokens through the first EOS (inclusive), with their times."""
+def eos_prefix(ids: list[int], eos: tuple[int, ...]) -> list[int]:
+    """Tokens through the first EOS (inclusive)."""
     for i, token in enumerate(ids):
         if token in eos:
-            return ids[: i + 1], times[: i + 1]
-    return ids, times[: len(ids)]
+            return ids[: i + 1]
+    return ids
+
+
+def truncate_at_eos(ids: list[int], times: list[float], eos: tuple[int, ...]) -> tuple[list[int], list[float]]:
+    """Tokens through the first EOS (inclusive), with their times."""
+    tokens = eos_prefix(ids, eos)
+    return tokens, times[: len(tokens)]

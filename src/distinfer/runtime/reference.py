@@ -39,20 +39,13 @@ class ReferenceEngine:
             kwargs = {"do_sample": True, "temperature": self.sampling.temperature,
                       "top_k": self.sampling.top_k, "top_p": self.sampling.top_p}
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=batch.input_ids.to(self.device),
-                attention_mask=batch.attention_mask.to(self.device),
-                max_new_tokens=self.stop.max_new_tokens,
-                eos_token_id=list(self.stop.eos_token_ids),
-                pad_token_id=self.stop.pad_token_id,
-                logits_processor=LogitsProcessorList([clock]),
-                **kwargs,
-            )
+        out = hf_generate(self.model, batch, self.stop, self.device,
+                          logits_processor=LogitsProcessorList([clock]), **kwargs)
         end = time.perf_counter()
-        generated = out[:, batch.input_ids.shape[1]:].tolist()
+        generated = out.tolist()
         times = [t - start for t in clock.times]
-        self.steps.append({"batch": batch.index, "mb": 0, "step": len(times), "tokens": int(out.numel()),
+        self.steps.append({"batch": batch.index, "mb": 0, "step": len(times),
+                           "tokens": int(out.numel() + batch.input_ids.numel()),
                            "compute_s": end - start, "send_s": 0.0, "wait_s": 0.0})
         tokens, token_times = [], []
         for ids in generated:
@@ -60,3 +53,19 @@ class ReferenceEngine:
             tokens.append(row_tokens)
             token_times.append(row_times)
         return BatchOutput(tokens=tokens, token_times=token_times, start=start)
+
+
+def hf_generate(model: nn.Module, batch: Batch, stop: StopRule, device: torch.device, **kwargs) -> torch.Tensor:  # noqa: ANN003,E501
+    """`model.generate` on the batch with the run's stop rule (greedy unless `kwargs` say otherwise); returns the
+    new tokens, [rows, steps], padded after a row's EOS."""
+    kwargs.setdefault("do_sample", False)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            max_new_tokens=stop.max_new_tokens,
+            eos_token_id=list(stop.eos_token_ids),
+            pad_token_id=stop.pad_token_id,
+            **kwargs,
+        )
+    return out[:, batch.input_ids.shape[1]:]

@@ -153,13 +153,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
 
 
+def layer_span(layers: list[int]) -> str:
+    """'3-5' for layers [3, 4, 5], '3' for [3], '' for none."""
+    return "-".join(str(n) for n in dict.fromkeys(layers[:1] + layers[-1:]))
+
+
 def out_of_memory_report(spec: RunSpec, env: DistEnv, device: torch.device, state: dict) -> str:
     batch = state.get("batch") or {}
     where = (f"batch {batch['index']} ({batch['size']} prompt(s) of up to {batch['prompt_tokens']} tokens "
              f"+ {spec.generation['max_new_tokens']} new)" if batch else "loading the model")
     limit = state.get("memory_limit")
     return (f"rank {env.rank}: out of memory in {where}, batch_size {spec.batch_size}, {spec.precision}, "
-            f"layers {state.get('layers', [])[:1] + state.get('layers', [])[-1:]}; peak "
+            f"layers {layer_span(state.get('layers', []))}; peak "
             f"{_peak_memory(device) / 2**30:.2f} GiB" + (f" of a {limit / 2**30:.2f} GiB limit" if limit else "")
             + ". Lower batch_size or the prompt length, or use more stages (`distinfer plan` estimates this)")
 
@@ -190,7 +195,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     tokenizer = load_tokenizer(Path(spec.model_path), spec.trust_remote_code)
     engine, info = build_engine(spec, env, device, tokenizer, bundle.root)
     state.update(info, load_s=time.perf_counter() - t0)
-    log.info("loaded layers %s (%d parameters) in %.2fs", info["layers"][:1] + info["layers"][-1:],
+    log.info("loaded layers %s (%d parameters) in %.2fs", layer_span(info["layers"]),
              info["parameters"], state["load_s"])
     t0 = time.perf_counter()
     prompts = run_prompts(spec)
