@@ -292,6 +292,7 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_GRACE_S = 2.0  # how long a failed rank of a multi-rank run waits for a stop signal before it reports failure
 
 
 def stop_status(environ: dict[str, str] | os._Environ, now: float) -> str:
@@ -328,9 +329,24 @@ def run(run_dir: Path) -> int:
     started = time.time()
     sampler = UtilizationSampler(gpu_index=env.local_rank if torch.cuda.is_available() else None)
 
+    # A stop signal and the end of the run race to write this rank's outcome: the first one writes it. When a
+    # peer stops first, this rank's receive fails just after the signal; that failure is not the outcome.
+    stopping, outcome_lock = threading.Event(), threading.Lock()
+
     def stop(signum: int) -> None:
         # What is written so far stays: completions line by line; this rank's metrics and rank 0's summary now.
-        name = signal.Signals(signum).name
+        stopping.set()
+        # Held until the process exits. The end of the run may hold it, stuck in the final gather with a dead
+        # peer: after the grace this handler writes anyway.
+        outcome_lock.acquire(timeout=STOP_GRACE_S)
+        try:
+            if not state.get("outcome_written"):
+                write_stopped(signal.Signals(signum).name)
+        finally:
+            logging.shutdown()
+            os._exit(128 + signum)
+
+    def write_stopped(name: str) -> None:
         state["status"] = stop_status(os.environ, time.time())
         why = "the job's time limit" if state["status"] == "timeout" else "scancel, Ctrl-C or the launcher"
         state["error"] = f"rank {env.rank}: stopped by {name} ({why})"
@@ -339,8 +355,6 @@ def run(run_dir: Path) -> int:
         atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})
         if env.rank == 0:
             _write_outcome(bundle, spec, env, run_info, state["status"], state, [record], device, started)
-        logging.shutdown()
-        os._exit(128 + signum)
 
     _watch_stop_signals(stop)
     with sampler:
@@ -352,21 +366,27 @@ def run(run_dir: Path) -> int:
             generate_all(spec, env, device, bundle, state)
             status = state["status"] = "ok"
         except Exception as exc:  # the run fails; the bundle says why instead of a lost traceback
+            # A launcher stops every rank at once: a peer that stopped first breaks this rank's receive
+            # a moment before this rank's own signal comes. The signal's handler then writes and exits.
+            if stopping.wait(STOP_GRACE_S if env.world_size > 1 else 0):
+                threading.Event().wait()
             status = state["status"] = "failed"
             state["error"] = f"rank {env.rank}: {type(exc).__name__}: {exc}"
             if is_out_of_memory(exc):
                 state["error"] = f"{out_of_memory_report(spec, env, device, state)} ({type(exc).__name__}: {exc})"
                 state["out_of_memory"] = True
             log.error("run failed: %s\n%s", state["error"], traceback.format_exc())
-    record = _rank_record(env, device, state, sampler.summary())
-    atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})
-    ranks = [record]
-    if status == "ok" and env.world_size > 1:
-        gathered: list | None = [None] * env.world_size if env.rank == 0 else None
-        dist.gather_object(record, gathered, dst=0)
-        ranks = gathered or []
-    if env.rank == 0:
-        _write_outcome(bundle, spec, env, run_info, status, state, ranks, device, started)
+    with outcome_lock:
+        record = _rank_record(env, device, state, sampler.summary())
+        atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})
+        ranks = [record]
+        if status == "ok" and env.world_size > 1:
+            gathered: list | None = [None] * env.world_size if env.rank == 0 else None
+            dist.gather_object(record, gathered, dst=0)
+            ranks = gathered or []
+        if env.rank == 0:
+            _write_outcome(bundle, spec, env, run_info, status, state, ranks, device, started)
+        state["outcome_written"] = True
     log.info("finished run %s: %s", spec.run_id, status)
     shutdown_distributed()
     return 0 if status == "ok" else 1
