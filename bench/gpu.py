@@ -16,6 +16,7 @@ with distinfer installed (`pip install -e .`) or `PYTHONPATH=src`. About 3 minut
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ import torch
 from distinfer.layout import split_layers
 from distinfer.memory import GPU_ALLOCATOR, ModelFacts, estimate_stage_memory
 from distinfer.models.loading import load_full_model, load_stage_model, load_tokenizer
+from distinfer.models.profiles import model_layer_count
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import load_prompts
 from distinfer.runtime.pipeline import Batch, PipelineEngine, eos_prefix
@@ -59,11 +61,10 @@ def build_model(config_path: Path, target: Path, dtype: torch.dtype) -> Path:
     return target
 
 
-def engines(model_dir: Path, dtype: str, new_tokens: int, device: torch.device) -> dict:
+def engines(model_dir: Path, tokenizer, dtype: str, new_tokens: int, device: torch.device) -> dict:  # noqa: ANN001
     """name -> a function that builds the engine (one model on the GPU at a time)."""
-    tokenizer = load_tokenizer(model_dir)
     stop = stop_rule(model_dir, tokenizer, new_tokens)
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    layers = model_layer_count(model_dir)
 
     def reference() -> ReferenceEngine:
         return ReferenceEngine(load_full_model(model_dir, dtype, device), device, SamplingParams(), stop)
@@ -116,7 +117,7 @@ def peak_memory(engine, batch: Batch) -> dict:  # noqa: ANN001
 def memory_check(engine, facts: ModelFacts, dtype: str, rows: int, prompt: int, new: int) -> dict:  # noqa: ANN001
     """Peak memory of one long batch (random prompt ids, no EOS stop before `new` tokens unless sampled) next to
     the planner's estimate for the same batch and context."""
-    engine.stop = type(engine.stop)(new, engine.stop.eos_token_ids, engine.stop.pad_token_id)
+    engine.stop = dataclasses.replace(engine.stop, max_new_tokens=new)
     measured = peak_memory(engine, long_batch(rows, prompt, facts.vocab))
     estimate = estimate_stage_memory(facts, split_layers(facts.layers, 1, None)[0], dtype, rows, prompt + new,
                                      HARDWARE["t4-16gb"].memory_bytes, gpu=True)
@@ -150,7 +151,7 @@ def main() -> None:
             tokenizer = load_tokenizer(model_dir)
             batches = {b: make_batches(prompts[:n], tokenizer, b) for b, n in PROMPTS.items()}
             outputs: dict[str, list] = {}
-            for name, build in engines(model_dir, dtype, args.new_tokens, device).items():
+            for name, build in engines(model_dir, tokenizer, dtype, args.new_tokens, device).items():
                 engine = build()
                 outputs[name] = [engine.generate(b).tokens for b in batches[8]]
                 if dtype == args.dtype:
