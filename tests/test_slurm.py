@@ -116,7 +116,8 @@ def test_failed_run_is_reported_and_only_it_is_resubmitted(slurm, tmp_path: Path
     proc = cli(slurm, tmp_path, "submit", str(config))
     assert "done  reference-b4-fp32" in proc.stdout and "resubmitted  pipeline-pp2-b4-mb1-fp32" in proc.stdout
     wait_for_jobs(slurm, tmp_path, "slurm-tiny")
-    assert status_rows(slurm, tmp_path, "slurm-tiny")["pipeline-pp2-b4-mb1-fp32"] == ("COMPLETED", "ok")
+    # status takes the experiment file too, as plan and submit do
+    assert status_rows(slurm, tmp_path, str(config))["pipeline-pp2-b4-mb1-fp32"] == ("COMPLETED", "ok")
 
 
 def test_cancel_stops_a_running_job(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001

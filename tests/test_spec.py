@@ -73,3 +73,15 @@ def test_studies_plan_their_references_and_weak_scaling_grows_the_prompts() -> N
     spec_file = REPO / "configs" / "local-long-context.yaml"
     runs = {r.run_id: r for r in expand(load_experiment(spec_file), spec_file)}
     assert runs["pipeline-pp2-b2-mb1-fp32-ctx2048"].generation["max_prompt_tokens"] == 2048
+
+
+def test_status_cancel_collect_take_the_experiment_file_too(tmp_path: Path) -> None:
+    """The commands after submit find the experiment's folder from the file given to plan and submit; before a
+    plan they say which folder is missing (no Slurm is called then)."""
+    config = REPO / "configs" / "local-tiny.yaml"
+    for command in ("status", "cancel", "collect"):
+        proc = subprocess.run([sys.executable, "-m", "distinfer", command, str(config), "--outputs", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"noexperimentfolder{tmp_path / 'local-tiny'}" in "".join(proc.stderr.split())  # rich may wrap
+        assert "Traceback" not in proc.stderr

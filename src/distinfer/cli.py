@@ -168,8 +168,12 @@ def submit(
 
 
 def _experiment_dir(experiment: Path, outputs: Path) -> tuple[Path, str]:
-    """EXP may be a name (under --outputs) or the folder outputs/<name>."""
-    folder = experiment if experiment.is_dir() else outputs / experiment
+    """EXPERIMENT may be the experiment file (as given to plan and submit), its name (under --outputs) or the
+    folder outputs/<name>."""
+    if experiment.is_file():
+        folder = outputs / _load(experiment, require_model=False).name
+    else:
+        folder = experiment if experiment.is_dir() else outputs / experiment
     if not folder.is_dir():
         errors.print(f"error: no experiment folder {folder} (run `distinfer plan` or `submit` first)")
         raise typer.Exit(2)
@@ -178,7 +182,7 @@ def _experiment_dir(experiment: Path, outputs: Path) -> tuple[Path, str]:
 
 @app.command()
 def status(
-    experiment: Path = typer.Argument(..., help="Experiment name or its outputs folder."),
+    experiment: Path = typer.Argument(..., help="Experiment file, its name, or its outputs folder."),
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Each run's Slurm state (squeue, sacct) beside its bundle state."""
@@ -198,7 +202,7 @@ def status(
 
 @app.command()
 def cancel(
-    experiment: Path = typer.Argument(..., help="Experiment name or its outputs folder."),
+    experiment: Path = typer.Argument(..., help="Experiment file, its name, or its outputs folder."),
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Cancel the experiment's queued and running jobs."""
@@ -213,7 +217,7 @@ def cancel(
 
 @app.command()
 def collect(
-    experiment: Path = typer.Argument(..., help="Experiment name or its outputs folder."),
+    experiment: Path = typer.Argument(..., help="Experiment file, its name, or its outputs folder."),
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Store sacct accounting (state, elapsed, nodes, exit code, MaxRSS) as slurm.json in each run's bundle."""
