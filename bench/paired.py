@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -30,14 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distinfer.runtime.dist import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_BATCH_1 = 4  # batch 1 cycles through this many one-prompt batches, as bench.py does
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _use_cores(cores: list[int]) -> None:
@@ -137,7 +132,7 @@ def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, micro
     try:
         with tempfile.TemporaryDirectory(prefix="distinfer-paired-") as tmp:
             out = Path(tmp) / "paired.json"
-            options = {"port": _free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
+            options = {"port": free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
                        "batches": batches, "microbatches": microbatches, "out": str(out),
                        "prompts": str(REPO / "prompts" / "correctness.jsonl")}
             ranks = mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False)
