@@ -16,7 +16,8 @@ from conftest import spawn_ranks
 from distinfer.models.families import family_of
 from distinfer.models.loading import count_parameters, load_full_model, load_tokenizer
 from distinfer.prompts import load_prompts
-from distinfer.runtime.pipeline import eos_prefix
+from distinfer.runtime.pipeline import StopRule, eos_prefix
+from distinfer.runtime.reference import hf_generate as reference_generate
 from distinfer.runtime.sampling import SamplingParams
 from distinfer.runtime.worker import make_batches
 from pp_harness import PROMPTS
@@ -34,11 +35,9 @@ def hf_generate(model_dir: Path, batch_size: int, eos: int | None = None) -> lis
     model = load_full_model(model_dir, "float32", torch.device("cpu"))
     eos_id = eos if eos is not None else tok.eos_token_id
     out: list[list[int]] = []
+    stop = StopRule(MAX_NEW, (eos_id,), tok.pad_token_id)
     for batch in make_batches(load_prompts(PROMPTS), tok, batch_size):
-        with torch.inference_mode():
-            ids = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-                                 max_new_tokens=MAX_NEW, eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
-        for row in ids[:, batch.input_ids.shape[1]:].tolist():
+        for row in reference_generate(model, batch, stop, torch.device("cpu")).tolist():
             out.append(eos_prefix(row, (eos_id,)))
     return out
 
