@@ -7,9 +7,9 @@ core) and with two stages (one or more micro-batches), in alternating order. Eac
 best-two-stage / one-stage tokens/s; the median and quartiles over the rounds are reported. Every round
 also checks that the engines' tokens are equal.
 
-The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears`, `PipelineEngine`),
-without the run's bookkeeping. With micro-batches the stages compute at once, so each rank then uses
-its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
+The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears`, `place_in_huge_pages`,
+`PipelineEngine`), without the run's bookkeeping. With micro-batches the stages compute at once, so each
+rank then uses its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
 the cores they were started on (on the 2-core machine both layouts give the same cores).
 
     python bench/paired.py [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32]
@@ -47,6 +47,7 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.models.profiles import model_layer_count
     from distinfer.prompts import load_prompts
     from distinfer.runtime.dist import DistEnv, init_distributed, shutdown_distributed
+    from distinfer.runtime.hugepages import place_in_huge_pages
     from distinfer.runtime.kernels import use_fast_cpu_linears
     from distinfer.runtime.pipeline import PipelineEngine
     from distinfer.runtime.sampling import Sampler, SamplingParams
@@ -64,6 +65,7 @@ def _rank(rank: int, options: dict) -> None:
     def stage(world: int, r: int):  # noqa: ANN202
         model, family = load_stage_model(model_dir, split_layers(layers, world, None)[r], "float32", device)
         use_fast_cpu_linears(model, len(alone))
+        place_in_huge_pages(model)
         return model, family
 
     def engine(model_family, world: int, r: int, microbatches: int) -> PipelineEngine:  # noqa: ANN001

@@ -265,6 +265,58 @@ def test_fast_linears_leave_quantized_layers_alone() -> None:
     assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
 
 
+def _anon_huge_kib(start: int, end: int) -> int:
+    """AnonHugePages of this process's mappings that overlap [start, end)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low < end and high > start
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -> None:  # noqa: ANN001
+    from distinfer.models.loading import count_parameters, load_full_model
+    from distinfer.runtime.hugepages import HUGE_PAGE, huge_pages_available, place_in_huge_pages
+    from distinfer.runtime.kernels import use_fast_cpu_linears
+
+    stock = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
+    moved = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
+    use_fast_cpu_linears(moved, splits=2)
+    tied = moved.get_output_embeddings().weight is moved.get_input_embeddings().weight
+    nbytes = place_in_huge_pages(moved)
+    if not huge_pages_available():  # the kernel's THP setting is "never": nothing moves
+        assert nbytes == 0
+        return
+    params = list({id(p): p for p in moved.parameters()}.values())
+    assert nbytes == sum(p.numel() * p.element_size() for p in params)
+    starts = sorted(p.data_ptr() for p in params)
+    assert starts[0] % HUGE_PAGE == 0 and starts[-1] - starts[0] < nbytes + 64 * len(params)
+    assert (moved.get_output_embeddings().weight is moved.get_input_embeddings().weight) == tied
+    assert count_parameters(moved) == count_parameters(stock)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
+    with torch.inference_mode():
+        assert torch.allclose(moved(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_huge_page_weights_are_backed_by_huge_pages() -> None:
+    from distinfer.runtime.hugepages import huge_pages_available, place_in_huge_pages
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 1024))  # 16 MiB of weights
+    expected = [p.detach().clone() for p in model.parameters()]
+    nbytes = place_in_huge_pages(model)
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
+    if not huge_pages_available():
+        assert nbytes == 0
+        return
+    start = min(p.data_ptr() for p in model.parameters())
+    assert _anon_huge_kib(start, start + nbytes) >= 8 * 1024  # at least half of it in 2 MiB pages
+
+
 def test_bench_ratios_pair_engines_within_each_repeat() -> None:
     """The machine's speed drifts between repeats; the ratio of two engines run side by side does not."""
     bench = _bench_module("bench")

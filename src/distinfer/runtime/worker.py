@@ -34,6 +34,7 @@ from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_promp
 from distinfer.provenance import allowed_env
 from distinfer.runtime.accuracy import perplexity
 from distinfer.runtime.dist import DistEnv, dist_env_from, init_distributed, shutdown_distributed
+from distinfer.runtime.hugepages import place_in_huge_pages
 from distinfer.runtime.kernels import use_fast_cpu_linears
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
@@ -126,6 +127,7 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
     if device.type == "cpu" and spec.cpu_kernels == "fast":
         info["fast_linears"] = use_fast_cpu_linears(model)
+        info["huge_page_bytes"] = place_in_huge_pages(model)
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches)
     return engine, info
 
