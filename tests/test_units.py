@@ -374,3 +374,35 @@ def test_eos_prefix_keeps_tokens_through_the_first_eos() -> None:
     assert eos_prefix([5, 2, 7, 2], (2, 9)) == [5, 2]
     assert eos_prefix([5, 9], (2, 9)) == [5, 9]
     assert eos_prefix([5, 6], (2,)) == [5, 6]
+
+
+def test_interference_bench_times_every_layer_for_every_way_of_pausing(tiny_models) -> None:  # noqa: ANN001
+    """bench/interference.py in its own process (it pins threads), on the tiny Llama with light helpers."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "interference.py"
+    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_models["tiny-llama"]), "--rounds", "1",
+                          "--new-tokens", "4", "--pause-ms", "2", "--stream-mb", "8"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines() if "layers (us):" in line}
+    assert list(rows) == ["none", "sleep", "work", "spin", "stream"]
+    layers = 8  # tiny-llama
+    for line in rows.values():
+        times = line.split("layers (us):")[1].split(";")[0].split()
+        assert len(times) == layers and all(float(t) > 0 for t in times)
+        assert f"layers 5-{layers} against no pause" in line
+    assert "+0 us" in rows["none"]
+
+
+def test_huge_page_weights_stay_put_when_the_mapping_does_not_fit() -> None:
+    """Under a memory cap (DISTINFER_RANK_MEMORY_LIMIT sets RLIMIT_DATA) the mapping may fail: nothing moves."""
+    script = (
+        "import resource, torch\n"
+        "from distinfer.runtime.hugepages import place_in_huge_pages\n"
+        "model = torch.nn.Linear(4096, 8192)\n"  # 128 MiB of weights
+        "before = model.weight.data_ptr()\n"
+        "used = int(open('/proc/self/status').read().split('VmData:')[1].split()[0]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (used + 64 * 2**20, resource.RLIM_INFINITY))\n"
+        "assert place_in_huge_pages(model) == 0 and model.weight.data_ptr() == before\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

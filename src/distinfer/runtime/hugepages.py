@@ -40,14 +40,17 @@ def _movable(param: torch.Tensor) -> bool:
 
 def place_in_huge_pages(model: nn.Module) -> int:
     """Move every plain CPU parameter of `model` into one huge-page mapping (tied parameters stay one tensor);
-    returns the bytes moved, 0 where huge pages are not available."""
+    returns the bytes moved, 0 where huge pages are not available or the mapping cannot be made."""
     if not huge_pages_available():
         return 0
     params = [p for p in {id(p): p for p in model.parameters()}.values() if _movable(p)]
     if not params:
         return 0
     sizes = [-(-p.numel() * p.element_size() // _ALIGN) * _ALIGN for p in params]
-    region = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:  # the mapping is reserved whole while the old tensors still exist: a capped rank may not have room
+        region = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return 0  # the weights stay where they are
     region.madvise(mmap.MADV_HUGEPAGE)
     arena = torch.frombuffer(region, dtype=torch.uint8)  # the tensors keep the mapping alive
     offset, moved = -arena.data_ptr() % HUGE_PAGE, 0
