@@ -44,6 +44,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     work = tmp_path_factory.mktemp("study")
+    (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))
     config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
                           "parallel: {engine: [reference, pipeline, deepspeed], pp: 2, tp: 2, microbatches: 2}\n"
                           "batch_size: 4\n")
@@ -98,6 +99,9 @@ def test_deepspeed_tp2_equals_the_reference_and_shards_the_model(study: Path) ->
     full = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())["ranks"][0]["parameters"]
     assert summary["world_size"] == 2
     assert all(r["parameters"] < 0.7 * full for r in summary["ranks"]), "each TP rank holds a shard"
+    # DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank) do not outlive the run
+    before = set(json.loads((study / "shm-before.json").read_text()))
+    assert {p.name for p in Path("/dev/shm").glob("deepspeed_*")} <= before
 
 
 def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:

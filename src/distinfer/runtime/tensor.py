@@ -48,4 +48,25 @@ def build_deepspeed_engine(
     config = json.loads(ds_config_file.read_text())
     model = load_full_model(model_dir, config["dtype"], torch.device("cpu"), trust_remote_code)
     engine = deepspeed.init_inference(model, config=config)
+    if device.type == "cpu":
+        torch.distributed.barrier()  # every rank has mapped every rank's all-reduce segment by now
+        unlink_shm_segment(env)
     return ReferenceEngine(engine.module.to(device), device, sampling, stop)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def unlink_shm_segment(env: DistEnv) -> int:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce segment; the mappings stay valid.
+
+    DeepSpeed's shared-memory all-reduce (`deepspeed_shm_comm`) creates one POSIX shared-memory segment per
+    rank (66 MB) and never removes it: on the development machine a few hundred tensor-parallel runs had left
+    20 GB of RAM in /dev/shm. Called once every rank has opened the others' segments (after `init_inference`
+    and a barrier). Returns how many names were removed."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env.master_port}_{env.rank}"
+    removed = 0
+    for path in SHM_DIR.glob(pattern):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
