@@ -171,13 +171,14 @@ def paired_ratios(samples: dict[tuple[str, int], list[float]], decode_step_s: di
 
 
 def main() -> None:
+    from distinfer.models.tiny import cache_dir  # $DISTINFER_CACHE, else ~/.cache/distinfer
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--engines", default="hf-generate," + ",".join(ENGINES))
     parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTINFER_CACHE",
-                                                                          Path.home() / ".cache" / "distinfer")))
+    parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
     from paired import measure as measure_paired  # bench/paired.py, next to this script
 

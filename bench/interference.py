@@ -125,6 +125,7 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
 
 def main() -> None:
     from bench import build_model  # the bench's model, built once into the cache
+    from distinfer.models.tiny import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -132,10 +133,10 @@ def main() -> None:
     parser.add_argument("--stream-mb", type=int, default=160)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--model", type=Path, help="a local model folder instead of the bench model")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTINFER_CACHE",
-                                                                          Path.home() / ".cache" / "distinfer")))
+    parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
-    medians = measure(args.model or build_model(args.cache), args.rounds, args.pause_ms / 1000, args.stream_mb, args.new_tokens)
+    medians = measure(args.model or build_model(args.cache), args.rounds, args.pause_ms / 1000, args.stream_mb,
+                      args.new_tokens)
     half = len(medians["none"]) // 2
     for mode, per_layer in medians.items():
         extra = sum(per_layer[half:]) - sum(medians["none"][half:])

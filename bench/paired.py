@@ -155,14 +155,14 @@ def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, micro
 
 def main() -> None:
     from bench import build_model  # the bench's model, built once into the cache
+    from distinfer.models.tiny import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--microbatches", default="2", help="micro-batch counts > 1 to try at batch > 1")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DISTINFER_CACHE",
-                                                                          Path.home() / ".cache" / "distinfer")))
+    parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
     results = measure(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
                       args.new_tokens, [int(k) for k in args.microbatches.split(",") if k])

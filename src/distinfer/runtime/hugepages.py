@@ -43,7 +43,7 @@ def place_in_huge_pages(model: nn.Module) -> int:
     returns the bytes moved, 0 where huge pages are not available or the mapping cannot be made."""
     if not huge_pages_available():
         return 0
-    params = [p for p in {id(p): p for p in model.parameters()}.values() if _movable(p)]
+    params = [p for p in model.parameters() if _movable(p)]  # each shared (tied) parameter once
     if not params:
         return 0
     sizes = [-(-p.numel() * p.element_size() // _ALIGN) * _ALIGN for p in params]

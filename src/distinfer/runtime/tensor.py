@@ -57,16 +57,12 @@ def build_deepspeed_engine(
 SHM_DIR = Path("/dev/shm")
 
 
-def unlink_shm_segment(env: DistEnv) -> int:
+def unlink_shm_segment(env: DistEnv) -> None:
     """Remove the name of this rank's DeepSpeed CPU all-reduce segment; the mappings stay valid.
 
     DeepSpeed's shared-memory all-reduce (`deepspeed_shm_comm`) creates one POSIX shared-memory segment per
     rank (66 MB) and never removes it: on the development machine a few hundred tensor-parallel runs had left
     20 GB of RAM in /dev/shm. Called once every rank has opened the others' segments (after `init_inference`
-    and a barrier). Returns how many names were removed."""
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env.master_port}_{env.rank}"
-    removed = 0
-    for path in SHM_DIR.glob(pattern):
+    and a barrier)."""
+    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env.master_port}_{env.rank}"):
         path.unlink(missing_ok=True)
-        removed += 1
-    return removed
