@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from distinfer.models.tiny import cache_dir
+
 from conftest import kill_run, rank_pid, wait_for_first_completion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +46,20 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     work = tmp_path_factory.mktemp("study")
+    # what a killed build of DeepSpeed's CPU all-reduce op leaves behind; without distinfer's clean-up
+    # every later load of the op waits for this file to go, and the run below would time out
+    stale_lock = cache_dir() / "torch_extensions" / "deepspeed_shm_comm" / "lock"
+    stale_lock.parent.mkdir(parents=True, exist_ok=True)
+    stale_lock.touch()
     (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))
     config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
                           "parallel: {engine: [reference, pipeline, deepspeed], pp: 2, tp: 2, microbatches: 2}\n"
                           "batch_size: 4\n")
-    proc = cli("run", str(config), "--local", cwd=work)
+    try:
+        proc = cli("run", str(config), "--local", cwd=work)
+    finally:
+        (work / "stale-lock-left.json").write_text(json.dumps(stale_lock.exists()))
+        stale_lock.unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return work
 
@@ -102,6 +113,10 @@ def test_deepspeed_tp2_equals_the_reference_and_shards_the_model(study: Path) ->
     # DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank) do not outlive the run
     before = set(json.loads((study / "shm-before.json").read_text()))
     assert {p.name for p in Path("/dev/shm").glob("deepspeed_*")} <= before
+    # the stale build lock planted before the run did not stop it, and is gone
+    assert json.loads((study / "stale-lock-left.json").read_text()) is False
+    logs = (run / "rank_0.log").read_text() + (run / "rank_1.log").read_text()
+    assert logs.count("left by an op build that was killed") == 1, logs
 
 
 def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
