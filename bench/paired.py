@@ -12,7 +12,11 @@ The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears
 rank then uses its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
 the cores they were started on (on the 2-core machine both layouts give the same cores).
 
-    python bench/paired.py [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32]
+Like a run's ranks (runtime/aslr.py), the two ranks start without address-space randomization.
+`--aslr-ab` starts a second pair of ranks with it, and the two pairs take turns round by round (the
+other pair sleeps meanwhile): the two settings side by side, each pair's ratios on their own.
+
+    python bench/paired.py [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32] [--aslr-ab]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distinfer.runtime.aslr import aslr_disabled, set_randomization
 from distinfer.runtime.dist import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +93,11 @@ def _rank(rank: int, options: dict) -> None:
         per_round: list[dict[str, float]] = []
         for round_ in range(options["rounds"] + 1):  # round 0 warms up
             batch = batches[round_ % len(batches)]
+            turn, first = options["turn"], options["pair"] == round_ % 2  # pairs taking turns (--aslr-ab)
+            if turn is not None:
+                turn.wait()
+                if not first:
+                    turn.wait()
             order = names if round_ % 2 == 0 else names[::-1]
             speeds, tokens = {}, {}
             for name in order:
@@ -101,6 +111,8 @@ def _rank(rank: int, options: dict) -> None:
                         tokens[name] = out.tokens
                         speeds[name] = sum(map(len, out.tokens)) / (time.perf_counter() - start)
                 dist.barrier()
+            if turn is not None and first:
+                turn.wait()
             if rank == 0:
                 differs = [n for n in tokens if tokens[n] != tokens["pp1"]]
                 if differs:
@@ -129,28 +141,40 @@ def summarize(per_round: list[dict[str, float]]) -> dict:
 
 def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int]) -> dict[int, dict]:
     """Run the two ranks; returns, per batch size, `summarize`'s figures."""
+    return measure_pairs(model, batches, rounds, new_tokens, microbatches, ("off",))["off"]
+
+
+def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int],
+                  aslr: tuple[str, ...]) -> dict[str, dict[int, dict]]:
+    """One pair of ranks per entry of `aslr` ("off": without address-space randomization, "on": with it),
+    taking turns round by round; returns, per setting and batch size, `summarize`'s figures."""
     spin = os.environ.get("GOMP_SPINCOUNT")
     os.environ["GOMP_SPINCOUNT"] = spin or "2000"  # what runtime/__main__.py gives every rank
+    randomized = not aslr_disabled()
+    turn = mp.get_context("spawn").Barrier(2 * len(aslr)) if len(aslr) > 1 else None
+    pairs = []
     try:
         with tempfile.TemporaryDirectory(prefix="distinfer-paired-") as tmp:
-            out = Path(tmp) / "paired.json"
-            options = {"port": free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
-                       "batches": batches, "microbatches": microbatches, "out": str(out),
-                       "prompts": str(REPO / "prompts" / "correctness.jsonl")}
-            ranks = mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False)
-            try:
+            for pair, setting in enumerate(aslr):
+                set_randomization(setting == "on")  # inherited by the ranks this process starts next
+                options = {"port": free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
+                           "batches": batches, "microbatches": microbatches, "out": str(Path(tmp) / f"{pair}.json"),
+                           "prompts": str(REPO / "prompts" / "correctness.jsonl"), "pair": pair, "turn": turn}
+                pairs.append(mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False))
+            for ranks in pairs:
                 while not ranks.join():  # raises, naming the rank, when one fails
                     pass
-            finally:
-                for process in ranks.processes:  # stopped by PID, also when this process is interrupted
-                    if process.is_alive():
-                        process.kill()
-                        process.join()
-            raw = json.loads(out.read_text())
+            raw = {setting: json.loads((Path(tmp) / f"{pair}.json").read_text()) for pair, setting in enumerate(aslr)}
     finally:
+        for ranks in pairs:
+            for process in ranks.processes:  # stopped by PID, also when this process is interrupted
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        set_randomization(randomized)
         if spin is None:
             del os.environ["GOMP_SPINCOUNT"]
-    return {int(b): summarize(per_round) for b, per_round in raw.items()}
+    return {setting: {int(b): summarize(per_round) for b, per_round in r.items()} for setting, r in raw.items()}
 
 
 def main() -> None:
@@ -163,13 +187,18 @@ def main() -> None:
     parser.add_argument("--microbatches", default="2", help="micro-batch counts > 1 to try at batch > 1")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=cache_dir())
+    parser.add_argument("--aslr-ab", action="store_true", help="a second pair of ranks with address-space "
+                        "randomization, taking turns with the first (a run turns it off: runtime/aslr.py)")
     args = parser.parse_args()
-    results = measure(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
-                      args.new_tokens, [int(k) for k in args.microbatches.split(",") if k])
-    for batch, r in results.items():
-        speeds = ", ".join(f"{n} {v:.1f}" for n, v in r["median_tokens_per_s"].items())
-        print(f"batch {batch}: {speeds} tok/s; best two stages / one stage {r['ratio_median']:.3f} "
-              f"(quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, {r['rounds']} rounds)")
+    settings = ("off", "on") if args.aslr_ab else ("off",)
+    results = measure_pairs(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
+                            args.new_tokens, [int(k) for k in args.microbatches.split(",") if k], settings)
+    for setting, per_batch in results.items():
+        for batch, r in per_batch.items():
+            speeds = ", ".join(f"{n} {v:.1f}" for n, v in r["median_tokens_per_s"].items())
+            print(f"ASLR {setting:3s} batch {batch}: {speeds} tok/s; best two stages / one stage "
+                  f"{r['ratio_median']:.3f} (quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, "
+                  f"{r['rounds']} rounds)")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
     assert [r["layers"] for r in summary["ranks"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     for rank in summary["ranks"]:
         assert RANK_FIELDS <= rank.keys() and rank["compute_s"] > 0 and rank["peak_memory_bytes"] > 0
+        assert rank["address_space_randomized"] is False  # the ranks of a multi-rank run re-executed without
+    reference = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())
+    assert reference["ranks"][0]["address_space_randomized"] is True  # a one-rank run is left as it started
     steps = json.loads((run / "metrics_rank_1.json").read_text())["steps"]
     assert {"compute_s", "send_s", "wait_s", "mb", "step"} <= steps[0].keys()
     assert {s["mb"] for s in steps} == {0, 1}

@@ -129,3 +129,19 @@ def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypa
     assert set(results[4]["median_tokens_per_s"]) == {"pp1", "pp2-mb1", "pp2-mb2"}
     for summary in results.values():
         assert summary["rounds"] == 2 and all(r > 0 for r in summary["ratios"])
+
+
+def test_bench_paired_harness_runs_two_pairs_taking_turns(tiny_models, monkeypatch) -> None:  # noqa: ANN001
+    """`paired.py --aslr-ab`: a pair of ranks without and a pair with address-space randomization take turns
+    (four processes, one barrier); each pair reports its own rounds."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import paired
+
+    from distinfer.runtime.aslr import aslr_disabled
+
+    before = aslr_disabled()
+    results = paired.measure_pairs(tiny_models["tiny-llama"], [1], rounds=2, new_tokens=4, microbatches=[],
+                                   aslr=("off", "on"))
+    assert set(results) == {"off", "on"} and all(set(r) == {1} for r in results.values())
+    assert all(r[1]["rounds"] == 2 and all(x > 0 for x in r[1]["ratios"]) for r in results.values())
+    assert aslr_disabled() == before, "this process's own setting is restored"

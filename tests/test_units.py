@@ -406,3 +406,27 @@ def test_huge_page_weights_stay_put_when_the_mapping_does_not_fit() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+_PRINT_LAYOUT = """
+import os, sys
+from distinfer.runtime.aslr import reexec_without_aslr
+reexec_without_aslr()
+print(os.getpid(), open('/proc/self/maps').readline().split('-')[0], sys.orig_argv[-1])
+"""
+
+
+def _layout(environ: dict[str, str]) -> tuple[str, str, str]:
+    out = subprocess.run([sys.executable, "-c", _PRINT_LAYOUT, "last-arg"], env=environ, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    return out[0], out[1], out[2]
+
+
+def test_ranks_of_a_multi_rank_run_reexecute_without_address_randomization() -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "SLURM_NTASKS", "DISTINFER_ASLR")}
+    ranks = [_layout({**base, "WORLD_SIZE": "2"}) for _ in range(2)]
+    assert ranks[0][1] == ranks[1][1], "two ranks map their first segment at the same address"
+    assert all(arg == "last-arg" for _, _, arg in ranks), "the arguments survive the re-execution"
+    # randomized as usual: a single process, or a user who keeps ASLR (two layouts differ but by chance)
+    for environ in (base, {**base, "WORLD_SIZE": "2", "DISTINFER_ASLR": "keep"}):
+        assert len({_layout(environ)[1] for _ in range(3)}) > 1

@@ -10,6 +10,9 @@ its step and waits for the next would keep a core busy that the stage now comput
 (OMP_WAIT_POLICY=PASSIVE, no spinning at all, cost PP = 1 a fifth of its speed). With threads pinned
 (runtime/threads.py) a spinning worker holds the very core the next stage's main thread is pinned to,
 so the count is 2000 (~50 us here): PP = 1 measured no slower than with 20000. A value set by the user wins.
+
+Ranks of a multi-rank run then execute themselves again without address-space randomization, so that all
+of them lay out code and data alike (runtime/aslr.py).
 """
 
 import os
@@ -17,6 +20,10 @@ import signal
 
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+
+from distinfer.runtime.aslr import reexec_without_aslr  # noqa: E402
+
+reexec_without_aslr()
 
 from distinfer.runtime.worker import main  # noqa: E402
 

@@ -33,6 +33,7 @@ from distinfer.plan import RunSpec
 from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_prompts
 from distinfer.provenance import allowed_env
 from distinfer.runtime.accuracy import perplexity
+from distinfer.runtime.aslr import aslr_disabled
 from distinfer.runtime.dist import DistEnv, dist_env_from, init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
 from distinfer.runtime.kernels import use_fast_cpu_linears
@@ -253,6 +254,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "load_s": state.get("load_s"),
         "tokenize_s": state.get("tokenize_s"),
         "threads": torch.get_num_threads(),
+        "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "utilization": util,
         "error": state.get("error"),
     }
