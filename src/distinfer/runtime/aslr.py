@@ -6,9 +6,9 @@ layers slower than the same layers in one process (README, "Where the two-stage 
 same layout in both processes that loss is smaller. Why is a guess: the cores' branch predictors are
 indexed by virtual address, so with equal layouts one stage's history also serves the other.
 Measured with `bench/paired.py --aslr-ab` (a pair of ranks with and a pair without, taking turns round
-by round) on the 2-vCPU development machine, batch 1, 7 runs of 16 rounds: two stages / one stage
-0.966-1.008 (mean 0.991) without, 0.940-1.003 (mean 0.971) with; higher without in 6 of the 7 runs.
-At batch 8 (one run) 0.980 without and 1.001 with: within the noise.
+by round) on the 2-vCPU development machine, batch 1, 8 runs of 16 rounds: two stages / one stage
+0.961-1.008 (mean 0.988) without, 0.938-1.003 (mean 0.967) with; higher without in 7 of the 8 runs.
+At batch 8 (two runs) 0.980 and 0.998 without, 1.001 and 1.000 with: no difference.
 
 The flag takes effect when a program is executed: the rank's entry point sets it and executes itself
 again (`reexec_without_aslr`, same PID, before torch is imported). Where the kernel or a seccomp
