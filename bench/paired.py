@@ -51,10 +51,11 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.models.loading import load_stage_model, load_tokenizer
     from distinfer.models.profiles import model_layer_count
     from distinfer.prompts import load_prompts
-    from distinfer.runtime.dist import DistEnv, init_distributed, shutdown_distributed
+    from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.hugepages import place_in_huge_pages
     from distinfer.runtime.kernels import use_fast_cpu_linears
     from distinfer.runtime.pipeline import PipelineEngine
+    from distinfer.runtime.ranks import DistEnv
     from distinfer.runtime.sampling import Sampler, SamplingParams
     from distinfer.runtime.threads import rank_cores
     from distinfer.runtime.worker import make_batches, stop_rule

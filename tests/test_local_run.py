@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distinfer.models.tiny import cache_dir
+from distinfer.runtime.tensor import extensions_dir
 
 from conftest import kill_run, rank_pid, wait_for_first_completion
 
@@ -48,7 +48,7 @@ def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     work = tmp_path_factory.mktemp("study")
     # what a killed build of DeepSpeed's CPU all-reduce op leaves behind; without distinfer's clean-up
     # every later load of the op waits for this file to go, and the run below would time out
-    stale_lock = cache_dir() / "torch_extensions" / "deepspeed_shm_comm" / "lock"
+    stale_lock = extensions_dir() / "deepspeed_shm_comm" / "lock"
     stale_lock.parent.mkdir(parents=True, exist_ok=True)
     stale_lock.touch()
     (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))

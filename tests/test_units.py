@@ -15,7 +15,7 @@ from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_jso
 from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
 from distinfer.provenance import allowed_env
-from distinfer.runtime.dist import DistEnv, dist_env_from, first_host
+from distinfer.runtime.ranks import DistEnv, dist_env_from, first_host
 from distinfer.runtime.kernels import CpuLinear
 from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
 from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
@@ -417,16 +417,20 @@ print(os.getpid(), open('/proc/self/maps').readline().split('-')[0], sys.orig_ar
 
 
 def _layout(environ: dict[str, str]) -> tuple[str, str, str]:
-    out = subprocess.run([sys.executable, "-c", _PRINT_LAYOUT, "last-arg"], env=environ, capture_output=True,
-                         text=True, timeout=60, check=True).stdout.split()
+    """(the PID it started with = the PID it printed, the first mapping's address, its last argument)"""
+    proc = subprocess.Popen([sys.executable, "-c", _PRINT_LAYOUT, "last-arg"], env=environ, stdout=subprocess.PIPE,
+                            text=True)
+    out = proc.communicate(timeout=60)[0].split()
+    assert proc.returncode == 0 and out[0] == str(proc.pid), "re-executed in place, as torchrun's child"
     return out[0], out[1], out[2]
 
 
 def test_ranks_of_a_multi_rank_run_reexecute_without_address_randomization() -> None:
-    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "SLURM_NTASKS", "DISTINFER_ASLR")}
-    ranks = [_layout({**base, "WORLD_SIZE": "2"}) for _ in range(2)]
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "DISTINFER_ASLR")}
+    ranks = [_layout({**base, "RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
     assert ranks[0][1] == ranks[1][1], "two ranks map their first segment at the same address"
     assert all(arg == "last-arg" for _, _, arg in ranks), "the arguments survive the re-execution"
     # randomized as usual: a single process, or a user who keeps ASLR (two layouts differ but by chance)
-    for environ in (base, {**base, "WORLD_SIZE": "2", "DISTINFER_ASLR": "keep"}):
+    for environ in (base, {**base, "RANK": "0", "WORLD_SIZE": "2", "DISTINFER_ASLR": "keep"}):
         assert len({_layout(environ)[1] for _ in range(3)}) > 1

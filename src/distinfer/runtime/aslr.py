@@ -22,6 +22,8 @@ import ctypes
 import os
 import sys
 
+from distinfer.runtime.ranks import dist_env_from
+
 ADDR_NO_RANDOMIZE = 0x0040000  # <linux/personality.h>
 _QUERY = 0xFFFFFFFF  # personality(0xffffffff) returns the current persona without changing it
 
@@ -53,16 +55,10 @@ def set_randomization(on: bool) -> bool:
     return aslr_disabled() != on
 
 
-def is_multi_rank(environ: dict[str, str] | os._Environ) -> bool:
-    """A rank of a run with more than one (torchrun's or Slurm's variables)."""
-    size = environ.get("WORLD_SIZE") or environ.get("SLURM_NTASKS") or "1"
-    return size.isdigit() and int(size) > 1
-
-
 def reexec_without_aslr() -> None:
     """Execute this Python program again, same arguments, without randomization: for ranks of a multi-rank
     run, before anything heavy is imported. Returns where nothing is to be done or the kernel refuses."""
-    if os.environ.get("DISTINFER_ASLR") == "keep" or not is_multi_rank(os.environ) or aslr_disabled():
+    if os.environ.get("DISTINFER_ASLR") == "keep" or dist_env_from(os.environ).world_size < 2 or aslr_disabled():
         return
     if set_randomization(False):
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

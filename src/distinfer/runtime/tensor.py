@@ -16,8 +16,8 @@ import torch
 
 from distinfer.models.loading import load_full_model
 from distinfer.models.tiny import cache_dir
-from distinfer.runtime.dist import DistEnv
 from distinfer.runtime.pipeline import StopRule
+from distinfer.runtime.ranks import DistEnv
 from distinfer.runtime.reference import ReferenceEngine
 from distinfer.runtime.sampling import SamplingParams
 
@@ -30,7 +30,12 @@ def prepare_deepspeed_env(env: DistEnv, device: torch.device) -> None:
     os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+
+
+def extensions_dir() -> Path:
+    """Where distinfer keeps the ops DeepSpeed compiles (unless the user set TORCH_EXTENSIONS_DIR)."""
+    return cache_dir() / "torch_extensions"
 
 
 def build_deepspeed_engine(
@@ -79,7 +84,7 @@ def build_shm_op_once() -> None:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "distinfer-build.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
-        if root == cache_dir() / "torch_extensions":
+        if root == extensions_dir():
             for path in remove_stale_build_locks(root):
                 log.warning("removed %s, left by an op build that was killed", path)
         builder.load(verbose=False)

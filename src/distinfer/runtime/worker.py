@@ -34,11 +34,12 @@ from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_promp
 from distinfer.provenance import allowed_env
 from distinfer.runtime.accuracy import perplexity
 from distinfer.runtime.aslr import aslr_disabled
-from distinfer.runtime.dist import DistEnv, dist_env_from, init_distributed, shutdown_distributed
+from distinfer.runtime.dist import init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
 from distinfer.runtime.kernels import use_fast_cpu_linears
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
+from distinfer.runtime.ranks import DistEnv, dist_env_from
 from distinfer.runtime.reference import ReferenceEngine
 from distinfer.runtime.sampling import Sampler, SamplingParams
 
