@@ -61,7 +61,7 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.runtime.worker import make_batches, stop_rule
 
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, master_port=options["port"])
-    alone, shared = rank_cores(rank, 2, False), rank_cores(rank, 2, True)  # before pinning narrows the mask
+    alone, shared = rank_cores(rank, rank, 2, False), rank_cores(rank, rank, 2, True)  # before pinning narrows the mask
     device = init_distributed(env, timeout_s=600, ranks_compute_together=False)
     model_dir = Path(options["model"])
     tokenizer = load_tokenizer(model_dir)

@@ -23,16 +23,17 @@ def tiny_models() -> dict[str, Path]:
     return {name: build_tiny_model(name) for name in ("tiny-llama", "tiny-gpt2")}
 
 
-def spawn_ranks(world: int, model_dir: Path, cases: list, max_new: int, timeout: float = 300) -> dict:
-    """Run the cases on `world` spawned gloo ranks; always joins or kills the children."""
+def spawn_ranks(model_dir: Path, cases: dict[int, list], max_new: int, timeout: float = 300) -> dict:
+    """Run {world: cases} on max(world) spawned gloo ranks (pp_harness.py); {world: {case index: result}}.
+    Always joins or kills the children."""
     import torch.multiprocessing as mp
 
     from pp_harness import rank_main
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.start_processes(rank_main, args=(world, free_port(), str(model_dir), cases, max_new, queue),
-                               nprocs=world, start_method="spawn", join=False)
+    procs = mp.start_processes(rank_main, args=(free_port(), str(model_dir), cases, max_new, queue),
+                               nprocs=max(cases), start_method="spawn", join=False)
     try:
         results = queue.get(timeout=timeout)
         while not procs.join(timeout=60):

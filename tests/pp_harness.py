@@ -1,8 +1,10 @@
 """Spawned gloo ranks that run many pipeline configurations in one process group (real multi-process).
 
+One spawn of the largest world runs every pipeline size: the cases of a `world`-stage pipeline run on ranks
+0..world-1 over their own process group (the others wait), so the ranks start and import once.
 Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override). Stages run
 with the engine's fast CPU linear kernels, as `distinfer run` does by default.
-Rank 0 puts {case index: (tokens per prompt, stage facts per rank)} on the queue.
+Rank 0 puts {world: {case index: (tokens per prompt, stage facts per rank)}} on the queue.
 """
 
 from __future__ import annotations
@@ -25,21 +27,37 @@ from distinfer.runtime.worker import make_batches
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "correctness.jsonl"
 
 
-def rank_main(rank: int, world: int, port: int, model_dir: str, cases: list, max_new: int, queue) -> None:  # noqa: ANN001
+def rank_main(rank: int, port: int, model_dir: str, cases: dict[int, list], max_new: int, queue) -> None:  # noqa: ANN001
+    world = max(cases)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    tok = load_tokenizer(Path(model_dir))
+    groups = {size: dist.new_group(list(range(size))) for size in sorted(cases) if 1 < size < world}
+    results = {}
+    for size, size_cases in sorted(cases.items()):
+        if rank < size:
+            results[size] = run_cases(rank, size, groups.get(size, dist.group.WORLD), Path(model_dir), size_cases,
+                                      max_new)
+    if rank == 0:
+        queue.put(results)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_new: int) -> dict:  # noqa: ANN001
+    """This rank's stage of every case on a `world`-stage pipeline over `group`; rank 0 returns the results."""
+    tok = load_tokenizer(model_dir)
     prompts = load_prompts(PROMPTS)
-    num_layers = model_layer_count(Path(model_dir))
+    num_layers = model_layer_count(model_dir)
     results = {}
     for index, (counts, batch_size, microbatches, params, eos) in enumerate(cases):
         layout = split_layers(num_layers, world, counts)[rank]
-        model, family = load_stage_model(Path(model_dir), layout, "float32", torch.device("cpu"))
+        model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
         use_fast_cpu_linears(model, splits=2)  # the engine's default CPU kernels, both paths (one row and several)
         stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
-        engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches)
+        engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches,
+                                group=group)
         tokens: list[list[int]] = []
         for batch in make_batches(prompts, tok, batch_size):
             out = engine.generate(batch)
@@ -49,12 +67,9 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, cases: list, max
                  "first": layout.is_first, "last": layout.is_last}
         gathered = [None] * world if rank == 0 else None
         if world > 1:
-            dist.gather_object(facts, gathered, dst=0)
+            dist.gather_object(facts, gathered, dst=0, group=group)
         else:
             gathered = [facts]
         if rank == 0:
             results[index] = (tokens, gathered)
-    if rank == 0:
-        queue.put(results)
-    if world > 1:
-        dist.destroy_process_group()
+    return results

@@ -59,12 +59,13 @@ def model_case(request, tiny_models):  # noqa: ANN001
     # An EOS that really occurs, so that early stopping of rows and micro-batches is exercised.
     common = Counter(t for row in references[4] for t in row[2:]).most_common(1)[0][0]
     references["eos"] = hf_generate(model_dir, 4, eos=common)
-    results = {}
+    cases = {}
     for world, layouts in LAYOUTS.items():
-        cases = [(counts, bs, mb, GREEDY, None) for counts in layouts for bs, mb in BATCHING]
-        cases.append((None, 4, 2, GREEDY, common))
-        cases += [(None, 4, 2, SAMPLED, None), (None, 1, 1, SAMPLED, None)] if world <= 2 else []
-        results[world] = (cases, spawn_ranks(world, model_dir, cases, MAX_NEW))
+        cases[world] = [(counts, bs, mb, GREEDY, None) for counts in layouts for bs, mb in BATCHING]
+        cases[world].append((None, 4, 2, GREEDY, common))
+        cases[world] += [(None, 4, 2, SAMPLED, None), (None, 1, 1, SAMPLED, None)] if world <= 2 else []
+    out = spawn_ranks(model_dir, cases, MAX_NEW)
+    results = {world: (cases[world], out[world]) for world in cases}
     return model_dir, references, results, common
 
 

@@ -145,7 +145,8 @@ def test_a_dead_rank_fails_the_slurm_job_and_is_named(slurm, tmp_path: Path, tin
     from conftest import rank_pid, wait_for_first_completion
 
     config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2, timeout_s: 20}")
-    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 2000")
+    # 20 batches of one prompt: the first completion comes within seconds and the run goes on for minutes
+    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 300")
                       .replace("batch_size: 4", "batch_size: 1"))
     assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
     run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b1-mb1-fp32"
@@ -162,10 +163,11 @@ def test_a_dead_rank_fails_the_slurm_job_and_is_named(slurm, tmp_path: Path, tin
 
 def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """A real Slurm time limit (1 minute; slurmctld checks limits every ~30 s): SIGTERM at the limit."""
+    # 250 batches of 200 tokens: completions within seconds, and far more work than a minute holds
     config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2}",
-                              "benchmark: {repeats: 20}\n")
+                              "benchmark: {repeats: 50}\n")
     config.write_text(config.read_text().replace("'00:10:00'", "'00:01:00'").replace("max_new_tokens: 8",
-                                                                                      "max_new_tokens: 1000"))
+                                                                                      "max_new_tokens: 200"))
     assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
     run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b4-mb1-fp32"
     wait_for_jobs(slurm, tmp_path, "slurm-tiny", timeout=180)

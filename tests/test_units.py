@@ -76,10 +76,13 @@ def test_slurm_variables_map_to_torch_ones() -> None:
 
 def test_rank_cores_split_or_rotate() -> None:
     cores = [0, 1, 2, 3]
-    assert [rank_cores(r, 2, True, cores) for r in range(2)] == [[0, 1], [2, 3]], "computing together: a share each"
-    assert [rank_cores(r, 4, True, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]], "more ranks than cores"
-    assert rank_cores(0, 2, False, cores) == [0, 1, 2, 3], "taking turns: every core"
-    assert rank_cores(1, 2, False, cores) == [1, 2, 3, 0], "each stage's main thread on a core of its own"
+    assert [rank_cores(r, r, 2, True, cores) for r in range(2)] == [[0, 1], [2, 3]], "computing together: a share each"
+    assert [rank_cores(r, r, 4, True, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]], "more ranks than cores"
+    assert rank_cores(0, 0, 2, False, cores) == [0, 1, 2, 3], "taking turns: every core"
+    assert rank_cores(1, 1, 2, False, cores) == [1, 2, 3, 0], "each stage's main thread on a core of its own"
+    # Two Slurm nodes on one machine (the test cluster): both ranks are local rank 0 of one, yet their main
+    # threads still get different cores.
+    assert [rank_cores(r, 0, 1, False, [0, 1])[0] for r in range(2)] == [0, 1], "rotated by the global rank"
 
 
 PIN_PROBE = """

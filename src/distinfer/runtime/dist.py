@@ -25,7 +25,7 @@ def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: boo
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        pin_threads(rank_cores(env.local_rank, env.local_world_size, ranks_compute_together))
+        pin_threads(rank_cores(env.rank, env.local_rank, env.local_world_size, ranks_compute_together))
         backend = "gloo"
     if env.world_size > 1 and not dist.is_initialized():
         # env:// reuses torchrun's agent store when there is one; under plain srun it starts its own.

@@ -97,7 +97,9 @@ class PipelineEngine:
         sampler: Sampler,
         stop: StopRule,
         microbatches: int = 1,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
+        """`rank` and `world_size` are this stage's place in `group`, by default the whole job's group."""
         self.model, self.family = model, family
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_first, self.is_last = rank == 0, rank == world_size - 1
@@ -106,7 +108,7 @@ class PipelineEngine:
         self.dtype = next(model.parameters()).dtype
         self.steps: list[dict] = []  # raw per-step timings of this rank
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # keep each tensor alive until sent
-        self._group = dist.group.WORLD if world_size > 1 else None
+        self._group = (group or dist.group.WORLD) if world_size > 1 else None
         self._token_peers = list(range(world_size - 1)) if self.is_last else []  # stage 0 and the middle stages
         self._eos = torch.tensor(stop.eos_token_ids, device=device)
         self._batch_index = 0

@@ -2,8 +2,8 @@
 
 Ranks that compute at the same time (tensor parallel, pipeline micro-batches) split the node's cores.
 Pipeline stages without micro-batches take turns, so each may use every core; each rank then starts its
-core list at a different core, so that the main threads of two stages sit on different cores. At a
-handoff the sending stage's last Python work and the receiving stage's first run side by side instead
+core list at a different core (by global rank), so that the main threads of two stages sit on different
+cores. At a handoff the sending stage's last Python work and the receiving stage's first run side by side instead
 of queueing on one core.
 
 Pinning: the main thread goes to the rank's first core and OpenMP's workers to the others. The workers
@@ -32,12 +32,18 @@ def available_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def rank_cores(local_rank: int, local_world_size: int, together: bool, cores: list[int] | None = None) -> list[int]:
+def rank_cores(rank: int, local_rank: int, local_world_size: int, together: bool,
+               cores: list[int] | None = None) -> list[int]:
     """The cores of one rank, the main thread's first: an even share when the node's ranks compute together,
-    else all of them, rotated by the rank so that every rank's main thread has a core of its own."""
+    else all of them, rotated so that every rank's main thread has a core of its own.
+
+    The rotation goes by the global rank, not the local one: ranks that Slurm places on different nodes of one
+    machine (the test cluster's two slurmd on localhost) are all local rank 0, and rotated by that their main
+    threads shared one core, unlike the same stages in a local run. On separate machines the rotation changes
+    nothing that matters; the ranks of one node have consecutive global ranks, so they still differ."""
     cores = sorted(cores) if cores is not None else available_cores()
     if not together:
-        shift = local_rank % len(cores)
+        shift = rank % len(cores)
         return cores[shift:] + cores[:shift]
     per = max(1, len(cores) // max(1, local_world_size))
     start = (local_rank * per) % len(cores)
