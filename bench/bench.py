@@ -14,7 +14,8 @@ writes bench/results/bench-<time>.json. Token counts are those generated (throug
 engine since they are token-exact); distinfer figures are its own measured-batch throughput (warm-up and
 model load excluded), HF generate is timed the same way (after one warm-up batch). The weight-read ratio
 takes pp1's batch-1 decode step (mean time per output token after the first) as the time to read every
-weight once.
+weight once (of the input embedding table, one row), against the copy bandwidth measured at the start of
+the same repeat; bench/paired.py measures it again round by round, the bandwidth just before each batch.
 
     python bench/bench.py [--repeats 5] [--new-tokens 32] [--engines pp1,hf-generate] [--rounds 16]
 """
@@ -68,12 +69,15 @@ def build_model(cache: Path) -> Path:
     return target
 
 
-def checkpoint_bytes(path: Path) -> int:
-    """Bytes of every tensor in the bench's fp32 safetensors file, from its header (no tensor is loaded)."""
+def checkpoint_bytes(path: Path, decode_reads: bool = False) -> int:
+    """Bytes of every tensor in the bench's fp32 safetensors file, from its header (no tensor is loaded); with
+    `decode_reads`, without the input embedding table, of which a decode step reads one row (the bench model's
+    head has weights of its own: bench/bandwidth.py's `decode_read_bytes` on a loaded model)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return sum(4 * math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        names = [n for n in f.keys() if not (decode_reads and n.endswith("embed_tokens.weight"))]
+        return sum(4 * math.prod(f.get_slice(name).get_shape()) for name in names)
 
 
 def prompts_file(work: Path, count: int) -> Path:
@@ -126,24 +130,12 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     return {"output_tokens": tokens, "output_tokens_per_s": tokens / wall}
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes moved per second (read + write) by the best of several large tensor copies."""
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
-
-
 ONE_PROCESS = ("reference", "pp1")
 TWO_STAGES = ("pp2-mb1", "pp2-mb2", "pp2-mb4")
 
 
 def paired_ratios(samples: dict[tuple[str, int], list[float]], decode_step_s: dict[tuple[str, int], list[float]],
-                  bandwidth: list[float], weight_bytes: int) -> dict[str, float]:
+                  bandwidth: list[float], read_bytes: int) -> dict[str, float]:
     """The issue's ratios, each taken within one repeat (the engines of a repeat run within a minute or two of
     each other, while this shared machine's speed drifts by up to 2x from minute to minute), then the median
     over the repeats."""
@@ -164,9 +156,9 @@ def paired_ratios(samples: dict[tuple[str, int], list[float]], decode_step_s: di
             if one and two:
                 per.setdefault(f"pp2_over_best_one_process_b{batch}", []).append(max(two) / max(one))
         steps = decode_step_s.get(("pp1", 1), [])
-        if r < len(steps):  # a batch-1 decode step reads every weight once
+        if r < len(steps):  # a batch-1 decode step reads every weight once (of the embedding table, a row)
             per.setdefault("decode_weight_read_over_copy_bandwidth_b1", []).append(
-                weight_bytes / steps[r] / bandwidth[r])
+                read_bytes / steps[r] / bandwidth[r])
     return {key: statistics.median(values) for key, values in per.items()}
 
 
@@ -180,11 +172,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
-    from paired import measure as measure_paired  # bench/paired.py, next to this script
+    from bandwidth import copy_bandwidth  # bench/bandwidth.py and bench/paired.py, next to this script
+    from paired import measure as measure_paired
 
     engines = args.engines.split(",")
     model = build_model(args.cache)
     weight_bytes = checkpoint_bytes(model / "model.safetensors")
+    read_bytes = checkpoint_bytes(model / "model.safetensors", decode_reads=True)  # per batch-1 decode step
     samples: dict[tuple[str, int], list[float]] = {}
     decode_step_s: dict[tuple[str, int], list[float]] = {}  # distinfer runs: mean time per output token after the first
     splits: dict[tuple[str, int], list[dict]] = {}
@@ -217,13 +211,15 @@ def main() -> None:
     for name in engines:
         cells = [f"{median[(name, b)]:14.2f}" if (name, b) in median else f"{'-':>14s}" for b in BATCHES]
         print(f"{name:14s} {' '.join(cells)}")
-    ratios = paired_ratios(samples, decode_step_s, bandwidth, weight_bytes)
+    ratios = paired_ratios(samples, decode_step_s, bandwidth, read_bytes)
     for batch, result in paired_results.items():
         ratios[f"pp2_over_pp1_batch_by_batch_b{batch}"] = result["ratio_median"]
+        if "weight_read_median" in result:
+            ratios[f"decode_weight_read_batch_by_batch_b{batch}"] = result["weight_read_median"]
     if ("pp1", 1) in decode_step_s:
         step = statistics.median(decode_step_s[("pp1", 1)])
         print(f"\npipeline 1 stage, batch 1: {step * 1e3:.1f} ms per decode step (median) = weights read at "
-              f"{weight_bytes / step / 1e9:.1f} GB/s")
+              f"{read_bytes / step / 1e9:.1f} GB/s")
     if paired_results:
         print(f"\ntwo stages against one, batch by batch in the same two processes ({args.rounds} rounds, "
               "bench/paired.py):")
@@ -232,6 +228,10 @@ def main() -> None:
             low, high = result["ratio_quartiles"]
             print(f"  batch {batch}: {speeds} tok/s; best two-stage / one-stage {result['ratio_median']:.3f} "
                   f"(quartiles {low:.3f}-{high:.3f})")
+            if "weight_read_median" in result:
+                low, high = result["weight_read_quartiles"]
+                print(f"  batch {batch}: one-stage decode weight reads / copy bandwidth measured just before "
+                      f"{result['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
     targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "pp2_over_pp1_batch_by_batch": 0.95,
                "decode_weight_read": 0.60}
     print("\nratio (median over repeats, or rounds, of the ratio within each)   value   target")

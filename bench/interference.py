@@ -58,7 +58,7 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
     from distinfer.models.loading import load_stage_model
     from distinfer.models.profiles import model_layer_count
     from distinfer.runtime.hugepages import place_in_huge_pages
-    from distinfer.runtime.kernels import use_fast_cpu_linears
+    from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
     from distinfer.runtime.threads import available_cores, pin_threads
 
     cores = available_cores()
@@ -74,6 +74,7 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
         model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
         use_fast_cpu_linears(model)
         place_in_huge_pages(model)
+        choose_one_row_kernel(model)
         layers = family.decoder_layers(model)
         half = len(layers) // 2
         started: dict[int, float] = {}

@@ -5,7 +5,9 @@ Separate `distinfer run`s of the two engines sit a minute apart, and this machin
 a run pins them) and, round after round, generate the same batch with one stage (rank 0 alone, every
 core) and with two stages (one or more micro-batches), in alternating order. Each round gives a ratio
 best-two-stage / one-stage tokens/s; the median and quartiles over the rounds are reported. Every round
-also checks that the engines' tokens are equal.
+also checks that the engines' tokens are equal. At batch 1, rank 0 also measures the memory copy bandwidth
+(bench/bandwidth.py) just before its one-stage batch, while rank 1 waits: each round's decode step (time per
+token after the first) against that bandwidth gives a weight-read ratio free of the drift as well.
 
 The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears`, `place_in_huge_pages`,
 `PipelineEngine`), without the run's bookkeeping. With micro-batches the stages compute at once, so each
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bandwidth import CopyBandwidth, decode_read_bytes  # bench/bandwidth.py, next to this script
 from distinfer.runtime.aslr import aslr_disabled, set_randomization
 from distinfer.runtime.dist import free_port
 
@@ -53,7 +56,7 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.prompts import load_prompts
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.hugepages import place_in_huge_pages
-    from distinfer.runtime.kernels import use_fast_cpu_linears
+    from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
     from distinfer.runtime.pipeline import PipelineEngine
     from distinfer.runtime.ranks import DistEnv
     from distinfer.runtime.sampling import Sampler, SamplingParams
@@ -72,6 +75,7 @@ def _rank(rank: int, options: dict) -> None:
         model, family = load_stage_model(model_dir, split_layers(layers, world, None)[r], "float32", device)
         use_fast_cpu_linears(model, len(alone))
         place_in_huge_pages(model)
+        choose_one_row_kernel(model)  # as a run's stage does (runtime/kernels.py)
         return model, family
 
     def engine(model_family, world: int, r: int, microbatches: int) -> PipelineEngine:  # noqa: ANN001
@@ -79,8 +83,11 @@ def _rank(rank: int, options: dict) -> None:
         return PipelineEngine(model, family, r, world, device, Sampler(SamplingParams(), device), stop, microbatches)
 
     half = stage(2, rank)
+    whole = stage(1, 0) if rank == 0 else None
+    read_bytes = decode_read_bytes(whole[0]) if whole else 0
+    copier = CopyBandwidth() if whole else None
     phases: dict[str, tuple[PipelineEngine | None, list[int]]] = {
-        "pp1": (engine(stage(1, 0), 1, 0, 1) if rank == 0 else None, alone),
+        "pp1": (engine(whole, 1, 0, 1) if whole else None, alone),
         "pp2-mb1": (engine(half, 2, rank, 1), alone),
     }
     for k in options["microbatches"]:
@@ -92,6 +99,7 @@ def _rank(rank: int, options: dict) -> None:
         batches = make_batches(prompts[:count], tokenizer, batch_size)
         names = [n for n in phases if batch_size > 1 or n in ("pp1", "pp2-mb1")]  # micro-batches need rows
         per_round: list[dict[str, float]] = []
+        weight_read: list[float] = []  # batch 1: bytes read per decode step / copy bandwidth, round by round
         for round_ in range(options["rounds"] + 1):  # round 0 warms up
             batch = batches[round_ % len(batches)]
             turn, first = options["turn"], options["pair"] == round_ % 2  # pairs taking turns (--aslr-ab)
@@ -106,11 +114,16 @@ def _rank(rank: int, options: dict) -> None:
                 _use_cores(cores)
                 dist.barrier()
                 if eng is not None:
+                    measure_reads = name == "pp1" and batch_size == 1
+                    bandwidth = copier.measure() if measure_reads else 0.0
                     start = time.perf_counter()
                     out = eng.generate(batch)
                     if out is not None:
                         tokens[name] = out.tokens
                         speeds[name] = sum(map(len, out.tokens)) / (time.perf_counter() - start)
+                        times = out.token_times[0]
+                        if measure_reads and round_ > 0 and len(times) > 1:
+                            weight_read.append(read_bytes * (len(times) - 1) / (times[-1] - times[0]) / bandwidth)
                 dist.barrier()
             if turn is not None and first:
                 turn.wait()
@@ -121,23 +134,33 @@ def _rank(rank: int, options: dict) -> None:
                 if round_ > 0:
                     per_round.append(speeds)
         if rank == 0:
-            results[batch_size] = per_round
+            results[batch_size] = {"speeds": per_round, "weight_read": weight_read}
     if rank == 0:
         Path(options["out"]).write_text(json.dumps(results))
     shutdown_distributed()
 
 
-def summarize(per_round: list[dict[str, float]]) -> dict:
-    """Median tokens/s of each engine, and the median and quartiles of best-two-stage / one-stage per round."""
+def _quartiles(values: list[float]) -> list[float]:
+    low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [low, high]
+
+
+def summarize(rounds: dict[str, list]) -> dict:
+    """Median tokens/s of each engine, the median and quartiles of best-two-stage / one-stage per round, and
+    (batch 1) of the per-round weight-read ratio."""
+    per_round = rounds["speeds"]
     ratios = [max(v for n, v in speeds.items() if n.startswith("pp2")) / speeds["pp1"] for speeds in per_round]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return {
+    summary = {
         "median_tokens_per_s": {n: statistics.median(s[n] for s in per_round) for n in per_round[0]},
         "rounds": len(per_round),
         "ratio_median": statistics.median(ratios),
-        "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "ratio_quartiles": _quartiles(ratios),
         "ratios": ratios,
     }
+    if rounds["weight_read"]:
+        summary.update(weight_read_median=statistics.median(rounds["weight_read"]),
+                       weight_read_quartiles=_quartiles(rounds["weight_read"]), weight_read=rounds["weight_read"])
+    return summary
 
 
 def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int]) -> dict[int, dict]:
@@ -175,7 +198,7 @@ def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int,
         set_randomization(randomized)
         if spin is None:
             del os.environ["GOMP_SPINCOUNT"]
-    return {setting: {int(b): summarize(per_round) for b, per_round in r.items()} for setting, r in raw.items()}
+    return {setting: {int(b): summarize(rounds) for b, rounds in r.items()} for setting, r in raw.items()}
 
 
 def main() -> None:
@@ -200,6 +223,10 @@ def main() -> None:
             print(f"ASLR {setting:3s} batch {batch}: {speeds} tok/s; best two stages / one stage "
                   f"{r['ratio_median']:.3f} (quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, "
                   f"{r['rounds']} rounds)")
+            if "weight_read_median" in r:
+                low, high = r["weight_read_quartiles"]
+                print(f"ASLR {setting:3s} batch {batch}: one-stage decode weight reads / copy bandwidth "
+                      f"{r['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
     for rank in summary["ranks"]:
         assert RANK_FIELDS <= rank.keys() and rank["compute_s"] > 0 and rank["peak_memory_bytes"] > 0
         assert rank["address_space_randomized"] is False  # the ranks of a multi-rank run re-executed without
+        assert rank["one_row_kernel"] in ("split", "onednn", "mkl"), "each CPU stage timed its one-row kernels"
     reference = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())
     assert reference["ranks"][0]["address_space_randomized"] is True  # a one-rank run is left as it started
     steps = json.loads((run / "metrics_rank_1.json").read_text())["steps"]

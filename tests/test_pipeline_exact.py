@@ -130,6 +130,9 @@ def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypa
     assert set(results[4]["median_tokens_per_s"]) == {"pp1", "pp2-mb1", "pp2-mb2"}
     for summary in results.values():
         assert summary["rounds"] == 2 and all(r > 0 for r in summary["ratios"])
+    # batch 1 also times the one-stage decode against a copy bandwidth measured just before, round by round
+    assert len(results[1]["weight_read"]) == 2 and all(0 < r < 10 for r in results[1]["weight_read"])
+    assert "weight_read" not in results[4]
 
 
 def test_bench_paired_harness_runs_two_pairs_taking_turns(tiny_models, monkeypatch) -> None:  # noqa: ANN001

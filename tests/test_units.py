@@ -14,6 +14,7 @@ import torch
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
 from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
+from distinfer.models.loading import load_full_model
 from distinfer.provenance import allowed_env
 from distinfer.runtime.ranks import DistEnv, dist_env_from, first_host
 from distinfer.runtime.kernels import CpuLinear
@@ -219,15 +220,37 @@ def test_long_context_prompts_are_deterministic_and_cut_to_the_context(tiny_mode
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("splits", [1, 2, 4])
-def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int) -> None:
+@pytest.mark.parametrize("one_row", ["split", "onednn", "mkl"])
+def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int, one_row: str) -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
-    fast = CpuLinear(linear.weight, linear.bias, splits)
+    fast = CpuLinear(linear.weight, linear.bias, splits, one_row)
     x = torch.randn(1, rows, 64)  # one sequence of `rows` tokens
     with torch.inference_mode():
         assert torch.allclose(fast(x), linear(x), rtol=1e-5, atol=1e-5)
     assert fast.weight is linear.weight  # no copy of the weights
     assert fast.splits == splits
+
+
+def test_the_fastest_one_row_kernel_is_timed_and_set_on_every_layer() -> None:
+    from distinfer.runtime.kernels import ONE_ROW_KERNELS, choose_one_row_kernel, use_fast_cpu_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(256, 512) for _ in range(4)))
+    assert choose_one_row_kernel(model) is None, "no CpuLinear layers yet"
+    use_fast_cpu_linears(model, splits=2)
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        expected = model[0].weight @ x[0] + model[0].bias
+        picked = choose_one_row_kernel(model, budget_bytes=2 * 512 * 256 * 4)  # times the first two layers
+    assert set(picked["read_bytes_per_s"]) == set(ONE_ROW_KERNELS) and all(picked["read_bytes_per_s"].values())
+    assert picked["kernel"] == max(picked["read_bytes_per_s"], key=picked["read_bytes_per_s"].get)
+    assert {m.one_row for m in model} == {picked["kernel"]}, "every layer, timed or not, uses the choice"
+    with torch.inference_mode():
+        assert torch.allclose(model[0](x)[0], expected, rtol=1e-5, atol=1e-5)
+    single = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    use_fast_cpu_linears(single, splits=1)
+    assert set(choose_one_row_kernel(single)["read_bytes_per_s"]) == {"onednn", "mkl"}, "no split on one thread"
 
 
 def test_cpu_linear_falls_back_when_rows_do_not_split_evenly() -> None:
@@ -332,6 +355,16 @@ def test_bench_ratios_pair_engines_within_each_repeat() -> None:
     assert ratios["pp2_over_best_one_process_b8"] == pytest.approx(0.9)  # the better of 1 and 2 micro-batches
     assert ratios["decode_weight_read_over_copy_bandwidth_b1"] == pytest.approx(0.5)
     assert "pp1_over_hf_generate_b8" not in ratios
+
+
+def test_decode_reads_every_weight_but_an_untied_embedding_table(tiny_models) -> None:  # noqa: ANN001
+    bandwidth = _bench_module("bandwidth")
+    for name, tied in (("tiny-llama", False), ("tiny-gpt2", True)):
+        model = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
+        total = sum(p.numel() * 4 for p in model.parameters())  # a tied table is one parameter, counted once
+        table = model.get_input_embeddings().weight.numel() * 4
+        assert bandwidth.decode_read_bytes(model) == (total if tied else total - table), name
+    assert bandwidth.CopyBandwidth(megabytes=8).measure(repeats=2) > 1e8  # bytes/s: any machine copies 100 MB/s
 
 
 def _bench_module(name: str):  # noqa: ANN202

@@ -7,15 +7,26 @@ batch of 8 rows reaches about half of oneDNN's speed. Measured on the benchmark'
 weight's rows are split over the cores as one batched product (`bmm`, which PyTorch runs one matrix per
 thread); at 8 rows, 59 ms with MKL and 30 ms with oneDNN.
 
-`CpuLinear` keeps the layer's own parameters (same names, no copy) and picks per call: one row ->
-row-split `bmm`, more rows -> oneDNN. Results differ from MKL's only by summation order (about 1e-6
+`CpuLinear` keeps the layer's own parameters (same names, no copy) and picks per call: one row -> the
+one-row kernel, more rows -> oneDNN. Results differ from MKL's only by summation order (about 1e-6
 relative); the token-exact tests compare the engines that use it with the stock reference.
+
+Which one-row kernel is fastest depends on the CPU: on the AMD EPYC above, MKL's matrix-vector product
+uses one core and the row-split `bmm` wins; on an Intel Xeon (2 vCPUs, session 10) MKL uses both cores
+and the split `bmm` takes twice as long (the 160 M model's linear layers, one row: MKL 23-26 ms, oneDNN
+33 ms, split 51-58 ms). So `choose_one_row_kernel` times the three on the stage's own weights once, after
+loading, and every layer then uses the fastest.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+ONE_ROW_KERNELS = ("split", "onednn", "mkl")  # row-split bmm, oneDNN, F.linear (MKL)
 
 
 def fast_cpu_linear_available() -> bool:
@@ -25,25 +36,29 @@ def fast_cpu_linear_available() -> bool:
 class CpuLinear(nn.Module):
     """`y = x W^T + b` with the kernel chosen by the number of rows; `weight` is [out, in] as in nn.Linear."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, splits: int) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, splits: int, one_row: str = "split") -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self.splits = splits if splits > 1 and self.out_features % splits == 0 else 1
+        self.one_row = one_row  # one of ONE_ROW_KERNELS ("split" without splits runs oneDNN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 1 and self.splits > 1:
+        if rows.shape[0] == 1 and self.one_row == "split" and self.splits > 1:
             parts = self.weight.view(self.splits, self.out_features // self.splits, self.in_features)
             out = torch.bmm(parts, rows.t().expand(self.splits, -1, -1)).view(1, self.out_features)
             if self.bias is not None:
                 out = out + self.bias
+        elif rows.shape[0] == 1 and self.one_row == "mkl":
+            out = F.linear(rows, self.weight, self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, "
+                f"one_row={self.one_row}")
 
 
 def _is_fp32_cpu_linear(module: nn.Module) -> bool:
@@ -75,3 +90,36 @@ def use_fast_cpu_linears(model: nn.Module, splits: int | None = None) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _cpu_linear(module, splits))
     return len(targets)
+
+
+def choose_one_row_kernel(model: nn.Module, budget_bytes: int = 256 * 2**20, passes: int = 3) -> dict | None:
+    """Time one-row products through `model`'s CpuLinear layers with each of ONE_ROW_KERNELS (interleaved, a
+    warm-up pass first, the best of `passes`), then set the fastest on every layer. The layers timed hold up to
+    `budget_bytes` of weights, more than a CPU's caches, so that the timing reads memory as a decode step
+    does. Returns {"kernel": name, "read_bytes_per_s": {name: rate}}, or None without CpuLinear layers."""
+    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    if not layers:
+        return None
+    timed, total = [], 0
+    for layer in layers:
+        timed.append(layer)
+        total += layer.weight.numel() * layer.weight.element_size()
+        if total >= budget_bytes:
+            break
+    kernels = [k for k in ONE_ROW_KERNELS if k != "split" or any(m.splits > 1 for m in timed)]
+    inputs = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in timed}
+    best = dict.fromkeys(kernels, float("inf"))
+    with torch.inference_mode():
+        for attempt in range(passes + 1):
+            for kernel in kernels:
+                for layer in timed:
+                    layer.one_row = kernel
+                start = time.perf_counter()
+                for layer in timed:
+                    layer(inputs[layer.in_features])
+                if attempt:
+                    best[kernel] = min(best[kernel], time.perf_counter() - start)
+    chosen = min(best, key=best.__getitem__)
+    for layer in layers:
+        layer.one_row = chosen
+    return {"kernel": chosen, "read_bytes_per_s": {k: total / t for k, t in best.items()}}

@@ -36,7 +36,7 @@ from distinfer.runtime.accuracy import perplexity
 from distinfer.runtime.aslr import aslr_disabled
 from distinfer.runtime.dist import init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
-from distinfer.runtime.kernels import use_fast_cpu_linears
+from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
@@ -130,6 +130,7 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     if device.type == "cpu" and spec.cpu_kernels == "fast":
         info["fast_linears"] = use_fast_cpu_linears(model)
         info["huge_page_bytes"] = place_in_huge_pages(model)
+        info["one_row_kernel"] = choose_one_row_kernel(model)
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches)
     return engine, info
 
@@ -201,6 +202,9 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     state.update(info, load_s=time.perf_counter() - t0)
     log.info("loaded layers %s (%d parameters) in %.2fs", layer_span(info["layers"]),
              info["parameters"], state["load_s"])
+    if info.get("one_row_kernel"):
+        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in info["one_row_kernel"]["read_bytes_per_s"].items())
+        log.info("one-row linear kernel: %s (weights read at GB/s: %s)", info["one_row_kernel"]["kernel"], rates)
     t0 = time.perf_counter()
     prompts = run_prompts(spec)
     batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
@@ -255,6 +259,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "load_s": state.get("load_s"),
         "tokenize_s": state.get("tokenize_s"),
         "threads": torch.get_num_threads(),
+        "one_row_kernel": (state.get("one_row_kernel") or {}).get("kernel"),  # runtime/kernels.py, CPU only
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "utilization": util,
         "error": state.get("error"),

@@ -1,0 +1,41 @@
+"""The decode speed limit: how fast this machine copies memory, and how many weight bytes a decode step reads."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+class CopyBandwidth:
+    """Bytes moved per second (read + write) by the best of several copies of one large tensor. The buffers are
+    allocated once, so that measuring again between batches (bench/paired.py) costs only the copies."""
+
+    def __init__(self, megabytes: int = 512) -> None:
+        self.src = torch.ones(megabytes * 2**20 // 4)
+        self.dst = torch.empty_like(self.src)
+
+    def measure(self, repeats: int = 5) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.dst.copy_(self.src)
+            best = min(best, time.perf_counter() - start)
+        return 2 * self.src.numel() * self.src.element_size() / best
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """One measurement of `CopyBandwidth` (buffers freed afterwards)."""
+    return CopyBandwidth(megabytes).measure(repeats)
+
+
+def decode_read_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter but the input embedding table, of which a step
+    reads one row per sequence (unless the output head shares it, and then the head reads it whole)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if embedding is None or (head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()):
+        return total
+    return total - embedding.weight.numel() * embedding.weight.element_size()
