@@ -15,7 +15,7 @@ engine since they are token-exact); distinfer figures are its own measured-batch
 model load excluded), HF generate is timed the same way (after one warm-up batch). The weight-read ratio
 takes pp1's batch-1 decode step (mean time per output token after the first) as the time to read every
 weight once (of the input embedding table, one row), against the copy bandwidth measured at the start of
-the same repeat; bench/paired.py measures it again round by round, the bandwidth just before each batch.
+the same repeat; bench/paired.py measures it again round by round, the bandwidth at the start of each round.
 
     python bench/bench.py [--repeats 5] [--new-tokens 32] [--engines pp1,hf-generate] [--rounds 16]
 """
@@ -230,7 +230,7 @@ def main() -> None:
                   f"(quartiles {low:.3f}-{high:.3f})")
             if "weight_read_median" in result:
                 low, high = result["weight_read_quartiles"]
-                print(f"  batch {batch}: one-stage decode weight reads / copy bandwidth measured just before "
+                print(f"  batch {batch}: one-stage decode weight reads / copy bandwidth of the same round "
                       f"{result['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
     targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "pp2_over_pp1_batch_by_batch": 0.95,
                "decode_weight_read": 0.60}

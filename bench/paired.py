@@ -6,8 +6,8 @@ a run pins them) and, round after round, generate the same batch with one stage 
 core) and with two stages (one or more micro-batches), in alternating order. Each round gives a ratio
 best-two-stage / one-stage tokens/s; the median and quartiles over the rounds are reported. Every round
 also checks that the engines' tokens are equal. At batch 1, rank 0 also measures the memory copy bandwidth
-(bench/bandwidth.py) just before its one-stage batch, while rank 1 waits: each round's decode step (time per
-token after the first) against that bandwidth gives a weight-read ratio free of the drift as well.
+(bench/bandwidth.py) at the start of each round, while rank 1 waits: the round's one-stage decode step (time
+per token after the first) against that bandwidth gives a weight-read ratio free of the drift as well.
 
 The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears`, `place_in_huge_pages`,
 `PipelineEngine`), without the run's bookkeeping. With micro-batches the stages compute at once, so each
@@ -64,7 +64,7 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.runtime.worker import make_batches, stop_rule
 
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, master_port=options["port"])
-    alone, shared = rank_cores(rank, rank, 2, False), rank_cores(rank, rank, 2, True)  # before pinning narrows the mask
+    alone, shared = rank_cores(rank, rank, 2, False), rank_cores(rank, rank, 2, True)  # before pinning narrows it
     device = init_distributed(env, timeout_s=600, ranks_compute_together=False)
     model_dir = Path(options["model"])
     tokenizer = load_tokenizer(model_dir)
@@ -109,20 +109,20 @@ def _rank(rank: int, options: dict) -> None:
                     turn.wait()
             order = names if round_ % 2 == 0 else names[::-1]
             speeds, tokens = {}, {}
+            # before the round's first engine, whichever it is (the order alternates), while rank 1 waits
+            bandwidth = copier.measure() if copier and batch_size == 1 else 0.0
             for name in order:
                 eng, cores = phases[name]
                 _use_cores(cores)
                 dist.barrier()
                 if eng is not None:
-                    measure_reads = name == "pp1" and batch_size == 1
-                    bandwidth = copier.measure() if measure_reads else 0.0
                     start = time.perf_counter()
                     out = eng.generate(batch)
                     if out is not None:
                         tokens[name] = out.tokens
                         speeds[name] = sum(map(len, out.tokens)) / (time.perf_counter() - start)
                         times = out.token_times[0]
-                        if measure_reads and round_ > 0 and len(times) > 1:
+                        if name == "pp1" and bandwidth and round_ > 0 and len(times) > 1:
                             weight_read.append(read_bytes * (len(times) - 1) / (times[-1] - times[0]) / bandwidth)
                 dist.barrier()
             if turn is not None and first:

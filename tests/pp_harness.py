@@ -27,7 +27,8 @@ from distinfer.runtime.worker import make_batches
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "correctness.jsonl"
 
 
-def rank_main(rank: int, port: int, model_dir: str, cases: dict[int, list], max_new: int, queue) -> None:  # noqa: ANN001
+def rank_main(rank: int, port: int, model_dir: str, cases: dict[int, list], max_new: int,
+              queue) -> None:  # noqa: ANN001
     world = max(cases)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

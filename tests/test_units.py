@@ -368,9 +368,14 @@ def test_decode_reads_every_weight_but_an_untied_embedding_table(tiny_models) ->
 
 
 def _bench_module(name: str):  # noqa: ANN202
+    """A bench/ script as a module; its folder goes on sys.path, as running the script puts it there, so
+    that the scripts import each other (paired.py: bandwidth.py)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    folder = Path(__file__).resolve().parent.parent / "bench"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -380,11 +385,13 @@ def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
     paired = _bench_module("paired")
     rounds = [{"pp1": 100.0, "pp2-mb1": 90.0, "pp2-mb2": 95.0}, {"pp1": 50.0, "pp2-mb1": 49.0, "pp2-mb2": 20.0},
               {"pp1": 200.0, "pp2-mb1": 180.0, "pp2-mb2": 100.0}]
-    summary = paired.summarize(rounds)
+    summary = paired.summarize({"speeds": rounds, "weight_read": [0.5, 0.7, 0.6]})
     assert summary["ratios"] == pytest.approx([0.95, 0.98, 0.9])
     assert summary["ratio_median"] == pytest.approx(0.95)
     assert summary["median_tokens_per_s"] == {"pp1": 100.0, "pp2-mb1": 90.0, "pp2-mb2": 95.0}
     assert summary["rounds"] == 3
+    assert summary["weight_read_median"] == pytest.approx(0.6)  # batch 1: reads / the round's copy bandwidth
+    assert "weight_read_median" not in paired.summarize({"speeds": rounds, "weight_read": []})
 
 
 def test_local_workers_see_no_gpu_even_when_the_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:
