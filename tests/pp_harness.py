@@ -3,7 +3,7 @@
 One spawn of the largest world runs every pipeline size: the cases of a `world`-stage pipeline run on ranks
 0..world-1 over their own process group (the others wait), so the ranks start and import once.
 Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override). Stages run
-with the engine's fast CPU linear kernels, as `distinfer run` does by default.
+with the engine's fast CPU linear kernels, as `distinfer run` does by default (one-row path: row-split).
 Rank 0 puts {world: {case index: (tokens per prompt, stage facts per rank)}} on the queue.
 """
 
@@ -55,7 +55,9 @@ def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_ne
     for index, (counts, batch_size, microbatches, params, eos) in enumerate(cases):
         layout = split_layers(num_layers, world, counts)[rank]
         model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
-        use_fast_cpu_linears(model, splits=2)  # the engine's default CPU kernels, both paths (one row and several)
+        # the engine's CPU kernels with the row-split one-row path (a run times the one-row kernels and may pick
+        # another; test_units checks each against nn.Linear)
+        use_fast_cpu_linears(model, splits=2)
         stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
         engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches,
                                 group=group)
