@@ -216,6 +216,8 @@ def main() -> None:
         ratios[f"pp2_over_pp1_batch_by_batch_b{batch}"] = result["ratio_median"]
         if "weight_read_median" in result:
             ratios[f"decode_weight_read_batch_by_batch_b{batch}"] = result["weight_read_median"]
+        if "vs_hf_median" in result:
+            ratios[f"pp1_over_hf_generate_batch_by_batch_b{batch}"] = result["vs_hf_median"]
     if ("pp1", 1) in decode_step_s:
         step = statistics.median(decode_step_s[("pp1", 1)])
         print(f"\npipeline 1 stage, batch 1: {step * 1e3:.1f} ms per decode step (median) = weights read at "
@@ -232,6 +234,11 @@ def main() -> None:
                 low, high = result["weight_read_quartiles"]
                 print(f"  batch {batch}: one-stage decode weight reads / copy bandwidth of the same round "
                       f"{result['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
+            if "vs_hf_median" in result:
+                low, high = result["vs_hf_quartiles"]
+                print(f"  batch {batch}: one stage / HF generate in rank 0 (its spin count: "
+                      f"{result['started_with']['spin'] or 'default'}) {result['vs_hf_median']:.3f} "
+                      f"(quartiles {low:.3f}-{high:.3f})")
     targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "pp2_over_pp1_batch_by_batch": 0.95,
                "decode_weight_read": 0.60}
     print("\nratio (median over repeats, or rounds, of the ratio within each)   value   target")

@@ -30,7 +30,9 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # before OpenMP loads: what runtime/__main__.py gives every rank
+from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT  # noqa: E402
+
+os.environ.setdefault("GOMP_SPINCOUNT", SHARED_NODE_SPINCOUNT)  # before OpenMP loads: as for two stages of a node
 import torch  # noqa: E402
 
 MODES = ("none", "sleep", "work", "spin", "stream")

@@ -14,11 +14,16 @@ The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears
 rank then uses its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
 the cores they were started on (on the 2-core machine both layouts give the same cores).
 
-Like a run's ranks (runtime/aslr.py), the two ranks start without address-space randomization.
-`--aslr-ab` starts a second pair of ranks with it, and the two pairs take turns round by round (the
-other pair sleeps meanwhile): the two settings side by side, each pair's ratios on their own.
+Rank 0 also runs HF `generate` on the whole model (the stock `transformers` model, every core) in each
+round, so that one stage against HF generate is measured side by side too, and its tokens are checked.
+
+Like a run's ranks (runtime/aslr.py), the two ranks start without address-space randomization and with the
+OpenMP spin count a run's ranks sharing a node get (runtime/openmp.py). `--aslr-ab` starts a second pair of ranks with
+randomization, `--spin-ab 2000,20000,default` one pair per spin count; the pairs take turns round by round
+(the others sleep meanwhile): the settings side by side, each pair's figures on their own.
 
     python bench/paired.py [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32] [--aslr-ab]
+                           [--spin-ab 2000,default]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,9 +44,40 @@ import torch.multiprocessing as mp
 from bandwidth import CopyBandwidth, decode_read_bytes  # bench/bandwidth.py, next to this script
 from distinfer.runtime.aslr import aslr_disabled, set_randomization
 from distinfer.runtime.dist import free_port
+from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_BATCH_1 = 4  # batch 1 cycles through this many one-prompt batches, as bench.py does
+
+
+@dataclass(frozen=True)
+class PairSetting:
+    """How one pair of ranks starts: address-space randomization, and GOMP_SPINCOUNT (None: OpenMP's default)."""
+
+    aslr: bool = False
+    spin: str | None = SHARED_NODE_SPINCOUNT  # two ranks on one node (runtime/openmp.py)
+
+    @property
+    def label(self) -> str:
+        return f"aslr {'on' if self.aslr else 'off'}, spin {self.spin or 'default'}"
+
+
+class _HfGenerate:
+    """HF generate with the engines' `generate(batch)` interface (tokens through EOS; no per-token times)."""
+
+    def __init__(self, model_dir: Path, stop, device: torch.device) -> None:  # noqa: ANN001
+        from distinfer.models.loading import load_full_model
+
+        self.model = load_full_model(model_dir, "float32", device)
+        self.stop, self.device = stop, device
+
+    def generate(self, batch):  # noqa: ANN001, ANN201
+        from distinfer.runtime.pipeline import BatchOutput, eos_prefix
+        from distinfer.runtime.reference import hf_generate
+
+        rows = hf_generate(self.model, batch, self.stop, self.device).tolist()
+        tokens = [eos_prefix(row, self.stop.eos_token_ids) for row in rows]
+        return BatchOutput(tokens=tokens, token_times=[[] for _ in tokens], start=0.0)
 
 
 def _use_cores(cores: list[int]) -> None:
@@ -86,7 +123,8 @@ def _rank(rank: int, options: dict) -> None:
     whole = stage(1, 0) if rank == 0 else None
     read_bytes = decode_read_bytes(whole[0]) if whole else 0
     copier = CopyBandwidth() if whole else None
-    phases: dict[str, tuple[PipelineEngine | None, list[int]]] = {
+    phases: dict[str, tuple[PipelineEngine | _HfGenerate | None, list[int]]] = {
+        "hf-generate": (_HfGenerate(model_dir, stop, device) if whole else None, alone),
         "pp1": (engine(whole, 1, 0, 1) if whole else None, alone),
         "pp2-mb1": (engine(half, 2, rank, 1), alone),
     }
@@ -97,16 +135,16 @@ def _rank(rank: int, options: dict) -> None:
     for batch_size in options["batches"]:
         count = PROMPTS_PER_BATCH_1 if batch_size == 1 else batch_size
         batches = make_batches(prompts[:count], tokenizer, batch_size)
-        names = [n for n in phases if batch_size > 1 or n in ("pp1", "pp2-mb1")]  # micro-batches need rows
+        names = [n for n in phases if batch_size > 1 or not n.startswith("pp2-mb") or n == "pp2-mb1"]  # rows
         per_round: list[dict[str, float]] = []
         weight_read: list[float] = []  # batch 1: bytes read per decode step / copy bandwidth, round by round
         for round_ in range(options["rounds"] + 1):  # round 0 warms up
             batch = batches[round_ % len(batches)]
-            turn, first = options["turn"], options["pair"] == round_ % 2  # pairs taking turns (--aslr-ab)
-            if turn is not None:
+            # pairs taking turns: n + 1 barriers a round, this pair runs between its slot's two; slots rotate
+            turn, pairs = options["turn"], options["pairs"]
+            slot = (options["pair"] + round_) % pairs
+            for _ in range(slot + 1 if turn is not None else 0):
                 turn.wait()
-                if not first:
-                    turn.wait()
             order = names if round_ % 2 == 0 else names[::-1]
             speeds, tokens = {}, {}
             # before the round's first engine, whichever it is (the order alternates), while rank 1 waits
@@ -125,7 +163,7 @@ def _rank(rank: int, options: dict) -> None:
                         if name == "pp1" and bandwidth and round_ > 0 and len(times) > 1:
                             weight_read.append(read_bytes * (len(times) - 1) / (times[-1] - times[0]) / bandwidth)
                 dist.barrier()
-            if turn is not None and first:
+            for _ in range(pairs - slot if turn is not None else 0):
                 turn.wait()
             if rank == 0:
                 differs = [n for n in tokens if tokens[n] != tokens["pp1"]]
@@ -134,7 +172,8 @@ def _rank(rank: int, options: dict) -> None:
                 if round_ > 0:
                     per_round.append(speeds)
         if rank == 0:
-            results[batch_size] = {"speeds": per_round, "weight_read": weight_read}
+            started_with = {"aslr": not aslr_disabled(), "spin": os.environ.get("GOMP_SPINCOUNT")}
+            results[batch_size] = {"speeds": per_round, "weight_read": weight_read, "started_with": started_with}
     if rank == 0:
         Path(options["out"]).write_text(json.dumps(results))
     shutdown_distributed()
@@ -146,8 +185,8 @@ def _quartiles(values: list[float]) -> list[float]:
 
 
 def summarize(rounds: dict[str, list]) -> dict:
-    """Median tokens/s of each engine, the median and quartiles of best-two-stage / one-stage per round, and
-    (batch 1) of the per-round weight-read ratio."""
+    """Median tokens/s of each engine, the median and quartiles of best-two-stage / one-stage per round and (when
+    HF generate ran) of one-stage / HF generate, and (batch 1) of the per-round weight-read ratio."""
     per_round = rounds["speeds"]
     ratios = [max(v for n, v in speeds.items() if n.startswith("pp2")) / speeds["pp1"] for speeds in per_round]
     summary = {
@@ -157,6 +196,11 @@ def summarize(rounds: dict[str, list]) -> dict:
         "ratio_quartiles": _quartiles(ratios),
         "ratios": ratios,
     }
+    if "started_with" in rounds:
+        summary["started_with"] = rounds["started_with"]
+    if "hf-generate" in per_round[0]:
+        vs_hf = [speeds["pp1"] / speeds["hf-generate"] for speeds in per_round]
+        summary.update(vs_hf_median=statistics.median(vs_hf), vs_hf_quartiles=_quartiles(vs_hf), vs_hf=vs_hf)
     if rounds["weight_read"]:
         summary.update(weight_read_median=statistics.median(rounds["weight_read"]),
                        weight_read_quartiles=_quartiles(rounds["weight_read"]), weight_read=rounds["weight_read"])
@@ -165,30 +209,35 @@ def summarize(rounds: dict[str, list]) -> dict:
 
 def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int]) -> dict[int, dict]:
     """Run the two ranks; returns, per batch size, `summarize`'s figures."""
-    return measure_pairs(model, batches, rounds, new_tokens, microbatches, ("off",))["off"]
+    setting = PairSetting()
+    return measure_pairs(model, batches, rounds, new_tokens, microbatches, (setting,))[setting.label]
 
 
 def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int],
-                  aslr: tuple[str, ...]) -> dict[str, dict[int, dict]]:
-    """One pair of ranks per entry of `aslr` ("off": without address-space randomization, "on": with it),
-    taking turns round by round; returns, per setting and batch size, `summarize`'s figures."""
+                  settings: tuple[PairSetting, ...]) -> dict[str, dict[int, dict]]:
+    """One pair of ranks per setting, taking turns round by round; returns, per setting's label and batch size,
+    `summarize`'s figures."""
     spin = os.environ.get("GOMP_SPINCOUNT")
-    os.environ["GOMP_SPINCOUNT"] = spin or "2000"  # what runtime/__main__.py gives every rank
     randomized = not aslr_disabled()
-    turn = mp.get_context("spawn").Barrier(2 * len(aslr)) if len(aslr) > 1 else None
+    turn = mp.get_context("spawn").Barrier(2 * len(settings)) if len(settings) > 1 else None
     pairs = []
     try:
         with tempfile.TemporaryDirectory(prefix="distinfer-paired-") as tmp:
-            for pair, setting in enumerate(aslr):
-                set_randomization(setting == "on")  # inherited by the ranks this process starts next
+            for pair, setting in enumerate(settings):
+                set_randomization(setting.aslr)  # inherited, with the environment, by the ranks started next
+                if setting.spin is None:
+                    os.environ.pop("GOMP_SPINCOUNT", None)
+                else:
+                    os.environ["GOMP_SPINCOUNT"] = setting.spin
                 options = {"port": free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
                            "batches": batches, "microbatches": microbatches, "out": str(Path(tmp) / f"{pair}.json"),
-                           "prompts": str(REPO / "prompts" / "correctness.jsonl"), "pair": pair, "turn": turn}
+                           "prompts": str(REPO / "prompts" / "correctness.jsonl"), "pair": pair,
+                           "pairs": len(settings), "turn": turn}
                 pairs.append(mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False))
             for ranks in pairs:
                 while not ranks.join():  # raises, naming the rank, when one fails
                     pass
-            raw = {setting: json.loads((Path(tmp) / f"{pair}.json").read_text()) for pair, setting in enumerate(aslr)}
+            raw = {s.label: json.loads((Path(tmp) / f"{pair}.json").read_text()) for pair, s in enumerate(settings)}
     finally:
         for ranks in pairs:
             for process in ranks.processes:  # stopped by PID, also when this process is interrupted
@@ -197,7 +246,9 @@ def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int,
                     process.join()
         set_randomization(randomized)
         if spin is None:
-            del os.environ["GOMP_SPINCOUNT"]
+            os.environ.pop("GOMP_SPINCOUNT", None)
+        else:
+            os.environ["GOMP_SPINCOUNT"] = spin
     return {setting: {int(b): summarize(rounds) for b, rounds in r.items()} for setting, r in raw.items()}
 
 
@@ -213,19 +264,27 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=cache_dir())
     parser.add_argument("--aslr-ab", action="store_true", help="a second pair of ranks with address-space "
                         "randomization, taking turns with the first (a run turns it off: runtime/aslr.py)")
+    parser.add_argument("--spin-ab", default="", help="GOMP_SPINCOUNT values, one pair of ranks each, taking turns "
+                        f"('default': OpenMP's own; ranks sharing a node get {SHARED_NODE_SPINCOUNT}: runtime/openmp.py)")
     args = parser.parse_args()
-    settings = ("off", "on") if args.aslr_ab else ("off",)
+    spins = [None if v == "default" else v for v in args.spin_ab.split(",") if v] or [SHARED_NODE_SPINCOUNT]
+    aslrs = (False, True) if args.aslr_ab else (False,)
+    settings = tuple(PairSetting(aslr, spin) for aslr in aslrs for spin in spins)
     results = measure_pairs(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
                             args.new_tokens, [int(k) for k in args.microbatches.split(",") if k], settings)
-    for setting, per_batch in results.items():
+    for label, per_batch in results.items():
         for batch, r in per_batch.items():
             speeds = ", ".join(f"{n} {v:.1f}" for n, v in r["median_tokens_per_s"].items())
-            print(f"ASLR {setting:3s} batch {batch}: {speeds} tok/s; best two stages / one stage "
+            print(f"{label}, batch {batch}: {speeds} tok/s; best two stages / one stage "
                   f"{r['ratio_median']:.3f} (quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, "
                   f"{r['rounds']} rounds)")
+            if "vs_hf_median" in r:
+                low, high = r["vs_hf_quartiles"]
+                print(f"{label}, batch {batch}: one stage / HF generate {r['vs_hf_median']:.3f} "
+                      f"(quartiles {low:.3f}-{high:.3f})")
             if "weight_read_median" in r:
                 low, high = r["weight_read_quartiles"]
-                print(f"ASLR {setting:3s} batch {batch}: one-stage decode weight reads / copy bandwidth "
+                print(f"{label}, batch {batch}: one-stage decode weight reads / copy bandwidth "
                       f"{r['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
 
 

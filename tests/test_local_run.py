@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT
 from distinfer.runtime.tensor import extensions_dir
 
 from conftest import kill_run, rank_pid, wait_for_first_completion
@@ -90,6 +91,10 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
     assert run_json["run"]["pp"] == 2 and run_json["config_hash"] == summary["config_hash"]
     assert run_json["provenance"]["packages"]["torch"] and run_json["runtime"]["hostnames"]
     assert "rank1 INFO start run pipeline-pp2-b4-mb2-fp32" in (run / "rank_1.log").read_text()
+    # OpenMP's spin count (runtime/openmp.py): shorter for ranks that share a node, the default for one alone
+    user = os.environ.get("GOMP_SPINCOUNT")
+    assert f"OpenMP spin count: {user or SHARED_NODE_SPINCOUNT}\n" in (run / "rank_1.log").read_text()
+    assert f"OpenMP spin count: {user or 'default'}\n" in (study / "outputs/t/reference-b4-fp32/rank_0.log").read_text()
 
 
 def test_pipeline_completions_equal_the_reference_run(study: Path) -> None:

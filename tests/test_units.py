@@ -75,6 +75,18 @@ def test_slurm_variables_map_to_torch_ones() -> None:
     assert first_host("node[9,10]") == "node9"
 
 
+def test_openmp_spin_count_is_shorter_only_for_ranks_sharing_a_node() -> None:
+    from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT, rank_spin_count
+
+    assert rank_spin_count({}) is None, "one process: OpenMP's default"
+    two_local = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    assert rank_spin_count(two_local) == SHARED_NODE_SPINCOUNT
+    assert rank_spin_count({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}) is None, "one rank per node"
+    slurm = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2"}
+    assert rank_spin_count(slurm) == SHARED_NODE_SPINCOUNT, "two tasks on each of two nodes"
+    assert rank_spin_count({**two_local, "GOMP_SPINCOUNT": "7"}) == "7", "the user's value wins"
+
+
 def test_rank_cores_split_or_rotate() -> None:
     cores = [0, 1, 2, 3]
     assert [rank_cores(r, r, 2, True, cores) for r in range(2)] == [[0, 1], [2, 3]], "computing together: a share each"
@@ -370,15 +382,12 @@ def test_decode_reads_every_weight_but_an_untied_embedding_table(tiny_models) ->
 def _bench_module(name: str):  # noqa: ANN202
     """A bench/ script as a module; its folder goes on sys.path, as running the script puts it there, so
     that the scripts import each other (paired.py: bandwidth.py)."""
-    import importlib.util
+    import importlib
 
     folder = Path(__file__).resolve().parent.parent / "bench"
     if str(folder) not in sys.path:
         sys.path.append(str(folder))
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
 def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
@@ -392,6 +401,11 @@ def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
     assert summary["rounds"] == 3
     assert summary["weight_read_median"] == pytest.approx(0.6)  # batch 1: reads / the round's copy bandwidth
     assert "weight_read_median" not in paired.summarize({"speeds": rounds, "weight_read": []})
+    assert "vs_hf_median" not in summary
+    with_hf = [{**r, "hf-generate": hf} for r, hf in zip(rounds, (80.0, 50.0, 100.0))]
+    summary = paired.summarize({"speeds": with_hf, "weight_read": []})
+    assert summary["vs_hf"] == pytest.approx([1.25, 1.0, 2.0]) and summary["vs_hf_median"] == pytest.approx(1.25)
+    assert summary["ratios"] == pytest.approx([0.95, 0.98, 0.9]), "HF generate is not a two-stage engine"
 
 
 def test_local_workers_see_no_gpu_even_when_the_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:

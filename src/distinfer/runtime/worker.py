@@ -334,6 +334,7 @@ def run(run_dir: Path) -> int:
     run_info = read_json(bundle.run_json)
     spec = RunSpec.from_dict(run_info["run"])
     log.info("start run %s: rank %d of %d on %s", spec.run_id, env.rank, env.world_size, socket.gethostname())
+    log.info("OpenMP spin count: %s", os.environ.get("GOMP_SPINCOUNT", "default"))  # runtime/openmp.py
     state: dict = {}
     device = torch.device("cpu")
     started = time.time()
