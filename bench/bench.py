@@ -239,6 +239,10 @@ def main() -> None:
                 print(f"  batch {batch}: one stage / HF generate in rank 0 (its spin count: "
                       f"{result['started_with']['spin'] or 'default'}) {result['vs_hf_median']:.3f} "
                       f"(quartiles {low:.3f}-{high:.3f})")
+            if "vs_hf_bound_median" in result:
+                print(f"  batch {batch}: the one-stage model's linear products alone take "
+                      f"{result['linear_floor_s_median'] * 1e3:.1f} ms a token, so one stage / HF generate could "
+                      f"reach {result['vs_hf_bound_median']:.3f} at most on this machine")
     targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "pp2_over_pp1_batch_by_batch": 0.95,
                "decode_weight_read": 0.60}
     print("\nratio (median over repeats, or rounds, of the ratio within each)   value   target")

@@ -15,7 +15,10 @@ rank then uses its share of the cores, as `rank_cores(..., together=True)` gives
 the cores they were started on (on the 2-core machine both layouts give the same cores).
 
 Rank 0 also runs HF `generate` on the whole model (the stock `transformers` model, every core) in each
-round, so that one stage against HF generate is measured side by side too, and its tokens are checked.
+round, so that one stage against HF generate is measured side by side too, and its tokens are checked. At
+batch 1 it also times, each round, one pass of one-row products through the one-stage model's linear layers
+(`linear_floor_s`): no decode step can be shorter, so 1 / (that time x HF generate's tokens/s) is the most
+one stage / HF generate can reach on this machine.
 
 Like a run's ranks (runtime/aslr.py), the two ranks start without address-space randomization and with the
 OpenMP spin count a run's ranks sharing a node get (runtime/openmp.py). `--aslr-ab` starts a second pair of ranks with
@@ -80,6 +83,25 @@ class _HfGenerate:
         return BatchOutput(tokens=tokens, token_times=[[] for _ in tokens], start=0.0)
 
 
+def linear_floor_s(model: torch.nn.Module, passes: int = 3) -> float:
+    """Best time of one pass of one-row products through every CpuLinear of `model`, with the kernel the stage
+    chose (runtime/kernels.py), a warm-up pass first: what a batch-1 decode step would take if it did nothing
+    but read its weights through the linear layers."""
+    from distinfer.runtime.kernels import CpuLinear
+
+    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+    best = float("inf")
+    with torch.inference_mode():
+        for attempt in range(passes + 1):
+            start = time.perf_counter()
+            for layer in layers:
+                layer(inputs[layer.in_features])
+            if attempt:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _use_cores(cores: list[int]) -> None:
     """This rank's thread count and main-thread core for the next phase."""
     torch.set_num_threads(len(cores))
@@ -138,6 +160,7 @@ def _rank(rank: int, options: dict) -> None:
         names = [n for n in phases if batch_size > 1 or not n.startswith("pp2-mb") or n == "pp2-mb1"]  # rows
         per_round: list[dict[str, float]] = []
         weight_read: list[float] = []  # batch 1: bytes read per decode step / copy bandwidth, round by round
+        floors: list[float] = []  # batch 1: one pass of the one-stage model's linear products, round by round
         for round_ in range(options["rounds"] + 1):  # round 0 warms up
             batch = batches[round_ % len(batches)]
             # pairs taking turns: n + 1 barriers a round, this pair runs between its slot's two; slots rotate
@@ -149,6 +172,7 @@ def _rank(rank: int, options: dict) -> None:
             speeds, tokens = {}, {}
             # before the round's first engine, whichever it is (the order alternates), while rank 1 waits
             bandwidth = copier.measure() if copier and batch_size == 1 else 0.0
+            floor = linear_floor_s(whole[0]) if whole and batch_size == 1 else 0.0
             for name in order:
                 eng, cores = phases[name]
                 _use_cores(cores)
@@ -171,9 +195,12 @@ def _rank(rank: int, options: dict) -> None:
                     raise RuntimeError(f"batch {batch_size}, round {round_}: {differs} differ from pp1's tokens")
                 if round_ > 0:
                     per_round.append(speeds)
+                    if floor:
+                        floors.append(floor)
         if rank == 0:
             started_with = {"aslr": not aslr_disabled(), "spin": os.environ.get("GOMP_SPINCOUNT")}
-            results[batch_size] = {"speeds": per_round, "weight_read": weight_read, "started_with": started_with}
+            results[batch_size] = {"speeds": per_round, "weight_read": weight_read, "linear_floor_s": floors,
+                                   "started_with": started_with}
     if rank == 0:
         Path(options["out"]).write_text(json.dumps(results))
     shutdown_distributed()
@@ -201,6 +228,11 @@ def summarize(rounds: dict[str, list]) -> dict:
     if "hf-generate" in per_round[0]:
         vs_hf = [speeds["pp1"] / speeds["hf-generate"] for speeds in per_round]
         summary.update(vs_hf_median=statistics.median(vs_hf), vs_hf_quartiles=_quartiles(vs_hf), vs_hf=vs_hf)
+        if rounds.get("linear_floor_s"):
+            # one token per linear floor: the most one stage could do, against HF generate in the same round
+            bound = [1 / (floor * speeds["hf-generate"]) for floor, speeds in zip(rounds["linear_floor_s"], per_round)]
+            summary.update(vs_hf_bound_median=statistics.median(bound), vs_hf_bound=bound,
+                           linear_floor_s_median=statistics.median(rounds["linear_floor_s"]))
     if rounds["weight_read"]:
         summary.update(weight_read_median=statistics.median(rounds["weight_read"]),
                        weight_read_quartiles=_quartiles(rounds["weight_read"]), weight_read=rounds["weight_read"])
@@ -264,8 +296,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=cache_dir())
     parser.add_argument("--aslr-ab", action="store_true", help="a second pair of ranks with address-space "
                         "randomization, taking turns with the first (a run turns it off: runtime/aslr.py)")
-    parser.add_argument("--spin-ab", default="", help="GOMP_SPINCOUNT values, one pair of ranks each, taking turns "
-                        f"('default': OpenMP's own; ranks sharing a node get {SHARED_NODE_SPINCOUNT}: runtime/openmp.py)")
+    parser.add_argument("--spin-ab", default="", help="GOMP_SPINCOUNT values, one pair of ranks each, taking "
+                        "turns ('default': OpenMP's own; ranks sharing a node get "
+                        f"{SHARED_NODE_SPINCOUNT}: runtime/openmp.py)")
     args = parser.parse_args()
     spins = [None if v == "default" else v for v in args.spin_ab.split(",") if v] or [SHARED_NODE_SPINCOUNT]
     aslrs = (False, True) if args.aslr_ab else (False,)
@@ -282,6 +315,10 @@ def main() -> None:
                 low, high = r["vs_hf_quartiles"]
                 print(f"{label}, batch {batch}: one stage / HF generate {r['vs_hf_median']:.3f} "
                       f"(quartiles {low:.3f}-{high:.3f})")
+            if "vs_hf_bound_median" in r:
+                print(f"{label}, batch {batch}: the one-stage model's linear products alone take "
+                      f"{r['linear_floor_s_median'] * 1e3:.1f} ms a token: one stage / HF generate could reach "
+                      f"{r['vs_hf_bound_median']:.3f} at most")
             if "weight_read_median" in r:
                 low, high = r["weight_read_quartiles"]
                 print(f"{label}, batch {batch}: one-stage decode weight reads / copy bandwidth "

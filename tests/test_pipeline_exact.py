@@ -134,6 +134,9 @@ def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypa
     # batch 1 also times the one-stage decode against a copy bandwidth measured just before, round by round
     assert len(results[1]["weight_read"]) == 2 and all(0 < r < 10 for r in results[1]["weight_read"])
     assert "weight_read" not in results[4]
+    # and the time of the one-stage model's linear products alone, against which HF generate's speed is bounded
+    assert len(results[1]["vs_hf_bound"]) == 2 and results[1]["linear_floor_s_median"] > 0
+    assert "vs_hf_bound" not in results[4]
 
 
 def test_bench_paired_harness_runs_two_pairs_taking_turns(tiny_models, monkeypatch) -> None:  # noqa: ANN001

@@ -406,6 +406,8 @@ def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
     summary = paired.summarize({"speeds": with_hf, "weight_read": []})
     assert summary["vs_hf"] == pytest.approx([1.25, 1.0, 2.0]) and summary["vs_hf_median"] == pytest.approx(1.25)
     assert summary["ratios"] == pytest.approx([0.95, 0.98, 0.9]), "HF generate is not a two-stage engine"
+    bounded = paired.summarize({"speeds": with_hf, "weight_read": [], "linear_floor_s": [0.01, 0.01, 0.005]})
+    assert bounded["vs_hf_bound"] == pytest.approx([1.25, 2.0, 2.0]), "1 / (floor x HF tokens/s), round by round"
 
 
 def test_local_workers_see_no_gpu_even_when_the_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:
