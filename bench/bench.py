@@ -4,15 +4,16 @@ Measures, in one run and round-robin (repeat r runs every engine before repeat r
   hf-generate       `transformers` generate in this process, all cores (what a user would otherwise write)
   reference         distinfer's reference engine (generate inside a distinfer run)
   pp1-stock         distinfer pipeline, one stage, PyTorch's stock fp32 linear kernels (`cpu_kernels: stock`)
-  pp1               distinfer pipeline, one stage (oneDNN / row-split linear kernels, the default)
+  pp1               distinfer pipeline, one stage (distinfer's CPU linear kernels, the default)
   pp2-mb<k>         distinfer pipeline, two stages (k micro-batches; k > 1 at batch 8 only)
   ds-tp2            DeepSpeed AutoTP over two ranks
   copy bandwidth    torch memory copy (read + write bytes per second): the decode speed limit
-then two stages against one stage batch by batch in the same two processes (bench/paired.py),
-and prints median tokens/s, the issue's ratios and the per-rank compute/communication/wait split, and
-writes bench/results/bench-<time>.json. Token counts are those generated (through EOS, the same on every
-engine since they are token-exact); distinfer figures are its own measured-batch throughput (warm-up and
-model load excluded), HF generate is timed the same way (after one warm-up batch). The weight-read ratio
+then HF generate, one stage and two stages batch by batch in the same two processes (bench/paired.py, which
+also bounds one stage / HF generate at batch 1 by the time of the linear products alone), and prints
+median tokens/s, the issue's ratios and the per-rank compute/communication/wait split, and writes
+bench/results/bench-<time>.json. Token counts are those generated (through EOS, the same on every engine
+since they are token-exact); distinfer figures are its own measured-batch throughput (warm-up and model load
+excluded), HF generate is timed the same way (after one warm-up batch). The weight-read ratio
 takes pp1's batch-1 decode step (mean time per output token after the first) as the time to read every
 weight once (of the input embedding table, one row), against the copy bandwidth measured at the start of
 the same repeat; bench/paired.py measures it again round by round, the bandwidth at the start of each round.
