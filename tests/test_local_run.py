@@ -94,7 +94,11 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
     # OpenMP's spin count (runtime/openmp.py): shorter for ranks that share a node, the default for one alone
     user = os.environ.get("GOMP_SPINCOUNT")
     assert f"OpenMP spin count: {user or SHARED_NODE_SPINCOUNT}\n" in (run / "rank_1.log").read_text()
-    assert f"OpenMP spin count: {user or 'default'}\n" in (study / "outputs/t/reference-b4-fp32/rank_0.log").read_text()
+    reference_log = (study / "outputs/t/reference-b4-fp32/rank_0.log").read_text()
+    assert f"OpenMP spin count: {user or 'default'}\n" in reference_log
+    assert [r["openmp_spin_count"] for r in summary["ranks"]] == [user or SHARED_NODE_SPINCOUNT] * 2
+    assert reference["ranks"][0]["openmp_spin_count"] == user
+    assert run_json["runtime"]["env"].get("GOMP_SPINCOUNT") == (user or SHARED_NODE_SPINCOUNT), "in run.json too"
 
 
 def test_pipeline_completions_equal_the_reference_run(study: Path) -> None:

@@ -128,8 +128,10 @@ def test_pin_threads_puts_main_and_openmp_workers_on_their_cores() -> None:
 
 def test_environment_capture_is_an_allow_list() -> None:
     env = {"SLURM_JOB_ID": "42", "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "2", "HF_TOKEN": "hf_secret",
-           "NCCL_SECRET_KEY": "x", "AWS_SECRET_ACCESS_KEY": "y", "HOME": "/root", "SLURM_JOB_PASSWORD": "z"}
-    assert allowed_env(env) == {"NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "2", "SLURM_JOB_ID": "42"}
+           "NCCL_SECRET_KEY": "x", "AWS_SECRET_ACCESS_KEY": "y", "HOME": "/root", "SLURM_JOB_PASSWORD": "z",
+           "GOMP_SPINCOUNT": "20000"}
+    assert allowed_env(env) == {"GOMP_SPINCOUNT": "20000", "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "2",
+                                "SLURM_JOB_ID": "42"}
 
 
 def test_left_padding_positions_match_generate() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 PACKAGES = ("distinfer", "torch", "transformers", "tokenizers", "safetensors", "deepspeed", "accelerate")
 # Only these variables reach a bundle: secrets (tokens, passwords, keys) never do.
 ENV_ALLOWED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LOCAL_SIZE", "DS_ACCELERATOR",
-               "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+               "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
+               "OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "DISTINFER_ASLR")
 ENV_ALLOWED_PREFIXES = ("SLURM_JOB_", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_NODELIST", "SLURM_CPUS", "NCCL_")
 ENV_DENIED_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
 

@@ -261,6 +261,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "threads": torch.get_num_threads(),
         "one_row_kernel": (state.get("one_row_kernel") or {}).get("kernel"),  # runtime/kernels.py, CPU only
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
+        "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default
         "utilization": util,
         "error": state.get("error"),
     }
