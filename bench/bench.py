@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
     from bandwidth import copy_bandwidth  # bench/bandwidth.py and bench/paired.py, next to this script
+    from paired import describe as describe_paired
     from paired import measure as measure_paired
 
     engines = args.engines.split(",")
@@ -224,26 +225,11 @@ def main() -> None:
         print(f"\npipeline 1 stage, batch 1: {step * 1e3:.1f} ms per decode step (median) = weights read at "
               f"{read_bytes / step / 1e9:.1f} GB/s")
     if paired_results:
-        print(f"\ntwo stages against one, batch by batch in the same two processes ({args.rounds} rounds, "
-              "bench/paired.py):")
+        print(f"\nHF generate, one stage and two stages, batch by batch in the same two processes ({args.rounds} "
+              "rounds, bench/paired.py):")
         for batch, result in paired_results.items():
-            speeds = ", ".join(f"{n} {v:.1f}" for n, v in result["median_tokens_per_s"].items())
-            low, high = result["ratio_quartiles"]
-            print(f"  batch {batch}: {speeds} tok/s; best two-stage / one-stage {result['ratio_median']:.3f} "
-                  f"(quartiles {low:.3f}-{high:.3f})")
-            if "weight_read_median" in result:
-                low, high = result["weight_read_quartiles"]
-                print(f"  batch {batch}: one-stage decode weight reads / copy bandwidth of the same round "
-                      f"{result['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
-            if "vs_hf_median" in result:
-                low, high = result["vs_hf_quartiles"]
-                print(f"  batch {batch}: one stage / HF generate in rank 0 (its spin count: "
-                      f"{result['started_with']['spin'] or 'default'}) {result['vs_hf_median']:.3f} "
-                      f"(quartiles {low:.3f}-{high:.3f})")
-            if "vs_hf_bound_median" in result:
-                print(f"  batch {batch}: the one-stage model's linear products alone take "
-                      f"{result['linear_floor_s_median'] * 1e3:.1f} ms a token, so one stage / HF generate could "
-                      f"reach {result['vs_hf_bound_median']:.3f} at most on this machine")
+            for line in describe_paired(result):
+                print(f"  batch {batch}: {line}")
     targets = {"pp1_over_hf_generate": 1.25, "pp2_over_best_one_process": 0.95, "pp2_over_pp1_batch_by_batch": 0.95,
                "decode_weight_read": 0.60}
     print("\nratio (median over repeats, or rounds, of the ratio within each)   value   target")

@@ -17,8 +17,8 @@ the cores they were started on (on the 2-core machine both layouts give the same
 Rank 0 also runs HF `generate` on the whole model (the stock `transformers` model, every core) in each
 round, so that one stage against HF generate is measured side by side too, and its tokens are checked. At
 batch 1 it also times, each round, one pass of one-row products through the one-stage model's linear layers
-(`linear_floor_s`): no decode step can be shorter, so 1 / (that time x HF generate's tokens/s) is the most
-one stage / HF generate can reach on this machine.
+(runtime/kernels.py's `one_row_products_s`): no decode step can be shorter, so 1 / (that time x HF
+generate's tokens/s) is the most one stage / HF generate can reach on this machine.
 
 Like a run's ranks (runtime/aslr.py), the two ranks start without address-space randomization and with the
 OpenMP spin count a run's ranks sharing a node get (runtime/openmp.py). `--aslr-ab` starts a second pair of ranks with
@@ -83,25 +83,6 @@ class _HfGenerate:
         return BatchOutput(tokens=tokens, token_times=[[] for _ in tokens], start=0.0)
 
 
-def linear_floor_s(model: torch.nn.Module, passes: int = 3) -> float:
-    """Best time of one pass of one-row products through every CpuLinear of `model`, with the kernel the stage
-    chose (runtime/kernels.py), a warm-up pass first: what a batch-1 decode step would take if it did nothing
-    but read its weights through the linear layers."""
-    from distinfer.runtime.kernels import CpuLinear
-
-    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
-    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
-    best = float("inf")
-    with torch.inference_mode():
-        for attempt in range(passes + 1):
-            start = time.perf_counter()
-            for layer in layers:
-                layer(inputs[layer.in_features])
-            if attempt:
-                best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _use_cores(cores: list[int]) -> None:
     """This rank's thread count and main-thread core for the next phase."""
     torch.set_num_threads(len(cores))
@@ -115,7 +96,7 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.prompts import load_prompts
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.hugepages import place_in_huge_pages
-    from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
+    from distinfer.runtime.kernels import choose_one_row_kernel, one_row_products_s, use_fast_cpu_linears
     from distinfer.runtime.pipeline import PipelineEngine
     from distinfer.runtime.ranks import DistEnv
     from distinfer.runtime.sampling import Sampler, SamplingParams
@@ -172,7 +153,7 @@ def _rank(rank: int, options: dict) -> None:
             speeds, tokens = {}, {}
             # before the round's first engine, whichever it is (the order alternates), while rank 1 waits
             bandwidth = copier.measure() if copier and batch_size == 1 else 0.0
-            floor = linear_floor_s(whole[0]) if whole and batch_size == 1 else 0.0
+            floor = one_row_products_s(whole[0]) if whole and batch_size == 1 else 0.0
             for name in order:
                 eng, cores = phases[name]
                 _use_cores(cores)
@@ -237,6 +218,26 @@ def summarize(rounds: dict[str, list]) -> dict:
         summary.update(weight_read_median=statistics.median(rounds["weight_read"]),
                        weight_read_quartiles=_quartiles(rounds["weight_read"]), weight_read=rounds["weight_read"])
     return summary
+
+
+def describe(summary: dict) -> list[str]:
+    """`summarize`'s figures for one batch size as lines of text (bench/paired.py and make bench print them)."""
+    def median_and_quartiles(key: str) -> str:
+        low, high = summary[f"{key}_quartiles"]
+        return f"{summary[f'{key}_median']:.3f} (quartiles {low:.3f}-{high:.3f})"
+
+    speeds = ", ".join(f"{n} {v:.1f}" for n, v in summary["median_tokens_per_s"].items())
+    lines = [f"{speeds} tok/s; best two stages / one stage {median_and_quartiles('ratio')}, "
+             f"{summary['rounds']} rounds"]
+    if "vs_hf_median" in summary:
+        spin = (summary.get("started_with") or {}).get("spin") or "default"
+        lines.append(f"one stage / HF generate (ranks' spin count {spin}) {median_and_quartiles('vs_hf')}")
+    if "vs_hf_bound_median" in summary:
+        lines.append(f"the one-stage model's linear products alone take {summary['linear_floor_s_median'] * 1e3:.1f} "
+                     f"ms a token: one stage / HF generate could reach {summary['vs_hf_bound_median']:.3f} at most")
+    if "weight_read_median" in summary:
+        lines.append(f"one-stage decode weight reads / the round's copy bandwidth {median_and_quartiles('weight_read')}")
+    return lines
 
 
 def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int]) -> dict[int, dict]:
@@ -307,23 +308,8 @@ def main() -> None:
                             args.new_tokens, [int(k) for k in args.microbatches.split(",") if k], settings)
     for label, per_batch in results.items():
         for batch, r in per_batch.items():
-            speeds = ", ".join(f"{n} {v:.1f}" for n, v in r["median_tokens_per_s"].items())
-            print(f"{label}, batch {batch}: {speeds} tok/s; best two stages / one stage "
-                  f"{r['ratio_median']:.3f} (quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}, "
-                  f"{r['rounds']} rounds)")
-            if "vs_hf_median" in r:
-                low, high = r["vs_hf_quartiles"]
-                print(f"{label}, batch {batch}: one stage / HF generate {r['vs_hf_median']:.3f} "
-                      f"(quartiles {low:.3f}-{high:.3f})")
-            if "vs_hf_bound_median" in r:
-                print(f"{label}, batch {batch}: the one-stage model's linear products alone take "
-                      f"{r['linear_floor_s_median'] * 1e3:.1f} ms a token: one stage / HF generate could reach "
-                      f"{r['vs_hf_bound_median']:.3f} at most")
-            if "weight_read_median" in r:
-                low, high = r["weight_read_quartiles"]
-                print(f"{label}, batch {batch}: one-stage decode weight reads / copy bandwidth "
-                      f"{r['weight_read_median']:.3f} (quartiles {low:.3f}-{high:.3f})")
-
+            for line in describe(r):
+                print(f"{label}, batch {batch}: {line}")
 
 if __name__ == "__main__":
     main()

@@ -410,6 +410,11 @@ def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
     assert summary["ratios"] == pytest.approx([0.95, 0.98, 0.9]), "HF generate is not a two-stage engine"
     bounded = paired.summarize({"speeds": with_hf, "weight_read": [], "linear_floor_s": [0.01, 0.01, 0.005]})
     assert bounded["vs_hf_bound"] == pytest.approx([1.25, 2.0, 2.0]), "1 / (floor x HF tokens/s), round by round"
+    lines = paired.describe(bounded)  # what paired.py and make bench print
+    assert lines[0].startswith("pp1 100.0, pp2-mb1 90.0, pp2-mb2 95.0, hf-generate 80.0 tok/s") and len(lines) == 3
+    assert "could reach 2.000 at most" in lines[2]
+    reads = paired.describe(paired.summarize({"speeds": rounds, "weight_read": [0.5, 0.7, 0.6]}))
+    assert len(reads) == 2 and "weight reads / the round's copy bandwidth 0.600" in reads[1]
 
 
 def test_local_workers_see_no_gpu_even_when_the_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,19 +107,38 @@ def choose_one_row_kernel(model: nn.Module, budget_bytes: int = 256 * 2**20, pas
         if total >= budget_bytes:
             break
     kernels = [k for k in ONE_ROW_KERNELS if k != "split" or any(m.splits > 1 for m in timed)]
-    inputs = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in timed}
+    inputs = _one_row_inputs(timed)
     best = dict.fromkeys(kernels, float("inf"))
-    with torch.inference_mode():
-        for attempt in range(passes + 1):
-            for kernel in kernels:
-                for layer in timed:
-                    layer.one_row = kernel
-                start = time.perf_counter()
-                for layer in timed:
-                    layer(inputs[layer.in_features])
-                if attempt:
-                    best[kernel] = min(best[kernel], time.perf_counter() - start)
+    for attempt in range(passes + 1):
+        for kernel in kernels:
+            for layer in timed:
+                layer.one_row = kernel
+            elapsed = _one_row_pass_s(timed, inputs)
+            if attempt:
+                best[kernel] = min(best[kernel], elapsed)
     chosen = min(best, key=best.__getitem__)
     for layer in layers:
         layer.one_row = chosen
     return {"kernel": chosen, "read_bytes_per_s": {k: total / t for k, t in best.items()}}
+
+
+def one_row_products_s(model: nn.Module, passes: int = 3) -> float:
+    """Best time of one pass of one-row products through every CpuLinear of `model`, each with the kernel it
+    has (a warm-up pass first): what a batch-1 decode step takes if it does nothing but read its weights."""
+    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    inputs = _one_row_inputs(layers)
+    _one_row_pass_s(layers, inputs)  # warm-up
+    return min(_one_row_pass_s(layers, inputs) for _ in range(passes))
+
+
+def _one_row_inputs(layers: list[CpuLinear]) -> dict[int, torch.Tensor]:
+    return {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in layers}
+
+
+def _one_row_pass_s(layers: list[CpuLinear], inputs: dict[int, torch.Tensor]) -> float:
+    """Seconds for one row through each of `layers` in turn."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for layer in layers:
+            layer(inputs[layer.in_features])
+        return time.perf_counter() - start
