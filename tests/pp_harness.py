@@ -3,7 +3,8 @@
 One spawn of the largest world runs every pipeline size: the cases of a `world`-stage pipeline run on ranks
 0..world-1 over their own process group (the others wait), so the ranks start and import once.
 Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override). Stages run
-with the engine's fast CPU linear kernels, as `distinfer run` does by default (one-row path: row-split).
+with the engine's fast CPU linear kernels and, for Llama, its LlamaDecoder, as `distinfer run` does by
+default (one-row path: row-split).
 Rank 0 puts {world: {case index: (tokens per prompt, stage facts per rank)}} on the queue.
 """
 
@@ -20,6 +21,7 @@ from distinfer.models.loading import count_parameters, load_stage_model, load_to
 from distinfer.models.profiles import model_layer_count
 from distinfer.prompts import load_prompts
 from distinfer.runtime.kernels import use_fast_cpu_linears
+from distinfer.runtime.llama_decode import llama_decoder
 from distinfer.runtime.pipeline import PipelineEngine, StopRule
 from distinfer.runtime.sampling import Sampler
 from distinfer.runtime.worker import make_batches
@@ -60,7 +62,7 @@ def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_ne
         use_fast_cpu_linears(model, splits=2)
         stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
         engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches,
-                                group=group)
+                                group=group, decoder=llama_decoder(model))
         tokens: list[list[int]] = []
         for batch in make_batches(prompts, tok, batch_size):
             out = engine.generate(batch)

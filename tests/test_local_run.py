@@ -82,8 +82,11 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
         assert RANK_FIELDS <= rank.keys() and rank["compute_s"] > 0 and rank["peak_memory_bytes"] > 0
         assert rank["address_space_randomized"] is False  # the ranks of a multi-rank run re-executed without
         assert rank["one_row_kernel"] in ("split", "onednn", "mkl"), "each CPU stage timed its one-row kernels"
+        assert rank["decode_path"] == "llama_decoder"  # runtime/llama_decode.py: a Llama stage on CPU
     reference = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())
     assert reference["ranks"][0]["address_space_randomized"] is True  # a one-rank run is left as it started
+    assert reference["ranks"][0]["decode_path"] is None  # the reference is transformers' own forward
+    assert "decode steps through llama_decoder" in (run / "rank_0.log").read_text()
     steps = json.loads((run / "metrics_rank_1.json").read_text())["steps"]
     assert {"compute_s", "send_s", "wait_s", "mb", "step"} <= steps[0].keys()
     assert {s["mb"] for s in steps} == {0, 1}

@@ -8,7 +8,9 @@ stages, so that every stage applies the same stop rule (EOS in every row, or the
 finished micro-batch leaves every stage without a message of its own. All stages walk the live
 micro-batches in the same order. With several micro-batches, stage 0 starts micro-batch k+1 while
 later stages work on k. While a stage waits for its input it builds the next forward's mask and
-rotary embedding, which need no hidden states. Messages go straight to the process group
+rotary embedding, which need no hidden states. A Llama stage on CPU runs its decode steps through
+`LlamaDecoder` (fewer operations, a preallocated KV cache per micro-batch) when the worker passes one.
+Messages go straight to the process group
 (`ProcessGroup.send/recv`): the `torch.distributed` wrappers cost ~30 us a call, a few percent of a
 pipelined decode step on CPU.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from distinfer.models.families import Family
+from distinfer.runtime.llama_decode import DecodeInputs, LlamaDecoder, StaticKV
 from distinfer.runtime.sampling import Sampler
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class _MicroBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    cache: DynamicCache | None = field(default_factory=DynamicCache)  # prefill's; None once `kv` holds it
+    kv: StaticKV | None = None  # the LlamaDecoder's cache, from the first decode step on
     finished: torch.Tensor | None = None
     any_finished: bool = False  # a row has sampled EOS (its later tokens are padding)
     tokens: list[torch.Tensor] = field(default_factory=list)
@@ -68,7 +72,7 @@ class _MicroBatch:
     step: int = 0  # forwards done on this stage
     generated: int = 0  # tokens sampled so far (every stage counts them to apply the stop rule)
     pending_tokens: torch.Tensor | None = None  # single-stage: sampled, not yet consumed
-    layer_kwargs: dict | None = None  # the next forward's mask, rotary embedding, ..., built ahead
+    layer_kwargs: dict | DecodeInputs | None = None  # the next forward's mask, rotary embedding, ..., built ahead
     prepare_s: float = 0.0  # time spent building them (counted as compute)
 
     def extend(self) -> None:
@@ -98,12 +102,15 @@ class PipelineEngine:
         stop: StopRule,
         microbatches: int = 1,
         group: dist.ProcessGroup | None = None,
+        decoder: LlamaDecoder | None = None,
     ) -> None:
-        """`rank` and `world_size` are this stage's place in `group`, by default the whole job's group."""
+        """`rank` and `world_size` are this stage's place in `group`, by default the whole job's group;
+        `decoder`, where given, runs the decode steps of this stage's layers."""
         self.model, self.family = model, family
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_first, self.is_last = rank == 0, rank == world_size - 1
         self.sampler, self.stop, self.microbatches = sampler, stop, microbatches
+        self.decoder = decoder
         self.hidden_size = int(model.config.hidden_size)
         self.dtype = next(model.parameters()).dtype
         self.steps: list[dict] = []  # raw per-step timings of this rank
@@ -160,15 +167,24 @@ class PipelineEngine:
         input arrives: called while waiting, it takes these small ops off the path from one stage to the next."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            mb.layer_kwargs = self.family.layer_kwargs(self.model, (mb.rows.numel(), positions), self.dtype,
-                                                       mb.attention_mask, mb.position_ids, mb.cache)
+            if positions == 1 and self.decoder is not None:
+                if mb.kv is None:  # the first decode step takes over what prefill cached
+                    capacity = mb.input_ids.shape[1] + self.stop.max_new_tokens
+                    mb.kv, mb.cache = self.decoder.adopt(mb.cache, mb.rows.numel(), capacity), None
+                mb.layer_kwargs = self.decoder.prepare(mb.attention_mask, mb.position_ids)
+            else:
+                mb.layer_kwargs = self.family.layer_kwargs(self.model, (mb.rows.numel(), positions), self.dtype,
+                                                           mb.attention_mask, mb.position_ids, mb.cache)
         mb.prepare_s = time.perf_counter() - t0
 
     def _compute(self, mb: _MicroBatch, inputs: torch.Tensor) -> torch.Tensor:
         """Embedding (first stage), this stage's layers, and the head + sampling (last stage)."""
         layer_kwargs, mb.layer_kwargs = mb.layer_kwargs, None  # built by `_prepare` before every forward
         hidden = self.family.embed(self.model, inputs, mb.position_ids) if self.is_first else inputs
-        hidden = self.family.run_layers(self.model, hidden, layer_kwargs)
+        if isinstance(layer_kwargs, DecodeInputs):
+            hidden = self.decoder.run(hidden, layer_kwargs, mb.kv)
+        else:
+            hidden = self.family.run_layers(self.model, hidden, layer_kwargs)
         if not self.is_last:
             return hidden
         logits = self.family.head(self.model, hidden[:, -1:, :])[:, -1, :]

@@ -37,6 +37,7 @@ from distinfer.runtime.aslr import aslr_disabled
 from distinfer.runtime.dist import init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
 from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
+from distinfer.runtime.llama_decode import llama_decoder
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
@@ -127,11 +128,15 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     model, family = load_stage_model(model_dir, layout, spec.dtype, device, spec.trust_remote_code)
     model = _maybe_quantized(model, spec)
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
+    decoder = None
     if device.type == "cpu" and spec.cpu_kernels == "fast":
         info["fast_linears"] = use_fast_cpu_linears(model)
         info["huge_page_bytes"] = place_in_huge_pages(model)
         info["one_row_kernel"] = choose_one_row_kernel(model)
-    engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches)
+        decoder = llama_decoder(model)
+    info["decode_path"] = "llama_decoder" if decoder else "transformers"
+    engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches,
+                            decoder=decoder)
     return engine, info
 
 
@@ -205,6 +210,8 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     if info.get("one_row_kernel"):
         rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in info["one_row_kernel"]["read_bytes_per_s"].items())
         log.info("one-row linear kernel: %s (weights read at GB/s: %s)", info["one_row_kernel"]["kernel"], rates)
+    if "decode_path" in info:
+        log.info("decode steps through %s", info["decode_path"])
     t0 = time.perf_counter()
     prompts = run_prompts(spec)
     batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
@@ -260,6 +267,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "tokenize_s": state.get("tokenize_s"),
         "threads": torch.get_num_threads(),
         "one_row_kernel": (state.get("one_row_kernel") or {}).get("kernel"),  # runtime/kernels.py, CPU only
+        "decode_path": state.get("decode_path"),  # pipeline ranks: llama_decoder (runtime/llama_decode.py) or not
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default
         "utilization": util,

@@ -1,0 +1,82 @@
+"""LlamaDecoder (runtime/llama_decode.py) against `transformers`' own Llama layers, on the real tiny Llama.
+
+The tiny Llama has grouped-query attention (8 heads, 4 key/value heads), so both of the decoder's attention
+branches run: no padding (SDPA's own GQA) and left padding (a mask, queries packed per key/value head).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from distinfer.models.families import family_of
+from distinfer.models.loading import load_full_model
+from distinfer.runtime.kernels import use_fast_cpu_linears
+from distinfer.runtime.llama_decode import LlamaDecoder, llama_decoder
+from distinfer.runtime.pipeline import prefill_positions
+
+
+def _decode_both(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> list[tuple]:  # noqa: ANN001
+    """Prefill through transformers' layers, then `steps` decode steps through both paths on the same inputs."""
+    dtype = model.dtype
+    family, decoder = family_of(model), llama_decoder(model)
+    assert isinstance(decoder, LlamaDecoder)
+    rows = input_ids.shape[0]
+    positions, cache = prefill_positions(attention_mask), DynamicCache()
+    pairs = []
+    with torch.inference_mode():
+        kwargs = family.layer_kwargs(model, tuple(input_ids.shape), dtype, attention_mask, positions, cache)
+        family.run_layers(model, family.embed(model, input_ids, positions), kwargs)
+        kv = decoder.adopt(cache, rows, input_ids.shape[1] + steps)
+        for _ in range(steps):
+            hidden = torch.randn(rows, 1, model.config.hidden_size, dtype=dtype)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
+            positions = positions[:, -1:] + 1
+            kwargs = family.layer_kwargs(model, (rows, 1), dtype, attention_mask, positions, cache)
+            expected = family.run_layers(model, hidden, kwargs)
+            pairs.append((expected, decoder.run(hidden, decoder.prepare(attention_mask, positions), kv)))
+    assert kv.length == input_ids.shape[1] + steps
+    return pairs
+
+
+@pytest.mark.parametrize(("dtype", "fast_linears"), [("float32", False), ("float32", True), ("bfloat16", False)])
+def test_decode_steps_are_bit_equal_to_transformers_layers(tiny_models, dtype: str, fast_linears: bool) -> None:  # noqa: ANN001,E501
+    model = load_full_model(tiny_models["tiny-llama"], dtype, torch.device("cpu"))
+    if fast_linears:
+        use_fast_cpu_linears(model, splits=2)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, 200, (3, 7))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, :1] = 0
+    cases = {"one row": (input_ids[:1], attention_mask[:1]), "padded rows": (input_ids, attention_mask),
+             "one-token prompt": (input_ids[:1, -1:], attention_mask[:1, -1:])}
+    for name, (ids, mask) in cases.items():
+        for step, (expected, got) in enumerate(_decode_both(model, ids, mask, steps=5)):
+            assert torch.equal(expected, got), f"{name}, decode step {step}: {(expected - got).abs().max()}"
+
+
+def test_only_plain_llama_layers_take_the_decoder(tiny_models) -> None:  # noqa: ANN001
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert llama_decoder(load_full_model(tiny_models["tiny-gpt2"], "float32", torch.device("cpu"))) is None
+    config = AutoConfig.from_pretrained(tiny_models["tiny-llama"])
+    assert llama_decoder(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")) is not None
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert llama_decoder(eager) is None
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    assert llama_decoder(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")) is None
+
+
+def test_a_full_cache_is_an_error_not_a_silent_overwrite(tiny_models) -> None:  # noqa: ANN001
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    decoder = llama_decoder(model)
+    kv = decoder.adopt(None, 1, 2)
+    mask, hidden = torch.ones(1, 1, dtype=torch.long), torch.randn(1, 1, model.config.hidden_size)
+    with torch.inference_mode():
+        for position in range(2):
+            mask = torch.ones(1, position + 1, dtype=torch.long)
+            decoder.run(hidden, decoder.prepare(mask, torch.tensor([[position]])), kv)
+        with pytest.raises(RuntimeError, match="KV cache full: 2 positions"):
+            decoder.run(hidden, decoder.prepare(torch.ones(1, 3, dtype=torch.long), torch.tensor([[2]])), kv)
