@@ -33,10 +33,13 @@ analysis: setup
 	@ls -d outputs/*/ >/dev/null 2>&1 || { echo "no experiments under outputs/ (run make demo first)"; exit 1; }
 	$(BIN)/distinfer analyze outputs/*/
 
-# Debian packages the tests use: shellcheck, and Slurm + munge for the real local cluster
-# (scripts/local-slurm.sh installs those itself if missing). Needs root, as the Slurm daemons do.
+# Debian packages the tests use: shellcheck, g++ (PyTorch compiles distinfer's C++ decode ops and DeepSpeed's
+# CPU all-reduce with it), and Slurm + munge for the real local cluster (scripts/local-slurm.sh installs
+# those itself if missing). Needs root, as the Slurm daemons do.
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
-	@command -v shellcheck >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck; }
+	@command -v shellcheck >/dev/null || { apt-get update -qq && $(APT_INSTALL) shellcheck; }
+	@command -v g++ >/dev/null || { apt-get update -qq && $(APT_INSTALL) g++; }
 
 test: models system-deps
 	$(BIN)/python -m pytest

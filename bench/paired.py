@@ -9,8 +9,8 @@ also checks that the engines' tokens are equal. At batch 1, rank 0 also measures
 (bench/bandwidth.py) at the start of each round, while rank 1 waits: the round's one-stage decode step (time
 per token after the first) against that bandwidth gives a weight-read ratio free of the drift as well.
 
-The engines are the ones a run builds (`load_stage_model`, `use_fast_cpu_linears`, `place_in_huge_pages`,
-`PipelineEngine`), without the run's bookkeeping. With micro-batches the stages compute at once, so each
+The engines are the ones a run builds (`load_stage_model`, `speed_up_cpu_stage`, `PipelineEngine`), without
+the run's bookkeeping. With micro-batches the stages compute at once, so each
 rank then uses its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
 the cores they were started on (on the 2-core machine both layouts give the same cores).
 
@@ -95,13 +95,12 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.models.profiles import model_layer_count
     from distinfer.prompts import load_prompts
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
-    from distinfer.runtime.hugepages import place_in_huge_pages
-    from distinfer.runtime.kernels import choose_one_row_kernel, one_row_products_s, use_fast_cpu_linears
+    from distinfer.runtime.kernels import one_row_products_s
     from distinfer.runtime.pipeline import PipelineEngine
     from distinfer.runtime.ranks import DistEnv
     from distinfer.runtime.sampling import Sampler, SamplingParams
     from distinfer.runtime.threads import rank_cores
-    from distinfer.runtime.worker import make_batches, stop_rule
+    from distinfer.runtime.worker import make_batches, speed_up_cpu_stage, stop_rule
 
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, master_port=options["port"])
     alone, shared = rank_cores(rank, rank, 2, False), rank_cores(rank, rank, 2, True)  # before pinning narrows it
@@ -113,14 +112,13 @@ def _rank(rank: int, options: dict) -> None:
 
     def stage(world: int, r: int):  # noqa: ANN202
         model, family = load_stage_model(model_dir, split_layers(layers, world, None)[r], "float32", device)
-        use_fast_cpu_linears(model, len(alone))
-        place_in_huge_pages(model)
-        choose_one_row_kernel(model)  # as a run's stage does (runtime/kernels.py)
-        return model, family
+        _, decoder = speed_up_cpu_stage(model, len(alone))  # as a run's stage does
+        return model, family, decoder
 
-    def engine(model_family, world: int, r: int, microbatches: int) -> PipelineEngine:  # noqa: ANN001
-        model, family = model_family
-        return PipelineEngine(model, family, r, world, device, Sampler(SamplingParams(), device), stop, microbatches)
+    def engine(stage_parts, world: int, r: int, microbatches: int) -> PipelineEngine:  # noqa: ANN001
+        model, family, decoder = stage_parts
+        return PipelineEngine(model, family, r, world, device, Sampler(SamplingParams(), device), stop, microbatches,
+                              decoder=decoder)
 
     half = stage(2, rank)
     whole = stage(1, 0) if rank == 0 else None

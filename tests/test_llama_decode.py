@@ -1,7 +1,9 @@
 """LlamaDecoder (runtime/llama_decode.py) against `transformers`' own Llama layers, on the real tiny Llama.
 
 The tiny Llama has grouped-query attention (8 heads, 4 key/value heads), so both of the decoder's attention
-branches run: no padding (SDPA's own GQA) and left padding (a mask, queries packed per key/value head).
+branches run: no padding (SDPA's own GQA) and left padding (a mask, queries packed per key/value head). The
+PyTorch path must be bit-equal; the C++ ops (compiled here for real, with the machine's g++) sum in another
+order and must agree to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from transformers import DynamicCache
 
 from distinfer.models.families import family_of
 from distinfer.models.loading import load_full_model
+from distinfer.runtime.cpp_ops import decode_ops
 from distinfer.runtime.kernels import use_fast_cpu_linears
 from distinfer.runtime.llama_decode import LlamaDecoder, llama_decoder
 from distinfer.runtime.pipeline import prefill_positions
 
 
-def _decode_both(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> list[tuple]:  # noqa: ANN001
+def _decode_both(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int,  # noqa: ANN001
+                 compiled: bool = False) -> list[tuple]:
     """Prefill through transformers' layers, then `steps` decode steps through both paths on the same inputs."""
     dtype = model.dtype
-    family, decoder = family_of(model), llama_decoder(model)
-    assert isinstance(decoder, LlamaDecoder)
+    family, decoder = family_of(model), llama_decoder(model, compiled)
+    assert isinstance(decoder, LlamaDecoder) and (decoder.ops is not None) == compiled
     rows = input_ids.shape[0]
     positions, cache = prefill_positions(attention_mask), DynamicCache()
     pairs = []
@@ -40,21 +44,50 @@ def _decode_both(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     return pairs
 
 
-@pytest.mark.parametrize(("dtype", "fast_linears"), [("float32", False), ("float32", True), ("bfloat16", False)])
-def test_decode_steps_are_bit_equal_to_transformers_layers(tiny_models, dtype: str, fast_linears: bool) -> None:  # noqa: ANN001,E501
-    model = load_full_model(tiny_models["tiny-llama"], dtype, torch.device("cpu"))
-    if fast_linears:
-        use_fast_cpu_linears(model, splits=2)
+def _cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(0)
     input_ids = torch.randint(3, 200, (3, 7))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0  # left padding
     attention_mask[2, :1] = 0
-    cases = {"one row": (input_ids[:1], attention_mask[:1]), "padded rows": (input_ids, attention_mask),
-             "one-token prompt": (input_ids[:1, -1:], attention_mask[:1, -1:])}
-    for name, (ids, mask) in cases.items():
+    return {"one row": (input_ids[:1], attention_mask[:1]), "padded rows": (input_ids, attention_mask),
+            "one-token prompt": (input_ids[:1, -1:], attention_mask[:1, -1:])}
+
+
+@pytest.mark.parametrize(("dtype", "fast_linears"), [("float32", False), ("float32", True), ("bfloat16", False)])
+def test_decode_steps_are_bit_equal_to_transformers_layers(tiny_models, dtype: str, fast_linears: bool) -> None:  # noqa: ANN001,E501
+    model = load_full_model(tiny_models["tiny-llama"], dtype, torch.device("cpu"))
+    if fast_linears:
+        use_fast_cpu_linears(model, splits=2)
+    for name, (ids, mask) in _cases().items():
         for step, (expected, got) in enumerate(_decode_both(model, ids, mask, steps=5)):
             assert torch.equal(expected, got), f"{name}, decode step {step}: {(expected - got).abs().max()}"
+
+
+def test_cpp_decode_ops_agree_with_transformers_layers_to_rounding(tiny_models) -> None:  # noqa: ANN001
+    assert decode_ops() is not None, "the C++ decode ops did not build (is g++ installed? see the log)"
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    use_fast_cpu_linears(model, splits=2)
+    for name, (ids, mask) in _cases().items():
+        for step, (expected, got) in enumerate(_decode_both(model, ids, mask, steps=5, compiled=True)):
+            scale = float(expected.abs().max())  # fp32 rounding through 8 layers of random hidden states
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale, msg=f"{name}, step {step}")
+
+
+def test_cpp_decode_ops_reject_what_they_cannot_read() -> None:
+    ops = decode_ops()
+    assert ops is not None
+    with pytest.raises(RuntimeError, match="x must be a contiguous fp32 CPU tensor"):
+        ops.rms_norm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4), 1e-6)
+    with pytest.raises(RuntimeError, match="w must have 4 elements"):
+        ops.rms_norm(torch.ones(2, 4), torch.ones(3), 1e-6)
+    keys = torch.zeros(1, 2, 3, 4)
+    args = (torch.ones(1, 8), torch.ones(1, 8), torch.ones(1, 8), keys, keys.clone(), torch.ones(1, 4),
+            torch.ones(1, 4), torch.empty(0, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="position 3 outside the cache's 3"):
+        ops.rope_attend(*args, 3, 0.5)
+    out = ops.rope_attend(*args, 0, 0.5)  # one position: attention returns that position's value
+    torch.testing.assert_close(out, torch.ones(1, 8))
 
 
 def test_only_plain_llama_layers_take_the_decoder(tiny_models) -> None:  # noqa: ANN001

@@ -30,12 +30,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
+_NO_MASK = torch.empty(0, dtype=torch.bool)
 
 
 @dataclass
@@ -94,12 +96,16 @@ def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 class LlamaDecoder:
     """One stage's Llama decoder layers for steps of one new position per row. Build it after the model's
-    linear layers are final (e.g. after `use_fast_cpu_linears`): it keeps their `forward` methods."""
+    linear layers are final (e.g. after `use_fast_cpu_linears`): it keeps their `forward` methods. With `ops`
+    (runtime/cpp_ops.py `decode_ops`, fp32 on CPU) the work between the products runs in four C++ calls."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, ops: ModuleType | None = None) -> None:
         config = model.config
         self.layers = list(model.model.layers)
         self._parts = [_Layer.of(layer) for layer in self.layers]
+        self.ops = ops
+        self._norms = [(n.weight, n.variance_epsilon) for layer in self.layers
+                       for n in (layer.input_layernorm, layer.post_attention_layernorm)]  # in, post, in, post, ...
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.heads = config.num_attention_heads
@@ -109,6 +115,11 @@ class LlamaDecoder:
         half = self.head_dim // 2
         self._gather = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self._device())
         self._cos = self._sin = torch.empty(0)
+
+    @property
+    def name(self) -> str:
+        """What a rank's summary calls this decode path."""
+        return "llama_decoder_cpp" if self.ops is not None else "llama_decoder"
 
     def _device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
@@ -148,14 +159,37 @@ class LlamaDecoder:
 
     def run(self, hidden: torch.Tensor, inputs: DecodeInputs, kv: StaticKV) -> torch.Tensor:
         """The layers on `hidden` [rows, 1, hidden size]; appends this position's keys and values to `kv`."""
-        rows, at = hidden.shape[0], kv.length
+        at = kv.length
         if at >= kv.capacity:
             raise RuntimeError(f"KV cache full: {kv.capacity} positions")
+        hidden = self._run_cpp(hidden, inputs, kv) if self.ops is not None else self._run_torch(hidden, inputs, kv)
+        kv.length = at + 1
+        return hidden
+
+    def _run_torch(self, hidden: torch.Tensor, inputs: DecodeInputs, kv: StaticKV) -> torch.Tensor:
+        rows, at = hidden.shape[0], kv.length
         for layer, keys, values in zip(self._parts, kv.keys, kv.values):
             hidden = hidden + self._attention(layer, layer.input_norm(hidden), inputs, keys, values, at, rows)
             h = layer.post_norm(hidden)
             hidden = hidden + layer.down(layer.act(layer.gate(h)) * layer.up(h))
-        kv.length = at + 1
+        return hidden
+
+    def _run_cpp(self, hidden: torch.Tensor, inputs: DecodeInputs, kv: StaticKV) -> torch.Tensor:
+        """Per layer: the products in PyTorch, and between them rotary + cache write + attention, residual +
+        norm, silu * up, residual + the next layer's norm in C++ (`csrc/decode_ops.cpp`)."""
+        ops, rows, at = self.ops, hidden.shape[0], kv.length
+        cos, sin = inputs.cos.reshape(rows, -1), inputs.sin.reshape(rows, -1)
+        mask = inputs.mask.reshape(rows, -1) if inputs.mask is not None else _NO_MASK
+        hidden = hidden.contiguous()
+        h = ops.rms_norm(hidden, *self._norms[0])
+        last = len(self._parts) - 1
+        for i, (layer, keys, values) in enumerate(zip(self._parts, kv.keys, kv.values)):
+            attn = ops.rope_attend(layer.q(h), layer.k(h), layer.v(h), keys, values, cos, sin, mask, at, self.scaling)
+            hidden, h = ops.add_rms_norm(hidden, layer.o(attn.view(rows, 1, -1)), *self._norms[2 * i + 1])
+            mlp = layer.down(ops.silu_mul(layer.gate(h), layer.up(h)))
+            if i == last:
+                return hidden + mlp
+            hidden, h = ops.add_rms_norm(hidden, mlp, *self._norms[2 * i + 2])
         return hidden
 
     def _rotate(self, x: torch.Tensor, inputs: DecodeInputs) -> torch.Tensor:
@@ -179,8 +213,9 @@ class LlamaDecoder:
         return layer.o(out)
 
 
-def llama_decoder(model: nn.Module) -> LlamaDecoder | None:
-    """A LlamaDecoder for a stage whose layers are plain `transformers` Llama layers, else None."""
+def llama_decoder(model: nn.Module, compiled: bool = True) -> LlamaDecoder | None:
+    """A LlamaDecoder for a stage whose layers are plain `transformers` Llama layers, else None. An fp32 stage
+    on CPU gets the C++ ops where they build (`compiled`), else PyTorch operations."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -195,4 +230,10 @@ def llama_decoder(model: nn.Module) -> LlamaDecoder | None:
     norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     if any(type(n) is not LlamaRMSNorm for n in norms):
         return None
-    return LlamaDecoder(model)
+    weight = layers[0].input_layernorm.weight
+    ops = None
+    if compiled and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        from distinfer.runtime.cpp_ops import decode_ops
+
+        ops = decode_ops()
+    return LlamaDecoder(model, ops)

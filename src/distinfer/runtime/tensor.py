@@ -6,22 +6,18 @@ generation then runs `transformers` generate on the sharded model on all ranks i
 
 from __future__ import annotations
 
-import fcntl
 import json
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from distinfer.models.loading import load_full_model
-from distinfer.models.tiny import cache_dir
+from distinfer.runtime.cpp_ops import build_turn, extensions_dir
 from distinfer.runtime.pipeline import StopRule
 from distinfer.runtime.ranks import DistEnv
 from distinfer.runtime.reference import ReferenceEngine
 from distinfer.runtime.sampling import SamplingParams
-
-log = logging.getLogger("distinfer.tensor")
 
 
 def prepare_deepspeed_env(env: DistEnv, device: torch.device) -> None:
@@ -31,11 +27,6 @@ def prepare_deepspeed_env(env: DistEnv, device: torch.device) -> None:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-
-
-def extensions_dir() -> Path:
-    """Where distinfer keeps the ops DeepSpeed compiles (unless the user set TORCH_EXTENSIONS_DIR)."""
-    return cache_dir() / "torch_extensions"
 
 
 def build_deepspeed_engine(
@@ -66,37 +57,17 @@ def build_deepspeed_engine(
 
 
 def build_shm_op_once() -> None:
-    """Build (or load) DeepSpeed's CPU all-reduce op before `init_inference` asks for it, one rank at a time.
-
-    PyTorch guards each op's build directory with a `lock` file that a killed build leaves behind; every
-    later build or load of that op then waits for it forever (a run hangs until its timeout). The ranks of
-    this node take turns here under an flock, which the kernel releases when its holder dies: whoever holds
-    it knows that no build is running in distinfer's extension directory, so any `lock` file there is stale
-    and goes. A directory the user chose (TORCH_EXTENSIONS_DIR) may be shared with other programs and is
-    left alone. DeepSpeed keeps the loaded op per process, so `init_inference` reuses it."""
+    """Build (or load) DeepSpeed's CPU all-reduce op before `init_inference` asks for it, one rank at a time
+    (`cpp_ops.build_turn`: a killed build's `lock` file would make every later load wait forever). DeepSpeed
+    keeps the loaded op per process, so `init_inference` reuses it."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "distinfer-build.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        if root == extensions_dir():
-            for path in remove_stale_build_locks(root):
-                log.warning("removed %s, left by an op build that was killed", path)
+    with build_turn():
         builder.load(verbose=False)
-
-
-def remove_stale_build_locks(root: Path) -> list[Path]:
-    """Remove the `lock` files that killed op builds left in `root`'s build directories; returns them.
-    Only safe while no build can be running there (see `build_shm_op_once`)."""
-    stale = sorted(root.glob("*/lock"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 SHM_DIR = Path("/dev/shm")

@@ -37,7 +37,7 @@ from distinfer.runtime.aslr import aslr_disabled
 from distinfer.runtime.dist import init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
 from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
-from distinfer.runtime.llama_decode import llama_decoder
+from distinfer.runtime.llama_decode import LlamaDecoder, llama_decoder
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
@@ -130,14 +130,22 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
     decoder = None
     if device.type == "cpu" and spec.cpu_kernels == "fast":
-        info["fast_linears"] = use_fast_cpu_linears(model)
-        info["huge_page_bytes"] = place_in_huge_pages(model)
-        info["one_row_kernel"] = choose_one_row_kernel(model)
-        decoder = llama_decoder(model)
-    info["decode_path"] = "llama_decoder" if decoder else "transformers"
+        facts, decoder = speed_up_cpu_stage(model)
+        info.update(facts)
+    info["decode_path"] = decoder.name if decoder else "transformers"
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches,
                             decoder=decoder)
     return engine, info
+
+
+def speed_up_cpu_stage(model: torch.nn.Module, splits: int | None = None) -> tuple[dict, LlamaDecoder | None]:
+    """What a CPU pipeline rank does to its stage with `cpu_kernels: fast`, in this order: linear layers to
+    `CpuLinear` (row-split products in `splits` parts, default the thread count), weights into 2 MiB pages,
+    the one-row kernel timed and chosen, then the Llama decode path (None for other families). Returns the
+    facts a rank reports and the decoder for `PipelineEngine`."""
+    facts = {"fast_linears": use_fast_cpu_linears(model, splits), "huge_page_bytes": place_in_huge_pages(model),
+             "one_row_kernel": choose_one_row_kernel(model)}
+    return facts, llama_decoder(model)
 
 
 MEMORY_LIMIT_ENV = "DISTINFER_RANK_MEMORY_LIMIT"
@@ -267,7 +275,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "tokenize_s": state.get("tokenize_s"),
         "threads": torch.get_num_threads(),
         "one_row_kernel": (state.get("one_row_kernel") or {}).get("kernel"),  # runtime/kernels.py, CPU only
-        "decode_path": state.get("decode_path"),  # pipeline ranks: llama_decoder (runtime/llama_decode.py) or not
+        "decode_path": state.get("decode_path"),  # pipeline ranks: runtime/llama_decode.py's, or transformers
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default
         "utilization": util,

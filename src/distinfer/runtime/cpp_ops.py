@@ -1,0 +1,93 @@
+"""C++ ops that PyTorch compiles at first use (`torch.utils.cpp_extension`), kept in distinfer's cache.
+
+Two kinds: DeepSpeed's CPU all-reduce (runtime/tensor.py) and distinfer's own decode-step ops
+(`csrc/decode_ops.cpp`, used by runtime/llama_decode.py). Both build into `$DISTINFER_CACHE/torch_extensions`
+(or the user's TORCH_EXTENSIONS_DIR) one rank at a time: PyTorch guards each op's build directory with a
+`lock` file that a killed build leaves behind, and every later build or load of that op then waits for it
+forever. The ranks of a node take turns under an flock, which the kernel releases when its holder dies:
+whoever holds it knows that no build is running in distinfer's own directory, so any `lock` file there is
+stale and goes. A directory the user chose may be shared with other programs and is left alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+from distinfer.models.tiny import cache_dir
+
+log = logging.getLogger("distinfer.cpp_ops")
+DECODE_OPS_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_ops.cpp"
+_decode_ops: dict[str, ModuleType | None] = {}
+
+
+def extensions_dir() -> Path:
+    """Where distinfer keeps the ops it and DeepSpeed compile (unless the user set TORCH_EXTENSIONS_DIR)."""
+    return cache_dir() / "torch_extensions"
+
+
+def extensions_root() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or extensions_dir())
+
+
+@contextmanager
+def build_turn() -> Iterator[Path]:
+    """Hold this node's turn to build or load an op; yields the extensions directory."""
+    root = extensions_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "distinfer-build.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if root == extensions_dir():
+            for path in remove_stale_build_locks(root):
+                log.warning("removed %s, left by an op build that was killed", path)
+        yield root
+
+
+def remove_stale_build_locks(root: Path) -> list[Path]:
+    """Remove the `lock` files that killed op builds left in `root`'s build directories; returns them.
+    Only safe while no build can be running there (see `build_turn`)."""
+    stale = sorted(root.glob("*/lock"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def decode_ops() -> ModuleType | None:
+    """distinfer's decode-step ops, compiled on first use (~1 minute on 2 cores, then loaded from the cache);
+    None, with the reason logged once, where they cannot be built (no C++ compiler, ...)."""
+    if "ops" not in _decode_ops:
+        _decode_ops["ops"] = _build_decode_ops()
+    return _decode_ops["ops"]
+
+
+def decode_ops_build() -> tuple[str, list[str]]:
+    """The op's name and compiler flags for this CPU: AVX2 + FMA where PyTorch's own kernels use them (the
+    attention's loops run ~1.7x faster), plain x86-64 / the platform's default elsewhere. The name carries the
+    instruction set, so that nodes of different kinds sharing one cache never load each other's build."""
+    import torch
+
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return "distinfer_decode_ops_avx2", ["-O3", "-mavx2", "-mfma"]
+    return "distinfer_decode_ops", ["-O3"]
+
+
+def _build_decode_ops() -> ModuleType | None:
+    try:
+        from torch.utils.cpp_extension import load
+
+        name, flags = decode_ops_build()
+        with build_turn() as root:
+            build = root / name
+            build.mkdir(exist_ok=True)
+            return load(name, [str(DECODE_OPS_SOURCE)], extra_cflags=flags, build_directory=str(build), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the Python decode path in charge
+        reason = str(exc).strip().splitlines()
+        log.warning("C++ decode ops unavailable (%s): decode steps run in Python",
+                    reason[-1] if reason else type(exc).__name__)
+        return None
