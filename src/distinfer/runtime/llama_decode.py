@@ -10,19 +10,22 @@ layers' parameters with about a dozen operations per layer:
   `rotate_half(x) * sin` is one gather of x with a sign folded into the sin table;
 - each micro-batch's keys and values live in preallocated buffers (`StaticKV`) written in place; attention
   reads a view of the filled part;
-- RMSNorm is `F.rms_norm` (bit-equal to `LlamaRMSNorm` in fp32), modules' `forward` is called directly.
+- RMSNorm is `F.rms_norm` (bit-equal to `LlamaRMSNorm` in fp32), modules' `forward` is called directly;
+- in fp32 with the C++ ops (runtime/cpp_ops.py, `csrc/decode_ops.cpp`), everything between the products
+  is four calls per layer: rotary + cache write + attention, residual + norm, silu x up, residual + norm.
 
 Prefill (several positions) still runs through `transformers`' layers into a `DynamicCache`, which the
 first decode step copies into a `StaticKV`. Only plain Llama decoder layers (`LlamaDecoderLayer`, SDPA
 attention, a rotary embedding that depends on the position only) take this path; `llama_decoder` returns
-None for anything else, and the engine keeps `transformers`' forward. In fp32 the results are bit-equal to
-`transformers`' layers (tests/test_llama_decode.py, with and without padding, grouped-query attention).
+None for anything else, and the engine keeps `transformers`' forward. With PyTorch operations the results
+are bit-equal to `transformers`' layers (fp32 and bf16); the C++ ops sum in another order and agree to
+fp32 rounding (tests/test_llama_decode.py: with and without padding, grouped-query attention; the
+token-exact pipeline tests run with them).
 
-Measured on `make bench`'s 160 M Llama (Intel Xeon, 2 vCPUs; one-stage pipeline engines with and without
-it, the two copies of the model alternating in one process, 12 rounds, tokens equal): batch 1 +6.3 %
-(quartiles 3.2-7.8 %; decode step 31.5 -> 29.5 ms), batch 8 +9.4 % (5.9-10.6 %). With every linear product
-replaced by a preallocated result, the engine's batch-1 step takes 2.7 ms (4.3 ms for `transformers`'
-layers alone).
+Measured on `make bench`'s 160 M Llama (Intel Xeon, 2 vCPUs; `bench/decode_paths.py`: one-stage engines
+side by side in one process, 12 rounds, tokens equal), one stage / HF generate at batch 1 / 8: C++ ops
+1.17 / 1.52, PyTorch operations 1.03 / 1.43, `transformers`' forward 0.97 / 1.33. With every linear product
+replaced by a preallocated result a batch-1 step takes 1.2-1.7 ms, 2.7 ms and 4.3 ms.
 """
 
 from __future__ import annotations
