@@ -40,12 +40,12 @@ def build_engines(model_dir: Path, new_tokens: int) -> dict[str, object]:
     for path in PATHS:
         model, family = load_stage_model(model_dir, split_layers(model_layer_count(model_dir), 1, None)[0],
                                          "float32", cpu)
-        speed_up_cpu_stage(model)
-        decoder = {"cpp": llama_decoder(model), "torch": llama_decoder(model, compiled=False), "transformers": None}
-        if path == "cpp" and (decoder["cpp"] is None or decoder["cpp"].ops is None):
+        _, decoder = speed_up_cpu_stage(model)  # the C++ path where it builds, as a run's stage gets it
+        if path == "cpp" and (decoder is None or decoder.ops is None):
             sys.exit("the C++ decode ops are unavailable here (see the warning above)")
-        engines[path] = PipelineEngine(model, family, 0, 1, cpu, Sampler(SamplingParams()), stop,
-                                       decoder=decoder[path])
+        if path != "cpp":
+            decoder = llama_decoder(model, compiled=False) if path == "torch" else None
+        engines[path] = PipelineEngine(model, family, 0, 1, cpu, Sampler(SamplingParams()), stop, decoder=decoder)
     engines["hf-generate"] = ReferenceEngine(load_full_model(model_dir, "float32", cpu), cpu, SamplingParams(), stop)
     return engines
 

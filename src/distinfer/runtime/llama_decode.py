@@ -79,13 +79,17 @@ class _Layer:
     up: Callable[[torch.Tensor], torch.Tensor]
     down: Callable[[torch.Tensor], torch.Tensor]
     act: Callable[[torch.Tensor], torch.Tensor]
+    input_norm_args: tuple[torch.Tensor, float]  # (weight, eps), for the C++ ops
+    post_norm_args: tuple[torch.Tensor, float]
 
     @classmethod
     def of(cls, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        return cls(_rms_norm(layer.input_layernorm), attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward,
-                   attn.o_proj.forward, _rms_norm(layer.post_attention_layernorm), mlp.gate_proj.forward,
-                   mlp.up_proj.forward, mlp.down_proj.forward, mlp.act_fn)
+        first, second = layer.input_layernorm, layer.post_attention_layernorm
+        return cls(_rms_norm(first), attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward,
+                   attn.o_proj.forward, _rms_norm(second), mlp.gate_proj.forward, mlp.up_proj.forward,
+                   mlp.down_proj.forward, mlp.act_fn, (first.weight, first.variance_epsilon),
+                   (second.weight, second.variance_epsilon))
 
 
 def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -107,8 +111,7 @@ class LlamaDecoder:
         self.layers = list(model.model.layers)
         self._parts = [_Layer.of(layer) for layer in self.layers]
         self.ops = ops
-        self._norms = [(n.weight, n.variance_epsilon) for layer in self.layers
-                       for n in (layer.input_layernorm, layer.post_attention_layernorm)]  # in, post, in, post, ...
+        self._like = self.layers[0].input_layernorm.weight  # the stage's dtype and device
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.heads = config.num_attention_heads
@@ -116,7 +119,7 @@ class LlamaDecoder:
         self.scaling = attn.scaling
         self.rotary = model.model.rotary_emb
         half = self.head_dim // 2
-        self._gather = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self._device())
+        self._gather = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self._like.device)
         self._cos = self._sin = torch.empty(0)
 
     @property
@@ -124,25 +127,20 @@ class LlamaDecoder:
         """What a rank's summary calls this decode path."""
         return "llama_decoder_cpp" if self.ops is not None else "llama_decoder"
 
-    def _device(self) -> torch.device:
-        return self.layers[0].input_layernorm.weight.device
-
     def _tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for positions 0..positions-1 (at least), computed by the model's rotary module."""
         if self._cos.shape[0] < positions:
             size = max(positions, 2 * self._cos.shape[0], 256)
-            like = self.layers[0].input_layernorm.weight
-            cos, sin = self.rotary(like, torch.arange(size, device=like.device)[None])
+            cos, sin = self.rotary(self._like, torch.arange(size, device=self._like.device)[None])
             half = self.head_dim // 2
             self._cos, self._sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         return self._cos, self._sin
 
     def adopt(self, cache: object, rows: int, capacity: int) -> StaticKV:
         """Buffers for `capacity` positions holding what `cache` (a DynamicCache after prefill, or None) holds."""
-        like = self.layers[0].input_layernorm.weight
         shape = (rows, self.kv_heads, capacity, self.head_dim)
-        kv = StaticKV([torch.empty(shape, dtype=like.dtype, device=like.device) for _ in self.layers],
-                      [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in self.layers], 0)
+        kv = StaticKV([self._like.new_empty(shape) for _ in self.layers],
+                      [self._like.new_empty(shape) for _ in self.layers], 0)
         for i, layer in enumerate(getattr(cache, "layers", ())[: len(self.layers)]):
             keys = getattr(layer, "keys", None)
             if keys is None or keys.numel() == 0:
@@ -184,15 +182,15 @@ class LlamaDecoder:
         cos, sin = inputs.cos.reshape(rows, -1), inputs.sin.reshape(rows, -1)
         mask = inputs.mask.reshape(rows, -1) if inputs.mask is not None else _NO_MASK
         hidden = hidden.contiguous()
-        h = ops.rms_norm(hidden, *self._norms[0])
-        last = len(self._parts) - 1
-        for i, (layer, keys, values) in enumerate(zip(self._parts, kv.keys, kv.values)):
+        h = ops.rms_norm(hidden, *self._parts[0].input_norm_args)
+        following = [*self._parts[1:], None]
+        for layer, after, keys, values in zip(self._parts, following, kv.keys, kv.values):
             attn = ops.rope_attend(layer.q(h), layer.k(h), layer.v(h), keys, values, cos, sin, mask, at, self.scaling)
-            hidden, h = ops.add_rms_norm(hidden, layer.o(attn.view(rows, 1, -1)), *self._norms[2 * i + 1])
+            hidden, h = ops.add_rms_norm(hidden, layer.o(attn.view(rows, 1, -1)), *layer.post_norm_args)
             mlp = layer.down(ops.silu_mul(layer.gate(h), layer.up(h)))
-            if i == last:
+            if after is None:
                 return hidden + mlp
-            hidden, h = ops.add_rms_norm(hidden, mlp, *self._norms[2 * i + 2])
+            hidden, h = ops.add_rms_norm(hidden, mlp, *after.input_norm_args)
         return hidden
 
     def _rotate(self, x: torch.Tensor, inputs: DecodeInputs) -> torch.Tensor:

@@ -111,7 +111,8 @@ torch::Tensor rope_attend(const torch::Tensor& q, const torch::Tensor& k, const 
   for (int64_t r = 0; r < rows; ++r) {
     const float* c = cos.data_ptr<float>() + r * hd;
     const float* s = sin.data_ptr<float>() + r * hd;
-    for (int64_t h = 0; h < heads; ++h) rotate(q.data_ptr<float>() + (r * heads + h) * hd, c, s, qr + (r * heads + h) * hd, hd);
+    for (int64_t h = 0; h < heads; ++h)
+      rotate(q.data_ptr<float>() + (r * heads + h) * hd, c, s, qr + (r * heads + h) * hd, hd);
     for (int64_t h = 0; h < kv_heads; ++h) {
       const int64_t slot = ((r * kv_heads + h) * capacity + at) * hd;
       rotate(k.data_ptr<float>() + (r * kv_heads + h) * hd, c, s, kp + slot, hd);
