@@ -59,9 +59,8 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
     from distinfer.layout import split_layers
     from distinfer.models.loading import load_stage_model
     from distinfer.models.profiles import model_layer_count
-    from distinfer.runtime.hugepages import place_in_huge_pages
-    from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
     from distinfer.runtime.threads import available_cores, pin_threads
+    from distinfer.runtime.worker import speed_up_cpu_stage
 
     cores = available_cores()
     helpers = []
@@ -74,9 +73,7 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
         pin_threads(cores)
         layout = split_layers(model_layer_count(model_dir), 1, None)[0]
         model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
-        use_fast_cpu_linears(model)
-        place_in_huge_pages(model)
-        choose_one_row_kernel(model)
+        speed_up_cpu_stage(model)  # a run's CPU stage: its kernels, huge pages (the layers run transformers' forward)
         layers = family.decoder_layers(model)
         half = len(layers) // 2
         started: dict[int, float] = {}

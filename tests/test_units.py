@@ -17,7 +17,7 @@ from distinfer.metrics import LatencyReport, RequestTiming, distribution, percen
 from distinfer.models.loading import load_full_model
 from distinfer.provenance import allowed_env
 from distinfer.runtime.ranks import DistEnv, dist_env_from, first_host
-from distinfer.runtime.kernels import CpuLinear
+from distinfer.runtime.kernels import FEW_ROWS_KERNELS, CpuLinear
 from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
 from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
 from distinfer.runtime.threads import OPENMP_BINDING_VARS, rank_cores
@@ -232,13 +232,16 @@ def test_long_context_prompts_are_deterministic_and_cut_to_the_context(tiny_mode
                                                         "ctx1024-1#2"]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
 @pytest.mark.parametrize("splits", [1, 2, 4])
-@pytest.mark.parametrize("one_row", ["split", "onednn", "mkl"])
-def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int, one_row: str) -> None:
+@pytest.mark.parametrize("kernel", ["split", "onednn", "mkl", "cpp"])
+def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int, kernel: str) -> None:
+    from distinfer.runtime.cpp_ops import decode_ops
+
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
-    fast = CpuLinear(linear.weight, linear.bias, splits, one_row)
+    few_rows = kernel if kernel in FEW_ROWS_KERNELS else "onednn"
+    fast = CpuLinear(linear.weight, linear.bias, splits, kernel, few_rows, decode_ops() if kernel == "cpp" else None)
     x = torch.randn(1, rows, 64)  # one sequence of `rows` tokens
     with torch.inference_mode():
         assert torch.allclose(fast(x), linear(x), rtol=1e-5, atol=1e-5)
@@ -246,25 +249,50 @@ def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int, one
     assert fast.splits == splits
 
 
-def test_the_fastest_one_row_kernel_is_timed_and_set_on_every_layer() -> None:
-    from distinfer.runtime.kernels import ONE_ROW_KERNELS, choose_one_row_kernel, use_fast_cpu_linears
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 24, 31])
+@pytest.mark.parametrize("shape", [(96, 64), (37, 100), (5, 16), (3, 7)])  # [out, in]: ragged rows and lanes too
+def test_linear_rows_computes_what_f_linear_computes(rows: int, shape: tuple[int, int]) -> None:
+    from distinfer.runtime.cpp_ops import decode_ops
+
+    ops = decode_ops()
+    assert ops is not None, "the C++ ops did not build (is g++ installed? see the log)"
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, shape[1]), torch.randn(*shape), torch.randn(shape[0])
+    expected = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+    assert torch.allclose(ops.linear_rows(x, w, b), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ops.linear_rows(x, w), expected - b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="x has 4 features, w takes"):
+        ops.linear_rows(torch.randn(rows, 4), w)
+    with pytest.raises(RuntimeError, match="w must be a contiguous fp32 CPU tensor"):
+        ops.linear_rows(x, w.t().contiguous().t())
+
+
+def test_the_fastest_kernels_are_timed_and_set_on_every_layer() -> None:
+    from distinfer.runtime.cpp_ops import decode_ops
+    from distinfer.runtime.kernels import ONE_ROW_KERNELS, choose_kernels, use_fast_cpu_linears
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(256, 512) for _ in range(4)))
-    assert choose_one_row_kernel(model) is None, "no CpuLinear layers yet"
+    assert choose_kernels(model) is None, "no CpuLinear layers yet"
     use_fast_cpu_linears(model, splits=2)
-    x = torch.randn(1, 256)
+    x = torch.randn(8, 256)
     with torch.inference_mode():
-        expected = model[0].weight @ x[0] + model[0].bias
-        picked = choose_one_row_kernel(model, budget_bytes=2 * 512 * 256 * 4)  # times the first two layers
-    assert set(picked["read_bytes_per_s"]) == set(ONE_ROW_KERNELS) and all(picked["read_bytes_per_s"].values())
-    assert picked["kernel"] == max(picked["read_bytes_per_s"], key=picked["read_bytes_per_s"].get)
-    assert {m.one_row for m in model} == {picked["kernel"]}, "every layer, timed or not, uses the choice"
+        expected = x @ model[0].weight.t() + model[0].bias
+        picked = choose_kernels(model, decode_ops(), budget_bytes=2 * 512 * 256 * 4)  # times the first two layers
+    assert set(picked["one_row"]["read_bytes_per_s"]) == set(ONE_ROW_KERNELS)
+    assert set(picked["few_rows"]["read_bytes_per_s"]) == set(FEW_ROWS_KERNELS)
+    for kind, choice in picked.items():
+        rates = choice["read_bytes_per_s"]
+        assert all(rates.values()) and choice["kernel"] == max(rates, key=rates.get)
+        assert {getattr(m, kind) for m in model} == {choice["kernel"]}, "every layer, timed or not, uses the choice"
     with torch.inference_mode():
-        assert torch.allclose(model[0](x)[0], expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(model[0](x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(model[0](x), expected, rtol=1e-5, atol=1e-5)
     single = torch.nn.Sequential(torch.nn.Linear(64, 64))
     use_fast_cpu_linears(single, splits=1)
-    assert set(choose_one_row_kernel(single)["read_bytes_per_s"]) == {"onednn", "mkl"}, "no split on one thread"
+    without_cpp = choose_kernels(single)
+    assert set(without_cpp["one_row"]["read_bytes_per_s"]) == {"onednn", "mkl"}, "no split on one thread, no C++"
+    assert without_cpp["few_rows"]["kernel"] == "onednn"
 
 
 def test_cpu_linear_falls_back_when_rows_do_not_split_evenly() -> None:

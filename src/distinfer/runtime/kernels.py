@@ -8,25 +8,34 @@ weight's rows are split over the cores as one batched product (`bmm`, which PyTo
 thread); at 8 rows, 59 ms with MKL and 30 ms with oneDNN.
 
 `CpuLinear` keeps the layer's own parameters (same names, no copy) and picks per call: one row -> the
-one-row kernel, more rows -> oneDNN. Results differ from MKL's only by summation order (about 1e-6
-relative); the token-exact tests compare the engines that use it with the stock reference.
+one-row kernel, 2 to FEW_ROWS_MAX rows -> the few-row kernel, more rows -> oneDNN. Results differ from
+MKL's only by summation order (about 1e-6 relative); the token-exact tests compare the engines that use it
+with the stock reference.
 
-Which one-row kernel is fastest depends on the CPU: on the AMD EPYC above, MKL's matrix-vector product
-uses one core and the row-split `bmm` wins; on an Intel Xeon (2 vCPUs, session 10) MKL uses both cores
-and the split `bmm` takes twice as long (the 160 M model's linear layers, one row: MKL 23-26 ms, oneDNN
-33 ms, split 51-58 ms). So `choose_one_row_kernel` times the three on the stage's own weights once, after
-loading, and every layer then uses the fastest.
+Which kernel is fastest depends on the CPU: on the AMD EPYC above, MKL's matrix-vector product uses one
+core and the row-split `bmm` wins; on an Intel Xeon (2 vCPUs, session 10) MKL uses both cores and the split
+`bmm` takes twice as long (the 160 M model's linear layers, one row: MKL 23-26 ms, oneDNN 33 ms, split
+51-58 ms). distinfer's own `linear_rows` (csrc/linear_rows.cpp: four weight rows against up to six input
+rows per register tile, weights prefetched ahead) reads the weights once for up to ~24 rows: on the Xeon
+(session 13, AVX-512) at 1 / 2 / 4 / 8 / 17 rows 26 / 27 / 31 / 44 / 59 ms against oneDNN's 37 / 49 / 52 /
+59 / 72 ms and MKL's 32 / 33 / 57 / 90 / 92 ms, at 32 rows 122 ms against oneDNN's 109. So `choose_kernels`
+times the candidates on the stage's own weights once, after loading, at one row and at eight, and every
+layer then uses the fastest of each.
 """
 
 from __future__ import annotations
 
 import time
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ONE_ROW_KERNELS = ("split", "onednn", "mkl")  # row-split bmm, oneDNN, F.linear (MKL)
+ONE_ROW_KERNELS = ("split", "onednn", "mkl", "cpp")  # row-split bmm, oneDNN, F.linear (MKL), linear_rows
+FEW_ROWS_KERNELS = ("onednn", "cpp")  # for 2..FEW_ROWS_MAX rows; more rows always go to oneDNN
+FEW_ROWS_MAX = 24  # linear_rows was ahead of oneDNN up to ~24 rows on the bench's Xeon, behind from 32 on
+FEW_ROWS_TIMED = 8  # the rows the few-row kernels are timed at: a batch-8 decode step
 
 
 def fast_cpu_linear_available() -> bool:
@@ -34,23 +43,32 @@ def fast_cpu_linear_available() -> bool:
 
 
 class CpuLinear(nn.Module):
-    """`y = x W^T + b` with the kernel chosen by the number of rows; `weight` is [out, in] as in nn.Linear."""
+    """`y = x W^T + b` with the kernel chosen by the number of rows; `weight` is [out, in] as in nn.Linear.
+    `ops` (runtime/cpp_ops.py's `decode_ops`) provides the "cpp" kernel, `linear_rows`; without it "cpp" runs
+    oneDNN."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, splits: int, one_row: str = "split") -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, splits: int, one_row: str = "split",
+                 few_rows: str = "onednn", ops: ModuleType | None = None) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self.splits = splits if splits > 1 and self.out_features % splits == 0 else 1
         self.one_row = one_row  # one of ONE_ROW_KERNELS ("split" without splits runs oneDNN)
+        self.few_rows = few_rows  # one of FEW_ROWS_KERNELS
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 1 and self.one_row == "split" and self.splits > 1:
+        count = rows.shape[0]
+        kernel = self.one_row if count == 1 else self.few_rows if count <= FEW_ROWS_MAX else "onednn"
+        if kernel == "cpp" and self.ops is not None:
+            out = self.ops.linear_rows(rows.contiguous(), self.weight, self.bias)
+        elif kernel == "split" and self.splits > 1:
             parts = self.weight.view(self.splits, self.out_features // self.splits, self.in_features)
             out = torch.bmm(parts, rows.t().expand(self.splits, -1, -1)).view(1, self.out_features)
             if self.bias is not None:
                 out = out + self.bias
-        elif rows.shape[0] == 1 and self.one_row == "mkl":
+        elif kernel == "mkl":
             out = F.linear(rows, self.weight, self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
@@ -58,7 +76,7 @@ class CpuLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}, "
-                f"one_row={self.one_row}")
+                f"one_row={self.one_row}, few_rows={self.few_rows}")
 
 
 def _is_fp32_cpu_linear(module: nn.Module) -> bool:
@@ -92,51 +110,65 @@ def use_fast_cpu_linears(model: nn.Module, splits: int | None = None) -> int:
     return len(targets)
 
 
-def choose_one_row_kernel(model: nn.Module, budget_bytes: int = 256 * 2**20, passes: int = 3) -> dict | None:
-    """Time one-row products through `model`'s CpuLinear layers with each of ONE_ROW_KERNELS (interleaved, a
-    warm-up pass first, the best of `passes`), then set the fastest on every layer. The layers timed hold up to
-    `budget_bytes` of weights, more than a CPU's caches, so that the timing reads memory as a decode step
-    does. Returns {"kernel": name, "read_bytes_per_s": {name: rate}}, or None without CpuLinear layers."""
+def choose_kernels(model: nn.Module, ops: ModuleType | None = None, budget_bytes: int = 256 * 2**20,
+                   passes: int = 3) -> dict | None:
+    """Time products through `model`'s CpuLinear layers with each one-row kernel (ONE_ROW_KERNELS) at one row
+    and each few-row kernel (FEW_ROWS_KERNELS) at FEW_ROWS_TIMED rows, interleaved, a warm-up pass first, the
+    best of `passes`; then set the fastest of each on every layer. "cpp" takes part where `ops`
+    (runtime/cpp_ops.py's `decode_ops`) is given. The layers timed hold up to `budget_bytes` of weights, more
+    than a CPU's caches, so that the timing reads memory as a decode step does. Returns {"one_row": choice,
+    "few_rows": choice}, each {"kernel": name, "read_bytes_per_s": {name: rate}}, or None without CpuLinear
+    layers."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
     if not layers:
         return None
     timed, total = [], 0
     for layer in layers:
-        timed.append(layer)
-        total += layer.weight.numel() * layer.weight.element_size()
-        if total >= budget_bytes:
-            break
-    kernels = [k for k in ONE_ROW_KERNELS if k != "split" or any(m.splits > 1 for m in timed)]
-    inputs = _one_row_inputs(timed)
+        layer.ops = ops
+        if total < budget_bytes:
+            timed.append(layer)
+            total += layer.weight.numel() * layer.weight.element_size()
+    usable = [k for k in ONE_ROW_KERNELS if (k != "split" or any(m.splits > 1 for m in timed))
+              and (k != "cpp" or ops is not None)]
+    choices = {"one_row": _time_kernels(timed, "one_row", usable, 1, passes),
+               "few_rows": _time_kernels(timed, "few_rows", [k for k in FEW_ROWS_KERNELS if k != "cpp" or ops],
+                                         FEW_ROWS_TIMED, passes)}
+    for layer in layers:
+        layer.one_row, layer.few_rows = choices["one_row"][0], choices["few_rows"][0]
+    return {kind: {"kernel": kernel, "read_bytes_per_s": {k: total / t for k, t in best.items()}}
+            for kind, (kernel, best) in choices.items()}
+
+
+def _time_kernels(layers: list[CpuLinear], kind: str, kernels: list[str], rows: int,
+                  passes: int) -> tuple[str, dict[str, float]]:
+    """The fastest of `kernels` as `kind` ("one_row" or "few_rows") on `rows` rows, and each one's best time."""
+    inputs = _inputs(layers, rows)
     best = dict.fromkeys(kernels, float("inf"))
     for attempt in range(passes + 1):
         for kernel in kernels:
-            for layer in timed:
-                layer.one_row = kernel
-            elapsed = _one_row_pass_s(timed, inputs)
+            for layer in layers:
+                setattr(layer, kind, kernel)
+            elapsed = _pass_s(layers, inputs)
             if attempt:
                 best[kernel] = min(best[kernel], elapsed)
-    chosen = min(best, key=best.__getitem__)
-    for layer in layers:
-        layer.one_row = chosen
-    return {"kernel": chosen, "read_bytes_per_s": {k: total / t for k, t in best.items()}}
+    return min(best, key=best.__getitem__), best
 
 
 def one_row_products_s(model: nn.Module, passes: int = 3) -> float:
     """Best time of one pass of one-row products through every CpuLinear of `model`, each with the kernel it
     has (a warm-up pass first): what a batch-1 decode step takes if it does nothing but read its weights."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
-    inputs = _one_row_inputs(layers)
-    _one_row_pass_s(layers, inputs)  # warm-up
-    return min(_one_row_pass_s(layers, inputs) for _ in range(passes))
+    inputs = _inputs(layers, 1)
+    _pass_s(layers, inputs)  # warm-up
+    return min(_pass_s(layers, inputs) for _ in range(passes))
 
 
-def _one_row_inputs(layers: list[CpuLinear]) -> dict[int, torch.Tensor]:
-    return {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in layers}
+def _inputs(layers: list[CpuLinear], rows: int) -> dict[int, torch.Tensor]:
+    return {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in layers}
 
 
-def _one_row_pass_s(layers: list[CpuLinear], inputs: dict[int, torch.Tensor]) -> float:
-    """Seconds for one row through each of `layers` in turn."""
+def _pass_s(layers: list[CpuLinear], inputs: dict[int, torch.Tensor]) -> float:
+    """Seconds for the inputs through each of `layers` in turn."""
     with torch.inference_mode():
         start = time.perf_counter()
         for layer in layers:

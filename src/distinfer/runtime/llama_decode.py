@@ -176,8 +176,9 @@ class LlamaDecoder:
         return hidden
 
     def _run_cpp(self, hidden: torch.Tensor, inputs: DecodeInputs, kv: StaticKV) -> torch.Tensor:
-        """Per layer: the products in PyTorch, and between them rotary + cache write + attention, residual +
-        norm, silu * up, residual + the next layer's norm in C++ (`csrc/decode_ops.cpp`)."""
+        """Per layer: the products through the linear layers (runtime/kernels.py), and between them rotary + cache
+        write + attention, residual + norm, silu * up, residual + the next layer's norm in C++
+        (`csrc/decode_ops.cpp`)."""
         ops, rows, at = self.ops, hidden.shape[0], kv.length
         cos, sin = inputs.cos.reshape(rows, -1), inputs.sin.reshape(rows, -1)
         mask = inputs.mask.reshape(rows, -1) if inputs.mask is not None else _NO_MASK

@@ -34,9 +34,10 @@ from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_promp
 from distinfer.provenance import allowed_env
 from distinfer.runtime.accuracy import perplexity
 from distinfer.runtime.aslr import aslr_disabled
+from distinfer.runtime.cpp_ops import decode_ops
 from distinfer.runtime.dist import init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
-from distinfer.runtime.kernels import choose_one_row_kernel, use_fast_cpu_linears
+from distinfer.runtime.kernels import choose_kernels, use_fast_cpu_linears
 from distinfer.runtime.llama_decode import LlamaDecoder, llama_decoder
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
@@ -141,10 +142,12 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
 def speed_up_cpu_stage(model: torch.nn.Module, splits: int | None = None) -> tuple[dict, LlamaDecoder | None]:
     """What a CPU pipeline rank does to its stage with `cpu_kernels: fast`, in this order: linear layers to
     `CpuLinear` (row-split products in `splits` parts, default the thread count), weights into 2 MiB pages,
-    the one-row kernel timed and chosen, then the Llama decode path (None for other families). Returns the
-    facts a rank reports and the decoder for `PipelineEngine`."""
-    facts = {"fast_linears": use_fast_cpu_linears(model, splits), "huge_page_bytes": place_in_huge_pages(model),
-             "one_row_kernel": choose_one_row_kernel(model)}
+    the one-row and few-row kernels timed and chosen (distinfer's C++ `linear_rows` among them where the C++ ops
+    build), then the Llama decode path (None for other families). Returns the facts a rank reports and the
+    decoder for `PipelineEngine`."""
+    fast = use_fast_cpu_linears(model, splits)
+    facts = {"fast_linears": fast, "huge_page_bytes": place_in_huge_pages(model),
+             "kernels": choose_kernels(model, decode_ops() if fast else None)}
     return facts, llama_decoder(model)
 
 
@@ -215,9 +218,9 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     state.update(info, load_s=time.perf_counter() - t0)
     log.info("loaded layers %s (%d parameters) in %.2fs", layer_span(info["layers"]),
              info["parameters"], state["load_s"])
-    if info.get("one_row_kernel"):
-        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in info["one_row_kernel"]["read_bytes_per_s"].items())
-        log.info("one-row linear kernel: %s (weights read at GB/s: %s)", info["one_row_kernel"]["kernel"], rates)
+    for kind, choice in (info.get("kernels") or {}).items():
+        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in choice["read_bytes_per_s"].items())
+        log.info("%s linear kernel: %s (weights read at GB/s: %s)", kind.replace("_", "-"), choice["kernel"], rates)
     if "decode_path" in info:
         log.info("decode steps through %s", info["decode_path"])
     t0 = time.perf_counter()
@@ -263,6 +266,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
 
 
 def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) -> dict:
+    kernels = state.get("kernels") or {}  # runtime/kernels.py's choices, CPU pipeline ranks only
     return {
         "rank": env.rank,
         "status": state.get("status", "failed"),
@@ -274,7 +278,8 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "load_s": state.get("load_s"),
         "tokenize_s": state.get("tokenize_s"),
         "threads": torch.get_num_threads(),
-        "one_row_kernel": (state.get("one_row_kernel") or {}).get("kernel"),  # runtime/kernels.py, CPU only
+        "one_row_kernel": kernels.get("one_row", {}).get("kernel"),
+        "few_rows_kernel": kernels.get("few_rows", {}).get("kernel"),
         "decode_path": state.get("decode_path"),  # pipeline ranks: runtime/llama_decode.py's, or transformers
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default

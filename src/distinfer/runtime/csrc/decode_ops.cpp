@@ -1,6 +1,7 @@
 // distinfer's C++ ops for a Llama decode step on CPU (fp32): everything between the linear products of a
 // decoder layer in four calls instead of ~25 PyTorch operations. Loaded by runtime/cpp_ops.py, used by
-// runtime/llama_decode.py. Each op checks its inputs; the linear products stay in PyTorch (runtime/kernels.py).
+// runtime/llama_decode.py. Each op checks its inputs. The module also binds the few-row linear product of
+// csrc/linear_rows.cpp, which runtime/kernels.py's CpuLinear uses where it is the fastest kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -148,9 +149,14 @@ torch::Tensor rope_attend(const torch::Tensor& q, const torch::Tensor& k, const 
   return out;
 }
 
+// csrc/linear_rows.cpp
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
   m.def("add_rms_norm", &add_rms_norm, "(x + d, RMSNorm(x + d))");
   m.def("silu_mul", &silu_mul, "silu(g) * u");
   m.def("rope_attend", &rope_attend, "rotary embedding, KV-cache write and attention for one new position");
+  m.def("linear_rows", &linear_rows, "x W^T (+ b) for a few rows of x", py::arg("x"), py::arg("w"),
+        py::arg("b") = py::none());
 }
