@@ -128,13 +128,14 @@ def choose_kernels(model: nn.Module, ops: ModuleType | None = None, budget_bytes
         if total < budget_bytes:
             timed.append(layer)
             total += layer.weight.numel() * layer.weight.element_size()
-    usable = [k for k in ONE_ROW_KERNELS if (k != "split" or any(m.splits > 1 for m in timed))
-              and (k != "cpp" or ops is not None)]
-    choices = {"one_row": _time_kernels(timed, "one_row", usable, 1, passes),
-               "few_rows": _time_kernels(timed, "few_rows", [k for k in FEW_ROWS_KERNELS if k != "cpp" or ops],
-                                         FEW_ROWS_TIMED, passes)}
+    split = any(m.splits > 1 for m in timed)
+    usable = {kind: [k for k in kernels if (k != "split" or split) and (k != "cpp" or ops is not None)]
+              for kind, kernels in (("one_row", ONE_ROW_KERNELS), ("few_rows", FEW_ROWS_KERNELS))}
+    choices = {kind: _time_kernels(timed, kind, usable[kind], 1 if kind == "one_row" else FEW_ROWS_TIMED, passes)
+               for kind in usable}
     for layer in layers:
-        layer.one_row, layer.few_rows = choices["one_row"][0], choices["few_rows"][0]
+        for kind, (kernel, _) in choices.items():
+            setattr(layer, kind, kernel)
     return {kind: {"kernel": kernel, "read_bytes_per_s": {k: total / t for k, t in best.items()}}
             for kind, (kernel, best) in choices.items()}
 
