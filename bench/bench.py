@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -70,15 +69,15 @@ def build_model(cache: Path) -> Path:
     return target
 
 
-def checkpoint_bytes(path: Path, decode_reads: bool = False) -> int:
-    """Bytes of every tensor in the bench's fp32 safetensors file, from its header (no tensor is loaded); with
-    `decode_reads`, without the input embedding table, of which a decode step reads one row (the bench model's
-    head has weights of its own: bench/bandwidth.py's `decode_read_bytes` on a loaded model)."""
-    from safetensors import safe_open
+def weight_bytes(model_dir: Path) -> tuple[int, int]:
+    """Bytes of the bench model's fp32 weights, and of those a batch-1 decode step reads (bench/bandwidth.py's
+    `decode_read_bytes`: all but the input embedding table, of which a step reads one row)."""
+    from bandwidth import decode_read_bytes
 
-    with safe_open(str(path), framework="pt") as f:
-        names = [n for n in f.keys() if not (decode_reads and n.endswith("embed_tokens.weight"))]
-        return sum(4 * math.prod(f.get_slice(name).get_shape()) for name in names)
+    from distinfer.models.loading import load_full_model
+
+    model = load_full_model(model_dir, "float32", torch.device("cpu"))
+    return sum(p.numel() * p.element_size() for p in model.parameters()), decode_read_bytes(model)
 
 
 def prompts_file(work: Path, count: int) -> Path:
@@ -179,8 +178,7 @@ def main() -> None:
 
     engines = args.engines.split(",")
     model = build_model(args.cache)
-    weight_bytes = checkpoint_bytes(model / "model.safetensors")
-    read_bytes = checkpoint_bytes(model / "model.safetensors", decode_reads=True)  # per batch-1 decode step
+    total_bytes, read_bytes = weight_bytes(model)  # all weights; those a batch-1 decode step reads
     samples: dict[tuple[str, int], list[float]] = {}
     decode_step_s: dict[tuple[str, int], list[float]] = {}  # distinfer runs: mean time per output token after the first
     splits: dict[tuple[str, int], list[dict]] = {}
@@ -206,8 +204,8 @@ def main() -> None:
     paired_results = measure_paired(model, list(BATCHES), args.rounds, args.new_tokens, [2]) if args.rounds else {}
     median = {key: statistics.median(values) for key, values in samples.items()}
     copy_bw = statistics.median(bandwidth)
-    print(f"\nmachine: {os.cpu_count()} cores; model: {weight_bytes / 4 / 1e6:.0f} M parameters, fp32 "
-          f"({weight_bytes / 2**20:.0f} MiB); {args.new_tokens} new tokens; median of {args.repeats}")
+    print(f"\nmachine: {os.cpu_count()} cores; model: {total_bytes / 4 / 1e6:.0f} M parameters, fp32 "
+          f"({total_bytes / 2**20:.0f} MiB); {args.new_tokens} new tokens; median of {args.repeats}")
     print(f"memory copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)\n")
     print(f"{'engine':14s} {'batch 1 tok/s':>14s} {'batch 8 tok/s':>14s}")
     for name in engines:
@@ -244,7 +242,7 @@ def main() -> None:
     out = REPO / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "torch": torch.__version__},
-                               "model": {"parameters": weight_bytes // 4, **MODEL_CONFIG},
+                               "model": {"parameters": total_bytes // 4, **MODEL_CONFIG},
                                "new_tokens": args.new_tokens, "repeats": args.repeats,
                                "copy_bandwidth_bytes_per_s": copy_bw,
                                "tokens_per_s": {f"{n}/b{b}": v for (n, b), v in samples.items()},

@@ -4,7 +4,8 @@ One spawn of the largest world runs every pipeline size: the cases of a `world`-
 0..world-1 over their own process group (the others wait), so the ranks start and import once.
 Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override). Stages run
 with the engine's fast CPU linear kernels and, for Llama, its LlamaDecoder, as `distinfer run` does by
-default (one-row path: row-split).
+default: odd cases with the row-split one-row and oneDNN few-row kernels (steps op by op), even cases with
+distinfer's `linear_rows` for every product (Llama steps then run as one C++ call, `DecodeLayers`).
 Rank 0 puts {world: {case index: (tokens per prompt, stage facts per rank)}} on the queue.
 """
 
@@ -20,7 +21,8 @@ from distinfer.layout import split_layers
 from distinfer.models.loading import count_parameters, load_stage_model, load_tokenizer
 from distinfer.models.profiles import model_layer_count
 from distinfer.prompts import load_prompts
-from distinfer.runtime.kernels import use_fast_cpu_linears
+from distinfer.runtime.cpp_ops import decode_ops
+from distinfer.runtime.kernels import CpuLinear, use_fast_cpu_linears
 from distinfer.runtime.llama_decode import llama_decoder
 from distinfer.runtime.pipeline import PipelineEngine, StopRule
 from distinfer.runtime.sampling import Sampler
@@ -60,16 +62,21 @@ def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_ne
         # the engine's CPU kernels with the row-split one-row path (a run times the one-row kernels and may pick
         # another; test_units checks each against nn.Linear)
         use_fast_cpu_linears(model, splits=2)
+        if index % 2 == 0:
+            for linear in (m for m in model.modules() if isinstance(m, CpuLinear)):
+                linear.one_row, linear.few_rows, linear.ops = "cpp", "cpp", decode_ops()
+        decoder = llama_decoder(model)
         stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
         engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches,
-                                group=group, decoder=llama_decoder(model))
+                                group=group, decoder=decoder)
         tokens: list[list[int]] = []
         for batch in make_batches(prompts, tok, batch_size):
             out = engine.generate(batch)
             if out is not None:
                 tokens.extend(out.tokens)
         facts = {"start": layout.start, "stop": layout.stop, "params": count_parameters(model),
-                 "first": layout.is_first, "last": layout.is_last}
+                 "first": layout.is_first, "last": layout.is_last,
+                 "one_call_rows": list(decoder.one_call_rows) if decoder else []}
         gathered = [None] * world if rank == 0 else None
         if world > 1:
             dist.gather_object(facts, gathered, dst=0, group=group)

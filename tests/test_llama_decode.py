@@ -113,3 +113,39 @@ def test_a_full_cache_is_an_error_not_a_silent_overwrite(tiny_models) -> None:  
             decoder.run(hidden, decoder.prepare(mask, torch.tensor([[position]])), kv)
         with pytest.raises(RuntimeError, match="KV cache full: 2 positions"):
             decoder.run(hidden, decoder.prepare(torch.ones(1, 3, dtype=torch.long), torch.tensor([[2]])), kv)
+
+
+def test_decode_layers_in_one_cpp_call_are_bit_equal_to_the_op_by_op_path(tiny_models) -> None:  # noqa: ANN001
+    """With linear_rows chosen for every layer, a step runs all layers in one C++ call (`DecodeLayers`): the same
+    ops in the same order as the op-by-op C++ path, so bit-equal to it, for one row and for padded rows."""
+    ops = decode_ops()
+    assert ops is not None
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    use_fast_cpu_linears(model, splits=2)
+    for layer in model.modules():
+        if hasattr(layer, "few_rows"):
+            layer.one_row, layer.few_rows, layer.ops = "cpp", "cpp", ops
+    one_call, op_by_op = llama_decoder(model), llama_decoder(model)
+    assert one_call._stack is not None and list(one_call.one_call_rows) == list(range(1, 25))
+    op_by_op._stack = None
+    for name, (ids, mask) in _cases().items():
+        rows, width = ids.shape
+        kvs = [decoder.adopt(None, rows, width + 4) for decoder in (one_call, op_by_op)]
+        for kv in kvs:  # the same random history in both caches
+            torch.manual_seed(1)
+            for keys, values in zip(kv.keys, kv.values):
+                keys.normal_()
+                values.normal_()
+            kv.length = width
+        positions = prefill_positions(mask)[:, -1:]
+        for step in range(4):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions + 1
+            hidden = torch.randn(rows, 1, model.config.hidden_size)
+            got, expected = (d.run(hidden, d.prepare(mask, positions), kv) for d, kv in zip((one_call, op_by_op), kvs))
+            assert torch.equal(got, expected), f"{name}, step {step}: {(got - expected).abs().max()}"
+        assert all(torch.equal(a, b) for a, b in zip(kvs[0].keys, kvs[1].keys)), name
+    for layer in model.modules():  # another kernel chosen for one row: one-row steps go op by op again
+        if hasattr(layer, "few_rows"):
+            layer.one_row = "mkl"
+    assert list(llama_decoder(model).one_call_rows) == list(range(2, 25))

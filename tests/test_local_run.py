@@ -85,6 +85,9 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
         assert rank["one_row_kernel"] in ONE_ROW_KERNELS, "each CPU stage timed its one-row kernels"
         assert rank["few_rows_kernel"] in FEW_ROWS_KERNELS, "and its few-row kernels"
         assert rank["decode_path"] == "llama_decoder_cpp"  # runtime/llama_decode.py: a Llama stage on CPU
+        one, few = rank["one_row_kernel"] == "cpp", rank["few_rows_kernel"] == "cpp"  # linear_rows chosen
+        expected = [1 if one else 2, 24 if few else 1] if one or few else None
+        assert rank["one_call_rows"] == expected, "whole steps in one C++ call where linear_rows runs every product"
     reference = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())
     assert reference["ranks"][0]["address_space_randomized"] is True  # a one-rank run is left as it started
     assert reference["ranks"][0]["decode_path"] is None  # the reference is transformers' own forward

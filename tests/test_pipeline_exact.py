@@ -71,8 +71,8 @@ def model_case(request, tiny_models):  # noqa: ANN001
 
 
 def test_greedy_equals_hf_generate_for_every_layout(model_case) -> None:  # noqa: ANN001
-    _, references, results, _ = model_case
-    checked = 0
+    model_dir, references, results, _ = model_case
+    checked, one_call = 0, set()
     for world, (cases, out) in results.items():
         for index, (counts, bs, mb, params, eos) in enumerate(cases):
             if params is not GREEDY or eos is not None:
@@ -81,7 +81,11 @@ def test_greedy_equals_hf_generate_for_every_layout(model_case) -> None:  # noqa
             assert len(tokens) == 20
             assert tokens == references[bs], f"pp={world} layers={counts} batch={bs} microbatches={mb}"
             checked += 1
+            rows = {tuple(facts["one_call_rows"]) for facts in out[index][1]}  # pp_harness: even cases, linear_rows
+            one_call |= {(bs // mb, world)} if rows == {tuple(range(1, 25))} else set()
     assert checked == 3 * (1 + 2 + 3)
+    if model_dir.name == "tiny-llama":  # whole decode steps in one C++ call at one row and at two, every pp
+        assert {(1, w) for w in LAYOUTS} <= one_call and {(2, w) for w in LAYOUTS} <= one_call, one_call
 
 
 def test_eos_stops_rows_like_hf_generate(model_case) -> None:  # noqa: ANN001

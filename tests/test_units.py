@@ -288,6 +288,9 @@ def test_the_fastest_kernels_are_timed_and_set_on_every_layer() -> None:
     with torch.inference_mode():
         assert torch.allclose(model[0](x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
         assert torch.allclose(model[0](x), expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # within a margin of the fastest, linear_rows is taken (a Llama's one-call step)
+        favoured = choose_kernels(model, decode_ops(), budget_bytes=2 * 512 * 256 * 4, passes=1, cpp_margin=1e6)
+    assert {kind: choice["kernel"] for kind, choice in favoured.items()} == {"one_row": "cpp", "few_rows": "cpp"}
     single = torch.nn.Sequential(torch.nn.Linear(64, 64))
     use_fast_cpu_linears(single, splits=1)
     without_cpp = choose_kernels(single)

@@ -26,7 +26,7 @@ from distinfer.models.tiny import cache_dir
 
 log = logging.getLogger("distinfer.cpp_ops")
 CSRC = Path(__file__).resolve().parent / "csrc"
-DECODE_OPS_SOURCES = (CSRC / "decode_ops.cpp", CSRC / "linear_rows.cpp")
+DECODE_OPS_SOURCES = (CSRC / "decode_ops.cpp", CSRC / "linear_rows.cpp", CSRC / "decode_layers.cpp")
 
 
 def extensions_dir() -> Path:

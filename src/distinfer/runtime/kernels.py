@@ -111,12 +111,14 @@ def use_fast_cpu_linears(model: nn.Module, splits: int | None = None) -> int:
 
 
 def choose_kernels(model: nn.Module, ops: ModuleType | None = None, budget_bytes: int = 256 * 2**20,
-                   passes: int = 3) -> dict | None:
+                   passes: int = 3, cpp_margin: float = 1.0) -> dict | None:
     """Time products through `model`'s CpuLinear layers with each one-row kernel (ONE_ROW_KERNELS) at one row
     and each few-row kernel (FEW_ROWS_KERNELS) at FEW_ROWS_TIMED rows, interleaved, a warm-up pass first, the
     best of `passes`; then set the fastest of each on every layer. "cpp" takes part where `ops`
     (runtime/cpp_ops.py's `decode_ops`) is given. The layers timed hold up to `budget_bytes` of weights, more
-    than a CPU's caches, so that the timing reads memory as a decode step does. Returns {"one_row": choice,
+    than a CPU's caches, so that the timing reads memory as a decode step does. "cpp" is chosen while it takes
+    at most `cpp_margin` times the fastest kernel's time (a Llama stage then runs whole decode steps in one C++
+    call, runtime/llama_decode.py's ONE_CALL_MARGIN). Returns {"one_row": choice,
     "few_rows": choice}, each {"kernel": name, "read_bytes_per_s": {name: rate}}, or None without CpuLinear
     layers."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
@@ -131,8 +133,8 @@ def choose_kernels(model: nn.Module, ops: ModuleType | None = None, budget_bytes
     split = any(m.splits > 1 for m in timed)
     usable = {kind: [k for k in kernels if (k != "split" or split) and (k != "cpp" or ops is not None)]
               for kind, kernels in (("one_row", ONE_ROW_KERNELS), ("few_rows", FEW_ROWS_KERNELS))}
-    choices = {kind: _time_kernels(timed, kind, usable[kind], 1 if kind == "one_row" else FEW_ROWS_TIMED, passes)
-               for kind in usable}
+    choices = {kind: _time_kernels(timed, kind, usable[kind], 1 if kind == "one_row" else FEW_ROWS_TIMED, passes,
+                                   cpp_margin) for kind in usable}
     for layer in layers:
         for kind, (kernel, _) in choices.items():
             setattr(layer, kind, kernel)
@@ -140,9 +142,10 @@ def choose_kernels(model: nn.Module, ops: ModuleType | None = None, budget_bytes
             for kind, (kernel, best) in choices.items()}
 
 
-def _time_kernels(layers: list[CpuLinear], kind: str, kernels: list[str], rows: int,
-                  passes: int) -> tuple[str, dict[str, float]]:
-    """The fastest of `kernels` as `kind` ("one_row" or "few_rows") on `rows` rows, and each one's best time."""
+def _time_kernels(layers: list[CpuLinear], kind: str, kernels: list[str], rows: int, passes: int,
+                  cpp_margin: float) -> tuple[str, dict[str, float]]:
+    """The fastest of `kernels` as `kind` ("one_row" or "few_rows") on `rows` rows ("cpp" within `cpp_margin` of
+    it), and each one's best time."""
     inputs = _inputs(layers, rows)
     best = dict.fromkeys(kernels, float("inf"))
     for attempt in range(passes + 1):
@@ -152,7 +155,10 @@ def _time_kernels(layers: list[CpuLinear], kind: str, kernels: list[str], rows: 
             elapsed = _pass_s(layers, inputs)
             if attempt:
                 best[kernel] = min(best[kernel], elapsed)
-    return min(best, key=best.__getitem__), best
+    fastest = min(best, key=best.__getitem__)
+    if "cpp" in best and best["cpp"] <= cpp_margin * best[fastest]:
+        fastest = "cpp"
+    return fastest, best
 
 
 def one_row_products_s(model: nn.Module, passes: int = 3) -> float:

@@ -12,7 +12,9 @@ layers' parameters with about a dozen operations per layer:
   reads a view of the filled part;
 - RMSNorm is `F.rms_norm` (bit-equal to `LlamaRMSNorm` in fp32), modules' `forward` is called directly;
 - in fp32 with the C++ ops (runtime/cpp_ops.py, `csrc/decode_ops.cpp`), everything between the products
-  is four calls per layer: rotary + cache write + attention, residual + norm, silu x up, residual + norm.
+  is four calls per layer: rotary + cache write + attention, residual + norm, silu x up, residual + norm;
+- where every linear layer runs distinfer's `linear_rows` for the step's rows (runtime/kernels.py's choice),
+  the whole step is one C++ call (`csrc/decode_layers.cpp`: the same ops, no Python between layers).
 
 Prefill (several positions) still runs through `transformers`' layers into a `DynamicCache`, which the
 first decode step copies into a `StaticKV`. Only plain Llama decoder layers (`LlamaDecoderLayer`, SDPA
@@ -40,6 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
+# A step in one C++ call (`DecodeLayers`) was 1.08x (batch 1) and 1.065x (batch 8) faster than op by op with the
+# same kernels (bench model, Xeon, session 14), and it needs linear_rows: so a Llama stage takes linear_rows
+# while it is at most this much slower than the fastest kernel timed (runtime/kernels.py `choose_kernels`).
+ONE_CALL_MARGIN = 1.05
 _NO_MASK = torch.empty(0, dtype=torch.bool)
 
 
@@ -121,6 +127,7 @@ class LlamaDecoder:
         half = self.head_dim // 2
         self._gather = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self._like.device)
         self._cos = self._sin = torch.empty(0)
+        self._stack, self.one_call_rows = _decode_layers(self.layers, ops, self.scaling)  # rows run in one call
 
     @property
     def name(self) -> str:
@@ -182,6 +189,8 @@ class LlamaDecoder:
         ops, rows, at = self.ops, hidden.shape[0], kv.length
         cos, sin = inputs.cos.reshape(rows, -1), inputs.sin.reshape(rows, -1)
         mask = inputs.mask.reshape(rows, -1) if inputs.mask is not None else _NO_MASK
+        if self._stack is not None and rows in self.one_call_rows:
+            return self._stack.run(hidden, kv.keys, kv.values, cos, sin, mask, at)
         hidden = hidden.contiguous()
         h = ops.rms_norm(hidden, *self._parts[0].input_norm_args)
         following = [*self._parts[1:], None]
@@ -215,24 +224,54 @@ class LlamaDecoder:
         return layer.o(out)
 
 
-def llama_decoder(model: nn.Module, compiled: bool = True) -> LlamaDecoder | None:
-    """A LlamaDecoder for a stage whose layers are plain `transformers` Llama layers, else None. An fp32 stage
-    on CPU gets the C++ ops where they build (`compiled`), else PyTorch operations."""
+def _decode_layers(layers: list[nn.Module], ops: ModuleType | None, scaling: float) -> tuple[object | None, range]:
+    """The C++ `DecodeLayers` over `layers` and the row counts it serves: those for which runtime/kernels.py chose
+    `linear_rows` ("cpp") in every linear layer, since it runs every product with that kernel (one row: the
+    one-row choice; 2..FEW_ROWS_MAX: the few-row choice). (None, empty) without the C++ ops or such a choice."""
+    from distinfer.runtime.kernels import FEW_ROWS_MAX, CpuLinear
+
+    if ops is None:
+        return None, range(0)
+    linears = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                                layer.mlp.down_proj)]
+    if not all(isinstance(m, CpuLinear) and m.ops is not None and m.weight.is_contiguous() for m in linears):
+        return None, range(0)
+    one = all(m.one_row == "cpp" for m in linears)
+    few = all(m.few_rows == "cpp" for m in linears)
+    rows = range(1 if one else 2, FEW_ROWS_MAX + 1 if few else 2) if one or few else range(0)
+    if not rows:
+        return None, rows
+    norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    stack = ops.DecodeLayers([n.weight for n in norms], [float(n.variance_epsilon) for n in norms],
+                             [m.weight for m in linears], [m.bias for m in linears], float(scaling))
+    return stack, rows
+
+
+def decodes_llama(model: nn.Module) -> bool:
+    """Whether `LlamaDecoder` can run this stage's layers: plain `transformers` Llama decoder layers with SDPA
+    attention, RMSNorm and a rotary embedding that depends on the position only."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     config = model.config
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if not layers or any(type(layer) is not LlamaDecoderLayer for layer in layers):
-        return None
+        return False
     if rope not in POSITION_ONLY_ROPE or getattr(config, "_attn_implementation", None) != "sdpa":
-        return None
+        return False
     if getattr(config, "pretraining_tp", 1) != 1 or getattr(model.model, "rotary_emb", None) is None:
-        return None
+        return False
     norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-    if any(type(n) is not LlamaRMSNorm for n in norms):
+    return all(type(n) is LlamaRMSNorm for n in norms)
+
+
+def llama_decoder(model: nn.Module, compiled: bool = True) -> LlamaDecoder | None:
+    """A LlamaDecoder for a stage that `decodes_llama`, else None. An fp32 stage on CPU gets the C++ ops where they
+    build (`compiled`), else PyTorch operations."""
+    if not decodes_llama(model):
         return None
-    weight = layers[0].input_layernorm.weight
+    weight = model.model.layers[0].input_layernorm.weight
     ops = None
     if compiled and weight.dtype == torch.float32 and weight.device.type == "cpu":
         from distinfer.runtime.cpp_ops import decode_ops

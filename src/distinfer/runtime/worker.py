@@ -38,7 +38,7 @@ from distinfer.runtime.cpp_ops import decode_ops
 from distinfer.runtime.dist import init_distributed, shutdown_distributed
 from distinfer.runtime.hugepages import place_in_huge_pages
 from distinfer.runtime.kernels import choose_kernels, use_fast_cpu_linears
-from distinfer.runtime.llama_decode import LlamaDecoder, llama_decoder
+from distinfer.runtime.llama_decode import ONE_CALL_MARGIN, LlamaDecoder, decodes_llama, llama_decoder
 from distinfer.runtime.monitor import UtilizationSampler
 from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
@@ -134,6 +134,8 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
         facts, decoder = speed_up_cpu_stage(model)
         info.update(facts)
     info["decode_path"] = decoder.name if decoder else "transformers"
+    if decoder is not None and decoder.one_call_rows:
+        info["one_call_rows"] = [decoder.one_call_rows[0], decoder.one_call_rows[-1]]
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches,
                             decoder=decoder)
     return engine, info
@@ -146,8 +148,9 @@ def speed_up_cpu_stage(model: torch.nn.Module, splits: int | None = None) -> tup
     build), then the Llama decode path (None for other families). Returns the facts a rank reports and the
     decoder for `PipelineEngine`."""
     fast = use_fast_cpu_linears(model, splits)
+    margin = ONE_CALL_MARGIN if decodes_llama(model) else 1.0  # linear_rows lets a Llama step run in one C++ call
     facts = {"fast_linears": fast, "huge_page_bytes": place_in_huge_pages(model),
-             "kernels": choose_kernels(model, decode_ops() if fast else None)}
+             "kernels": choose_kernels(model, decode_ops() if fast else None, cpp_margin=margin)}
     return facts, llama_decoder(model)
 
 
@@ -222,7 +225,9 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
         rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in choice["read_bytes_per_s"].items())
         log.info("%s linear kernel: %s (weights read at GB/s: %s)", kind.replace("_", "-"), choice["kernel"], rates)
     if "decode_path" in info:
-        log.info("decode steps through %s", info["decode_path"])
+        rows = info.get("one_call_rows")
+        whole = f"; steps of {rows[0]}-{rows[1]} rows in one C++ call" if rows else ""
+        log.info("decode steps through %s%s", info["decode_path"], whole)
     t0 = time.perf_counter()
     prompts = run_prompts(spec)
     batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
@@ -281,6 +286,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "one_row_kernel": kernels.get("one_row", {}).get("kernel"),
         "few_rows_kernel": kernels.get("few_rows", {}).get("kernel"),
         "decode_path": state.get("decode_path"),  # pipeline ranks: runtime/llama_decode.py's, or transformers
+        "one_call_rows": state.get("one_call_rows"),  # [first, last]: step sizes run as one C++ call, or None
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default
         "utilization": util,

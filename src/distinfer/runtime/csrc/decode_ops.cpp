@@ -149,8 +149,9 @@ torch::Tensor rope_attend(const torch::Tensor& q, const torch::Tensor& k, const 
   return out;
 }
 
-// csrc/linear_rows.cpp
+// csrc/linear_rows.cpp and csrc/decode_layers.cpp
 torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b);
+void bind_decode_layers(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
@@ -159,4 +160,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_attend", &rope_attend, "rotary embedding, KV-cache write and attention for one new position");
   m.def("linear_rows", &linear_rows, "x W^T (+ b) for a few rows of x", py::arg("x"), py::arg("w"),
         py::arg("b") = py::none());
+  bind_decode_layers(m);
 }
