@@ -531,3 +531,37 @@ def test_ranks_of_a_multi_rank_run_reexecute_without_address_randomization() -> 
     # randomized as usual: a single process, or a user who keeps ASLR (two layouts differ but by chance)
     for environ in (base, {**base, "RANK": "0", "WORLD_SIZE": "2", "DISTINFER_ASLR": "keep"}):
         assert len({_layout(environ)[1] for _ in range(3)}) > 1
+
+
+def _hold_turn(name: str, seconds: float, spans) -> None:  # noqa: ANN001
+    import time
+
+    from distinfer.runtime.threads import machine_turn
+
+    with machine_turn(name):
+        start = time.monotonic()
+        time.sleep(seconds)
+        spans.put((start, time.monotonic()))
+
+
+def test_ranks_on_one_machine_take_turns() -> None:
+    """Three processes hold `machine_turn` at once: their turns must not overlap (kernel timings of a node's
+    ranks run one at a time)."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("fork")  # the children need nothing but this module's function
+    spans = context.Queue()
+    name = f"test-{os.getpid()}"
+    procs = [context.Process(target=_hold_turn, args=(name, 0.3, spans)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    try:
+        turns = sorted(spans.get(timeout=60) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        Path(tempfile.gettempdir(), f"distinfer-{name}-{os.getuid()}.lock").unlink(missing_ok=True)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(turns, turns[1:])), turns

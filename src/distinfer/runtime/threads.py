@@ -18,7 +18,12 @@ is pinned then.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -62,3 +67,15 @@ def pin_threads(cores: list[int]) -> bool:
         torch.ones(len(cores) * 2 * _PARALLEL_GRAIN).add_(1)
     os.sched_setaffinity(0, cores[:1])
     return True
+
+
+@contextmanager
+def machine_turn(name: str) -> Iterator[None]:
+    """Hold this machine's turn for `name`: the ranks on one machine pass through one at a time (an flock on a
+    file in the machine's temporary directory, which the kernel releases if the holder dies). For measurements
+    that another rank's work would disturb: two stages that timed their kernels at the same moment each saw
+    half the memory bandwidth, and one of them chose a kernel that was slower alone (session 14)."""
+    path = Path(tempfile.gettempdir()) / f"distinfer-{name}-{os.getuid()}.lock"
+    with open(path, "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        yield

@@ -44,6 +44,7 @@ from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
 from distinfer.runtime.reference import ReferenceEngine
 from distinfer.runtime.sampling import Sampler, SamplingParams
+from distinfer.runtime.threads import machine_turn
 
 log = logging.getLogger("distinfer.worker")
 
@@ -131,6 +132,8 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
     decoder = None
     if device.type == "cpu" and spec.cpu_kernels == "fast":
+        if env.world_size > 1:
+            dist.barrier()  # every stage loaded: no rank's loading disturbs another's kernel timing
         facts, decoder = speed_up_cpu_stage(model)
         info.update(facts)
     info["decode_path"] = decoder.name if decoder else "transformers"
@@ -145,12 +148,15 @@ def speed_up_cpu_stage(model: torch.nn.Module, splits: int | None = None) -> tup
     """What a CPU pipeline rank does to its stage with `cpu_kernels: fast`, in this order: linear layers to
     `CpuLinear` (row-split products in `splits` parts, default the thread count), weights into 2 MiB pages,
     the one-row and few-row kernels timed and chosen (distinfer's C++ `linear_rows` among them where the C++ ops
-    build), then the Llama decode path (None for other families). Returns the facts a rank reports and the
+    build; the machine's ranks take turns for the copy and the timing), then the Llama decode path (None for
+    other families). Returns the facts a rank reports and the
     decoder for `PipelineEngine`."""
     fast = use_fast_cpu_linears(model, splits)
     margin = ONE_CALL_MARGIN if decodes_llama(model) else 1.0  # linear_rows lets a Llama step run in one C++ call
-    facts = {"fast_linears": fast, "huge_page_bytes": place_in_huge_pages(model),
-             "kernels": choose_kernels(model, decode_ops() if fast else None, cpp_margin=margin)}
+    ops = decode_ops() if fast else None
+    with machine_turn("kernel-timing"):  # the machine's other ranks neither copy weights nor time meanwhile
+        facts = {"fast_linears": fast, "huge_page_bytes": place_in_huge_pages(model),
+                 "kernels": choose_kernels(model, ops, cpp_margin=margin)}
     return facts, llama_decoder(model)
 
 
