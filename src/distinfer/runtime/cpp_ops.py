@@ -1,8 +1,8 @@
 """C++ ops that PyTorch compiles at first use (`torch.utils.cpp_extension`), kept in distinfer's cache.
 
 Two kinds: DeepSpeed's CPU all-reduce (runtime/tensor.py) and distinfer's own decode-step ops
-(`csrc/decode_ops.cpp`, used by runtime/llama_decode.py, with `csrc/linear_rows.cpp`, used by
-runtime/kernels.py). Both build into `$DISTINFER_CACHE/torch_extensions`
+(`csrc/decode_ops.cpp` and `csrc/decode_layers.cpp`, used by runtime/llama_decode.py, with
+`csrc/linear_rows.cpp`, used by runtime/kernels.py). Both build into `$DISTINFER_CACHE/torch_extensions`
 (or the user's TORCH_EXTENSIONS_DIR) one rank at a time: PyTorch guards each op's build directory with a
 `lock` file that a killed build leaves behind, and every later build or load of that op then waits for it
 forever. The ranks of a node take turns under an flock, which the kernel releases when its holder dies:

@@ -149,8 +149,7 @@ def speed_up_cpu_stage(model: torch.nn.Module, splits: int | None = None) -> tup
     `CpuLinear` (row-split products in `splits` parts, default the thread count), weights into 2 MiB pages,
     the one-row and few-row kernels timed and chosen (distinfer's C++ `linear_rows` among them where the C++ ops
     build; the machine's ranks take turns for the copy and the timing), then the Llama decode path (None for
-    other families). Returns the facts a rank reports and the
-    decoder for `PipelineEngine`."""
+    other families). Returns the facts a rank reports and the decoder for `PipelineEngine`."""
     fast = use_fast_cpu_linears(model, splits)
     margin = ONE_CALL_MARGIN if decodes_llama(model) else 1.0  # linear_rows lets a Llama step run in one C++ call
     ops = decode_ops() if fast else None
