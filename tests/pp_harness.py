@@ -59,8 +59,8 @@ def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_ne
     for index, (counts, batch_size, microbatches, params, eos) in enumerate(cases):
         layout = split_layers(num_layers, world, counts)[rank]
         model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
-        # the engine's CPU kernels with the row-split one-row path (a run times the one-row kernels and may pick
-        # another; test_units checks each against nn.Linear)
+        # the engine's CPU kernels, set here rather than timed (a run times them and may pick others; test_units
+        # checks each against nn.Linear): the row-split one-row path, or linear_rows everywhere in even cases
         use_fast_cpu_linears(model, splits=2)
         if index % 2 == 0:
             for linear in (m for m in model.modules() if isinstance(m, CpuLinear)):
