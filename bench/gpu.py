@@ -3,7 +3,9 @@
 What the CPU machine cannot show, measured in one process:
 - greedy tokens of the reference engine (HF `generate`) and of one pipeline stage, compared row by row in
   fp32 (the correctness claim, on CUDA kernels) and in the timed dtype;
-- tokens/s of HF `generate`, the reference engine and one pipeline stage, batch 1 and batch 8;
+- tokens/s of HF `generate`, the reference engine and one pipeline stage, batch 1 and batch 8, each row
+  generating exactly `--new-tokens` (an EOS id outside the vocabulary: with EOS a row of a random model that
+  stops early costs its batch the same steps but counts fewer tokens, and fp16 engines stop different rows);
 - the peak GPU memory of a long-context batch next to the planner's estimate (memory.py), per engine.
 
 Two pipeline stages need two GPUs (NCCL refuses two ranks on one device), so they are not measured here.
@@ -32,7 +34,7 @@ from distinfer.models.loading import load_full_model, load_stage_model, load_tok
 from distinfer.models.profiles import model_layer_count
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import load_prompts
-from distinfer.runtime.pipeline import Batch, PipelineEngine, eos_prefix
+from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule, eos_prefix
 from distinfer.runtime.reference import ReferenceEngine, hf_generate
 from distinfer.runtime.sampling import Sampler, SamplingParams
 from distinfer.runtime.worker import make_batches, stop_rule
@@ -61,9 +63,8 @@ def build_model(config_path: Path, target: Path, dtype: torch.dtype) -> Path:
     return target
 
 
-def engines(model_dir: Path, tokenizer, dtype: str, new_tokens: int, device: torch.device) -> dict:  # noqa: ANN001
+def engines(model_dir: Path, stop: StopRule, dtype: str, device: torch.device) -> dict:
     """name -> a function that builds the engine (one model on the GPU at a time)."""
-    stop = stop_rule(model_dir, tokenizer, new_tokens)
     layers = model_layer_count(model_dir)
 
     def reference() -> ReferenceEngine:
@@ -115,7 +116,7 @@ def peak_memory(engine, batch: Batch) -> dict:  # noqa: ANN001
 
 
 def memory_check(engine, facts: ModelFacts, dtype: str, rows: int, prompt: int, new: int) -> dict:  # noqa: ANN001
-    """Peak memory of one long batch (random prompt ids, no EOS stop before `new` tokens unless sampled) next to
+    """Peak memory of one long batch (random prompt ids, `new` tokens: the timed engines have no EOS) next to
     the planner's estimate for the same batch and context."""
     engine.stop = dataclasses.replace(engine.stop, max_new_tokens=new)
     measured = peak_memory(engine, long_batch(rows, prompt, facts.vocab))
@@ -150,11 +151,16 @@ def main() -> None:
             model_dir = build_model(args.config, Path(tmp) / dtype, getattr(torch, dtype))
             tokenizer = load_tokenizer(model_dir)
             batches = {b: make_batches(prompts[:n], tokenizer, b) for b, n in PROMPTS.items()}
+            stop = stop_rule(model_dir, tokenizer, args.new_tokens)
             outputs: dict[str, list] = {}
-            for name, build in engines(model_dir, tokenizer, dtype, args.new_tokens, device).items():
+            for name, build in engines(model_dir, stop, dtype, device).items():
                 engine = build()
                 outputs[name] = [engine.generate(b).tokens for b in batches[8]]
-                if dtype == args.dtype:
+                if dtype == args.dtype:  # timed on equal work: every row generates --new-tokens
+                    del engine
+                    torch.cuda.empty_cache()
+                    timing_stop = dataclasses.replace(stop, eos_token_ids=(facts.vocab,))
+                    engine = engines(model_dir, timing_stop, dtype, device)[name]()
                     for b, bs in batches.items():
                         result[f"{name}_b{b}_tok_s"] = tokens_per_s(lambda x: engine.generate(x).tokens, bs,
                                                                     args.repeats)
