@@ -5,7 +5,10 @@ One spawn of the largest world runs every pipeline size: the cases of a `world`-
 Each case: (layer counts or None, batch size, micro-batches, sampling params, eos override). Stages run
 with the engine's fast CPU linear kernels and, for Llama, its LlamaDecoder, as `distinfer run` does by
 default: odd cases with the row-split one-row and oneDNN few-row kernels (steps op by op), even cases with
-distinfer's `linear_rows` for every product (Llama steps then run as one C++ call, `DecodeLayers`).
+distinfer's `linear_rows` for every product (Llama steps then run as one C++ call, `DecodeLayers`). Messages
+go through shared-memory rings (runtime/shm_ring.py) as in a run, over gloo alone in cases 1, 4, 7, ..., and in
+cases 2, 5, 8, ... through rings of 8 KiB slots, so that prefill's hidden states take gloo and the decode steps'
+the rings between the same two ranks.
 Rank 0 puts {world: {case index: (tokens per prompt, stage facts per rank)}} on the queue.
 """
 
@@ -24,11 +27,13 @@ from distinfer.prompts import load_prompts
 from distinfer.runtime.cpp_ops import decode_ops
 from distinfer.runtime.kernels import CpuLinear, use_fast_cpu_linears
 from distinfer.runtime.llama_decode import llama_decoder
-from distinfer.runtime.pipeline import PipelineEngine, StopRule
+from distinfer.runtime import pipeline
+from distinfer.runtime.pipeline import RING_SLOT_BYTES, PipelineEngine, StopRule
 from distinfer.runtime.sampling import Sampler
 from distinfer.runtime.worker import make_batches
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "correctness.jsonl"
+SMALL_SLOTS = 8192  # the tiny models' prefill hidden states (rows x prompt x 256 x 4 bytes) do not fit
 
 
 def rank_main(rank: int, port: int, model_dir: str, cases: dict[int, list], max_new: int,
@@ -67,8 +72,9 @@ def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_ne
                 linear.one_row, linear.few_rows, linear.ops = "cpp", "cpp", decode_ops()
         decoder = llama_decoder(model)
         stop = StopRule(max_new, (eos if eos is not None else tok.eos_token_id,), tok.pad_token_id)
+        pipeline.RING_SLOT_BYTES = SMALL_SLOTS if index % 3 == 2 else RING_SLOT_BYTES
         engine = PipelineEngine(model, family, rank, world, torch.device("cpu"), Sampler(params), stop, microbatches,
-                                group=group, decoder=decoder)
+                                group=group, decoder=decoder, shared_memory=index % 3 != 1)
         tokens: list[list[int]] = []
         for batch in make_batches(prompts, tok, batch_size):
             out = engine.generate(batch)
@@ -76,7 +82,8 @@ def run_cases(rank: int, world: int, group, model_dir: Path, cases: list, max_ne
                 tokens.extend(out.tokens)
         facts = {"start": layout.start, "stop": layout.stop, "params": count_parameters(model),
                  "first": layout.is_first, "last": layout.is_last,
-                 "one_call_rows": list(decoder.one_call_rows) if decoder else []}
+                 "one_call_rows": list(decoder.one_call_rows) if decoder else [], "transport": engine.transport,
+                 "messages": dict(engine.messages)}
         gathered = [None] * world if rank == 0 else None
         if world > 1:
             dist.gather_object(facts, gathered, dst=0, group=group)

@@ -1,7 +1,7 @@
 """Pipeline-parallel generation equals single-device `transformers` generate, token for token (fp32, greedy).
 
-Real multi-process runs: 1, 2 and 3 spawned ranks talking over gloo, for the tiny Llama and the tiny
-GPT-2. Compared on the same batch composition and left padding as the reference.
+Real multi-process runs: 1, 2 and 3 spawned ranks talking over shared-memory rings and gloo, for the tiny
+Llama and the tiny GPT-2. Compared on the same batch composition and left padding as the reference.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def model_case(request, tiny_models):  # noqa: ANN001
 
 def test_greedy_equals_hf_generate_for_every_layout(model_case) -> None:  # noqa: ANN001
     model_dir, references, results, _ = model_case
-    checked, one_call = 0, set()
+    checked, one_call, paths = 0, set(), set()
     for world, (cases, out) in results.items():
         for index, (counts, bs, mb, params, eos) in enumerate(cases):
             if params is not GREEDY or eos is not None:
@@ -83,9 +83,21 @@ def test_greedy_equals_hf_generate_for_every_layout(model_case) -> None:  # noqa
             checked += 1
             rows = {tuple(facts["one_call_rows"]) for facts in out[index][1]}  # pp_harness: even cases, linear_rows
             one_call |= {(bs // mb, world)} if rows == {tuple(range(1, 25))} else set()
+            paths |= {(world, *message_paths(index, out[index][1]))}
     assert checked == 3 * (1 + 2 + 3)
+    # pp_harness: shared-memory rings, gloo alone, and small rings (prefill over gloo, decode steps through rings)
+    assert paths == {(1, "none", False, False)} | {(w, *p) for w in (2, 3) for p in
+                                                 [("shared memory", True, False), ("gloo", False, True),
+                                                  ("shared memory", True, True)]}, paths
     if model_dir.name == "tiny-llama":  # whole decode steps in one C++ call at one row and at two, every pp
         assert {(1, w) for w in LAYOUTS} <= one_call and {(2, w) for w in LAYOUTS} <= one_call, one_call
+
+
+def message_paths(index: int, stages: list[dict]) -> tuple[str, bool, bool]:
+    """(transport, any message through a ring, any through gloo) of one case, the same on every stage."""
+    seen = {(s["transport"], s["messages"]["ring"] > 0, s["messages"]["backend"] > 0) for s in stages}
+    assert len(seen) == 1, f"case {index}: stages differ: {seen}"
+    return seen.pop()
 
 
 def test_eos_stops_rows_like_hf_generate(model_case) -> None:  # noqa: ANN001

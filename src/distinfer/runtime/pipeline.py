@@ -10,9 +10,10 @@ micro-batches in the same order. With several micro-batches, stage 0 starts micr
 later stages work on k. While a stage waits for its input it builds the next forward's mask and
 rotary embedding, which need no hidden states. A Llama stage on CPU runs its decode steps through
 `LlamaDecoder` (fewer operations, a preallocated KV cache per micro-batch) when the worker passes one.
-Messages go straight to the process group
-(`ProcessGroup.send/recv`): the `torch.distributed` wrappers cost ~30 us a call, a few percent of a
-pipelined decode step on CPU.
+CPU stages on one machine pass each message that fits a slot through a shared-memory ring with a futex
+wake-up (runtime/shm_ring.py; ~4 % of a batch-1 two-stage token on 2 vCPUs against gloo); the rest go
+straight to the process group (`ProcessGroup.send/recv`): the `torch.distributed` wrappers cost ~30 us a
+call, a few percent of a pipelined decode step on CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from transformers import DynamicCache
 from distinfer.models.families import Family
 from distinfer.runtime.llama_decode import DecodeInputs, LlamaDecoder, StaticKV
 from distinfer.runtime.sampling import Sampler
+from distinfer.runtime.shm_ring import SharedRing, connect_rings
+
+RING_SLOT_BYTES = 1 << 20  # decode messages up to 1 MiB (e.g. 80 rows of a 3200-wide model) go through a ring
 
 @dataclass(frozen=True)
 class Batch:
@@ -103,9 +107,13 @@ class PipelineEngine:
         microbatches: int = 1,
         group: dist.ProcessGroup | None = None,
         decoder: LlamaDecoder | None = None,
+        shared_memory: bool = True,
+        timeout_s: float = 1800.0,
     ) -> None:
         """`rank` and `world_size` are this stage's place in `group`, by default the whole job's group;
-        `decoder`, where given, runs the decode steps of this stage's layers."""
+        `decoder`, where given, runs the decode steps of this stage's layers. With `shared_memory`, CPU stages
+        on one machine pass the messages that fit a ring's slot through `SharedRing`s (collective: every rank
+        of `group` builds its engine with the same setting); a receive fails after `timeout_s` without one."""
         self.model, self.family = model, family
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_first, self.is_last = rank == 0, rank == world_size - 1
@@ -119,10 +127,38 @@ class PipelineEngine:
         self._token_peers = list(range(world_size - 1)) if self.is_last else []  # stage 0 and the middle stages
         self._eos = torch.tensor(stop.eos_token_ids, device=device)
         self._batch_index = 0
+        self.messages = {"ring": 0, "backend": 0}  # messages this rank sent or received, by path
+        self._rings_in: dict[int, SharedRing] = {}
+        self._rings_out: dict[int, SharedRing] = {}
+        self._peers = 0  # the ranks this stage receives from or sends to, counted per direction
+        if self._group is not None:
+            sources = sorted(({rank - 1} if rank > 0 else set()) | ({world_size - 1} if not self.is_last else set()))
+            destinations = self._token_peers if self.is_last else [rank + 1]
+            self._peers = len(sources) + len(destinations)
+            if device.type == "cpu" and shared_memory:
+                self._rings_in, self._rings_out = connect_rings(self._group, rank, sources, destinations,
+                                                                microbatches + 2, RING_SLOT_BYTES, timeout_s)
+
+    @property
+    def transport(self) -> str:
+        """How this stage's messages travel: the backend's, 'shared memory', or both where only some peers
+        share this machine."""
+        rings = len(self._rings_in) + len(self._rings_out)
+        if self._group is None:
+            return "none"
+        if rings == 0:
+            return dist.get_backend(self._group)
+        return "shared memory" if rings == self._peers else f"shared memory + {dist.get_backend(self._group)}"
 
     # -- communication, timed ------------------------------------------------------------------
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
+        ring = self._rings_out.get(dst)
+        if ring is not None and ring.fits(tensor):  # both ends decide by size alone: each path keeps its order
+            ring.send(tensor)
+            self.messages["ring"] += 1
+            return
+        self.messages["backend"] += 1
         self._pending.append((self._group.send([tensor], dst, 0), tensor))
 
     def _drain(self) -> None:
@@ -137,6 +173,11 @@ class PipelineEngine:
 
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
+        ring = self._rings_in.get(src)
+        if ring is not None and ring.fits(buf):
+            self.messages["ring"] += 1
+            return ring.recv(buf)
+        self.messages["backend"] += 1
         self._group.recv([buf], src, 0).wait()
         return buf
 

@@ -140,7 +140,9 @@ def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, s
     if decoder is not None and decoder.one_call_rows:
         info["one_call_rows"] = [decoder.one_call_rows[0], decoder.one_call_rows[-1]]
     engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches,
-                            decoder=decoder)
+                            decoder=decoder, shared_memory=os.environ.get("DISTINFER_TRANSPORT") != "gloo",
+                            timeout_s=spec.timeout_s)
+    info["transport"] = engine.transport
     return engine, info
 
 
@@ -233,6 +235,8 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
         rows = info.get("one_call_rows")
         whole = f"; steps of {rows[0]}-{rows[1]} rows in one C++ call" if rows else ""
         log.info("decode steps through %s%s", info["decode_path"], whole)
+    if "transport" in info:
+        log.info("messages between stages through %s", info["transport"])
     t0 = time.perf_counter()
     prompts = run_prompts(spec)
     batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
@@ -292,6 +296,7 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "few_rows_kernel": kernels.get("few_rows", {}).get("kernel"),
         "decode_path": state.get("decode_path"),  # pipeline ranks: runtime/llama_decode.py's, or transformers
         "one_call_rows": state.get("one_call_rows"),  # [first, last]: step sizes run as one C++ call, or None
+        "transport": state.get("transport"),  # pipeline ranks: gloo / nccl, or shared memory (runtime/shm_ring.py)
         "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
         "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default
         "utilization": util,
