@@ -12,7 +12,6 @@ stale and goes. A directory the user chose may be shared with other programs and
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from distinfer.models.tiny import cache_dir
+from distinfer.runtime.threads import exclusive_lock
 
 log = logging.getLogger("distinfer.cpp_ops")
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -43,8 +43,7 @@ def build_turn() -> Iterator[Path]:
     """Hold this node's turn to build or load an op; yields the extensions directory."""
     root = extensions_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "distinfer-build.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
+    with exclusive_lock(root / "distinfer-build.lock"):
         if root == extensions_dir():
             for path in remove_stale_build_locks(root):
                 log.warning("removed %s, left by an op build that was killed", path)

@@ -75,7 +75,13 @@ def machine_turn(name: str) -> Iterator[None]:
     file in the machine's temporary directory, which the kernel releases if the holder dies). For measurements
     that another rank's work would disturb: two stages that timed their kernels at the same moment each saw
     half the memory bandwidth, and one of them chose a kernel that was slower alone (session 14)."""
-    path = Path(tempfile.gettempdir()) / f"distinfer-{name}-{os.getuid()}.lock"
+    with exclusive_lock(Path(tempfile.gettempdir()) / f"distinfer-{name}-{os.getuid()}.lock"):
+        yield
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an flock on `path` (created if missing); the kernel releases it if this process dies."""
     with open(path, "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         yield
