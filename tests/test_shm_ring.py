@@ -6,6 +6,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,44 +31,42 @@ def _ring_path(tmp_name: str) -> Path:
     return SHM_DIR / f"distinfer-test-{os.getpid()}-{tmp_name}"
 
 
-def test_messages_arrive_in_order_through_a_full_ring() -> None:
-    path = _ring_path("order")
-    ring = SharedRing(path, 2, 512, True, timeout_s=30)
-    child = mp.get_context("spawn").Process(target=_sender, args=(str(path), 2, 512, len(MESSAGES)))
+@contextmanager
+def _ring_from_child(tag: str, count: int, timeout_s: float) -> Iterator[tuple[SharedRing, mp.Process]]:
+    """A receiving ring of 2 slots of 512 bytes and a spawned child sending it the first `count` MESSAGES;
+    the child is killed and the file removed afterwards, whatever the test did."""
+    path = _ring_path(tag)
+    ring = SharedRing(path, 2, 512, True, timeout_s=timeout_s)
+    child = mp.get_context("spawn").Process(target=_sender, args=(str(path), 2, 512, count))
     try:
         child.start()
         ring.peer_pid = child.pid
+        yield ring, child
+    finally:
+        path.unlink(missing_ok=True)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def test_messages_arrive_in_order_through_a_full_ring() -> None:
+    with _ring_from_child("order", len(MESSAGES), 30) as (ring, child):
         time.sleep(1.0)  # the sender fills both slots and waits for the receiver to free one
         assert child.is_alive(), "with 2 slots the sender must wait for the third message"
         got = [ring.recv(torch.empty_like(m)) for m in MESSAGES]
         child.join(30)
         assert child.exitcode == 0
         assert all(torch.equal(g, m) for g, m in zip(got, MESSAGES, strict=True))
-    finally:
-        path.unlink(missing_ok=True)
-        if child.is_alive():
-            child.kill()
-            child.join()
 
 
 def test_a_receive_from_a_dead_sender_fails_within_a_second() -> None:
-    path = _ring_path("dead")
-    ring = SharedRing(path, 2, 512, True, timeout_s=60)
-    child = mp.get_context("spawn").Process(target=_sender, args=(str(path), 2, 512, 1))
-    try:
-        child.start()
-        ring.peer_pid = child.pid
+    with _ring_from_child("dead", 1, 60) as (ring, child):
         assert torch.equal(ring.recv(torch.empty(2, 3)), MESSAGES[0])
         child.join(30)
         start = time.monotonic()
         with pytest.raises(PeerGone, match=f"pid {child.pid}"):
             ring.recv(torch.empty(2))
         assert time.monotonic() - start < 1.0
-    finally:
-        path.unlink(missing_ok=True)
-        if child.is_alive():
-            child.kill()
-            child.join()
 
 
 def test_a_silent_peer_fails_the_receive_after_the_timeout() -> None:

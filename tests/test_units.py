@@ -402,6 +402,17 @@ def test_bench_ratios_pair_engines_within_each_repeat() -> None:
     assert "pp1_over_hf_generate_b8" not in ratios
 
 
+def test_bench_runs_neighbouring_engines_in_both_orders() -> None:
+    """A fixed order lets the engine that always runs first (or second) carry the machine's drift into a ratio."""
+    bench = _bench_module("bench")
+    engines = ["hf-generate", "reference", "pp1", "pp2-mb1"]
+    orders = [bench.run_order(engines, r) for r in range(4)]
+    assert all(sorted(order) == sorted(engines) for order in orders)
+    for a, b in zip(engines, engines[1:]):
+        first = [order.index(a) < order.index(b) for order in orders]
+        assert first.count(True) == first.count(False) == 2, (a, b)
+
+
 def test_decode_reads_every_weight_but_an_untied_embedding_table(tiny_models) -> None:  # noqa: ANN001
     bandwidth = _bench_module("bandwidth")
     for name, tied in (("tiny-llama", False), ("tiny-gpt2", True)):
