@@ -30,6 +30,23 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return CopyBandwidth(megabytes).measure(repeats)
 
 
+def stock_row_read(megabytes: int = 640, repeats: int = 3) -> float:
+    """Weight bytes per second read by PyTorch's stock one-row product (`F.linear`: MKL on x86), on all cores, over
+    more matrices of the bench model's MLP shape than the caches hold: what HF generate's batch-1 decode runs
+    on. Measured with every repeat, so that a repeat in which it falls is seen (session 17: for 15 minutes every
+    MKL path ran at 2/3 of its speed, while distinfer's own kernel did not, which inflated one stage / HF)."""
+    shape = (2816, 1024)
+    weights = [torch.ones(shape) for _ in range(max(1, megabytes * 2**20 // (shape[0] * shape[1] * 4)))]
+    row = torch.ones(1, shape[1])
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass also faults the pages in
+        start = time.perf_counter()
+        for weight in weights:
+            torch.nn.functional.linear(row, weight)
+        best = min(best, time.perf_counter() - start)
+    return sum(w.numel() * w.element_size() for w in weights) / best
+
+
 def decode_read_bytes(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter but the input embedding table, of which a step
     reads one row per sequence (unless the output head shares it, and then the head reads it whole)."""

@@ -9,6 +9,7 @@ reverse order):
   pp2-mb<k>         distinfer pipeline, two stages (k micro-batches; k > 1 at batch 8 only)
   ds-tp2            DeepSpeed AutoTP over two ranks
   copy bandwidth    torch memory copy (read + write bytes per second): the decode speed limit
+  stock row read    weight bytes/s of PyTorch's stock one-row product (HF generate's batch-1 kernel), each repeat
 then HF generate, one stage and two stages batch by batch in the same two processes (bench/paired.py, which
 also bounds one stage / HF generate at batch 1 by the time of the linear products alone), and prints
 median tokens/s, the issue's ratios and the per-rank compute/communication/wait split, and writes
@@ -178,6 +179,7 @@ def paired_ratios(samples: dict[tuple[str, int], list[float]], decode_step_s: di
 
 def main() -> None:
     from distinfer.models.tiny import cache_dir  # $DISTINFER_CACHE, else ~/.cache/distinfer
+    from distinfer.runtime.threads import available_cores
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -186,7 +188,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
-    from bandwidth import copy_bandwidth  # bench/bandwidth.py and bench/paired.py, next to this script
+    from bandwidth import copy_bandwidth, stock_row_read  # bench/bandwidth.py and bench/paired.py, next to it
     from paired import describe as describe_paired
     from paired import measure as measure_paired
 
@@ -197,10 +199,15 @@ def main() -> None:
     decode_step_s: dict[tuple[str, int], list[float]] = {}  # distinfer runs: mean time per output token after the first
     splits: dict[tuple[str, int], list[dict]] = {}
     bandwidth: list[float] = []
+    stock_read: list[float] = []  # bytes/s of the stock one-row product (HF generate's batch-1 kernel), per repeat
     with tempfile.TemporaryDirectory(prefix="distinfer-bench-") as tmp:
         work = Path(tmp)
         for repeat in range(args.repeats):
             bandwidth.append(copy_bandwidth())
+            torch.set_num_threads(len(available_cores()))  # as HF generate runs
+            stock_read.append(stock_row_read())
+            print(f"repeat {repeat + 1}/{args.repeats} copy {bandwidth[-1] / 1e9:.1f} GB/s, stock one-row product "
+                  f"reads {stock_read[-1] / 1e9:.1f} GB/s", flush=True)
             for batch in BATCHES:
                 for name in run_order(engines, repeat):
                     if batch == 1 and name in ("pp2-mb2", "pp2-mb4"):
@@ -220,7 +227,10 @@ def main() -> None:
     copy_bw = statistics.median(bandwidth)
     print(f"\nmachine: {os.cpu_count()} cores; model: {total_bytes / 4 / 1e6:.0f} M parameters, fp32 "
           f"({total_bytes / 2**20:.0f} MiB); {args.new_tokens} new tokens; median of {args.repeats}")
-    print(f"memory copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)\n")
+    print(f"memory copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)")
+    print("PyTorch's stock one-row product (HF generate's batch-1 kernel) read at "
+          f"{statistics.median(stock_read) / 1e9:.1f} GB/s (repeats {min(stock_read) / 1e9:.1f}-"
+          f"{max(stock_read) / 1e9:.1f}): a repeat far below the others slowed HF generate there\n")
     print(f"{'engine':14s} {'batch 1 tok/s':>14s} {'batch 8 tok/s':>14s}")
     for name in engines:
         cells = [f"{median[(name, b)]:14.2f}" if (name, b) in median else f"{'-':>14s}" for b in BATCHES]
@@ -261,6 +271,7 @@ def main() -> None:
                                "model": {"parameters": total_bytes // 4, **MODEL_CONFIG},
                                "new_tokens": args.new_tokens, "repeats": args.repeats,
                                "copy_bandwidth_bytes_per_s": copy_bw,
+                               "stock_row_read_bytes_per_s": stock_read,
                                "tokens_per_s": {f"{n}/b{b}": v for (n, b), v in samples.items()},
                                "median_tokens_per_s": {f"{n}/b{b}": v for (n, b), v in median.items()},
                                "decode_step_s": {f"{n}/b{b}": v for (n, b), v in decode_step_s.items()},

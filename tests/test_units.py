@@ -421,6 +421,7 @@ def test_decode_reads_every_weight_but_an_untied_embedding_table(tiny_models) ->
         table = model.get_input_embeddings().weight.numel() * 4
         assert bandwidth.decode_read_bytes(model) == (total if tied else total - table), name
     assert bandwidth.CopyBandwidth(megabytes=8).measure(repeats=2) > 1e8  # bytes/s: any machine copies 100 MB/s
+    assert bandwidth.stock_row_read(megabytes=8, repeats=1) > 1e8  # bytes/s of weights read by F.linear
 
 
 def _bench_module(name: str):  # noqa: ANN202
