@@ -112,7 +112,7 @@ class SharedRing:
                 if self.peer_pid and not _alive(self.peer_pid):
                     raise PeerGone(f"the process at the other end of {self.path.name} (pid {self.peer_pid}) exited")
                 if time.monotonic() - start > self.timeout_s:
-                    raise PeerGone(f"nothing moved on {self.path.name} in {self.timeout_s:.0f} s")
+                    raise PeerGone(f"nothing moved on {self.path.name} in {self.timeout_s:g} s")
 
 
 _syscall = None
