@@ -199,15 +199,16 @@ def main() -> None:
     decode_step_s: dict[tuple[str, int], list[float]] = {}  # distinfer runs: mean time per output token after the first
     splits: dict[tuple[str, int], list[dict]] = {}
     bandwidth: list[float] = []
-    stock_read: list[float] = []  # bytes/s of the stock one-row product (HF generate's batch-1 kernel), per repeat
+    stock_read: dict[str, list[float]] = {"all cores": [], "one core": []}  # bytes/s of HF generate's batch-1 kernel
     with tempfile.TemporaryDirectory(prefix="distinfer-bench-") as tmp:
         work = Path(tmp)
         for repeat in range(args.repeats):
             bandwidth.append(copy_bandwidth())
-            torch.set_num_threads(len(available_cores()))  # as HF generate runs
-            stock_read.append(stock_row_read())
+            for label, threads in (("one core", 1), ("all cores", len(available_cores()))):  # all: as HF runs
+                torch.set_num_threads(threads)
+                stock_read[label].append(stock_row_read())
             print(f"repeat {repeat + 1}/{args.repeats} copy {bandwidth[-1] / 1e9:.1f} GB/s, stock one-row product "
-                  f"reads {stock_read[-1] / 1e9:.1f} GB/s", flush=True)
+                  + ", ".join(f"{v[-1] / 1e9:.1f} GB/s on {k}" for k, v in stock_read.items()), flush=True)
             for batch in BATCHES:
                 for name in run_order(engines, repeat):
                     if batch == 1 and name in ("pp2-mb2", "pp2-mb4"):
@@ -228,9 +229,9 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} cores; model: {total_bytes / 4 / 1e6:.0f} M parameters, fp32 "
           f"({total_bytes / 2**20:.0f} MiB); {args.new_tokens} new tokens; median of {args.repeats}")
     print(f"memory copy bandwidth: {copy_bw / 1e9:.2f} GB/s (read + write)")
-    print("PyTorch's stock one-row product (HF generate's batch-1 kernel) read at "
-          f"{statistics.median(stock_read) / 1e9:.1f} GB/s (repeats {min(stock_read) / 1e9:.1f}-"
-          f"{max(stock_read) / 1e9:.1f}): a repeat far below the others slowed HF generate there\n")
+    print("PyTorch's stock one-row product (HF generate's batch-1 kernel) read at " + ", ".join(
+          f"{statistics.median(v) / 1e9:.1f} GB/s on {k} (repeats {min(v) / 1e9:.1f}-{max(v) / 1e9:.1f})"
+          for k, v in stock_read.items()) + ": a repeat far below the others slowed HF generate there\n")
     print(f"{'engine':14s} {'batch 1 tok/s':>14s} {'batch 8 tok/s':>14s}")
     for name in engines:
         cells = [f"{median[(name, b)]:14.2f}" if (name, b) in median else f"{'-':>14s}" for b in BATCHES]
