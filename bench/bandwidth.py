@@ -30,21 +30,26 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return CopyBandwidth(megabytes).measure(repeats)
 
 
-def stock_row_read(megabytes: int = 640, repeats: int = 3) -> float:
-    """Weight bytes per second read by PyTorch's stock one-row product (`F.linear`: MKL on x86), on all cores, over
-    more matrices of the bench model's MLP shape than the caches hold: what HF generate's batch-1 decode runs
-    on. Measured with every repeat, so that a repeat in which it falls is seen (session 17: for 15 minutes every
-    MKL path ran at 2/3 of its speed, while distinfer's own kernel did not, which inflated one stage / HF)."""
-    shape = (2816, 1024)
-    weights = [torch.ones(shape) for _ in range(max(1, megabytes * 2**20 // (shape[0] * shape[1] * 4)))]
-    row = torch.ones(1, shape[1])
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first pass also faults the pages in
-        start = time.perf_counter()
-        for weight in weights:
-            torch.nn.functional.linear(row, weight)
-        best = min(best, time.perf_counter() - start)
-    return sum(w.numel() * w.element_size() for w in weights) / best
+class StockRowRead:
+    """Weight bytes per second read by PyTorch's stock one-row product (`F.linear`: MKL on x86) at the current
+    thread count, over more matrices of the bench model's MLP shape than the caches hold: what HF generate's
+    batch-1 decode runs on. `make bench` measures it with every repeat, so that a repeat in which it falls is
+    seen (session 17: for 15 minutes every MKL path ran at 2/3 of its speed, while distinfer's own kernel did
+    not, which inflated one stage / HF). The matrices are allocated once for every `measure`."""
+
+    def __init__(self, megabytes: int = 640) -> None:
+        shape = (2816, 1024)
+        self.weights = [torch.ones(shape) for _ in range(max(1, megabytes * 2**20 // (shape[0] * shape[1] * 4)))]
+        self.row = torch.ones(1, shape[1])
+
+    def measure(self, repeats: int = 3) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first pass warms the kernel up
+            start = time.perf_counter()
+            for weight in self.weights:
+                torch.nn.functional.linear(self.row, weight)
+            best = min(best, time.perf_counter() - start)
+        return sum(w.numel() * w.element_size() for w in self.weights) / best
 
 
 def decode_read_bytes(model: nn.Module) -> int:

@@ -170,11 +170,9 @@ def repeat_ratios(samples: dict[tuple[str, int], list[float]], decode_step_s: di
     return per
 
 
-def paired_ratios(samples: dict[tuple[str, int], list[float]], decode_step_s: dict[tuple[str, int], list[float]],
-                  bandwidth: list[float], read_bytes: int) -> dict[str, float]:
+def paired_ratios(per_repeat: dict[str, list[float]]) -> dict[str, float]:
     """The median over the repeats of each ratio taken within a repeat (`repeat_ratios`)."""
-    per = repeat_ratios(samples, decode_step_s, bandwidth, read_bytes)
-    return {key: statistics.median(values) for key, values in per.items()}
+    return {key: statistics.median(values) for key, values in per_repeat.items()}
 
 
 def main() -> None:
@@ -188,7 +186,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
-    from bandwidth import copy_bandwidth, stock_row_read  # bench/bandwidth.py and bench/paired.py, next to it
+    from bandwidth import StockRowRead, copy_bandwidth  # bench/bandwidth.py and bench/paired.py, next to it
     from paired import describe as describe_paired
     from paired import measure as measure_paired
 
@@ -204,9 +202,11 @@ def main() -> None:
         work = Path(tmp)
         for repeat in range(args.repeats):
             bandwidth.append(copy_bandwidth())
+            probe = StockRowRead()
             for label, threads in (("one core", 1), ("all cores", len(available_cores()))):  # all: as HF runs
                 torch.set_num_threads(threads)
-                stock_read[label].append(stock_row_read())
+                stock_read[label].append(probe.measure())
+            del probe
             print(f"repeat {repeat + 1}/{args.repeats} copy {bandwidth[-1] / 1e9:.1f} GB/s, stock one-row product "
                   + ", ".join(f"{v[-1] / 1e9:.1f} GB/s on {k}" for k, v in stock_read.items()), flush=True)
             for batch in BATCHES:
@@ -237,7 +237,7 @@ def main() -> None:
         cells = [f"{median[(name, b)]:14.2f}" if (name, b) in median else f"{'-':>14s}" for b in BATCHES]
         print(f"{name:14s} {' '.join(cells)}")
     per_repeat = repeat_ratios(samples, decode_step_s, bandwidth, read_bytes)
-    ratios = paired_ratios(samples, decode_step_s, bandwidth, read_bytes)
+    ratios = paired_ratios(per_repeat)
     for batch, result in paired_results.items():
         ratios[f"pp2_over_pp1_batch_by_batch_b{batch}"] = result["ratio_median"]
         if "weight_read_median" in result:
