@@ -47,7 +47,7 @@ test: models system-deps
 # Engines side by side on a synthetic ~160M Llama (about 10 minutes on 2 cores): prints tokens/s and the
 # performance ratios, writes bench/results/bench-<time>.json.
 bench: models
-	$(BIN)/python bench/bench.py
+	$(BIN)/python -m bench.bench
 
 # The Apptainer image for GPU clusters; apptainer is not installable on the development machine.
 container:

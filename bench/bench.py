@@ -20,7 +20,7 @@ takes pp1's batch-1 decode step (mean time per output token after the first) as 
 weight once (of the input embedding table, one row), against the copy bandwidth measured at the start of
 the same repeat; bench/paired.py measures it again round by round, the bandwidth at the start of each round.
 
-    python bench/bench.py [--repeats 5] [--new-tokens 32] [--engines pp1,hf-generate] [--rounds 16]
+    python -m bench.bench [--repeats 5] [--new-tokens 32] [--engines pp1,hf-generate] [--rounds 16]
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
-                    num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
 BATCHES = {1: 4, 8: 8}  # batch size -> prompts (batch 1: four one-prompt batches; batch 8: one full batch)
 ENGINES = {  # name -> parallel settings (batch 8 gets more micro-batches where named)
     "reference": {"engine": "reference"},
@@ -52,29 +50,10 @@ ENGINES = {  # name -> parallel settings (batch 8 gets more micro-batches where 
 }
 
 
-def build_model(cache: Path) -> Path:
-    """A randomly initialised Llama (tiny-llama's tokenizer, larger layers), saved as safetensors once."""
-    target = cache / "bench-llama-160m"
-    if (target / "config.json").is_file():
-        return target
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distinfer.models.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(add_bos=True)
-    config = LlamaConfig(vocab_size=len(tokenizer), initializer_range=0.02, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, **MODEL_CONFIG)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
-
-
 def weight_bytes(model_dir: Path) -> tuple[int, int]:
     """Bytes of the bench model's fp32 weights, and of those a batch-1 decode step reads (bench/bandwidth.py's
     `decode_read_bytes`: all but the input embedding table, of which a step reads one row)."""
-    from bandwidth import decode_read_bytes
+    from bench.bandwidth import decode_read_bytes
 
     from distinfer.models.loading import load_full_model
 
@@ -112,7 +91,7 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     from distinfer.prompts import load_prompts
     from distinfer.runtime.pipeline import eos_prefix
     from distinfer.runtime.reference import hf_generate
-    from distinfer.runtime.threads import available_cores
+    from distinfer.runtime.cpu.threads import available_cores
     from distinfer.runtime.worker import make_batches, stop_rule
 
     torch.set_num_threads(len(available_cores()))
@@ -177,7 +156,7 @@ def paired_ratios(per_repeat: dict[str, list[float]]) -> dict[str, float]:
 
 def main() -> None:
     from distinfer.models.tiny import cache_dir  # $DISTINFER_CACHE, else ~/.cache/distinfer
-    from distinfer.runtime.threads import available_cores
+    from distinfer.runtime.cpu.threads import available_cores
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -186,9 +165,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
-    from bandwidth import StockRowRead, copy_bandwidth  # bench/bandwidth.py and bench/paired.py, next to it
-    from paired import describe as describe_paired
-    from paired import measure as measure_paired
+    from bench.bandwidth import StockRowRead, copy_bandwidth
+    from bench.model import build_model
+    from bench.paired import describe as describe_paired
+    from bench.paired import measure as measure_paired
 
     engines = args.engines.split(",")
     model = build_model(args.cache)

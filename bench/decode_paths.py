@@ -1,13 +1,13 @@
 """A one-stage pipeline's decode paths side by side in one process, with HF generate as the yardstick.
 
-Each engine gets its own copy of the bench model (runtime/kernels.py's CPU kernels and 2 MiB pages, as a
-run's stage has them) and differs only in how its decode steps run the layers (runtime/llama_decode.py):
+Each engine gets its own copy of the bench model (runtime/cpu/kernels.py's CPU kernels and 2 MiB pages, as a
+run's stage has them) and differs only in how its decode steps run the layers (runtime/cpu/llama_decode.py):
 `transformers`' forward, the LlamaDecoder with PyTorch operations, the LlamaDecoder with the C++ ops. HF
 `generate` runs on the stock model (what `make bench` calls HF generate). Round after round every engine
 generates the same batch, in a rotating order; tokens must be equal; each round gives its own ratios, so
 the machine's drift cancels. Prints the median and quartiles of each path / HF generate and / transformers.
 
-    .venv/bin/python bench/decode_paths.py --rounds 12
+    .venv/bin/python -m bench.decode_paths --rounds 12
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def build_engines(model_dir: Path, new_tokens: int) -> dict[str, object]:
     from distinfer.layout import split_layers
     from distinfer.models.loading import load_full_model, load_stage_model, load_tokenizer
     from distinfer.models.profiles import model_layer_count
-    from distinfer.runtime.llama_decode import llama_decoder
+    from distinfer.runtime.cpu.llama_decode import llama_decoder
     from distinfer.runtime.pipeline import PipelineEngine, StopRule
     from distinfer.runtime.reference import ReferenceEngine
     from distinfer.runtime.sampling import Sampler, SamplingParams
-    from distinfer.runtime.worker import speed_up_cpu_stage
+    from distinfer.runtime.cpu import speed_up_stage
 
     tokenizer = load_tokenizer(model_dir)
     stop = StopRule(new_tokens, (tokenizer.eos_token_id,), tokenizer.pad_token_id)
@@ -40,13 +40,13 @@ def build_engines(model_dir: Path, new_tokens: int) -> dict[str, object]:
     for path in PATHS:
         model, family = load_stage_model(model_dir, split_layers(model_layer_count(model_dir), 1, None)[0],
                                          "float32", cpu)
-        _, decoder = speed_up_cpu_stage(model)  # the C++ path where it builds, as a run's stage gets it
+        _, decoder = speed_up_stage(model)  # the C++ path where it builds, as a run's stage gets it
         if path == "cpp" and (decoder is None or decoder.ops is None):
             sys.exit("the C++ decode ops are unavailable here (see the warning above)")
         if path != "cpp":
             decoder = llama_decoder(model, compiled=False) if path == "torch" else None
         engines[path] = PipelineEngine(model, family, 0, 1, cpu, Sampler(SamplingParams()), stop, decoder=decoder)
-    engines["hf-generate"] = ReferenceEngine(load_full_model(model_dir, "float32", cpu), cpu, SamplingParams(), stop)
+    engines["hf-generate"] = ReferenceEngine(load_full_model(model_dir, "float32", cpu), cpu, Sampler(SamplingParams()), stop)
     return engines
 
 
@@ -76,13 +76,12 @@ def ratio_line(speeds: dict[str, list[float]], name: str, base: str) -> str:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench import build_model
+    from bench.model import build_model
 
     from distinfer.models.loading import load_tokenizer
     from distinfer.models.tiny import cache_dir
     from distinfer.prompts import load_prompts
-    from distinfer.runtime.threads import pin_threads, rank_cores
+    from distinfer.runtime.cpu.threads import pin_threads, rank_cores
     from distinfer.runtime.worker import make_batches
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

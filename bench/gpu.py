@@ -10,7 +10,7 @@ What the CPU machine cannot show, measured in one process:
 
 Two pipeline stages need two GPUs (NCCL refuses two ranks on one device), so they are not measured here.
 
-    python bench/gpu.py [--config configs/models/open_llama_3b_v2.config.json] [--dtype float16] [--json OUT]
+    python -m bench.gpu [--config configs/models/open_llama_3b_v2.config.json] [--dtype float16] [--json OUT]
 
 with distinfer installed (`pip install -e .`) or `PYTHONPATH=src`. About 3 minutes on an H100 for the default.
 """
@@ -68,7 +68,7 @@ def engines(model_dir: Path, stop: StopRule, dtype: str, device: torch.device) -
     layers = model_layer_count(model_dir)
 
     def reference() -> ReferenceEngine:
-        return ReferenceEngine(load_full_model(model_dir, dtype, device), device, SamplingParams(), stop)
+        return ReferenceEngine(load_full_model(model_dir, dtype, device), device, Sampler(SamplingParams(), device), stop)
 
     def pp1() -> PipelineEngine:
         model, family = load_stage_model(model_dir, split_layers(layers, 1, None)[0], dtype, device)

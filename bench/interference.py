@@ -17,7 +17,7 @@ It prints the median time of every layer for each way, and the sum over the laye
 minus the same layers without one: the cost of one handoff to the stage that takes over. On the 2-vCPU
 development machine every way of pausing cost about the same (README, "Where the two-stage step loses").
 
-    python bench/interference.py [--rounds 4] [--pause-ms 9] [--stream-mb 160] [--model DIR]
+    python -m bench.interference [--rounds 4] [--pause-ms 9] [--stream-mb 160] [--model DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT  # noqa: E402
+from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT  # noqa: E402
 
 os.environ.setdefault("GOMP_SPINCOUNT", SHARED_NODE_SPINCOUNT)  # before OpenMP loads: as for two stages of a node
 import torch  # noqa: E402
@@ -59,8 +59,8 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
     from distinfer.layout import split_layers
     from distinfer.models.loading import load_stage_model
     from distinfer.models.profiles import model_layer_count
-    from distinfer.runtime.threads import available_cores, pin_threads
-    from distinfer.runtime.worker import speed_up_cpu_stage
+    from distinfer.runtime.cpu.threads import available_cores, pin_threads
+    from distinfer.runtime.cpu import speed_up_stage
 
     cores = available_cores()
     helpers = []
@@ -73,7 +73,7 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
         pin_threads(cores)
         layout = split_layers(model_layer_count(model_dir), 1, None)[0]
         model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
-        speed_up_cpu_stage(model)  # a run's CPU stage: its kernels, huge pages (the layers run transformers' forward)
+        speed_up_stage(model)  # a run's CPU stage: its kernels, huge pages (the layers run transformers' forward)
         layers = family.decoder_layers(model)
         half = len(layers) // 2
         started: dict[int, float] = {}
@@ -124,7 +124,7 @@ def measure(model_dir: Path, rounds: int, pause_s: float, stream_mb: int, new_to
 
 
 def main() -> None:
-    from bench import build_model  # the bench's model, built once into the cache
+    from bench.model import build_model  # the bench's model, built once into the cache
     from distinfer.models.tiny import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -9,7 +9,7 @@ also checks that the engines' tokens are equal. At batch 1, rank 0 also measures
 (bench/bandwidth.py) at the start of each round, while rank 1 waits: the round's one-stage decode step (time
 per token after the first) against that bandwidth gives a weight-read ratio free of the drift as well.
 
-The engines are the ones a run builds (`load_stage_model`, `speed_up_cpu_stage`, `PipelineEngine`), without
+The engines are the ones a run builds (`load_stage_model`, `speed_up_stage`, `PipelineEngine`), without
 the run's bookkeeping. With micro-batches the stages compute at once, so each
 rank then uses its share of the cores, as `rank_cores(..., together=True)` gives it; OpenMP's worker threads keep
 the cores they were started on (on the 2-core machine both layouts give the same cores).
@@ -17,15 +17,14 @@ the cores they were started on (on the 2-core machine both layouts give the same
 Rank 0 also runs HF `generate` on the whole model (the stock `transformers` model, every core) in each
 round, so that one stage against HF generate is measured side by side too, and its tokens are checked. At
 batch 1 it also times, each round, one pass of one-row products through the one-stage model's linear layers
-(runtime/kernels.py's `one_row_products_s`): no decode step can be shorter, so 1 / (that time x HF
+(runtime/cpu/kernels.py's `one_row_products_s`): no decode step can be shorter, so 1 / (that time x HF
 generate's tokens/s) is the most one stage / HF generate can reach on this machine.
 
-Like a run's ranks (runtime/aslr.py), the two ranks start without address-space randomization and with the
-OpenMP spin count a run's ranks sharing a node get (runtime/openmp.py). `--aslr-ab` starts a second pair of ranks with
-randomization, `--spin-ab 2000,20000,default` one pair per spin count; the pairs take turns round by round
-(the others sleep meanwhile): the settings side by side, each pair's figures on their own.
+Like a run's ranks, the two ranks start with the OpenMP spin count a run's ranks sharing a node get
+(runtime/cpu/openmp.py). `--spin-ab 2000,20000,default` starts one pair per spin count; the pairs take turns
+round by round (the others sleep meanwhile): the settings side by side, each pair's figures on their own.
 
-    python bench/paired.py [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32] [--aslr-ab]
+    python -m bench.paired [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32]
                            [--spin-ab 2000,default]
 """
 
@@ -44,10 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bandwidth import CopyBandwidth, decode_read_bytes  # bench/bandwidth.py, next to this script
-from distinfer.runtime.aslr import aslr_disabled, set_randomization
+from bench.bandwidth import CopyBandwidth, decode_read_bytes
 from distinfer.runtime.dist import free_port
-from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT
+from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_BATCH_1 = 4  # batch 1 cycles through this many one-prompt batches, as bench.py does
@@ -55,14 +53,13 @@ PROMPTS_PER_BATCH_1 = 4  # batch 1 cycles through this many one-prompt batches, 
 
 @dataclass(frozen=True)
 class PairSetting:
-    """How one pair of ranks starts: address-space randomization, and GOMP_SPINCOUNT (None: OpenMP's default)."""
+    """How one pair of ranks starts: its GOMP_SPINCOUNT (None: OpenMP's default)."""
 
-    aslr: bool = False
-    spin: str | None = SHARED_NODE_SPINCOUNT  # two ranks on one node (runtime/openmp.py)
+    spin: str | None = SHARED_NODE_SPINCOUNT  # two ranks on one node (runtime/cpu/openmp.py)
 
     @property
     def label(self) -> str:
-        return f"aslr {'on' if self.aslr else 'off'}, spin {self.spin or 'default'}"
+        return f"spin {self.spin or 'default'}"
 
 
 class _HfGenerate:
@@ -95,12 +92,13 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.models.profiles import model_layer_count
     from distinfer.prompts import load_prompts
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
-    from distinfer.runtime.kernels import one_row_products_s
+    from distinfer.runtime.cpu.kernels import one_row_products_s
     from distinfer.runtime.pipeline import PipelineEngine
     from distinfer.runtime.ranks import DistEnv
     from distinfer.runtime.sampling import Sampler, SamplingParams
-    from distinfer.runtime.threads import rank_cores
-    from distinfer.runtime.worker import make_batches, speed_up_cpu_stage, stop_rule
+    from distinfer.runtime.cpu.threads import rank_cores
+    from distinfer.runtime.cpu import speed_up_stage
+    from distinfer.runtime.worker import make_batches, stop_rule
 
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, master_port=options["port"])
     alone, shared = rank_cores(rank, rank, 2, False), rank_cores(rank, rank, 2, True)  # before pinning narrows it
@@ -112,7 +110,7 @@ def _rank(rank: int, options: dict) -> None:
 
     def stage(world: int, r: int):  # noqa: ANN202
         model, family = load_stage_model(model_dir, split_layers(layers, world, None)[r], "float32", device)
-        _, decoder = speed_up_cpu_stage(model, len(alone))  # as a run's stage does
+        _, decoder = speed_up_stage(model, len(alone))  # as a run's stage does
         return model, family, decoder
 
     def engine(stage_parts, world: int, r: int, microbatches: int) -> PipelineEngine:  # noqa: ANN001
@@ -177,7 +175,7 @@ def _rank(rank: int, options: dict) -> None:
                     if floor:
                         floors.append(floor)
         if rank == 0:
-            started_with = {"aslr": not aslr_disabled(), "spin": os.environ.get("GOMP_SPINCOUNT")}
+            started_with = {"spin": os.environ.get("GOMP_SPINCOUNT")}
             results[batch_size] = {"speeds": per_round, "weight_read": weight_read, "linear_floor_s": floors,
                                    "started_with": started_with}
     if rank == 0:
@@ -249,13 +247,11 @@ def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int,
     """One pair of ranks per setting, taking turns round by round; returns, per setting's label and batch size,
     `summarize`'s figures."""
     spin = os.environ.get("GOMP_SPINCOUNT")
-    randomized = not aslr_disabled()
     turn = mp.get_context("spawn").Barrier(2 * len(settings)) if len(settings) > 1 else None
     pairs = []
     try:
         with tempfile.TemporaryDirectory(prefix="distinfer-paired-") as tmp:
             for pair, setting in enumerate(settings):
-                set_randomization(setting.aslr)  # inherited, with the environment, by the ranks started next
                 if setting.spin is None:
                     os.environ.pop("GOMP_SPINCOUNT", None)
                 else:
@@ -275,7 +271,6 @@ def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int,
                 if process.is_alive():
                     process.kill()
                     process.join()
-        set_randomization(randomized)
         if spin is None:
             os.environ.pop("GOMP_SPINCOUNT", None)
         else:
@@ -284,7 +279,7 @@ def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int,
 
 
 def main() -> None:
-    from bench import build_model  # the bench's model, built once into the cache
+    from bench.model import build_model  # the bench's model, built once into the cache
     from distinfer.models.tiny import cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -293,15 +288,12 @@ def main() -> None:
     parser.add_argument("--microbatches", default="2", help="micro-batch counts > 1 to try at batch > 1")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=cache_dir())
-    parser.add_argument("--aslr-ab", action="store_true", help="a second pair of ranks with address-space "
-                        "randomization, taking turns with the first (a run turns it off: runtime/aslr.py)")
     parser.add_argument("--spin-ab", default="", help="GOMP_SPINCOUNT values, one pair of ranks each, taking "
                         "turns ('default': OpenMP's own; ranks sharing a node get "
-                        f"{SHARED_NODE_SPINCOUNT}: runtime/openmp.py)")
+                        f"{SHARED_NODE_SPINCOUNT}: runtime/cpu/openmp.py)")
     args = parser.parse_args()
     spins = [None if v == "default" else v for v in args.spin_ab.split(",") if v] or [SHARED_NODE_SPINCOUNT]
-    aslrs = (False, True) if args.aslr_ab else (False,)
-    settings = tuple(PairSetting(aslr, spin) for aslr in aslrs for spin in spins)
+    settings = tuple(PairSetting(spin) for spin in spins)
     results = measure_pairs(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
                             args.new_tokens, [int(k) for k in args.microbatches.split(",") if k], settings)
     for label, per_batch in results.items():

@@ -6,7 +6,7 @@ Each case: (layer counts or None, batch size, micro-batches, sampling params, eo
 with the engine's fast CPU linear kernels and, for Llama, its LlamaDecoder, as `distinfer run` does by
 default: odd cases with the row-split one-row and oneDNN few-row kernels (steps op by op), even cases with
 distinfer's `linear_rows` for every product (Llama steps then run as one C++ call, `DecodeLayers`). Messages
-go through shared-memory rings (runtime/shm_ring.py) as in a run, over gloo alone in cases 1, 4, 7, ..., and in
+go through shared-memory rings (runtime/cpu/shm_ring.py) as in a run, over gloo alone in cases 1, 4, 7, ..., and in
 cases 2, 5, 8, ... through rings of 8 KiB slots, so that prefill's hidden states take gloo and the decode steps'
 the rings between the same two ranks.
 Rank 0 puts {world: {case index: (tokens per prompt, stage facts per rank)}} on the queue.
@@ -24,9 +24,9 @@ from distinfer.layout import split_layers
 from distinfer.models.loading import count_parameters, load_stage_model, load_tokenizer
 from distinfer.models.profiles import model_layer_count
 from distinfer.prompts import load_prompts
-from distinfer.runtime.cpp_ops import decode_ops
-from distinfer.runtime.kernels import CpuLinear, use_fast_cpu_linears
-from distinfer.runtime.llama_decode import llama_decoder
+from distinfer.runtime.cpu.cpp_ops import decode_ops
+from distinfer.runtime.cpu.kernels import CpuLinear, use_fast_cpu_linears
+from distinfer.runtime.cpu.llama_decode import llama_decoder
 from distinfer.runtime import pipeline
 from distinfer.runtime.pipeline import RING_SLOT_BYTES, PipelineEngine, StopRule
 from distinfer.runtime.sampling import Sampler

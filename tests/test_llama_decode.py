@@ -1,4 +1,4 @@
-"""LlamaDecoder (runtime/llama_decode.py) against `transformers`' own Llama layers, on the real tiny Llama.
+"""LlamaDecoder (runtime/cpu/llama_decode.py) against `transformers`' own Llama layers, on the real tiny Llama.
 
 The tiny Llama has grouped-query attention (8 heads, 4 key/value heads), so both of the decoder's attention
 branches run: no padding (SDPA's own GQA) and left padding (a mask, queries packed per key/value head). The
@@ -14,9 +14,9 @@ from transformers import DynamicCache
 
 from distinfer.models.families import family_of
 from distinfer.models.loading import load_full_model
-from distinfer.runtime.cpp_ops import decode_ops
-from distinfer.runtime.kernels import use_fast_cpu_linears
-from distinfer.runtime.llama_decode import LlamaDecoder, llama_decoder
+from distinfer.runtime.cpu.cpp_ops import decode_ops
+from distinfer.runtime.cpu.kernels import use_fast_cpu_linears
+from distinfer.runtime.cpu.llama_decode import LlamaDecoder, llama_decoder
 from distinfer.runtime.pipeline import prefill_positions
 
 

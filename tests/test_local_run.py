@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT
-from distinfer.runtime.cpp_ops import extensions_dir
-from distinfer.runtime.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
+from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
+from distinfer.runtime.extensions import extensions_dir
+from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
 
 from conftest import kill_run, rank_pid, wait_for_first_completion
 
@@ -81,15 +81,13 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
     assert [r["layers"] for r in summary["ranks"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     for rank in summary["ranks"]:
         assert RANK_FIELDS <= rank.keys() and rank["compute_s"] > 0 and rank["peak_memory_bytes"] > 0
-        assert rank["address_space_randomized"] is False  # the ranks of a multi-rank run re-executed without
         assert rank["one_row_kernel"] in ONE_ROW_KERNELS, "each CPU stage timed its one-row kernels"
         assert rank["few_rows_kernel"] in FEW_ROWS_KERNELS, "and its few-row kernels"
-        assert rank["decode_path"] == "llama_decoder_cpp"  # runtime/llama_decode.py: a Llama stage on CPU
+        assert rank["decode_path"] == "llama_decoder_cpp"  # runtime/cpu/llama_decode.py: a Llama stage on CPU
         one, few = rank["one_row_kernel"] == "cpp", rank["few_rows_kernel"] == "cpp"  # linear_rows chosen
         expected = [1 if one else 2, 24 if few else 1] if one or few else None
         assert rank["one_call_rows"] == expected, "whole steps in one C++ call where linear_rows runs every product"
     reference = json.loads((study / "outputs/t/reference-b4-fp32/summary.json").read_text())
-    assert reference["ranks"][0]["address_space_randomized"] is True  # a one-rank run is left as it started
     assert reference["ranks"][0]["decode_path"] is None  # the reference is transformers' own forward
     assert "decode steps through llama_decoder_cpp" in (run / "rank_0.log").read_text()
     steps = json.loads((run / "metrics_rank_1.json").read_text())["steps"]
@@ -99,7 +97,7 @@ def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
     assert run_json["run"]["pp"] == 2 and run_json["config_hash"] == summary["config_hash"]
     assert run_json["provenance"]["packages"]["torch"] and run_json["runtime"]["hostnames"]
     assert "rank1 INFO start run pipeline-pp2-b4-mb2-fp32" in (run / "rank_1.log").read_text()
-    # OpenMP's spin count (runtime/openmp.py): shorter for ranks that share a node, the default for one alone
+    # OpenMP's spin count (runtime/cpu/openmp.py): shorter for ranks that share a node, the default for one alone
     user = os.environ.get("GOMP_SPINCOUNT")
     assert f"OpenMP spin count: {user or SHARED_NODE_SPINCOUNT}\n" in (run / "rank_1.log").read_text()
     reference_log = (study / "outputs/t/reference-b4-fp32/rank_0.log").read_text()

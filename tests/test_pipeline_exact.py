@@ -138,8 +138,8 @@ def test_each_stage_holds_only_its_layers(model_case) -> None:  # noqa: ANN001
 def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """bench/paired.py (part of `make bench`) runs HF generate, one stage and two stages (1 and 2 micro-batches)
     batch by batch in two real gloo ranks and fails if their tokens differ; here on the tiny Llama, 2 rounds."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))  # spawned ranks import it
-    import paired
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))  # spawned ranks import bench.paired
+    from bench import paired
 
     results = paired.measure(tiny_models["tiny-llama"], [1, 4], rounds=2, new_tokens=8, microbatches=[2])
     assert set(results) == {1, 4}
@@ -156,22 +156,17 @@ def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypa
 
 
 def test_bench_paired_harness_runs_two_pairs_taking_turns(tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """`paired.py --aslr-ab --spin-ab 2000,default`: four pairs of ranks (with and without address-space
-    randomization, two OpenMP spin counts) take turns (eight processes, one barrier); each pair reports its own
-    rounds, and each pair's ranks started with its settings."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
-    import paired
+    """`paired.py --spin-ab 2000,default`: two pairs of ranks (two OpenMP spin counts) take turns (four
+    processes, one barrier); each pair reports its own rounds, and each pair's ranks started with its setting."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    from bench import paired
 
-    from distinfer.runtime.aslr import aslr_disabled
-
-    before = aslr_disabled()
     spin = os.environ.get("GOMP_SPINCOUNT")
-    settings = tuple(paired.PairSetting(aslr, s) for aslr in (False, True) for s in ("2000", None))
+    settings = tuple(paired.PairSetting(s) for s in ("2000", None))
     results = paired.measure_pairs(tiny_models["tiny-llama"], [1], rounds=3, new_tokens=4, microbatches=[],
                                    settings=settings)
     assert set(results) == {s.label for s in settings} and all(set(r) == {1} for r in results.values())
     assert all(r[1]["rounds"] == 3 and all(x > 0 for x in r[1]["ratios"]) for r in results.values())
     for setting in settings:
-        assert results[setting.label][1]["started_with"] == {"aslr": setting.aslr, "spin": setting.spin}
-    assert aslr_disabled() == before, "this process's own setting is restored"
+        assert results[setting.label][1]["started_with"] == {"spin": setting.spin}
     assert os.environ.get("GOMP_SPINCOUNT") == spin, "and its environment"

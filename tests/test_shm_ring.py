@@ -1,4 +1,4 @@
-"""Shared-memory rings between real processes (runtime/shm_ring.py): order, a full ring, a dead or silent peer,
+"""Shared-memory rings between real processes (runtime/cpu/shm_ring.py): order, a full ring, a dead or silent peer,
 and the collective set-up over a real gloo group. The pipeline's own use is in test_pipeline_exact.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distinfer.runtime.shm_ring import SHM_DIR, PeerGone, SharedRing, connect_rings
+from distinfer.runtime.cpu.shm_ring import SHM_DIR, PeerGone, SharedRing, connect_rings
 
 MESSAGES = [torch.arange(6, dtype=torch.float32).view(2, 3), torch.tensor([7, 8], dtype=torch.long),
             torch.full((1, 1, 40), -1.5), torch.tensor([2**40 + 3]), torch.ones(1, 1, 40) / 3,

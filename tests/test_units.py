@@ -17,10 +17,10 @@ from distinfer.metrics import LatencyReport, RequestTiming, distribution, percen
 from distinfer.models.loading import load_full_model
 from distinfer.provenance import allowed_env
 from distinfer.runtime.ranks import DistEnv, dist_env_from, first_host
-from distinfer.runtime.kernels import FEW_ROWS_KERNELS, CpuLinear
+from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, CpuLinear
 from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
 from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
-from distinfer.runtime.threads import OPENMP_BINDING_VARS, rank_cores
+from distinfer.runtime.cpu.threads import OPENMP_BINDING_VARS, rank_cores
 
 
 def test_balanced_split_gives_the_remainder_to_early_stages() -> None:
@@ -76,7 +76,7 @@ def test_slurm_variables_map_to_torch_ones() -> None:
 
 
 def test_openmp_spin_count_is_shorter_only_for_ranks_sharing_a_node() -> None:
-    from distinfer.runtime.openmp import SHARED_NODE_SPINCOUNT, rank_spin_count
+    from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT, rank_spin_count
 
     assert rank_spin_count({}) is None, "one process: OpenMP's default"
     two_local = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
@@ -100,7 +100,7 @@ def test_rank_cores_split_or_rotate() -> None:
 
 PIN_PROBE = """
 import json, os, torch
-from distinfer.runtime.threads import pin_threads, available_cores
+from distinfer.runtime.cpu.threads import pin_threads, available_cores
 cores = available_cores()[:2]
 torch.set_num_threads(2)  # starts a helper thread of its own; the workers are the threads that come after
 before = set(os.listdir("/proc/self/task"))
@@ -236,7 +236,7 @@ def test_long_context_prompts_are_deterministic_and_cut_to_the_context(tiny_mode
 @pytest.mark.parametrize("splits", [1, 2, 4])
 @pytest.mark.parametrize("kernel", ["split", "onednn", "mkl", "cpp"])
 def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int, kernel: str) -> None:
-    from distinfer.runtime.cpp_ops import decode_ops
+    from distinfer.runtime.cpu.cpp_ops import decode_ops
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
@@ -252,7 +252,7 @@ def test_cpu_linear_computes_what_nn_linear_computes(rows: int, splits: int, ker
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 24, 31])
 @pytest.mark.parametrize("shape", [(96, 64), (37, 100), (5, 16), (3, 7)])  # [out, in]: ragged rows and lanes too
 def test_linear_rows_computes_what_f_linear_computes(rows: int, shape: tuple[int, int]) -> None:
-    from distinfer.runtime.cpp_ops import decode_ops
+    from distinfer.runtime.cpu.cpp_ops import decode_ops
 
     ops = decode_ops()
     assert ops is not None, "the C++ ops did not build (is g++ installed? see the log)"
@@ -268,8 +268,8 @@ def test_linear_rows_computes_what_f_linear_computes(rows: int, shape: tuple[int
 
 
 def test_the_fastest_kernels_are_timed_and_set_on_every_layer() -> None:
-    from distinfer.runtime.cpp_ops import decode_ops
-    from distinfer.runtime.kernels import ONE_ROW_KERNELS, choose_kernels, use_fast_cpu_linears
+    from distinfer.runtime.cpu.cpp_ops import decode_ops
+    from distinfer.runtime.cpu.kernels import ONE_ROW_KERNELS, choose_kernels, use_fast_cpu_linears
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(256, 512) for _ in range(4)))
@@ -310,7 +310,7 @@ def test_cpu_linear_falls_back_when_rows_do_not_split_evenly() -> None:
 @pytest.mark.parametrize("name, per_layer", [("tiny-llama", 7), ("tiny-gpt2", 4)])
 def test_fast_linears_replace_every_projection_and_keep_the_logits(tiny_models, name: str, per_layer: int) -> None:  # noqa: ANN001,E501
     from distinfer.models.loading import count_parameters, load_full_model
-    from distinfer.runtime.kernels import use_fast_cpu_linears
+    from distinfer.runtime.cpu.kernels import use_fast_cpu_linears
 
     stock = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
     fast = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
@@ -328,7 +328,7 @@ def test_fast_linears_replace_every_projection_and_keep_the_logits(tiny_models, 
 
 def test_fast_linears_leave_quantized_layers_alone() -> None:
     from distinfer.models.quantize import quantize_int8_weights
-    from distinfer.runtime.kernels import use_fast_cpu_linears
+    from distinfer.runtime.cpu.kernels import use_fast_cpu_linears
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     model = quantize_int8_weights(model) or model
@@ -352,8 +352,8 @@ def _anon_huge_kib(start: int, end: int) -> int:
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -> None:  # noqa: ANN001
     from distinfer.models.loading import count_parameters, load_full_model
-    from distinfer.runtime.hugepages import HUGE_PAGE, huge_pages_available, place_in_huge_pages
-    from distinfer.runtime.kernels import use_fast_cpu_linears
+    from distinfer.runtime.cpu.hugepages import HUGE_PAGE, huge_pages_available, place_in_huge_pages
+    from distinfer.runtime.cpu.kernels import use_fast_cpu_linears
 
     stock = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
     moved = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
@@ -375,7 +375,7 @@ def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -
 
 
 def test_huge_page_weights_are_backed_by_huge_pages() -> None:
-    from distinfer.runtime.hugepages import huge_pages_available, place_in_huge_pages
+    from distinfer.runtime.cpu.hugepages import huge_pages_available, place_in_huge_pages
 
     model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 1024))  # 16 MiB of weights
     expected = [p.detach().clone() for p in model.parameters()]
@@ -426,14 +426,13 @@ def test_decode_reads_every_weight_but_an_untied_embedding_table(tiny_models) ->
 
 
 def _bench_module(name: str):  # noqa: ANN202
-    """A bench/ script as a module; its folder goes on sys.path, as running the script puts it there, so
-    that the scripts import each other (paired.py: bandwidth.py)."""
+    """A bench/ script as a module of the `bench` package (run from the repository root: `python -m bench.X`)."""
     import importlib
 
-    folder = Path(__file__).resolve().parent.parent / "bench"
-    if str(folder) not in sys.path:
-        sys.path.append(str(folder))
-    return importlib.import_module(name)
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.append(root)
+    return importlib.import_module(f"bench.{name}")
 
 
 def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
@@ -463,7 +462,7 @@ def test_paired_summary_takes_best_two_stage_engine_per_round() -> None:
 
 def test_local_workers_see_no_gpu_even_when_the_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """`run --local` is the CPU dry run: on a one-GPU workstation rank 1 would otherwise ask for cuda:1."""
-    from distinfer.local import worker_env
+    from distinfer.launchers.local import worker_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert worker_env()["CUDA_VISIBLE_DEVICES"] == ""
@@ -488,10 +487,10 @@ def test_eos_prefix_keeps_tokens_through_the_first_eos() -> None:
 
 def test_interference_bench_times_every_layer_for_every_way_of_pausing(tiny_models) -> None:  # noqa: ANN001
     """bench/interference.py in its own process (it pins threads), on the tiny Llama with light helpers."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "interference.py"
-    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_models["tiny-llama"]), "--rounds", "1",
+    out = subprocess.run([sys.executable, "-m", "bench.interference", "--model", str(tiny_models["tiny-llama"]), "--rounds", "1",
                           "--new-tokens", "4", "--pause-ms", "2", "--stream-mb", "8"],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
+                         capture_output=True, text=True, timeout=300, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
     rows = {line.split()[0]: line for line in out.splitlines() if "layers (us):" in line}
     assert list(rows) == ["none", "sleep", "work", "spin", "stream"]
     layers = 8  # tiny-llama
@@ -506,7 +505,7 @@ def test_huge_page_weights_stay_put_when_the_mapping_does_not_fit() -> None:
     """Under a memory cap (DISTINFER_RANK_MEMORY_LIMIT sets RLIMIT_DATA) the mapping may fail: nothing moves."""
     script = (
         "import resource, torch\n"
-        "from distinfer.runtime.hugepages import place_in_huge_pages\n"
+        "from distinfer.runtime.cpu.hugepages import place_in_huge_pages\n"
         "model = torch.nn.Linear(4096, 8192)\n"  # 128 MiB of weights
         "before = model.weight.data_ptr()\n"
         "used = int(open('/proc/self/status').read().split('VmData:')[1].split()[0]) * 1024\n"
@@ -518,38 +517,31 @@ def test_huge_page_weights_stay_put_when_the_mapping_does_not_fit() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-_PRINT_LAYOUT = """
-import os, sys
-from distinfer.runtime.aslr import reexec_without_aslr
-reexec_without_aslr()
-print(os.getpid(), open('/proc/self/maps').readline().split('-')[0], sys.orig_argv[-1])
+_RANK_PERSONALITY = """
+import runpy, sys
+sys.argv = ["distinfer.runtime"]  # no run folder: the entry point prints its usage and exits 2
+try:
+    runpy.run_module("distinfer.runtime", run_name="__main__")
+except SystemExit:
+    pass
+print(open("/proc/self/personality").read().strip())
 """
 
 
-def _layout(environ: dict[str, str]) -> tuple[str, str, str]:
-    """(the PID it started with = the PID it printed, the first mapping's address, its last argument)"""
-    proc = subprocess.Popen([sys.executable, "-c", _PRINT_LAYOUT, "last-arg"], env=environ, stdout=subprocess.PIPE,
-                            text=True)
-    out = proc.communicate(timeout=60)[0].split()
-    assert proc.returncode == 0 and out[0] == str(proc.pid), "re-executed in place, as torchrun's child"
-    return out[0], out[1], out[2]
-
-
-def test_ranks_of_a_multi_rank_run_reexecute_without_address_randomization() -> None:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "DISTINFER_ASLR")}
-    ranks = [_layout({**base, "RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
-    assert ranks[0][1] == ranks[1][1], "two ranks map their first segment at the same address"
-    assert all(arg == "last-arg" for _, _, arg in ranks), "the arguments survive the re-execution"
-    # randomized as usual: a single process, or a user who keeps ASLR (two layouts differ but by chance)
-    for environ in (base, {**base, "RANK": "0", "WORLD_SIZE": "2", "DISTINFER_ASLR": "keep"}):
-        assert len({_layout(environ)[1] for _ in range(3)}) > 1
+def test_a_rank_keeps_address_space_randomization() -> None:
+    """A rank of a multi-rank run starts like any process: no personality change (ADDR_NO_RANDOMIZE, 0x0040000)
+    that would weaken an exploit protection."""
+    environ = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    out = subprocess.run([sys.executable, "-c", _RANK_PERSONALITY], env=environ, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1], 16) & 0x0040000 == 0
 
 
 def _hold_turn(name: str, seconds: float, spans) -> None:  # noqa: ANN001
     import time
 
-    from distinfer.runtime.threads import machine_turn
+    from distinfer.runtime.cpu.threads import machine_turn
 
     with machine_turn(name):
         start = time.monotonic()

@@ -11,12 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from distinfer.quiet import route_third_party_logs
 from distinfer.spec import SpecError, load_experiment
 
 app = typer.Typer(help="Benchmark distributed LLM inference on Slurm clusters (and locally on CPU).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Built-in tiny models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+route_third_party_logs()  # a built-in model's build imports transformers, which imports DeepSpeed and torchao
 # Tables need about 120 columns; a pipe or a CI log is not a terminal and would get 80.
 console = Console(width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -80,7 +82,7 @@ def run(
     if not local:
         errors.print("error: `run` needs --local; on a Slurm cluster use `distinfer submit CONFIG`")
         raise typer.Exit(2)
-    from distinfer.local import run_local
+    from distinfer.launchers.local import run_local
 
     runs = expand(exp, config)
     with console.status("starting") as status:
@@ -158,11 +160,13 @@ def submit(
 ) -> None:
     """Submit every planned run that has no ok summary.json (and no job still queued or running)."""
     from distinfer.jobs import submit as submit_runs
+    from distinfer.launchers.slurm import SlurmLauncher
     from distinfer.slurm import SlurmError
 
     exp, planned = _plan(config, outputs)
     with _exit_on(SlurmError, 1):
-        actions = submit_runs(planned, outputs, exp.name, force=force, dry_run=dry_run)
+        actions = submit_runs(planned, SlurmLauncher(outputs, exp.cluster, exp.container), exp.name, force=force,
+                              dry_run=dry_run)
     for run_id, action, job_id in actions:
         console.print(f"{action:>18}  {run_id}" + (f"  job {job_id}" if job_id else ""), highlight=False)
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distinfer.bundle import RunBundle, atomic_write_json, atomic_write_text, read_json
+from distinfer.bundle import RunBundle, atomic_write_json, read_json
+from distinfer.launchers.slurm import SlurmLauncher
 from distinfer.layout import split_layers
-from distinfer.local import resolve_builtin_models, write_run_json
 from distinfer.memory import MemoryEstimate, ModelFacts, estimate_stage_memory
-from distinfer.plan import RunSpec, expand
+from distinfer.plan import RunSpec, expand, resolve_builtin_models
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import load_prompts
-from distinfer.slurm import render_sbatch, sacct_records, sbatch, scancel, squeue_states
+from distinfer.slurm import sacct_records, scancel, squeue_states
 from distinfer.spec import Experiment, resolve_path
 
 LIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING"}
@@ -30,11 +31,16 @@ class PlannedRun:
         return all(m.fits for m in self.memory)
 
 
+@functools.cache
+def _longest_prompt_chars(prompts_file: str) -> int:
+    return max(len(p.prompt) for p in load_prompts(Path(prompts_file)))
+
+
 def context_tokens(run: RunSpec) -> int:
     """Prompt tokens (max_prompt_tokens, else ~3 characters per token of the longest prompt) + new tokens."""
     prompt = run.generation.get("max_prompt_tokens")
     if prompt is None:
-        prompt = max(len(p.prompt) for p in load_prompts(Path(run.prompts))) // 3 + 1
+        prompt = _longest_prompt_chars(run.prompts) // 3 + 1
     return int(prompt) + int(run.generation["max_new_tokens"])
 
 
@@ -42,8 +48,9 @@ def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[Memor
     profile = HARDWARE[exp.cluster.profile]
     stages = split_layers(facts.layers, run.pp, run.layers) if run.engine != "reference" else split_layers(facts.layers, 1)
     ctx = context_tokens(run)
-    return [estimate_stage_memory(facts, s, run.dtype, run.batch_size, ctx, profile.memory_bytes, profile.gpu,
-                                  run.quantization) for s in stages]
+    per_stage = [estimate_stage_memory(facts, s, run.dtype, run.batch_size, ctx, profile.memory_bytes, profile.gpu,
+                                       run.quantization, run.tp) for s in stages]
+    return [memory for memory in per_stage for _ in range(run.tp)]  # one per rank: a stage's tp ranks alike
 
 
 def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[PlannedRun]:
@@ -52,15 +59,14 @@ def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[Pla
     config = read_json(Path(runs[0].model_path) / "config.json") if runs else None
     if config is None and exp.model.config:
         config = read_json(resolve_path(exp.model.config, spec_file))
+    launcher = SlurmLauncher(outputs, exp.cluster, exp.container)
     planned = []
     for run in runs:
-        bundle = RunBundle(outputs / run.experiment / run.run_id)
+        bundle = launcher.bundle(run)
         memory = estimate_run(run, ModelFacts.from_config(config), exp) if config else []
         item = PlannedRun(run, bundle, memory)
         if item.fits and not bundle.is_done(run.config_hash()):  # a finished run keeps the files it ran with
-            write_run_json(run, outputs)
-            script = render_sbatch(run, exp.cluster, exp.container, bundle.root.absolute())
-            atomic_write_text(bundle.root / "job.sbatch", script)
+            launcher.prepare(run)
         planned.append(item)
     return planned
 
@@ -73,9 +79,10 @@ def load_jobs(outputs: Path, experiment: str) -> dict[str, dict]:
     return read_json(jobs_file(outputs, experiment)) or {}
 
 
-def submit(planned: list[PlannedRun], outputs: Path, experiment: str, force: bool = False,
+def submit(planned: list[PlannedRun], launcher: SlurmLauncher, experiment: str, force: bool = False,
            dry_run: bool = False) -> list[tuple[str, str, str | None]]:
     """Submit every fitting run without an ok summary (and without a live job); (run_id, action, job_id)."""
+    outputs = launcher.outputs
     jobs = load_jobs(outputs, experiment)
     live = squeue_states([j["job_id"] for j in jobs.values()]) if jobs and not dry_run else {}
     actions: list[tuple[str, str, str | None]] = []
@@ -91,8 +98,7 @@ def submit(planned: list[PlannedRun], outputs: Path, experiment: str, force: boo
         elif dry_run:
             actions.append((run_id, "would submit", None))
         else:
-            item.bundle.archive_attempt()
-            job_id = sbatch(item.bundle.root / "job.sbatch")
+            job_id = launcher.launch(item.run, item.bundle)
             history = jobs.get(run_id, {}).get("history", []) + ([previous] if previous else [])
             jobs[run_id] = {"job_id": job_id, "submitted_at": time.time(), "history": history}
             atomic_write_json(jobs_file(outputs, experiment), jobs)

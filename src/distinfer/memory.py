@@ -99,19 +99,24 @@ def estimate_stage_memory(
     capacity: int,
     gpu: bool,
     quantization: str | None = None,
+    tp: int = 1,
 ) -> MemoryEstimate:
     """Bytes one rank needs for its stage at this batch size and context (prompt + new tokens).
-    int8 weight-only: the linear layers' weights take one byte each (plus a scale per output channel)."""
+    int8 weight-only: the linear layers' weights take one byte each (plus a scale per output channel).
+    Tensor parallel over `tp` ranks: each holds 1/tp of the decoder layers' weights, of the KV cache (heads are
+    split) and of the MLP's activations; the embedding and the head are counted whole (not every engine
+    shards them)."""
     size = DTYPE_BYTES[dtype]
     weight_size = 1 if quantization == "int8" else size
     layers = stage.stop - stage.start
-    weights = layers * facts.layer_parameters() * weight_size
+    weights = -(-layers * facts.layer_parameters() * weight_size // tp)
     if stage.is_first:
         weights += facts.embedding_parameters() * size
     if stage.is_last:
         weights += facts.hidden * size
         weights += (facts.embedding_parameters() * weight_size if not facts.tied or not stage.is_first else 0)
-    kv = 2 * layers * batch * context_tokens * facts.kv_heads * facts.head_dim * size
-    activations = batch * context_tokens * (2 * facts.hidden + facts.intermediate) * size + batch * facts.vocab * 4
+    kv = 2 * layers * batch * context_tokens * -(-facts.kv_heads // tp) * facts.head_dim * size
+    activations = (batch * context_tokens * (2 * facts.hidden + -(-facts.intermediate // tp)) * size
+                   + batch * facts.vocab * 4)
     overhead = GPU_OVERHEAD_BYTES if gpu else CPU_OVERHEAD_BYTES
     return MemoryEstimate(weights, kv, activations, overhead, capacity)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import dataclasses
+import functools
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.profiles import HARDWARE
 from distinfer.spec import Experiment, as_list, layer_lists, resolve_path
 
+NAME_FIELDS = ("experiment", "run_id")  # what names a run without changing its results
 PRECISION_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}
 
 
@@ -59,15 +62,22 @@ class RunSpec:
         return self.pp * self.tp
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict (values shared, not copied: a plan serialises thousands)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
+    @functools.cached_property
+    def _hash(self) -> str:
+        fields = {k: v for k, v in self.to_dict().items() if k not in NAME_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
     def config_hash(self) -> str:
-        """Hash of what determines the results (not the run id or paths of the bundle)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what determines the results: every field but the run's names (`experiment`, `run_id`).
+        The model and prompt paths count: another path may hold another model."""
+        return self._hash
 
 
 def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int, batch: int, precision: str,
@@ -168,3 +178,18 @@ def deepspeed_config(run: RunSpec) -> dict:
     Kernel injection stays off: it does not run on CPU, and AutoTP needs no model-specific kernels.
     """
     return {"tensor_parallel": {"tp_size": run.tp}, "dtype": run.dtype, "replace_with_kernel_inject": False}
+
+
+def resolve_builtin_models(runs: list[RunSpec]) -> list[RunSpec]:
+    """Build (or reuse from the cache) the built-in models the runs name, and point the runs at them."""
+    from distinfer.models.tiny import build_tiny_model
+
+    built: dict[str, str] = {}
+    resolved = []
+    for run in runs:
+        if run.builtin:
+            if run.builtin not in built:
+                built[run.builtin] = str(build_tiny_model(run.builtin))
+            run = dataclasses.replace(run, model_path=built[run.builtin])
+        resolved.append(run)
+    return resolved

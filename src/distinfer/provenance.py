@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import socket
 import subprocess
@@ -12,7 +13,7 @@ PACKAGES = ("distinfer", "torch", "transformers", "tokenizers", "safetensors", "
 # Only these variables reach a bundle: secrets (tokens, passwords, keys) never do.
 ENV_ALLOWED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LOCAL_SIZE", "DS_ACCELERATOR",
                "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
-               "OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "DISTINFER_ASLR")
+               "OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 ENV_ALLOWED_PREFIXES = ("SLURM_JOB_", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_NODELIST", "SLURM_CPUS", "NCCL_")
 ENV_DENIED_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
 
@@ -26,7 +27,9 @@ def allowed_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+@functools.cache
 def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that shape results; read once per process (a plan writes thousands of runs)."""
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
@@ -36,8 +39,10 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+@functools.cache
 def git_commit(path: Path | None = None) -> str | None:
-    """The commit of the distinfer checkout (with '+dirty' for local changes), or None outside git."""
+    """The commit of the distinfer checkout (with '+dirty' for local changes), or None outside git; asked of
+    git once per process."""
     where = path or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
@@ -50,6 +55,7 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def provenance(environ: Mapping[str, str]) -> dict:
+    """Commit, package versions, host and the allow-listed environment of this process."""
     return {
         "git_commit": git_commit(),
         "packages": package_versions(),

@@ -13,13 +13,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from distinfer.layout import LayoutError, place
 from distinfer.memory import GPU_ALLOCATOR
 from distinfer.plan import RunSpec
 from distinfer.profiles import HARDWARE
 from distinfer.spec import ClusterSpec, ContainerSpec
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
-SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+@%-]+$")
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch.tmpl"
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+@-]+$")  # no %: Slurm expands %j, %u, ... in --output
 
 
 class RenderError(ValueError):
@@ -37,13 +38,13 @@ class JobShape:
 
 
 def job_shape(run: RunSpec, cluster: ClusterSpec) -> JobShape:
-    """Nodes and ranks per node of a run: GPUs per node on GPU profiles, one rank per node on CPU."""
-    per_node = cluster.gpus_per_node if HARDWARE[cluster.profile].gpu else 1
-    per_node = max(1, min(per_node, run.world_size))
-    nodes, rest = divmod(run.world_size, per_node)
-    if rest:
-        raise RenderError(f"{run.world_size} ranks do not fill nodes of {per_node}; make pp a multiple of {per_node}")
-    return JobShape(nodes, per_node)
+    """Nodes and ranks per node of a run, from its layout on the cluster (layout.py)."""
+    try:
+        layout = place(run.pp, run.tp, gpu=HARDWARE[cluster.profile].gpu, gpus_per_node=cluster.gpus_per_node,
+                       nodes=cluster.nodes, single_device=run.engine == "reference")
+    except LayoutError as exc:
+        raise RenderError(f"{run.run_id}: {exc}") from None
+    return JobShape(layout.nodes_needed, layout.ranks_per_node)
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -71,7 +72,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
     """The job script of one run (a pure function of its arguments)."""
     run_dir = run_dir.resolve() if not run_dir.is_absolute() else run_dir
     if not SAFE_PATH.match(str(run_dir)):
-        raise RenderError(f"outputs path {str(run_dir)!r} cannot go in #SBATCH lines; use letters, digits and ._-/ only")
+        raise RenderError(f"outputs path {str(run_dir)!r} cannot go in #SBATCH lines; use letters, digits and . _ - / + @ only")
     shape = job_shape(run, cluster)
     profile = HARDWARE[cluster.profile]
     options = [

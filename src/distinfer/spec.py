@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distinfer.layout import Layout, LayoutError, place
 from distinfer.models.profiles import config_layer_count, max_positions, read_json_file, read_model_config
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
@@ -286,6 +287,47 @@ def _format_error(path: Path, error: dict) -> str:
     return f"{path}: field '{field}': {error['msg']} (got {error.get('input')!r}){allowed}"
 
 
+MAX_YAML_VALUES = 100_000  # values an experiment file may expand to through aliases (a real one has hundreds)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise SpecError(f"field {key!r} is given twice (lines {seen[key] + 1} and "
+                                    f"{key_node.start_mark.line + 1}); give each field once")
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(data: object, limit: int) -> int:
+    """How many values `data` holds once every alias is expanded, counting shared objects once per use (stops
+    counting past `limit`); memoised by identity, so a billion-value alias bomb is measured in microseconds."""
+    sizes: dict[int, int] = {}
+
+    def size(value: object) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        key = id(value)
+        if key not in sizes:
+            sizes[key] = limit + 1  # a cycle counts as too large
+            items = list(value.values()) if isinstance(value, dict) else value
+            total = 1
+            for item in items:
+                total += size(item)
+                if total > limit:
+                    break
+            sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    return size(data)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -294,7 +336,9 @@ def _read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -306,6 +350,9 @@ def _read_yaml(path: Path) -> dict:
         raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of fields (name, model, prompts, ...), got {type(data).__name__}")
+    if _expanded_size(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise SpecError(f"{path}: the file expands to more than {MAX_YAML_VALUES:,} values through YAML aliases "
+                        "(&anchor / *alias); write the values out or use fewer aliases")
     return data
 
 
@@ -356,6 +403,25 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
                 )
 
 
+def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
+    """Every (engine, layout) the matrix runs, once each, placed on the experiment's cluster; LayoutError for
+    the first that cannot be placed. Single-device reference runs take one node whatever `cluster.nodes` says."""
+    profile = HARDWARE[exp.cluster.profile]
+    explicit = layer_lists(exp.parallel)
+    stage_counts = sorted({len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp)))
+    shapes: dict[tuple[str, int, int], None] = {}
+    for engine in as_list(exp.parallel.engine):
+        if engine == "pipeline":
+            shapes.update(dict.fromkeys(("pipeline", pp, 1) for pp in stage_counts))
+        elif engine == "deepspeed":
+            shapes.update(dict.fromkeys(("deepspeed", 1, tp) for tp in as_list(exp.parallel.tp)))
+        else:
+            shapes[(engine, 1, 1)] = None
+    return [(engine, place(pp, tp, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
+                           nodes=exp.cluster.nodes, single_device=engine == "reference"))
+            for engine, pp, tp in shapes]
+
+
 def _check_cluster(path: Path, exp: Experiment) -> None:
     profile = HARDWARE[exp.cluster.profile]
     for dtype in as_list(exp.model.dtype):
@@ -364,24 +430,12 @@ def _check_cluster(path: Path, exp: Experiment) -> None:
                 f"{path}: field 'model.dtype': {dtype} is not supported on {profile.name} "
                 f"({profile.note or 'see the profile'}); allowed: {', '.join(profile.dtypes)}, int8"
             )
-    per_node = max(1, exp.cluster.gpus_per_node) if profile.gpu else 1
     if profile.gpu and exp.cluster.gpus_per_node == 0:
         raise SpecError(f"{path}: field 'cluster.gpus_per_node': the {profile.name} profile needs at least 1")
-    explicit = layer_lists(exp.parallel)
-    stage_counts = [len(s) for s in explicit] if explicit else as_list(exp.parallel.pp)
-    for ranks in sorted(set(stage_counts + as_list(exp.parallel.tp))):
-        if ranks % per_node and ranks > per_node:
-            raise SpecError(
-                f"{path}: field 'parallel': {ranks} ranks do not fill nodes of {per_node} GPUs; "
-                f"use a multiple of cluster.gpus_per_node ({per_node})"
-            )
-        nodes = max(1, ranks // per_node)
-        if exp.cluster.nodes is not None and exp.cluster.nodes * min(per_node, ranks) != ranks:
-            raise SpecError(
-                f"{path}: field 'cluster.nodes': {exp.cluster.nodes} node(s) x {min(per_node, ranks)} GPU(s) "
-                f"!= {ranks} ranks (pp x tp); nodes x gpus_per_node must equal pp x tp (here: nodes {nodes}), "
-                f"or leave nodes out"
-            )
+    try:
+        run_layouts(exp)
+    except LayoutError as exc:
+        raise SpecError(f"{path}: field '{exc.field}': {exc}") from None
 
 
 def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
@@ -440,6 +494,9 @@ def _check_context(path: Path, exp: Experiment, config: dict) -> None:
         prompt, field = exp.generation.max_prompt_tokens, "generation.max_prompt_tokens"
     else:
         prompt, field = max(as_list(exp.prompts.context_tokens)), "prompts.context_tokens"
+    if prompt is None and new >= limit:  # a prompt has at least one token
+        raise SpecError(f"{path}: field 'generation.max_new_tokens': {new} new tokens leave no room for a prompt in "
+                        f"the model's {limit} positions; allowed: 1..{limit - 1} (minus the prompt's tokens)")
     if prompt is not None and prompt + new > limit:
         raise SpecError(f"{path}: field '{field}': {prompt} prompt tokens + {new} new tokens exceed the model's "
                         f"{limit} positions; allowed: prompt + max_new_tokens <= {limit}")

@@ -50,40 +50,43 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
     tables = {
         "results": runs,
         "strong_scaling": strong_scaling(runs),
-        "batch_sweep": batch_sweep(runs),
+        "batch_sweep": batch_sweep(runs) if plots.batch_sweep_applies(runs) else pd.DataFrame(),
         "weak_scaling": weak_scaling(runs),
         "precision": precision_tradeoff(loaded),
         "optimization": optimization(runs, changed_column(runs)) if loaded.study == "optimization" else pd.DataFrame(),
         "correctness": correctness(loaded),
         "time_breakdown": time_breakdown(loaded.ranks),
     }
+    # Only the tables that apply to this study's runs are written: no empty files without a header.
+    tables = {name: frame for name, frame in tables.items() if name == "results" or not frame.empty}
     runs.to_parquet(out / "results.parquet", index=False)
     runs.to_csv(out / "results.csv", index=False)
+    for stale in out.glob("*.csv"):  # a table an earlier analysis of this folder wrote that no longer applies
+        if stale.stem not in tables:
+            stale.unlink()
     for name, frame in tables.items():
         if name != "results":
             frame.to_csv(out / f"{name}.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(
         {"experiment": loaded.name, "model": loaded.model, "hardware": loaded.hardware, "problems": loaded.problems,
          "study": loaded.study,
-         **{name: json.loads(frame.to_json(orient="records")) for name, frame in tables.items()}}, indent=2) + "\n")
+         **{name: json.loads(frame.to_json(orient="records")) for name, frame in tables.items()}}) + "\n")
     subject = f"{loaded.model} on {loaded.hardware}"
-    made: list[str] = []
     plot_dir = out / "plots"
-    if not tables["strong_scaling"].empty:
-        plots.strong_scaling_plot(tables["strong_scaling"], subject, plot_dir)
-        made.append("strong_scaling")
-    if not tables["weak_scaling"].empty:
-        plots.weak_scaling_plot(tables["weak_scaling"], subject, plot_dir)
-        made.append("weak_scaling")
-    if not tables["precision"].empty:
-        plots.precision_plot(tables["precision"], subject, plot_dir)
-        made.append("precision")
-    if not runs.empty:
-        plots.batch_sweep_plot(tables["batch_sweep"], subject, plot_dir)
-        plots.latency_plot(runs, subject, plot_dir)
-        made += ["batch_sweep", "latency"]
-    if not tables["time_breakdown"].empty:
-        plots.time_breakdown_plot(tables["time_breakdown"], subject, plot_dir)
-        made.append("time_breakdown")
+    for stale in plot_dir.glob("*"):
+        stale.unlink()
+    drawn = {
+        "strong_scaling": lambda: plots.strong_scaling_plot(tables["strong_scaling"], subject, plot_dir),
+        "weak_scaling": lambda: plots.weak_scaling_plot(tables["weak_scaling"], subject, plot_dir),
+        "precision": lambda: plots.precision_plot(tables["precision"], subject, plot_dir),
+        "batch_sweep": lambda: plots.batch_sweep_plot(tables["batch_sweep"], subject, plot_dir),
+        "latency": lambda: plots.latency_plot(runs, subject, plot_dir),
+        "time_breakdown": lambda: plots.time_breakdown_plot(runs, loaded.ranks, subject, plot_dir),
+    }
+    made: list[str] = []
+    for name, draw in drawn.items():
+        if name in tables or (name == "latency" and not runs.empty):
+            draw()
+            made.append(name)
     write_report(loaded, tables, made, out)
     return AnalysisResult(out, len(runs), loaded.problems, made, loaded.study)

@@ -39,8 +39,16 @@ def _read(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _completions(path: Path) -> list[list[int]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    try:  # one parse for the whole file (a killed run's torn last line makes it fail: then line by line)
+        return [record["output_token_ids"] for record in json.loads("[" + ",".join(lines) + "]")]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
     out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in lines:
         try:
             out.append(json.loads(line)["output_token_ids"])
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -84,6 +92,7 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         row = {k: spec.get(k) for k in ("run_id", "engine", "pp", "tp", "microbatches", "batch_size", "dtype",
                                          "quantization", "num_prompts", "study", "repeats")}
         row["tp"] = row["tp"] or 1
+        row["sampling"] = (spec.get("generation") or {}).get("sampling", "greedy")
         row["precision"] = summary.get("precision")  # RunSpec.precision / .context_tokens, as the run recorded them
         row["context_tokens"] = summary.get("context_tokens")
         row["perplexity"] = summary.get("perplexity")

@@ -1,4 +1,9 @@
-"""Plots a reader understands without the code: labelled axes with units, legends, titled with model and hardware."""
+"""Plots a reader understands without the code: labelled axes with units, legends, titled with model and hardware.
+
+Runs of the same layout (repeats, or a year of sweeps in one folder) are drawn as one point, their median,
+so a plot's size follows the layouts compared, not the bundles; per-layout plots show at most
+MAX_LAYOUTS layouts (the fastest) and say so.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 FORMATS = ("png", "svg")
+LAYOUT = ["engine", "world_size", "microbatches", "batch_size", "precision"]  # what makes runs the same layout
+MAX_LAYOUTS = 24
+MAX_LINES = 10  # lines with a legend entry each; more share one colour per engine
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
@@ -25,10 +33,36 @@ def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def by_layout(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+    """The median of `values` per combination of `keys` (missing keys ignored), with the runs counted."""
+    keys = [k for k in keys if k in table]
+    grouped = table.groupby(keys, dropna=False)
+    out = grouped[[v for v in values if v in table]].median()
+    out["runs"] = grouped.size()
+    return out.reset_index()
+
+
+def _lines(ax: plt.Axes, table: pd.DataFrame, series: list[str], x: str, y: str, label) -> None:  # noqa: ANN001
+    """One line per series (median over repeats at each x); past MAX_LINES one colour per engine, no legend each."""
+    groups = list(by_layout(table, series + [x], [y]).groupby(series, dropna=False))
+    many = len(groups) > MAX_LINES
+    colours: dict[object, str] = {}
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        group = group.sort_values(x)
+        if many:
+            first = key[0] not in colours
+            colour = colours.setdefault(key[0], f"C{len(colours)}")
+            ax.plot(group[x], group[y], marker=".", color=colour, alpha=0.5, linewidth=0.8,
+                    label=f"{key[0]} (one line per layout)" if first else None)
+        else:
+            ax.plot(group[x], group[y], marker="o", label=label(key))
+
+
 def strong_scaling_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, group in table.groupby(["engine", "batch_size", "microbatches"]):
-        ax.plot(group["world_size"], group["speedup"], marker="o", label=f"{key[0]}, batch {key[1]}, mb {key[2]}")
+    _lines(ax, table, ["engine", "batch_size", "microbatches", "precision"], "world_size", "speedup",
+           lambda k: f"{k[0]}, batch {k[1]}, mb {k[2]}, {k[3]}")
     n = sorted(table["world_size"].unique())
     ax.plot(n, n, linestyle="--", color="grey", label="ideal (S = n)")
     ax.set_xlabel("ranks (pipeline stages / TP ranks)")
@@ -39,15 +73,24 @@ def strong_scaling_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Pa
     return _save(fig, out, "strong_scaling")
 
 
+def batch_sweep_applies(table: pd.DataFrame) -> bool:
+    """A batch sweep plot needs a layout measured at two batch sizes or more."""
+    if table.empty:
+        return False
+    keys = [k for k in ("engine", "world_size", "microbatches", "precision") if k in table]
+    return bool((table.groupby(keys, dropna=False)["batch_size"].nunique() >= 2).any())
+
+
 def batch_sweep_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for key, group in table.groupby(["engine", "world_size", "microbatches"]):
-        label = f"{key[0]}, {key[1]} rank(s), mb {key[2]}"
-        group = group.sort_values("batch_size")
-        axes[0].plot(group["batch_size"], group["output_tokens_per_s"], marker="o", label=label)
-        axes[1].plot(group["batch_size"], group["tpot_p50_s"] * 1000, marker="o", label=label)
-        axes[2].plot(group["batch_size"], group["peak_memory_bytes"] / 2**20, marker="o", label=label)
-    for ax, ylabel in zip(axes, ("output throughput (tokens/s)", "TPOT p50 (ms)", "peak memory per rank (MiB)")):
+    keys = ["engine", "world_size", "microbatches", "precision"]
+    swept = table.groupby(keys, dropna=False)["batch_size"].transform("nunique") >= 2
+    table = table[swept]
+    for ax, column, scale, ylabel in ((axes[0], "output_tokens_per_s", 1, "output throughput (tokens/s)"),
+                                      (axes[1], "tpot_p50_s", 1000, "TPOT p50 (ms)"),
+                                      (axes[2], "peak_memory_bytes", 2**-20, "peak memory per rank (MiB)")):
+        scaled = table.assign(value=table[column] * scale)
+        _lines(ax, scaled, keys, "batch_size", "value", lambda k: f"{k[0]}, {k[1]} rank(s), mb {k[2]}, {k[3]}")
         ax.set_xticks(sorted(table["batch_size"].unique()))
         ax.set_xlabel("batch size (prompts)")
         ax.set_ylabel(ylabel)
@@ -56,41 +99,65 @@ def batch_sweep_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]
     return _save(fig, out, "batch_sweep")
 
 
-def time_breakdown_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
-    labels = [f"{r.run_id}\nrank {r.rank}" for r in table.itertuples()]
+def _layout_label(row: pd.Series) -> str:
+    label = f"{row['engine']} n={row['world_size']} b={row['batch_size']}"
+    if row.get("microbatches", 1) not in (1, None) and not pd.isna(row.get("microbatches")):
+        label += f" mb={int(row['microbatches'])}"
+    return f"{label} {row['precision']}"
+
+
+def _top_layouts(runs: pd.DataFrame, values: list[str]) -> tuple[pd.DataFrame, str]:
+    """Per layout medians, the MAX_LAYOUTS fastest, and a note when some were left out."""
+    layouts = by_layout(runs, LAYOUT, ["output_tokens_per_s", *values])
+    note = ""
+    if len(layouts) > MAX_LAYOUTS:
+        note = f" ({MAX_LAYOUTS} fastest of {len(layouts)} layouts)"
+        layouts = layouts.nlargest(MAX_LAYOUTS, "output_tokens_per_s")
+    return layouts.sort_values(LAYOUT[:3] + ["batch_size"]).reset_index(drop=True), note
+
+
+def time_breakdown_plot(runs: pd.DataFrame, ranks: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    """Per layout and rank, the median seconds of compute, communication and waiting."""
+    keyed = ranks.merge(runs[["run_id", *[k for k in LAYOUT if k in runs], "output_tokens_per_s"]], on="run_id")
+    layouts, note = _top_layouts(runs, [])
+    keyed = keyed.merge(layouts[LAYOUT], on=LAYOUT)
+    table = by_layout(keyed, LAYOUT + ["rank"], ["compute_s", "comm_s", "wait_s"])
+    labels = [f"{_layout_label(r)}\nrank {int(r['rank'])}" for _, r in table.iterrows()]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4.5))
     bottom = pd.Series(0.0, index=table.index)
     for col, name in (("compute_s", "compute"), ("comm_s", "communication (send)"), ("wait_s", "waiting (receive)")):
         ax.bar(labels, table[col], bottom=bottom, label=name)
         bottom = bottom + table[col]
     ax.set_ylabel("time per rank over the measured batches (s)")
-    ax.set_xlabel("run and rank")
-    ax.set_title(f"Where each rank's time goes: {subject}")
+    ax.set_xlabel("layout and rank (median over its runs)")
+    ax.set_title(f"Where each rank's time goes: {subject}{note}")
     ax.tick_params(axis="x", labelsize=6, rotation=90)
     ax.legend(fontsize=8)
     return _save(fig, out, "time_breakdown")
 
 
 def latency_plot(runs: pd.DataFrame, subject: str, out: Path) -> list[Path]:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    x = range(len(runs))
+    stats = [f"{m}_{s}_s" for m in ("ttft", "tpot") for s in ("p50", "p90", "p99")]
+    layouts, note = _top_layouts(runs, stats)
+    fig, axes = plt.subplots(1, 2, figsize=(max(12, 0.5 * len(layouts)), 4.5))
+    x = range(len(layouts))
     for ax, metric, title in ((axes[0], "ttft", "time to first token"), (axes[1], "tpot", "time per output token")):
         for offset, stat in zip((-0.25, 0.0, 0.25), ("p50", "p90", "p99")):
-            ax.bar([i + offset for i in x], runs[f"{metric}_{stat}_s"] * 1000, width=0.25, label=stat)
+            ax.bar([i + offset for i in x], layouts[f"{metric}_{stat}_s"] * 1000, width=0.25, label=stat)
         ax.set_xticks(list(x))
-        ax.set_xticklabels(runs["run_id"], rotation=90, fontsize=6)
+        ax.set_xticklabels([_layout_label(r) for _, r in layouts.iterrows()], rotation=90, fontsize=6)
         ax.set_ylabel(f"{metric.upper()} (ms)")
-        ax.set_xlabel("run")
+        ax.set_xlabel("layout (median over its runs)")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Latency distribution: {subject}")
+    fig.suptitle(f"Latency distribution: {subject}{note}")
     return _save(fig, out, "latency")
 
 
 def weak_scaling_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, group in table.groupby(["engine", "batch_size", "microbatches"]):
-        ax.plot(group["world_size"], group["efficiency"], marker="o", label=f"{key[0]}, batch {key[1]}, mb {key[2]}")
+    _lines(ax, table, ["engine", "batch_size", "microbatches", "precision"], "world_size", "efficiency",
+           lambda k: f"{k[0]}, batch {k[1]}, mb {k[2]}, {k[3]}")
     n = sorted(table["world_size"].unique())
     ax.axhline(1.0, linestyle="--", color="grey", label="ideal (E = 1: equal time for n x the work)")
     ax.set_xlabel("ranks n (prompts grow with n)")
@@ -103,16 +170,27 @@ def weak_scaling_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path
 
 
 def precision_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
-    """Throughput against agreement with the baseline precision: the quantization trade-off at a glance."""
+    """Throughput against agreement with the baseline precision: the quantization trade-off at a glance. One
+    marker per precision, one colour per engine and rank count; the x axis spans the agreement measured."""
+    points = by_layout(table, ["precision", "engine", "world_size", "batch_size"],
+                       ["token_agreement", "output_tokens_per_s"]).dropna(subset=["token_agreement"])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for precision, group in table.groupby("precision"):
-        ax.scatter(group["token_agreement"] * 100, group["output_tokens_per_s"], s=40, label=str(precision))
-        for row in group.itertuples():
-            ax.annotate(f"{row.engine} n={row.world_size} b={row.batch_size}", (row.token_agreement * 100,
-                        row.output_tokens_per_s), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    markers = dict(zip(sorted(points["precision"].unique()), "osD^vP*X"))
+    colours: dict[tuple, str] = {}
+    for _, row in points.iterrows():
+        layout = (row["engine"], row["world_size"])
+        colour = colours.setdefault(layout, f"C{len(colours)}")
+        ax.scatter(row["token_agreement"] * 100, row["output_tokens_per_s"], s=50, marker=markers[row["precision"]],
+                   color=colour, edgecolors="black", linewidths=0.4)
+    for precision, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="grey", label=str(precision))
+    for (engine, world), colour in colours.items():
+        ax.scatter([], [], marker="s", color=colour, label=f"{engine}, {world} rank(s)")
+    low = float(points["token_agreement"].min() * 100) if not points.empty else 0.0
+    span = max(2.0, 100 - low)
+    ax.set_xlim(max(0.0, low - 0.1 * span), 100 + 0.1 * span)
     ax.set_xlabel("token agreement with the baseline precision's reference (%)")
     ax.set_ylabel("output throughput (tokens/s)")
-    ax.set_xlim(0, 105)
     ax.set_title(f"Precision and quantization: {subject}")
-    ax.legend(title="precision", fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     return _save(fig, out, "precision")

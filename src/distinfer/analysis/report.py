@@ -11,9 +11,12 @@ from distinfer.analysis.bundles import LoadedExperiment
 
 
 def _fmt(value: object) -> str:
+    """A cell: empty where there is no value (never `None` or `nan`), floats to four digits."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "" if value is None else str(value)
+    return str(value)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -26,7 +29,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _html_table(frame: pd.DataFrame) -> str:
-    return "<p><em>none</em></p>" if frame.empty else frame.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+    if frame.empty:
+        return "<p><em>none</em></p>"
+    return frame.map(_fmt).to_html(index=False, escape=True)
 
 
 def _provenance(loaded: LoadedExperiment) -> pd.DataFrame:
@@ -41,6 +46,15 @@ def _provenance(loaded: LoadedExperiment) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+MAX_ROWS = 100  # rows a report table shows; the CSV beside it has them all
+
+
+def _shown(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    if len(frame) <= MAX_ROWS:
+        return frame, ""
+    return frame.head(MAX_ROWS), f"first {MAX_ROWS} of {len(frame)} rows; every row is in the CSV file"
+
+
 def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plots: list[str], out: Path) -> None:
     """Both reports from the same sections; plots are referenced by their relative SVG/PNG paths."""
     states = pd.DataFrame(
@@ -50,6 +64,7 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
     key = ["run_id", "engine", "world_size", "batch_size", "microbatches", "precision", "context_tokens", "output_tokens",
            "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s", "e2e_p90_s", "peak_memory_bytes"]
     results = tables["results"]
+    empty = pd.DataFrame()
     studies = [("Strong scaling", "strong_scaling", "strong-scaling"), ("Weak scaling", "weak_scaling", "weak-scaling"),
                ("Batch sweep", "batch_sweep", "batch-sweep"),
                ("Precision and quantization (against the baseline precision)", "precision", "precision-sweep"),
@@ -59,9 +74,10 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
     sections = [
         ("Runs and their states", states),
         ("Results (all columns: results.csv)", results[[c for c in key if c in results]]),
-        *((heading, tables[name]) for heading, name, study in studies if study == loaded.study or not tables[name].empty),
-        ("Correctness against the reference", tables["correctness"]),
-        ("Time per rank: compute, communication, waiting", tables["time_breakdown"]),
+        *((heading, tables.get(name, empty)) for heading, name, study in studies
+          if study == loaded.study or name in tables),
+        ("Correctness against the reference", tables.get("correctness", empty)),
+        ("Time per rank: compute, communication, waiting", tables.get("time_breakdown", empty)),
         ("Provenance", _provenance(loaded)),
     ]
     title = f"distinfer report: {loaded.name}, {loaded.study} ({loaded.model} on {loaded.hardware})"
@@ -70,7 +86,8 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         md.append("**Problems:** " + "; ".join(f"`{p['run_id']}`: {p['problem']}" for p in loaded.problems) + "\n")
     md += [f"![{name}](plots/{name}.svg)\n" for name in plots]
     for heading, frame in sections:
-        md += [f"## {heading}\n", markdown_table(frame)]
+        frame, note = _shown(frame)
+        md += [f"## {heading}\n", *([f"_{note}_\n"] if note else []), markdown_table(frame)]
     (out / "report.md").write_text("\n".join(md))
     body = [f"<h1>{html.escape(title)}</h1>"]
     if loaded.problems:
@@ -79,7 +96,9 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
             + "</ul>")
     body += [f'<figure><img src="plots/{name}.svg" alt="{name}"></figure>' for name in plots]
     for heading, frame in sections:
-        body += [f"<h2>{html.escape(heading)}</h2>", _html_table(frame)]
+        frame, note = _shown(frame)
+        body += [f"<h2>{html.escape(heading)}</h2>", *([f"<p><em>{note}</em></p>"] if note else []),
+                 _html_table(frame)]
     (out / "report.html").write_text(_html_page(title, body))
 
 

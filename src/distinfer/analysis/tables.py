@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pandas as pd
 
 from distinfer.analysis.bundles import LoadedExperiment
@@ -12,12 +10,16 @@ from distinfer.analysis.bundles import LoadedExperiment
 SCALING_KEYS = ["engine", "batch_size", "precision", "microbatches"]
 
 
-def _scaling_groups(runs: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, pd.Series]]:
-    """Groups of non-reference runs that differ only in their rank count, each with its one-rank run."""
-    for _, group in runs[runs["engine"] != "reference"].groupby(SCALING_KEYS):
-        base = group[group["world_size"] == 1]
-        if not base.empty and len(group) >= 2:
-            yield group.sort_values("world_size"), base.iloc[0]
+def _with_baseline(runs: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Non-reference runs of groups (SCALING_KEYS) with two runs or more and a one-rank run, each with that
+    group's one-rank `value` as `base`; sorted by group and rank count."""
+    subject = runs[runs["engine"] != "reference"]
+    if subject.empty:
+        return subject.assign(base=pd.Series(dtype=float))
+    sizes = subject.groupby(SCALING_KEYS, dropna=False)["run_id"].transform("size")
+    base = (subject[subject["world_size"] == 1].drop_duplicates(SCALING_KEYS)[SCALING_KEYS + [value]]
+            .rename(columns={value: "base"}))
+    return subject[sizes >= 2].merge(base, on=SCALING_KEYS).sort_values(SCALING_KEYS + ["world_size"], kind="stable")
 
 
 def strong_scaling(runs: pd.DataFrame) -> pd.DataFrame:
@@ -29,15 +31,13 @@ def strong_scaling(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame()
     fixed = runs[runs["num_prompts"].isna()] if "num_prompts" in runs else runs
-    out = []
-    for group, base in _scaling_groups(fixed):
-        t1 = float(base["output_tokens_per_s"])
-        for _, row in group.iterrows():
-            speedup = float(row["output_tokens_per_s"]) / t1
-            out.append({**{k: row[k] for k in SCALING_KEYS}, "world_size": row["world_size"], "run_id": row["run_id"],
-                        "output_tokens_per_s": row["output_tokens_per_s"], "speedup": speedup,
-                        "efficiency": speedup / row["world_size"]})
-    return pd.DataFrame(out)
+    table = _with_baseline(fixed, "output_tokens_per_s")
+    if table.empty:
+        return pd.DataFrame()
+    speedup = table["output_tokens_per_s"] / table["base"]
+    return pd.DataFrame({**{k: table[k] for k in SCALING_KEYS}, "world_size": table["world_size"],
+                         "run_id": table["run_id"], "output_tokens_per_s": table["output_tokens_per_s"],
+                         "speedup": speedup, "efficiency": speedup / table["world_size"]}).reset_index(drop=True)
 
 
 def weak_scaling_efficiency(t1: float, tn: float) -> float:
@@ -50,16 +50,14 @@ def weak_scaling(runs: pd.DataFrame) -> pd.DataFrame:
     efficiency T(1)/T(n); compared within one engine, batch size, precision and micro-batch count."""
     if runs.empty or "num_prompts" not in runs or runs["num_prompts"].isna().all():
         return pd.DataFrame()
-    out = []
-    for group, base in _scaling_groups(runs[runs["num_prompts"].notna()]):
-        t1 = float(base["wall_s"]) / float(base["repeats"])
-        for _, row in group.iterrows():
-            tn = float(row["wall_s"]) / float(row["repeats"])
-            out.append({**{k: row[k] for k in SCALING_KEYS}, "world_size": row["world_size"], "run_id": row["run_id"],
-                        "prompts": int(row["num_prompts"]), "pass_s": tn,
-                        "output_tokens_per_s": row["output_tokens_per_s"],
-                        "efficiency": weak_scaling_efficiency(t1, tn)})
-    return pd.DataFrame(out)
+    grown = runs[runs["num_prompts"].notna()]
+    table = _with_baseline(grown.assign(pass_s=grown["wall_s"] / grown["repeats"]), "pass_s")
+    if table.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({**{k: table[k] for k in SCALING_KEYS}, "world_size": table["world_size"],
+                         "run_id": table["run_id"], "prompts": table["num_prompts"].astype(int),
+                         "pass_s": table["pass_s"], "output_tokens_per_s": table["output_tokens_per_s"],
+                         "efficiency": weak_scaling_efficiency(table["base"], table["pass_s"])}).reset_index(drop=True)
 
 
 def batch_sweep(runs: pd.DataFrame) -> pd.DataFrame:
@@ -88,35 +86,48 @@ def token_agreement(a: list[int], b: list[int]) -> float:
 def compare_completions(tokens: list[list[int]], ref_tokens: list[list[int]]) -> dict:
     """Exact-match rate, mean token agreement and the earliest first divergence over prompt pairs."""
     pairs = list(zip(tokens, ref_tokens))
-    divergences = [d for d in (first_divergence(a, b) for a, b in pairs) if d is not None]
+    different = [(a, b) for a, b in pairs if a != b]  # equal lists compare in C; most runs are all equal
+    divergences = [d for d in (first_divergence(a, b) for a, b in different) if d is not None]
+    agreement = len(pairs) - len(different) + sum(token_agreement(a, b) for a, b in different)
     return {"prompts": len(pairs),
             "exact_match_rate": (len(pairs) - len(divergences)) / len(pairs) if pairs else None,
-            "token_agreement": sum(token_agreement(a, b) for a, b in pairs) / len(pairs) if pairs else None,
+            "token_agreement": agreement / len(pairs) if pairs else None,
             "first_divergence_min": min(divergences) if divergences else None}
 
 
-def _same(frame: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.Series:
-    mask = pd.Series(True, index=frame.index)
-    for key in keys:
-        mask &= frame[key].isna() if pd.isna(row[key]) else frame[key] == row[key]
-    return mask
+def _reference_per_key(refs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One reference run per combination of `keys`: the one over the most prompts (a weak-scaling study's
+    reference covers every run's prompts)."""
+    ordered = refs.sort_values("num_prompts", na_position="first") if "num_prompts" in refs else refs
+    return ordered.drop_duplicates(keys, keep="last")
+
+
+def _match_reference(runs: pd.DataFrame, refs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each run with the run_id (and columns) of its reference of the same `keys` (NaN matches NaN)."""
+    chosen = _reference_per_key(refs, keys)[keys + ["run_id", "perplexity", "output_tokens_per_s", "engine"]]
+    return runs.merge(chosen.rename(columns={"run_id": "reference", "perplexity": "reference_perplexity",
+                                             "output_tokens_per_s": "reference_tokens_per_s",
+                                             "engine": "reference_engine"}), on=keys, how="inner")
+
+
+SAMPLED_NOTE = "sampled: every engine draws with the same seeded per-prompt generators; equal in fp32"
 
 
 def correctness(loaded: LoadedExperiment) -> pd.DataFrame:
     """Each run against the reference of the same batch size, precision and context: exact-match rate, token
-    agreement, first divergence (fp32 greedy runs must match exactly)."""
+    agreement, first divergence (fp32 greedy runs must match exactly). Sampled runs are compared too (every
+    engine draws with the same seeded generators) and marked in `sampling`."""
     runs = loaded.runs
     if runs.empty:
         return pd.DataFrame()
+    keys = ["batch_size", "precision", "context_tokens"]
+    matched = _match_reference(runs[runs["engine"] != "reference"], runs[runs["engine"] == "reference"], keys)
     out = []
-    refs = runs[runs["engine"] == "reference"]
-    for _, row in runs[runs["engine"] != "reference"].iterrows():
-        ref = refs[_same(refs, row, ["batch_size", "precision", "context_tokens"])]
-        if ref.empty:
-            continue
-        ref_id = ref.sort_values("num_prompts", na_position="first")["run_id"].iloc[-1]
-        out.append({"run_id": row["run_id"], "reference": ref_id, "precision": row["precision"],
-                    **compare_completions(loaded.completions.get(row["run_id"], []), loaded.completions.get(ref_id, []))})
+    for run_id, reference, precision, sampling in zip(matched["run_id"], matched["reference"], matched["precision"],
+                                                      matched.get("sampling", pd.Series("greedy", matched.index))):
+        out.append({"run_id": run_id, "reference": reference, "precision": precision,
+                    "sampling": sampling if isinstance(sampling, str) else "greedy",
+                    **compare_completions(loaded.completions.get(run_id, []), loaded.completions.get(reference, []))})
     return pd.DataFrame(out)
 
 
@@ -129,25 +140,25 @@ def precision_tradeoff(loaded: LoadedExperiment, baseline: str | None = None) ->
     present = set(runs["precision"])
     baseline = baseline or next((p for p in ("float32", "float16", "bfloat16") if p in present), None)
     refs = runs[runs["engine"] == "reference"]
+    own = _match_reference(runs, refs, ["batch_size", "precision", "context_tokens"])[["run_id", "reference_perplexity"]]
+    base = _match_reference(runs, refs[refs["precision"] == baseline], ["batch_size", "context_tokens"])
+    base = base.merge(own, on="run_id", how="left", suffixes=("_baseline", ""))
     out = []
-    for _, row in runs.iterrows():
-        base = refs[(refs["precision"] == baseline) & _same(refs, row, ["batch_size", "context_tokens"])]
-        own_ref = refs[_same(refs, row, ["batch_size", "precision", "context_tokens"])]
-        if base.empty:
-            continue
-        base_row = base.iloc[0]
-        ppl = own_ref["perplexity"].iloc[0] if not own_ref.empty else None
+    for row in base.to_dict("records"):
+        ppl, base_ppl = row["reference_perplexity"], row["reference_perplexity_baseline"]
+        ppl = None if pd.isna(ppl) else ppl
+        base_ppl = None if pd.isna(base_ppl) else base_ppl
+        agreement = compare_completions(loaded.completions.get(row["run_id"], []),
+                                        loaded.completions.get(row["reference"], []))
         out.append({"run_id": row["run_id"], "engine": row["engine"], "world_size": row["world_size"],
-                    "batch_size": row["batch_size"], "precision": row["precision"], "baseline": base_row["run_id"],
+                    "batch_size": row["batch_size"], "precision": row["precision"], "baseline": row["reference"],
                     "output_tokens_per_s": row["output_tokens_per_s"],
-                    "speedup_vs_baseline": row["output_tokens_per_s"] / base_row["output_tokens_per_s"]
-                    if base_row["engine"] == row["engine"] else None,
+                    "speedup_vs_baseline": row["output_tokens_per_s"] / row["reference_tokens_per_s"]
+                    if row["reference_engine"] == row["engine"] else None,
                     "peak_memory_bytes": row["peak_memory_bytes"],
-                    **{k: v for k, v in compare_completions(loaded.completions.get(row["run_id"], []),
-                                                            loaded.completions.get(base_row["run_id"], [])).items()
-                       if k in ("token_agreement", "exact_match_rate")},
-                    "perplexity": ppl, "baseline_perplexity": base_row["perplexity"],
-                    "perplexity_change": (ppl / base_row["perplexity"] - 1) if ppl and base_row["perplexity"] else None})
+                    "token_agreement": agreement["token_agreement"], "exact_match_rate": agreement["exact_match_rate"],
+                    "perplexity": ppl, "baseline_perplexity": base_ppl,
+                    "perplexity_change": (ppl / base_ppl - 1) if ppl and base_ppl else None})
     return pd.DataFrame(out)
 
 

@@ -17,20 +17,9 @@ from torch import nn
 from distinfer.layout import StageLayout
 from distinfer.models.families import Family, family_of
 from distinfer.models.profiles import profile_for
+from distinfer.quiet import quiet_transformers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def quiet_transformers() -> None:
-    """No progress bars or info lines from transformers in library use (nor from torchao, which transformers
-    imports when it is installed: it warns about CUDA kernels it cannot load on a CPU machine)."""
-    from transformers.utils import logging
-
-    from distinfer.models.quantize import silence_torchao_logs
-
-    silence_torchao_logs()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):  # -> PreTrainedTokenizerBase

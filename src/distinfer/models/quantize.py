@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 from torch import nn
-
-
-def silence_torchao_logs() -> None:
-    """torchao warns about CUDA kernels it cannot load on a CPU machine, and notes deprecations."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quantize_int8_weights(model: nn.Module) -> nn.Module:
@@ -19,7 +12,6 @@ def quantize_int8_weights(model: nn.Module) -> nn.Module:
 
     Activations stay in the model's dtype; on CPU and GPU alike. Embeddings are not quantized.
     """
-    silence_torchao_logs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torchao.quantization import Int8WeightOnlyConfig, quantize_

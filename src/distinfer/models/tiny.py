@@ -130,7 +130,7 @@ def build_tiny_model(name: str, force: bool = False) -> Path:
     import torch
     import transformers
 
-    from distinfer.models.loading import quiet_transformers
+    from distinfer.quiet import quiet_transformers
 
     quiet_transformers()
     spec = TINY_MODELS[name]

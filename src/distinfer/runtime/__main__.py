@@ -3,23 +3,25 @@
 SIGTERM and SIGINT are blocked here, before torch is imported and starts threads, so that every thread
 inherits the mask and the worker's signal thread is the one that receives them.
 
-OpenMP's spin count is set here too, before torch loads OpenMP (runtime/openmp.py).
-
-Ranks of a multi-rank run then execute themselves again without address-space randomization, so that all
-of them lay out code and data alike (runtime/aslr.py).
+On a machine without NVIDIA devices (or with none visible) the rank computes on CPU, and OpenMP's spin
+count for ranks that share a node is set here, before torch loads OpenMP (runtime/cpu/openmp.py). A rank
+that may get a GPU imports nothing of the CPU package.
 """
 
+import glob
+import os
 import signal
 
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
-from distinfer.runtime.openmp import set_rank_spin_count  # noqa: E402
+if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not glob.glob("/dev/nvidia[0-9]*"):
+    from distinfer.runtime.cpu.openmp import set_rank_spin_count
 
-set_rank_spin_count()
+    set_rank_spin_count()
 
-from distinfer.runtime.aslr import reexec_without_aslr  # noqa: E402
+from distinfer.quiet import route_third_party_logs  # noqa: E402
 
-reexec_without_aslr()
+route_third_party_logs()  # DeepSpeed's and torchao's lines go to the rank's log
 
 from distinfer.runtime.worker import main  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Process-group setup for the rank, world and master that runtime/ranks.py reads from torchrun or Slurm.
 
 Backend nccl on CUDA, gloo on CPU, always with a timeout so that a dead peer fails the run instead
-of hanging it. CPU ranks split the node's cores between them and pin their threads (runtime/threads.py).
+of hanging it. CPU ranks split the node's cores between them and pin their threads (runtime/cpu/threads.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from distinfer.runtime.ranks import DistEnv
-from distinfer.runtime.threads import pin_threads, rank_cores
 
 
 def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: bool = True) -> torch.device:
@@ -24,6 +23,8 @@ def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: boo
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
+        from distinfer.runtime.cpu.threads import pin_threads, rank_cores
+
         device = torch.device("cpu")
         pin_threads(rank_cores(env.rank, env.local_rank, env.local_world_size, ranks_compute_together))
         backend = "gloo"

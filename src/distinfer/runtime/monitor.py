@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Mapping
 
 import psutil
 
@@ -61,11 +65,68 @@ class UtilizationSampler:
         return out
 
 
+def nvml_target(local_index: int, environ: Mapping[str, str]) -> tuple[str, str | int]:
+    """Which physical GPU a process's CUDA device `local_index` is, as NVML names it: ("uuid", "GPU-...") or
+    ("index", n). NVML ignores CUDA_VISIBLE_DEVICES, so under Slurm's GPU binding (CUDA_VISIBLE_DEVICES=2,3)
+    CUDA's device 0 is NVML's GPU 2; an index of `local_index` would sample another job's GPU."""
+    visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if "CUDA_VISIBLE_DEVICES" not in environ or local_index >= len(visible):
+        return ("index", local_index)
+    entry = visible[local_index]
+    return ("index", int(entry)) if entry.isdigit() else ("uuid", entry)
+
+
 def _nvml_handle(index: int):  # -> pynvml handle | None
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
+        kind, value = nvml_target(index, os.environ)
+        if kind == "uuid":
+            return pynvml.nvmlDeviceGetHandleByUUID(value)
+        return pynvml.nvmlDeviceGetHandleByIndex(value)
     except Exception:  # no NVML library or no GPU: utilization stays CPU-only
         return None
+
+
+def gpu_facts(device_index: int | None) -> dict:
+    """What run.json records of a rank's GPU: model, memory, driver, CUDA and NCCL versions, and the node's
+    topology (`nvidia-smi topo -m`); {} on CPU. Each fact that cannot be read is left out."""
+    if device_index is None:
+        return {}
+    import torch
+
+    facts: dict = {"cuda": torch.version.cuda}
+    try:
+        props = torch.cuda.get_device_properties(device_index)
+        facts.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory),
+                     compute_capability=f"{props.major}.{props.minor}")
+    except Exception:  # noqa: BLE001 - facts are best effort
+        pass
+    try:
+        facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        facts["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+    except Exception:  # noqa: BLE001
+        pass
+    topology = node_topology()
+    if topology:
+        facts["topology"] = topology
+    return facts
+
+
+def node_topology() -> str | None:
+    """`nvidia-smi topo -m`: how the node's GPUs, NICs and CPUs connect (NVLink, PCIe switch, ...), or None."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        proc = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None

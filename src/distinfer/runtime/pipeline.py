@@ -11,7 +11,7 @@ later stages work on k. While a stage waits for its input it builds the next for
 rotary embedding, which need no hidden states. A Llama stage on CPU runs its decode steps through
 `LlamaDecoder` (fewer operations, a preallocated KV cache per micro-batch) when the worker passes one.
 CPU stages on one machine pass each message that fits a slot through a shared-memory ring with a futex
-wake-up (runtime/shm_ring.py; batch-1 two stages / one stage 0.61 against 0.45 over gloo on 16 vCPUs,
+wake-up (runtime/cpu/shm_ring.py; batch-1 two stages / one stage 0.61 against 0.45 over gloo on 16 vCPUs,
 within noise on 2); the rest go straight to the process group (`ProcessGroup.send/recv`): the
 `torch.distributed` wrappers cost ~30 us a call, a few percent of a pipelined decode step on CPU.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,17 @@ from torch import nn
 from transformers import DynamicCache
 
 from distinfer.models.families import Family
-from distinfer.runtime.llama_decode import DecodeInputs, LlamaDecoder, StaticKV
 from distinfer.runtime.sampling import Sampler
-from distinfer.runtime.shm_ring import SharedRing, connect_rings
 
 RING_SLOT_BYTES = 1 << 20  # decode messages up to 1 MiB (e.g. 80 rows of a 3200-wide model) go through a ring
+
+class Decoder(Protocol):
+    """Runs a stage's decode steps instead of the model's own forward (runtime/cpu/llama_decode.py on CPU)."""
+
+    def adopt(self, cache: DynamicCache, rows: int, capacity: int) -> object: ...
+    def prepare(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> object: ...
+    def run(self, hidden: torch.Tensor, inputs: object, kv: object) -> torch.Tensor: ...
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -68,7 +75,7 @@ class _MicroBatch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     cache: DynamicCache | None = field(default_factory=DynamicCache)  # prefill's; None once `kv` holds it
-    kv: StaticKV | None = None  # the LlamaDecoder's cache, from the first decode step on
+    kv: object | None = None  # the decoder's cache (a StaticKV on CPU Llama stages), from the first decode step on
     finished: torch.Tensor | None = None
     any_finished: bool = False  # a row has sampled EOS (its later tokens are padding)
     tokens: list[torch.Tensor] = field(default_factory=list)
@@ -76,7 +83,8 @@ class _MicroBatch:
     step: int = 0  # forwards done on this stage
     generated: int = 0  # tokens sampled so far (every stage counts them to apply the stop rule)
     pending_tokens: torch.Tensor | None = None  # single-stage: sampled, not yet consumed
-    layer_kwargs: dict | DecodeInputs | None = None  # the next forward's mask, rotary embedding, ..., built ahead
+    layer_kwargs: object | None = None  # the next forward's mask, rotary embedding, ..., built ahead
+    decoder_step: bool = False  # layer_kwargs are the decoder's inputs (its `prepare`), not transformers' kwargs
     prepare_s: float = 0.0  # time spent building them (counted as compute)
 
     def extend(self) -> None:
@@ -106,7 +114,7 @@ class PipelineEngine:
         stop: StopRule,
         microbatches: int = 1,
         group: dist.ProcessGroup | None = None,
-        decoder: LlamaDecoder | None = None,
+        decoder: Decoder | None = None,
         shared_memory: bool = True,
         timeout_s: float = 1800.0,
     ) -> None:
@@ -128,14 +136,16 @@ class PipelineEngine:
         self._eos = torch.tensor(stop.eos_token_ids, device=device)
         self._batch_index = 0
         self.messages = {"ring": 0, "backend": 0}  # messages this rank sent or received, by path
-        self._rings_in: dict[int, SharedRing] = {}
-        self._rings_out: dict[int, SharedRing] = {}
+        self._rings_in: dict = {}  # peer -> SharedRing (runtime/cpu/shm_ring.py), CPU stages only
+        self._rings_out: dict = {}
         self._peers = 0  # the ranks this stage receives from or sends to, counted per direction
         if self._group is not None:
             sources = sorted(({rank - 1} if rank > 0 else set()) | ({world_size - 1} if not self.is_last else set()))
             destinations = self._token_peers if self.is_last else [rank + 1]
             self._peers = len(sources) + len(destinations)
             if device.type == "cpu" and shared_memory:
+                from distinfer.runtime.cpu.shm_ring import connect_rings
+
                 self._rings_in, self._rings_out = connect_rings(self._group, rank, sources, destinations,
                                                                 microbatches + 2, RING_SLOT_BYTES, timeout_s)
 
@@ -213,7 +223,9 @@ class PipelineEngine:
                     capacity = mb.input_ids.shape[1] + self.stop.max_new_tokens
                     mb.kv, mb.cache = self.decoder.adopt(mb.cache, mb.rows.numel(), capacity), None
                 mb.layer_kwargs = self.decoder.prepare(mb.attention_mask, mb.position_ids)
+                mb.decoder_step = True
             else:
+                mb.decoder_step = False
                 mb.layer_kwargs = self.family.layer_kwargs(self.model, (mb.rows.numel(), positions), self.dtype,
                                                            mb.attention_mask, mb.position_ids, mb.cache)
         mb.prepare_s = time.perf_counter() - t0
@@ -222,7 +234,7 @@ class PipelineEngine:
         """Embedding (first stage), this stage's layers, and the head + sampling (last stage)."""
         layer_kwargs, mb.layer_kwargs = mb.layer_kwargs, None  # built by `_prepare` before every forward
         hidden = self.family.embed(self.model, inputs, mb.position_ids) if self.is_first else inputs
-        if isinstance(layer_kwargs, DecodeInputs):
+        if mb.decoder_step:
             hidden = self.decoder.run(hidden, layer_kwargs, mb.kv)
         else:
             hidden = self.family.run_layers(self.model, hidden, layer_kwargs)

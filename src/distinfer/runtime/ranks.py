@@ -1,5 +1,6 @@
 """Where this process sits in the job: the one place where torchrun and Slurm variables become rank, world
-and master. Imports no torch, so that a rank's entry point can read it before torch loads (runtime/aslr.py).
+and master. Imports no torch, so that a rank's entry point can read it before torch loads
+(runtime/__main__.py).
 """
 
 from __future__ import annotations

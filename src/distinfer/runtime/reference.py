@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distinfer.runtime.pipeline import Batch, BatchOutput, StopRule, truncate_at_eos
-from distinfer.runtime.sampling import SamplingParams
+from distinfer.runtime.sampling import Sampler
 
 
 class _StepClock:
@@ -22,25 +22,34 @@ class _StepClock:
         return scores
 
 
-class ReferenceEngine:
-    """HF `generate` on one device: the baseline a user would otherwise pick, and the correctness oracle."""
+class _SampledBy:
+    """A logits processor that draws each row's token with distinfer's sampler (per-prompt seeded generators,
+    the same on every engine) and leaves only that token possible, so that greedy `generate` picks it."""
 
-    def __init__(self, model: nn.Module, device: torch.device, sampling: SamplingParams, stop: StopRule) -> None:
-        self.model, self.device, self.sampling, self.stop = model, device, sampling, stop
+    def __init__(self, sampler: Sampler, prompt_indices: list[int]) -> None:
+        self.sampler, self.prompt_indices = sampler, prompt_indices
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        picks = self.sampler(scores, self.prompt_indices)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, picks[:, None], 0.0)
+
+
+class ReferenceEngine:
+    """HF `generate` on one device: the baseline a user would otherwise pick, and the correctness oracle.
+    Sampled runs draw with the same `Sampler` as the pipeline, so a seed gives the same draws on every engine."""
+
+    def __init__(self, model: nn.Module, device: torch.device, sampler: Sampler, stop: StopRule) -> None:
+        self.model, self.device, self.sampler, self.stop = model, device, sampler, stop
         self.steps: list[dict] = []
 
     def generate(self, batch: Batch) -> BatchOutput:
         from transformers import LogitsProcessorList
 
         clock = _StepClock()
-        kwargs: dict = {"do_sample": False}
-        if not self.sampling.greedy:
-            torch.manual_seed(self.sampling.seed + batch.index)  # HF samples from the global generator
-            kwargs = {"do_sample": True, "temperature": self.sampling.temperature,
-                      "top_k": self.sampling.top_k, "top_p": self.sampling.top_p}
+        processors = [clock] if self.sampler.params.greedy else [_SampledBy(self.sampler, batch.prompt_indices), clock]
         start = time.perf_counter()
-        out = hf_generate(self.model, batch, self.stop, self.device,
-                          logits_processor=LogitsProcessorList([clock]), **kwargs)
+        out = hf_generate(self.model, batch, self.stop, self.device, logits_processor=LogitsProcessorList(processors))
         end = time.perf_counter()
         generated = out.tolist()
         times = [t - start for t in clock.times]

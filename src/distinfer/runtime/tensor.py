@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from distinfer.models.loading import load_full_model
-from distinfer.runtime.cpp_ops import build_turn, extensions_dir
+from distinfer.runtime.extensions import build_turn, extensions_dir
 from distinfer.runtime.pipeline import StopRule
 from distinfer.runtime.ranks import DistEnv
 from distinfer.runtime.reference import ReferenceEngine
-from distinfer.runtime.sampling import SamplingParams
+from distinfer.runtime.sampling import Sampler
 
 
 def prepare_deepspeed_env(env: DistEnv, device: torch.device) -> None:
@@ -34,7 +34,7 @@ def build_deepspeed_engine(
     ds_config_file: Path,
     env: DistEnv,
     device: torch.device,
-    sampling: SamplingParams,
+    sampler: Sampler,
     stop: StopRule,
     trust_remote_code: bool = False,
 ) -> ReferenceEngine:
@@ -53,12 +53,12 @@ def build_deepspeed_engine(
     if device.type == "cpu":
         torch.distributed.barrier()  # every rank has mapped every rank's all-reduce segment by now
         unlink_shm_segment(env)
-    return ReferenceEngine(engine.module.to(device), device, sampling, stop)
+    return ReferenceEngine(engine.module.to(device), device, sampler, stop)
 
 
 def build_shm_op_once() -> None:
     """Build (or load) DeepSpeed's CPU all-reduce op before `init_inference` asks for it, one rank at a time
-    (`cpp_ops.build_turn`: a killed build's `lock` file would make every later load wait forever). DeepSpeed
+    (`extensions.build_turn`: a killed build's `lock` file would make every later load wait forever). DeepSpeed
     keeps the loaded op per process, so `init_inference` reuses it."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator

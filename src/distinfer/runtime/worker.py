@@ -25,26 +25,17 @@ import torch
 import torch.distributed as dist
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
-from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, rank_totals
-from distinfer.models.loading import count_parameters, load_full_model, load_stage_model, load_tokenizer
-from distinfer.models.profiles import model_layer_count
+from distinfer.models.loading import load_tokenizer
 from distinfer.plan import RunSpec
 from distinfer.prompts import Prompt, build_prompt_set, load_prompts, take_prompts
 from distinfer.provenance import allowed_env
-from distinfer.runtime.accuracy import perplexity
-from distinfer.runtime.aslr import aslr_disabled
-from distinfer.runtime.cpp_ops import decode_ops
 from distinfer.runtime.dist import init_distributed, shutdown_distributed
-from distinfer.runtime.hugepages import place_in_huge_pages
-from distinfer.runtime.kernels import choose_kernels, use_fast_cpu_linears
-from distinfer.runtime.llama_decode import ONE_CALL_MARGIN, LlamaDecoder, decodes_llama, llama_decoder
-from distinfer.runtime.monitor import UtilizationSampler
-from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule
+from distinfer.runtime.engines import EngineContext, build_engine
+from distinfer.runtime.monitor import UtilizationSampler, gpu_facts
+from distinfer.runtime.pipeline import Batch, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
-from distinfer.runtime.reference import ReferenceEngine
 from distinfer.runtime.sampling import Sampler, SamplingParams
-from distinfer.runtime.threads import machine_turn
 
 log = logging.getLogger("distinfer.worker")
 
@@ -86,14 +77,6 @@ def make_batches(prompts: list[Prompt], tokenizer, batch_size: int, max_prompt_t
     return batches
 
 
-def _maybe_quantized(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
-    if spec.quantization == "int8":
-        from distinfer.models.quantize import quantize_int8_weights
-
-        return quantize_int8_weights(model)
-    return model
-
-
 def run_prompts(spec: RunSpec) -> list[Prompt]:
     """The run's prompts: the JSONL file or the long-context set built from a text file; for weak scaling,
     the first `num_prompts` of them."""
@@ -103,62 +86,6 @@ def run_prompts(spec: RunSpec) -> list[Prompt]:
     else:
         prompts = load_prompts(Path(spec.prompts))
     return take_prompts(prompts, spec.num_prompts) if spec.num_prompts else prompts
-
-
-def build_engine(spec: RunSpec, env: DistEnv, device: torch.device, tokenizer, spec_dir: Path) -> tuple[object, dict]:  # noqa: ANN001,E501
-    """The engine of this rank and facts about its share of the model."""
-    model_dir = Path(spec.model_path)
-    stop = stop_rule(model_dir, tokenizer, spec.generation["max_new_tokens"])
-    sampler = Sampler(sampling_params(spec.generation), device)
-    if spec.engine == "reference":
-        model = _maybe_quantized(load_full_model(model_dir, spec.dtype, device, spec.trust_remote_code), spec)
-        layers = list(range(model_layer_count(model_dir)))
-        info = {"layers": layers, "parameters": count_parameters(model)}
-        if spec.perplexity_text:
-            info.update(perplexity(model, tokenizer, Path(spec.perplexity_text), spec.perplexity_tokens, device))
-        return ReferenceEngine(model, device, sampler.params, stop), info
-    if env.world_size != spec.world_size:
-        raise RuntimeError(f"run needs {spec.world_size} ranks but was started with {env.world_size}")
-    if spec.engine == "deepspeed":
-        from distinfer.runtime.tensor import build_deepspeed_engine
-
-        engine = build_deepspeed_engine(model_dir, Path(spec_dir) / "ds_config.json", env, device,
-                                        sampler.params, stop, spec.trust_remote_code)
-        layers = list(range(model_layer_count(model_dir)))
-        return engine, {"layers": layers, "parameters": count_parameters(engine.model)}
-    layout = split_layers(model_layer_count(model_dir), spec.pp, spec.layers)[env.rank]
-    model, family = load_stage_model(model_dir, layout, spec.dtype, device, spec.trust_remote_code)
-    model = _maybe_quantized(model, spec)
-    info = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
-    decoder = None
-    if device.type == "cpu" and spec.cpu_kernels == "fast":
-        if env.world_size > 1:
-            dist.barrier()  # every stage loaded: no rank's loading disturbs another's kernel timing
-        facts, decoder = speed_up_cpu_stage(model)
-        info.update(facts)
-    info["decode_path"] = decoder.name if decoder else "transformers"
-    if decoder is not None and decoder.one_call_rows:
-        info["one_call_rows"] = [decoder.one_call_rows[0], decoder.one_call_rows[-1]]
-    engine = PipelineEngine(model, family, env.rank, env.world_size, device, sampler, stop, spec.microbatches,
-                            decoder=decoder, shared_memory=os.environ.get("DISTINFER_TRANSPORT") != "gloo",
-                            timeout_s=spec.timeout_s)
-    info["transport"] = engine.transport
-    return engine, info
-
-
-def speed_up_cpu_stage(model: torch.nn.Module, splits: int | None = None) -> tuple[dict, LlamaDecoder | None]:
-    """What a CPU pipeline rank does to its stage with `cpu_kernels: fast`, in this order: linear layers to
-    `CpuLinear` (row-split products in `splits` parts, default the thread count), weights into 2 MiB pages,
-    the one-row and few-row kernels timed and chosen (distinfer's C++ `linear_rows` among them where the C++ ops
-    build; the machine's ranks take turns for the copy and the timing), then the Llama decode path (None for
-    other families). Returns the facts a rank reports and the decoder for `PipelineEngine`."""
-    fast = use_fast_cpu_linears(model, splits)
-    margin = ONE_CALL_MARGIN if decodes_llama(model) else 1.0  # linear_rows lets a Llama step run in one C++ call
-    ops = decode_ops() if fast else None
-    with machine_turn("kernel-timing"):  # the machine's other ranks neither copy weights nor time meanwhile
-        facts = {"fast_linears": fast, "huge_page_bytes": place_in_huge_pages(model),
-                 "kernels": choose_kernels(model, ops, cpp_margin=margin)}
-    return facts, llama_decoder(model)
 
 
 MEMORY_LIMIT_ENV = "DISTINFER_RANK_MEMORY_LIMIT"
@@ -224,7 +151,9 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     """Load, tokenize, warm up, and generate every batch `repeats` times; fills `state` as it goes."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(Path(spec.model_path), spec.trust_remote_code)
-    engine, info = build_engine(spec, env, device, tokenizer, bundle.root)
+    stop = stop_rule(Path(spec.model_path), tokenizer, spec.generation["max_new_tokens"])
+    sampler = Sampler(sampling_params(spec.generation), device)
+    engine, info = build_engine(EngineContext(spec, env, device, tokenizer, bundle.root, stop, sampler))
     state.update(info, load_s=time.perf_counter() - t0)
     log.info("loaded layers %s (%d parameters) in %.2fs", layer_span(info["layers"]),
              info["parameters"], state["load_s"])
@@ -253,8 +182,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     writer = JsonlWriter(bundle.completions) if env.rank == 0 else None
     try:
         for repeat in range(spec.repeats):
-            if hasattr(engine, "sampler"):
-                engine.sampler.reset()  # each repeat reproduces the same sampled completions
+            sampler.reset()  # each repeat reproduces the same sampled completions
             for batch in batches:
                 with _profiled(spec, env, bundle, repeat == 0 and batch.index == 0, device):
                     out = engine.generate(note(batch))
@@ -280,7 +208,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
 
 
 def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) -> dict:
-    kernels = state.get("kernels") or {}  # runtime/kernels.py's choices, CPU pipeline ranks only
+    kernels = state.get("kernels") or {}  # runtime/cpu/kernels.py's choices, CPU pipeline ranks only
     return {
         "rank": env.rank,
         "status": state.get("status", "failed"),
@@ -294,11 +222,10 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "threads": torch.get_num_threads(),
         "one_row_kernel": kernels.get("one_row", {}).get("kernel"),
         "few_rows_kernel": kernels.get("few_rows", {}).get("kernel"),
-        "decode_path": state.get("decode_path"),  # pipeline ranks: runtime/llama_decode.py's, or transformers
+        "decode_path": state.get("decode_path"),  # pipeline ranks: runtime/cpu/llama_decode.py's, or transformers
         "one_call_rows": state.get("one_call_rows"),  # [first, last]: step sizes run as one C++ call, or None
-        "transport": state.get("transport"),  # pipeline ranks: gloo / nccl, or shared memory (runtime/shm_ring.py)
-        "address_space_randomized": not aslr_disabled(),  # runtime/aslr.py
-        "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/openmp.py; None: OpenMP's default
+        "transport": state.get("transport"),  # pipeline ranks: gloo / nccl, or shared memory (runtime/cpu/shm_ring.py)
+        "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT"),  # runtime/cpu/openmp.py; None: OpenMP's default
         "utilization": util,
         "error": state.get("error"),
     }
@@ -308,7 +235,8 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
                    ranks: list[dict], device: torch.device, started: float) -> None:
     """Rank 0's last word: runtime facts into run.json, then summary.json (atomically, last)."""
     run_info["runtime"] = {"hostnames": sorted({r["hostname"] for r in ranks}), "env": allowed_env(os.environ),
-                           "threads_per_rank": torch.get_num_threads(), "device": str(device)}
+                           "threads_per_rank": torch.get_num_threads(), "device": str(device),
+                           **gpu_facts(device.index if device.type == "cuda" else None)}
     atomic_write_json(bundle.run_json, run_info)
     summary = {
         "status": status,
@@ -372,7 +300,7 @@ def run(run_dir: Path) -> int:
     run_info = read_json(bundle.run_json)
     spec = RunSpec.from_dict(run_info["run"])
     log.info("start run %s: rank %d of %d on %s", spec.run_id, env.rank, env.world_size, socket.gethostname())
-    log.info("OpenMP spin count: %s", os.environ.get("GOMP_SPINCOUNT", "default"))  # runtime/openmp.py
+    log.info("OpenMP spin count: %s", os.environ.get("GOMP_SPINCOUNT", "default"))  # runtime/cpu/openmp.py
     state: dict = {}
     device = torch.device("cpu")
     started = time.time()

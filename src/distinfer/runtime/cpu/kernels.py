@@ -44,7 +44,7 @@ def fast_cpu_linear_available() -> bool:
 
 class CpuLinear(nn.Module):
     """`y = x W^T + b` with the kernel chosen by the number of rows; `weight` is [out, in] as in nn.Linear.
-    `ops` (runtime/cpp_ops.py's `decode_ops`) provides the "cpp" kernel, `linear_rows`; without it "cpp" runs
+    `ops` (runtime/cpu/cpp_ops.py's `decode_ops`) provides the "cpp" kernel, `linear_rows`; without it "cpp" runs
     oneDNN."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, splits: int, one_row: str = "split",
@@ -115,10 +115,10 @@ def choose_kernels(model: nn.Module, ops: ModuleType | None = None, budget_bytes
     """Time products through `model`'s CpuLinear layers with each one-row kernel (ONE_ROW_KERNELS) at one row
     and each few-row kernel (FEW_ROWS_KERNELS) at FEW_ROWS_TIMED rows, interleaved, a warm-up pass first, the
     best of `passes`; then set the fastest of each on every layer. "cpp" takes part where `ops`
-    (runtime/cpp_ops.py's `decode_ops`) is given. The layers timed hold up to `budget_bytes` of weights, more
+    (runtime/cpu/cpp_ops.py's `decode_ops`) is given. The layers timed hold up to `budget_bytes` of weights, more
     than a CPU's caches, so that the timing reads memory as a decode step does. "cpp" is chosen while it takes
     at most `cpp_margin` times the fastest kernel's time (a Llama stage then runs whole decode steps in one C++
-    call, runtime/llama_decode.py's ONE_CALL_MARGIN). Returns {"one_row": choice,
+    call, runtime/cpu/llama_decode.py's ONE_CALL_MARGIN). Returns {"one_row": choice,
     "few_rows": choice}, each {"kernel": name, "read_bytes_per_s": {name: rate}}, or None without CpuLinear
     layers."""
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]

@@ -2,8 +2,8 @@
 // products (linear_rows) and the four ops between them (decode_ops.cpp) with no Python in between. In Python
 // the same step costs ~7 `nn.Module` calls and ~11 C++ calls per layer, each a few microseconds that the
 // weight stream does not hide. Same ops in the same order as LlamaDecoder._run_cpp with the "cpp" kernels,
-// so the results are bit-equal to it. Loaded with decode_ops.cpp (runtime/cpp_ops.py); runtime/llama_decode.py
-// uses it where runtime/kernels.py chose linear_rows for the step's rows.
+// so the results are bit-equal to it. Loaded with decode_ops.cpp (runtime/cpu/cpp_ops.py); runtime/cpu/llama_decode.py
+// uses it where runtime/cpu/kernels.py chose linear_rows for the step's rows.
 #include <torch/extension.h>
 
 #include <optional>

@@ -18,14 +18,14 @@ is pinned then.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from distinfer.runtime.extensions import exclusive_lock, lock_dir
 
 OPENMP_BINDING_VARS = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 _PARALLEL_GRAIN = 32768  # at::internal::GRAIN_SIZE: elements per thread below which PyTorch stays serial
@@ -71,17 +71,9 @@ def pin_threads(cores: list[int]) -> bool:
 
 @contextmanager
 def machine_turn(name: str) -> Iterator[None]:
-    """Hold this machine's turn for `name`: the ranks on one machine pass through one at a time (an flock on a
-    file in the machine's temporary directory, which the kernel releases if the holder dies). For measurements
-    that another rank's work would disturb: two stages that timed their kernels at the same moment each saw
-    half the memory bandwidth, and one of them chose a kernel that was slower alone (session 14)."""
-    with exclusive_lock(Path(tempfile.gettempdir()) / f"distinfer-{name}-{os.getuid()}.lock"):
-        yield
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an flock on `path` (created if missing); the kernel releases it if this process dies."""
-    with open(path, "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
+    """Hold this machine's turn for `name`: the ranks on one machine pass through one at a time (an flock,
+    which the kernel releases if the holder dies). For measurements that another rank's work would disturb:
+    two stages that timed their kernels at the same moment each saw half the memory bandwidth, and one of
+    them chose a kernel that was slower alone."""
+    with exclusive_lock(lock_dir() / f"{name}.lock"):
         yield

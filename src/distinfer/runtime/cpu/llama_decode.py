@@ -11,9 +11,9 @@ layers' parameters with about a dozen operations per layer:
 - each micro-batch's keys and values live in preallocated buffers (`StaticKV`) written in place; attention
   reads a view of the filled part;
 - RMSNorm is `F.rms_norm` (bit-equal to `LlamaRMSNorm` in fp32), modules' `forward` is called directly;
-- in fp32 with the C++ ops (runtime/cpp_ops.py, `csrc/decode_ops.cpp`), everything between the products
+- in fp32 with the C++ ops (runtime/cpu/cpp_ops.py, `csrc/decode_ops.cpp`), everything between the products
   is four calls per layer: rotary + cache write + attention, residual + norm, silu x up, residual + norm;
-- where every linear layer runs distinfer's `linear_rows` for the step's rows (runtime/kernels.py's choice),
+- where every linear layer runs distinfer's `linear_rows` for the step's rows (runtime/cpu/kernels.py's choice),
   the whole step is one C++ call (`csrc/decode_layers.cpp`: the same ops, no Python between layers).
 
 Prefill (several positions) still runs through `transformers`' layers into a `DynamicCache`, which the
@@ -44,7 +44,7 @@ from torch import nn
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
 # A step in one C++ call (`DecodeLayers`) was 1.08x (batch 1) and 1.065x (batch 8) faster than op by op with the
 # same kernels (bench model, Xeon, session 14), and it needs linear_rows: so a Llama stage takes linear_rows
-# while it is at most this much slower than the fastest kernel timed (runtime/kernels.py `choose_kernels`).
+# while it is at most this much slower than the fastest kernel timed (runtime/cpu/kernels.py `choose_kernels`).
 # Session 15, same machine: one call with linear_rows against op by op with MKL's one-row product (the kernel
 # it lost to) 1.047x at batch 1 (12 rounds, quartiles 1.03-1.08), while the chooser's first timing in a fresh
 # process put linear_rows / MKL read rates anywhere in 0.84-1.04 (24 processes; the same two kernels timed 20
@@ -115,7 +115,7 @@ def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 class LlamaDecoder:
     """One stage's Llama decoder layers for steps of one new position per row. Build it after the model's
     linear layers are final (e.g. after `use_fast_cpu_linears`): it keeps their `forward` methods. With `ops`
-    (runtime/cpp_ops.py `decode_ops`, fp32 on CPU) the work between the products runs in four C++ calls."""
+    (runtime/cpu/cpp_ops.py `decode_ops`, fp32 on CPU) the work between the products runs in four C++ calls."""
 
     def __init__(self, model: nn.Module, ops: ModuleType | None = None) -> None:
         config = model.config
@@ -188,7 +188,7 @@ class LlamaDecoder:
         return hidden
 
     def _run_cpp(self, hidden: torch.Tensor, inputs: DecodeInputs, kv: StaticKV) -> torch.Tensor:
-        """Per layer: the products through the linear layers (runtime/kernels.py), and between them rotary + cache
+        """Per layer: the products through the linear layers (runtime/cpu/kernels.py), and between them rotary + cache
         write + attention, residual + norm, silu * up, residual + the next layer's norm in C++
         (`csrc/decode_ops.cpp`)."""
         ops, rows, at = self.ops, hidden.shape[0], kv.length
@@ -230,10 +230,10 @@ class LlamaDecoder:
 
 
 def _decode_layers(layers: list[nn.Module], ops: ModuleType | None, scaling: float) -> tuple[object | None, range]:
-    """The C++ `DecodeLayers` over `layers` and the row counts it serves: those for which runtime/kernels.py chose
+    """The C++ `DecodeLayers` over `layers` and the row counts it serves: those for which runtime/cpu/kernels.py chose
     `linear_rows` ("cpp") in every linear layer, since it runs every product with that kernel (one row: the
     one-row choice; 2..FEW_ROWS_MAX: the few-row choice). (None, empty) without the C++ ops or such a choice."""
-    from distinfer.runtime.kernels import FEW_ROWS_MAX, CpuLinear
+    from distinfer.runtime.cpu.kernels import FEW_ROWS_MAX, CpuLinear
 
     if ops is None:
         return None, range(0)
@@ -279,7 +279,7 @@ def llama_decoder(model: nn.Module, compiled: bool = True) -> LlamaDecoder | Non
     weight = model.model.layers[0].input_layernorm.weight
     ops = None
     if compiled and weight.dtype == torch.float32 and weight.device.type == "cpu":
-        from distinfer.runtime.cpp_ops import decode_ops
+        from distinfer.runtime.cpu.cpp_ops import decode_ops
 
         ops = decode_ops()
     return LlamaDecoder(model, ops)

@@ -1,7 +1,7 @@
 // distinfer's C++ ops for a Llama decode step on CPU (fp32): everything between the linear products of a
-// decoder layer in four calls instead of ~25 PyTorch operations. Loaded by runtime/cpp_ops.py, used by
-// runtime/llama_decode.py. Each op checks its inputs. The module also binds the few-row linear product of
-// csrc/linear_rows.cpp, which runtime/kernels.py's CpuLinear uses where it is the fastest kernel.
+// decoder layer in four calls instead of ~25 PyTorch operations. Loaded by runtime/cpu/cpp_ops.py, used by
+// runtime/cpu/llama_decode.py. Each op checks its inputs. The module also binds the few-row linear product of
+// csrc/linear_rows.cpp, which runtime/cpu/kernels.py's CpuLinear uses where it is the fastest kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

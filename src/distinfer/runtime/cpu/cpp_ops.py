@@ -1,13 +1,6 @@
-"""C++ ops that PyTorch compiles at first use (`torch.utils.cpp_extension`), kept in distinfer's cache.
-
-Two kinds: DeepSpeed's CPU all-reduce (runtime/tensor.py) and distinfer's own decode-step ops
-(`csrc/decode_ops.cpp` and `csrc/decode_layers.cpp`, used by runtime/llama_decode.py, with
-`csrc/linear_rows.cpp`, used by runtime/kernels.py). Both build into `$DISTINFER_CACHE/torch_extensions`
-(or the user's TORCH_EXTENSIONS_DIR) one rank at a time: PyTorch guards each op's build directory with a
-`lock` file that a killed build leaves behind, and every later build or load of that op then waits for it
-forever. The ranks of a node take turns under an flock, which the kernel releases when its holder dies:
-whoever holds it knows that no build is running in distinfer's own directory, so any `lock` file there is
-stale and goes. A directory the user chose may be shared with other programs and is left alone.
+"""distinfer's decode-step ops for CPU Llama stages (`csrc/decode_ops.cpp`, `csrc/decode_layers.cpp`, used by
+llama_decode.py, with `csrc/linear_rows.cpp`, used by kernels.py), compiled by PyTorch at first use into the
+shared op cache, one rank of a node at a time (runtime/extensions.py).
 """
 
 from __future__ import annotations
@@ -16,47 +9,14 @@ import functools
 import logging
 import os
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
-from distinfer.models.tiny import cache_dir
-from distinfer.runtime.threads import exclusive_lock
+from distinfer.runtime.extensions import build_turn
 
 log = logging.getLogger("distinfer.cpp_ops")
 CSRC = Path(__file__).resolve().parent / "csrc"
 DECODE_OPS_SOURCES = (CSRC / "decode_ops.cpp", CSRC / "linear_rows.cpp", CSRC / "decode_layers.cpp")
-
-
-def extensions_dir() -> Path:
-    """Where distinfer keeps the ops it and DeepSpeed compile (unless the user set TORCH_EXTENSIONS_DIR)."""
-    return cache_dir() / "torch_extensions"
-
-
-def extensions_root() -> Path:
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or extensions_dir())
-
-
-@contextmanager
-def build_turn() -> Iterator[Path]:
-    """Hold this node's turn to build or load an op; yields the extensions directory."""
-    root = extensions_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(root / "distinfer-build.lock"):
-        if root == extensions_dir():
-            for path in remove_stale_build_locks(root):
-                log.warning("removed %s, left by an op build that was killed", path)
-        yield root
-
-
-def remove_stale_build_locks(root: Path) -> list[Path]:
-    """Remove the `lock` files that killed op builds left in `root`'s build directories; returns them.
-    Only safe while no build can be running there (see `build_turn`)."""
-    stale = sorted(root.glob("*/lock"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 @functools.cache
