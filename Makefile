@@ -34,12 +34,14 @@ analysis: setup
 	$(BIN)/distinfer analyze outputs/*/
 
 # Debian packages the tests use: shellcheck, g++ (PyTorch compiles distinfer's C++ decode ops and DeepSpeed's
-# CPU all-reduce with it), and Slurm + munge for the real local cluster (scripts/local-slurm.sh installs
-# those itself if missing). Needs root, as the Slurm daemons do.
+# CPU all-reduce with it), chromium (the HTML report is opened in a headless browser), and Slurm + munge for
+# the real local cluster (scripts/local-slurm.sh installs those itself if missing). Needs root, as the Slurm
+# daemons do.
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
 	@command -v shellcheck >/dev/null || { apt-get update -qq && $(APT_INSTALL) shellcheck; }
 	@command -v g++ >/dev/null || { apt-get update -qq && $(APT_INSTALL) g++; }
+	@command -v chromium >/dev/null || { apt-get update -qq && $(APT_INSTALL) chromium; }
 
 test: models system-deps
 	$(BIN)/python -m pytest

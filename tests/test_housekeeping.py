@@ -246,3 +246,31 @@ def test_seeded_sampling_draws_the_same_tokens_on_every_engine(tmp_path: Path) -
 
     reference, pipeline = tokens("reference-b4-fp32"), tokens("pipeline-pp2-b4-mb2-fp32")
     assert len(reference) == 4 and reference == pipeline
+
+
+CHECK_PAGE = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="f" src="report.html" width="1200" height="800"></iframe>
+<script>
+document.getElementById("f").addEventListener("load", () => {
+  const doc = document.getElementById("f").contentDocument;
+  const images = [...doc.images];
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  document.getElementById("result").textContent = JSON.stringify({images: images.length, broken});
+});
+</script></body></html>
+"""
+
+
+def test_the_html_report_loads_every_image_in_a_browser(tmp_path: Path) -> None:
+    """The report opened in headless Chromium (Debian's), as a user opens it: every plot loads, and the page
+    logs no console error."""
+    out = _analyse_synthetic(tmp_path, 120, "strong-scaling")
+    (out / "check.html").write_text(CHECK_PAGE)
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom",
+                           (out / "check.html").as_uri()], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    result = json.loads(proc.stdout.split('<pre id="result">')[1].split("</pre>")[0])
+    assert result["images"] == len(list((out / "plots").glob("*.svg"))) >= 4 and result["broken"] == []
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "report.html" in line], console

@@ -73,6 +73,8 @@ def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Pat
     proc = cli(slurm, tmp_path, "submit", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("submitted") == 4
+    watched = cli(slurm, tmp_path, "status", "slurm-tiny", "--watch", "--interval", "2")  # returns once all ended
+    assert watched.returncode == 0 and "every run has ended" in watched.stdout, watched.stdout + watched.stderr
     wait_for_jobs(slurm, tmp_path, "slurm-tiny")
     rows = status_rows(slurm, tmp_path, "slurm-tiny")
     out = tmp_path / "outputs" / "slurm-tiny"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,22 +87,71 @@ def run(
     from distinfer.launchers.local import run_local
 
     runs = expand(exp, config)
-    with console.status("starting") as status:
-        def started(r) -> None:  # noqa: ANN001
-            status.update(f"running {r.run_id} ({r.world_size} rank(s))")
-
+    with RunProgress(console, len(runs), outputs / exp.name) as progress:
         def done(result) -> None:  # noqa: ANN001
             note = "" if result.succeeded else f": {(result.summary or {}).get('error') or 'see ' + str(result.bundle.root)}"
-            console.print(f"{result.state:>8}  {result.run.run_id}  ({result.seconds:.1f}s){note}", highlight=False)
+            progress.console.print(f"{result.state:>8}  {result.run.run_id}  ({result.seconds:.1f}s){note}",
+                                   highlight=False)
+            progress.finished()
 
         try:
-            results = run_local(runs, outputs, force=force, on_start=started, on_done=done)
+            results = run_local(runs, outputs, force=force, on_start=progress.started, on_done=done)
         except KeyboardInterrupt:  # the ranks got the same Ctrl-C and wrote their state
             errors.print("interrupted: finished runs are kept; run the same command again to continue")
             raise typer.Exit(130) from None
     console.print(results_table(f"{exp.name}: {len(results)} run(s), bundles in {outputs / exp.name}", results))
     if not all(r.succeeded for r in results):
         raise typer.Exit(1)
+
+
+class RunProgress:
+    """A progress bar for `run --local`: runs done of the matrix, and the current run's completions as rank 0
+    writes them (read from its completions.jsonl twice a second)."""
+
+    def __init__(self, out: Console, total: int, folder: Path) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.folder, self.current = folder, None
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=out,
+                                 transient=True, refresh_per_second=2)
+        self.task = self.progress.add_task("runs", total=total, detail="")
+        self.console = self.progress.console
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> RunProgress:
+        self.progress.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.progress.__exit__(None, None, None)
+
+    def started(self, run) -> None:  # noqa: ANN001
+        self.current = run
+        self.progress.update(self.task, detail=f"{run.run_id} ({run.world_size} rank(s)): starting")
+
+    def finished(self) -> None:
+        self.current = None
+        self.progress.update(self.task, advance=1, detail="")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            run = self.current
+            if run is None:
+                continue
+            try:
+                with (self.folder / run.run_id / "completions.jsonl").open("rb") as f:
+                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+            except OSError:
+                continue
+            self.progress.update(self.task, detail=f"{run.run_id} ({run.world_size} rank(s)): {lines} completion(s)")
+
+
+PLAN_ROWS = 60  # runs `plan` lists one per row; the rejected ones are named below the table in any case
 
 
 def _gib(n: int) -> str:
@@ -129,7 +180,7 @@ def plan(
     table = Table(title=f"{exp.name} on {profile.name} ({_gib(profile.memory_bytes)} GiB usable per rank)")
     for column in ("run", "ranks", "weights GiB", "KV GiB", "act GiB", "overhead GiB", "total GiB", "fits"):
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
-    for item in planned:
+    for item in planned[:PLAN_ROWS]:
         worst = max(item.memory, key=lambda m: m.total, default=None)
         if worst is None:
             table.add_row(item.run.run_id, str(item.run.world_size), "?", "?", "?", "?", "?", "[yellow]unknown[/]")
@@ -138,6 +189,8 @@ def plan(
                       _gib(worst.activations), _gib(worst.overhead), _gib(worst.total),
                       "[green]yes[/]" if item.fits else "[red]no[/]")
     console.print(table)
+    if len(planned) > PLAN_ROWS:
+        console.print(f"... and {len(planned) - PLAN_ROWS} more run(s); each run's plan is in its run.json")
     pp_runs = [i for i in planned if i.run.pp > 1 and i.memory]
     if pp_runs:
         console.print("Pipeline runs split the weights: each stage holds only its layers "
@@ -188,20 +241,42 @@ def _experiment_dir(experiment: Path, outputs: Path) -> tuple[Path, str]:
 def status(
     experiment: Path = typer.Argument(..., help="Experiment file, its name, or its outputs folder."),
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh the table until every run has ended."),
+    interval: float = typer.Option(10.0, help="Seconds between refreshes with --watch.", min=0.5),
 ) -> None:
     """Each run's Slurm state (squeue, sacct) beside its bundle state."""
+    from rich.live import Live
+
+    from distinfer.jobs import LIVE_STATES
     from distinfer.jobs import status as run_status
     from distinfer.slurm import SlurmError
 
     root, name = _experiment_dir(experiment, outputs)
-    with _exit_on(SlurmError, 1):
-        rows = run_status(root, name)
-    table = Table(title=f"{name}")
-    for column in ("run", "job", "slurm", "bundle"):
-        table.add_column(column, no_wrap=column == "run")
-    for row in rows:
-        table.add_row(row.run_id, row.job_id or "-", row.slurm_state, row.bundle_state)
-    console.print(table)
+
+    def table() -> tuple[Table, bool]:
+        with _exit_on(SlurmError, 1):
+            rows = run_status(root, name)
+        shown = Table(title=f"{name}" + (f" (every {interval:g} s; Ctrl-C stops watching)" if watch else ""))
+        for column in ("run", "job", "slurm", "bundle"):
+            shown.add_column(column, no_wrap=column == "run")
+        for row in rows:
+            shown.add_row(row.run_id, row.job_id or "-", row.slurm_state, row.bundle_state)
+        ended = all(r.slurm_state not in LIVE_STATES and r.bundle_state != "unfinished" for r in rows)
+        return shown, ended
+
+    shown, ended = table()
+    if not watch:
+        console.print(shown)
+        return
+    try:
+        with Live(shown, console=console, auto_refresh=False) as live:
+            while not ended:
+                time.sleep(interval)
+                shown, ended = table()
+                live.update(shown, refresh=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.print("every run has ended")
 
 
 @app.command()

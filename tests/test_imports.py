@@ -1,0 +1,89 @@
+"""The import graph of src/ and bench/: separate parts, no cycles, and the CPU package fenced off."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def import_graph(root: Path, top_level_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (with `top_level_only`, not those imported inside functions)."""
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text())
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[module] |= {n for n in names if n in modules and n != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_in_the_package_or_the_bench() -> None:
+    assert cycles(import_graph(REPO / "src" / "distinfer")) == []
+    assert cycles(import_graph(REPO / "bench")) == []
+
+
+def test_the_parts_import_only_what_they_stand_on() -> None:
+    graph = import_graph(REPO / "src" / "distinfer")
+    runtime = {m for m in graph if m.startswith("distinfer.runtime")}
+    cpu = {m for m in runtime if m.startswith("distinfer.runtime.cpu")}
+    analysis = {m for m in graph if m.startswith("distinfer.analysis")}
+    planning = {"distinfer.spec", "distinfer.layout", "distinfer.plan", "distinfer.memory", "distinfer.profiles",
+                "distinfer.slurm", "distinfer.jobs", "distinfer.bundle", "distinfer.launchers.base",
+                "distinfer.launchers.slurm"}
+    for module in planning | analysis:
+        assert not graph[module] & runtime, f"{module} imports the runtime"
+    for module in runtime:
+        assert not graph[module] & (analysis | {"distinfer.cli", "distinfer.jobs"}), f"{module} imports {graph[module]}"
+    assert not graph["distinfer.jobs"] & {"distinfer.launchers.local"}, "planning for Slurm needs no local launcher"
+    for module in analysis:
+        assert not graph[module] & (planning - {"distinfer.bundle"}), "the analysis reads bundles only"
+
+
+def test_a_cuda_rank_imports_nothing_of_the_cpu_package() -> None:
+    """Outside runtime/cpu/, the CPU package is imported only inside functions that a CPU rank runs."""
+    top = import_graph(REPO / "src" / "distinfer", top_level_only=True)
+    for module, imported in top.items():
+        if not module.startswith("distinfer.runtime.cpu"):
+            assert not {m for m in imported if m.startswith("distinfer.runtime.cpu")}, module
