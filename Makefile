@@ -51,7 +51,7 @@ test: models system-deps
 bench: models
 	$(BIN)/python -m bench.bench
 
-# The Apptainer image for GPU clusters; apptainer is not installable on the development machine.
+# The Apptainer image for GPU clusters; build it where apptainer is installed.
 container:
 	@command -v apptainer >/dev/null || { echo "apptainer not found: build on a machine that has it (e.g. the cluster's login node)"; exit 1; }
 	apptainer build distinfer.sif containers/distinfer.def

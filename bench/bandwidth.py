@@ -34,7 +34,7 @@ class StockRowRead:
     """Weight bytes per second read by PyTorch's stock one-row product (`F.linear`: MKL on x86) at the current
     thread count, over more matrices of the bench model's MLP shape than the caches hold: what HF generate's
     batch-1 decode runs on. `make bench` measures it with every repeat, so that a repeat in which it falls is
-    seen (session 17: for 15 minutes every MKL path ran at 2/3 of its speed, while distinfer's own kernel did
+    seen (on a shared VM, for 15 minutes once, every MKL path ran at 2/3 of its speed, while distinfer's own kernel did
     not, which inflated one stage / HF). The matrices are allocated once for every `measure`."""
 
     def __init__(self, megabytes: int = 640) -> None:

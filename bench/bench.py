@@ -118,7 +118,7 @@ TWO_STAGES = ("pp2-mb1", "pp2-mb2", "pp2-mb4")
 def run_order(engines: list[str], repeat: int) -> list[str]:
     """The engines in repeat `repeat`'s order: as given in even repeats, reversed in odd ones, so that of two
     neighbours each runs first in half the repeats (with one fixed order two stages always ran right after one
-    stage: 0.94 of it per repeat in session 16, where interleaved runs in rotated order gave 0.966)."""
+    stage: 0.94 of it per repeat, where interleaved runs in rotated order gave 0.966)."""
     return list(engines) if repeat % 2 == 0 else list(reversed(engines))
 
 

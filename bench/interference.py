@@ -15,7 +15,7 @@ ways, round-robin:
 
 It prints the median time of every layer for each way, and the sum over the layers after the pause
 minus the same layers without one: the cost of one handoff to the stage that takes over. On the 2-vCPU
-development machine every way of pausing cost about the same (README, "Where the two-stage step loses").
+2-vCPU Xeon VM every way of pausing cost about the same .
 
     python -m bench.interference [--rounds 4] [--pause-ms 9] [--stream-mb 160] [--model DIR]
 """

@@ -77,7 +77,7 @@ def unlink_shm_segment(env: DistEnv) -> None:
     """Remove the name of this rank's DeepSpeed CPU all-reduce segment; the mappings stay valid.
 
     DeepSpeed's shared-memory all-reduce (`deepspeed_shm_comm`) creates one POSIX shared-memory segment per
-    rank (66 MB) and never removes it: on the development machine a few hundred tensor-parallel runs had left
+    rank (66 MB) and never removes it: a few hundred tensor-parallel runs on one machine left
     20 GB of RAM in /dev/shm. Called once every rank has opened the others' segments (after `init_inference`
     and a barrier)."""
     for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env.master_port}_{env.rank}"):

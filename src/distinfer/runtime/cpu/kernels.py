@@ -13,11 +13,11 @@ MKL's only by summation order (about 1e-6 relative); the token-exact tests compa
 with the stock reference.
 
 Which kernel is fastest depends on the CPU: on the AMD EPYC above, MKL's matrix-vector product uses one
-core and the row-split `bmm` wins; on an Intel Xeon (2 vCPUs, session 10) MKL uses both cores and the split
+core and the row-split `bmm` wins; on an Intel Xeon (2 vCPUs) MKL uses both cores and the split
 `bmm` takes twice as long (the 160 M model's linear layers, one row: MKL 23-26 ms, oneDNN 33 ms, split
 51-58 ms). distinfer's own `linear_rows` (csrc/linear_rows.cpp: four weight rows against up to six input
 rows per register tile, weights prefetched ahead) reads the weights once for up to ~24 rows: on the Xeon
-(session 13, AVX-512) at 1 / 2 / 4 / 8 / 17 rows 26 / 27 / 31 / 44 / 59 ms against oneDNN's 37 / 49 / 52 /
+(AVX-512) at 1 / 2 / 4 / 8 / 17 rows 26 / 27 / 31 / 44 / 59 ms against oneDNN's 37 / 49 / 52 /
 59 / 72 ms and MKL's 32 / 33 / 57 / 90 / 92 ms, at 32 rows 122 ms against oneDNN's 109. So `choose_kernels`
 times the candidates on the stage's own weights once, after loading, at one row and at eight, and every
 layer then uses the fastest of each.

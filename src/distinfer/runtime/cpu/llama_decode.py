@@ -43,9 +43,9 @@ from torch import nn
 
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
 # A step in one C++ call (`DecodeLayers`) was 1.08x (batch 1) and 1.065x (batch 8) faster than op by op with the
-# same kernels (bench model, Xeon, session 14), and it needs linear_rows: so a Llama stage takes linear_rows
+# same kernels (bench model, Xeon), and it needs linear_rows: so a Llama stage takes linear_rows
 # while it is at most this much slower than the fastest kernel timed (runtime/cpu/kernels.py `choose_kernels`).
-# Session 15, same machine: one call with linear_rows against op by op with MKL's one-row product (the kernel
+# Same machine: one call with linear_rows against op by op with MKL's one-row product (the kernel
 # it lost to) 1.047x at batch 1 (12 rounds, quartiles 1.03-1.08), while the chooser's first timing in a fresh
 # process put linear_rows / MKL read rates anywhere in 0.84-1.04 (24 processes; the same two kernels timed 20
 # times in one process: median 0.99-1.03). At 1.05, one rank in four (5 of 18 in real runs) chose MKL by that
