@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
     from bench.bandwidth import StockRowRead, copy_bandwidth
-    from bench.model import build_model
+    from bench.model import MODEL_CONFIG, build_model
     from bench.paired import describe as describe_paired
     from bench.paired import measure as measure_paired
 

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the bench scripts (`bench.*`) that tests use as fixtures
 
 
 @pytest.fixture(scope="session")

@@ -274,3 +274,35 @@ def test_the_html_report_loads_every_image_in_a_browser(tmp_path: Path) -> None:
     assert result["images"] == len(list((out / "plots").glob("*.svg"))) >= 4 and result["broken"] == []
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert not [line for line in console if "report.html" in line], console
+
+
+def test_run_progress_counts_runs_and_the_current_runs_completions(tmp_path: Path) -> None:
+    """`run --local`'s progress bar: runs done of the matrix, and the completions rank 0 has written so far."""
+    import io
+    import time
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from distinfer.cli import RunProgress
+
+    run = SimpleNamespace(run_id="pipeline-pp2-b1-mb1-fp32", world_size=2)
+    (tmp_path / run.run_id).mkdir()
+    screen = io.StringIO()
+    with RunProgress(Console(file=screen, force_terminal=True, width=160), 3, tmp_path) as progress:
+        progress.started(run)
+        (tmp_path / run.run_id / "completions.jsonl").write_text('{"id": 1}\n{"id": 2}\n{"id": 3}\n')
+        deadline = time.monotonic() + 10
+        while "3 completion(s)" not in progress.progress.tasks[0].fields["detail"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "pipeline-pp2-b1-mb1-fp32 (2 rank(s)): 3 completion(s)" in progress.progress.tasks[0].fields["detail"]
+        progress.finished()
+        assert progress.progress.tasks[0].completed == 1 and progress.progress.tasks[0].total == 3
+
+
+def test_cpu_tensor_parallel_ranks_may_span_nodes_gpu_ones_may_not() -> None:
+    from distinfer.layout import place
+
+    assert place(1, 2, gpu=False, gpus_per_node=0, nodes=None).nodes_needed == 2
+    with pytest.raises(LayoutError, match="must sit on one node"):
+        place(1, 2, gpu=True, gpus_per_node=1, nodes=None)

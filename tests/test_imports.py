@@ -67,7 +67,6 @@ def test_no_import_cycles_in_the_package_or_the_bench() -> None:
 def test_the_parts_import_only_what_they_stand_on() -> None:
     graph = import_graph(REPO / "src" / "distinfer")
     runtime = {m for m in graph if m.startswith("distinfer.runtime")}
-    cpu = {m for m in runtime if m.startswith("distinfer.runtime.cpu")}
     analysis = {m for m in graph if m.startswith("distinfer.analysis")}
     planning = {"distinfer.spec", "distinfer.layout", "distinfer.plan", "distinfer.memory", "distinfer.profiles",
                 "distinfer.slurm", "distinfer.jobs", "distinfer.bundle", "distinfer.launchers.base",
@@ -77,6 +76,10 @@ def test_the_parts_import_only_what_they_stand_on() -> None:
     for module in runtime:
         assert not graph[module] & (analysis | {"distinfer.cli", "distinfer.jobs"}), f"{module} imports {graph[module]}"
     assert not graph["distinfer.jobs"] & {"distinfer.launchers.local"}, "planning for Slurm needs no local launcher"
+    load_generator = {f"distinfer.serving.{m}" for m in ("schedule", "workload", "client", "metrics", "records",
+                                                          "runner")}
+    for module in load_generator | {"distinfer.scenario"}:
+        assert not graph[module] & runtime, f"{module}: the load generator runs without the runtime"
     for module in analysis:
         assert not graph[module] & (planning - {"distinfer.bundle"}), "the analysis reads bundles only"
 

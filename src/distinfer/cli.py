@@ -334,6 +334,34 @@ def analyze(
         console.print(f"every plot of the {len(results)} experiments: {write_overview(results, out)}", highlight=False)
 
 
+@app.command()
+def serve(
+    config: Path = typer.Argument(..., help="Experiment file (YAML)."),
+    run_id: str = typer.Option(None, "--run", help="Which run's layout to serve (default: the first one-rank run)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch: int = typer.Option(32, help="Requests decoded together at most.", min=1),
+) -> None:
+    """Serve one run's model behind an OpenAI-compatible API (/v1/completions, /v1/models, /health, /metrics)
+    with continuous batching, until Ctrl-C or SIGTERM."""
+    from distinfer.plan import expand, resolve_builtin_models
+    from distinfer.serving.serve import serve as serve_run
+    from distinfer.serving.serve import served_name
+
+    exp = _load(config)
+    runs = [r for r in expand(exp, config) if r.engine != "endpoint"]
+    chosen = [r for r in runs if r.run_id == run_id] if run_id else [r for r in runs if r.world_size == 1][:1]
+    if not chosen:
+        errors.print(f"error: {config}: no run {run_id!r}; runs: {', '.join(r.run_id for r in runs)}" if run_id else
+                     f"error: {config}: no one-rank run to serve; runs: {', '.join(r.run_id for r in runs)}")
+        raise typer.Exit(2)
+    run = resolve_builtin_models(chosen)[0]
+    console.print(f"serving {run.run_id} as model {served_name(run)!r} on http://{host}:{port} (Ctrl-C stops)",
+                  highlight=False)
+    with _exit_on(ValueError, 2):
+        serve_run(run, host, port, max_batch)
+
+
 @models_app.command("build-tiny")
 def build_tiny(
     name: list[str] = typer.Option(["tiny-llama", "tiny-gpt2"], "--name", help="Which built-in model(s)."),

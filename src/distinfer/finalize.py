@@ -26,6 +26,14 @@ def finalize_run(run_dir: Path, exit_code: int) -> dict | None:
     spec = run_info.get("run", {})
     world = int(spec.get("pp", 1)) * int(spec.get("tp", 1) or 1)
     summary = bundle.summary()
+    if spec.get("engine") == "endpoint":  # one load-generator process, no ranks
+        if summary is None:
+            summary = {"status": "failed", "error": f"the load generator stopped without a summary (exit code "
+                       f"{exit_code}); requests.jsonl keeps the requests that finished",
+                       "run_id": spec.get("run_id"), "experiment": spec.get("experiment"), "engine": "endpoint",
+                       "world_size": 1, "ranks": [], "finalized_at": time.time()}
+            atomic_write_json(bundle.summary_json, summary)
+        return summary
     if summary and summary.get("status") == "ok":
         if exit_code != 0 and summary.get("launcher_exit_code") != exit_code:
             # Every rank finished ok and rank 0 wrote the summary; the launcher failed in its teardown after.

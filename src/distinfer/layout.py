@@ -67,6 +67,7 @@ class Layout:
     ep: int = 1
     gpus_per_node: int = 1  # ranks a node holds: its GPUs; 1 for CPU nodes
     nodes: int | None = None  # the user's fixed node count; None: as many as the ranks need
+    groups_within_node: bool = True  # a stage's tp / ep group on one node (GPU clusters); CPU ranks may span nodes
 
     def __post_init__(self) -> None:
         for name in ("pp", "tp", "ep", "gpus_per_node"):
@@ -91,7 +92,8 @@ class Layout:
             raise LayoutError("parallel", f"{self.world_size} ranks ({self.describe()}) do not fill nodes of "
                               f"{self.gpus_per_node} GPUs; use a multiple of cluster.gpus_per_node")
         group = self.ranks_per_stage
-        if self.nodes_needed > 1 and (group > self.ranks_per_node or self.ranks_per_node % group):
+        if self.groups_within_node and self.nodes_needed > 1 and (group > self.ranks_per_node
+                                                                 or self.ranks_per_node % group):
             what = "tensor-parallel" if self.tp >= self.ep else "expert-parallel"
             raise LayoutError("parallel.tp" if self.tp >= self.ep else "parallel.ep",
                               f"a {what} group of {group} ranks must sit on one node, but the run places "
@@ -129,9 +131,10 @@ class Layout:
 
 def place(pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int, nodes: int | None,
           single_device: bool = False) -> Layout:
-    """The layout of a run on a cluster: GPU nodes hold `gpus_per_node` ranks; CPU nodes one rank each unless
-    the node count is fixed; a single-device run (the reference) takes one node whatever `nodes` says."""
+    """The layout of a run on a cluster: GPU nodes hold `gpus_per_node` ranks, and a tensor-parallel group sits
+    on one node; CPU nodes hold one rank each unless the node count is fixed, and a group may span them (its
+    all-reduce then goes over gloo); a single-device run (the reference) takes one node whatever `nodes` says."""
     nodes = None if single_device else nodes
     world = pp * max(tp, ep)
     per_node = gpus_per_node if gpu else (world if nodes is not None else 1)
-    return Layout(pp=pp, tp=tp, ep=ep, gpus_per_node=max(1, per_node), nodes=nodes)
+    return Layout(pp=pp, tp=tp, ep=ep, gpus_per_node=max(1, per_node), nodes=nodes, groups_within_node=gpu)

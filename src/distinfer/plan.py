@@ -46,6 +46,12 @@ class RunSpec:
     perplexity_text: str | None = None
     perplexity_tokens: int = 512
     cpu_kernels: str = "fast"  # fast | stock: linear-layer kernels of pipeline ranks on CPU
+    scenario: dict | None = None  # a serving load (scenario.py's fields, with this run's `load` and `value`)
+    endpoint: dict | None = None  # the OpenAI-compatible server a serving run measures: url, model, api_key_env
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.scenario) and self.scenario.get("kind") == "serving"
 
     @property
     def precision(self) -> str:
@@ -94,7 +100,10 @@ def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int
 
 def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     """The cartesian product of the sweep fields; reference runs ignore the layout axes. With
-    `reference: auto`, a reference run is added for every batch size, precision and context of the others."""
+    `reference: auto`, a reference run is added for every batch size, precision and context of the others.
+    A serving scenario against an endpoint gives one run per rate or user count."""
+    if exp.endpoint is not None:
+        return expand_endpoint(exp, spec_file)
     par = exp.parallel
     if par.layers == "auto":
         layouts: list[tuple[int, list[int] | None]] = [(pp, None) for pp in as_list(par.pp)]
@@ -170,6 +179,28 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             if not covered:
                 runs.setdefault(reference.run_id, reference)
     return list(runs.values())
+
+
+def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
+    """One run per load of the serving sweep, each measuring the experiment's endpoint (run ids such as
+    endpoint-rate4, endpoint-rateinf, endpoint-c8)."""
+    from distinfer.scenario import load_tag
+
+    assert exp.endpoint is not None
+    scenario = exp.scenario.model_dump(exclude={"rate", "concurrency"})
+    scenario["slo_s"] = exp.scenario.slo.seconds()
+    runs = []
+    for kind, value in exp.scenario.loads():
+        runs.append(RunSpec(
+            experiment=exp.name, run_id=f"endpoint-{load_tag(kind, value)}", engine="endpoint",
+            model_path=str(resolve_path(exp.model.path, spec_file)) if exp.model.path else "",
+            builtin=exp.model.builtin, dtype=as_list(exp.model.dtype)[0], trust_remote_code=False,
+            prompts=str(resolve_path(exp.prompts if isinstance(exp.prompts, str) else exp.prompts.texts, spec_file)),
+            generation=exp.generation.model_dump(), pp=1, layers=None, microbatches=1, batch_size=1, warmup=0,
+            repeats=1, timeout_s=exp.scenario.timeout_s, study=exp.study,
+            scenario={**scenario, "load": kind, "value": "inf" if value == float("inf") else value},
+            endpoint=exp.endpoint.model_dump()))
+    return runs
 
 
 def deepspeed_config(run: RunSpec) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,6 +19,7 @@ from distinfer.models.profiles import config_layer_count, max_positions, read_js
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import PromptFileError, load_prompts, read_paragraphs
+from distinfer.scenario import EndpointSpec, ScenarioSpec
 
 
 class SpecError(Exception):
@@ -205,6 +207,10 @@ class Experiment(_Strict):
     benchmark: BenchmarkSpec = BenchmarkSpec()
     cluster: ClusterSpec = ClusterSpec()
     container: ContainerSpec = ContainerSpec()
+    scenario: ScenarioSpec = ScenarioSpec()
+    """offline (fixed batches) or serving (requests arriving at a server): scenario.py."""
+    endpoint: EndpointSpec | None = None
+    """Measure this OpenAI-compatible server (serving scenarios) instead of starting distinfer's engines."""
 
     @field_validator("prompts")
     @classmethod
@@ -226,13 +232,22 @@ def as_list(value: object) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+def _section(annotation: object) -> type[BaseModel] | None:
+    """The model class of a nested section's annotation (`X` or `X | None`), else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _all_field_names(model: type[BaseModel] | None = None) -> set[str]:
     """Every field name of the experiment schema, at any depth."""
     model = model or Experiment
     names = set(model.model_fields)
     for field in model.model_fields.values():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            names |= _all_field_names(field.annotation)
+        section = _section(field.annotation)
+        if section is not None:
+            names |= _all_field_names(section)
     return names
 
 
@@ -247,6 +262,8 @@ SWEEP_HINTS = {
     "model.dtype": "float32 | float16 | bfloat16 | int8, or a list of them",
     "prompts": "a JSONL file path, or {texts: FILE, context_tokens: N or [N, ...], count: N}",
     "prompts.context_tokens": "an integer >= 1 or a list of them",
+    "scenario.rate": "a number > 0 or inf, or a list of them (requests per second)",
+    "scenario.concurrency": "an integer >= 1 or a list of them (users)",
 }
 
 
@@ -261,9 +278,10 @@ def _allowed_fields(loc: tuple) -> list[str]:
     model: type[BaseModel] = Experiment
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        section = _section(field.annotation) if field is not None else None
+        if section is None:
             return []
-        model = field.annotation
+        model = section
     return list(model.model_fields)
 
 
@@ -479,9 +497,37 @@ def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
     if num_layers is not None:
         _check_layout(path, exp, num_layers)
     _check_study(path, exp)
+    _check_serving(path, exp)
     if "cluster" in exp.model_fields_set:
         _check_cluster(path, exp)
     return exp
+
+
+def _check_serving(path: Path, exp: Experiment) -> None:
+    """A serving scenario measures a server: the offline-only fields and sweeps make no sense with it."""
+    serving = exp.scenario.kind == "serving"
+    if exp.endpoint is not None and not serving:
+        raise SpecError(f"{path}: field 'endpoint': an endpoint is measured by a serving scenario; "
+                        "set scenario.kind: serving (with a rate or a concurrency)")
+    if not serving:
+        return
+    if exp.endpoint is None:
+        raise SpecError(f"{path}: field 'scenario': a serving scenario needs `endpoint` (the OpenAI-compatible "
+                        "server to measure: url, model)")
+    offline_only = [name for name, wanted in (
+        ("prompts_per_rank", exp.prompts_per_rank is not None),
+        ("batch_size", "batch_size" in exp.model_fields_set),
+        ("parallel", "parallel" in exp.model_fields_set),
+        ("benchmark.repeats", exp.benchmark.repeats != 1),
+        ("benchmark.warmup", "warmup" in exp.benchmark.model_fields_set),
+        ("accuracy", "accuracy" in exp.model_fields_set),
+        ("study", exp.study not in ("matrix",)),
+        ("model.dtype", isinstance(exp.model.dtype, list)),
+    ) if wanted]
+    if offline_only:
+        raise SpecError(f"{path}: field '{offline_only[0]}': not used by a serving scenario against an endpoint "
+                        "(the server batches and lays out the model itself; warm-up is "
+                        "scenario.warmup_requests); remove it")
 
 
 def _check_context(path: Path, exp: Experiment, config: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from distinfer.analysis.tables import (
     optimization,
     precision_tradeoff,
     strong_scaling,
+    serving,
+    serving_knee,
     time_breakdown,
     weak_scaling,
 )
@@ -47,15 +50,21 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
     out = analysis_root / loaded.name
     out.mkdir(parents=True, exist_ok=True)
     runs = loaded.runs
+    offline = runs[runs["scenario"] != "serving"] if "scenario" in runs else runs
+    offline_loaded = dataclasses.replace(loaded, runs=offline)
+    served = serving(runs)
     tables = {
         "results": runs,
-        "strong_scaling": strong_scaling(runs),
-        "batch_sweep": batch_sweep(runs) if plots.batch_sweep_applies(runs) else pd.DataFrame(),
-        "weak_scaling": weak_scaling(runs),
-        "precision": precision_tradeoff(loaded),
-        "optimization": optimization(runs, changed_column(runs)) if loaded.study == "optimization" else pd.DataFrame(),
-        "correctness": correctness(loaded),
+        "strong_scaling": strong_scaling(offline),
+        "batch_sweep": batch_sweep(offline) if plots.batch_sweep_applies(offline) else pd.DataFrame(),
+        "weak_scaling": weak_scaling(offline),
+        "precision": precision_tradeoff(offline_loaded),
+        "optimization": (optimization(offline, changed_column(offline)) if loaded.study == "optimization"
+                         else pd.DataFrame()),
+        "correctness": correctness(offline_loaded),
         "time_breakdown": time_breakdown(loaded.ranks),
+        "serving": served,
+        "serving_knee": serving_knee(served),
     }
     # Only the tables that apply to this study's runs are written: no empty files without a header.
     tables = {name: frame for name, frame in tables.items() if name == "results" or not frame.empty}
@@ -80,12 +89,16 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
         "weak_scaling": lambda: plots.weak_scaling_plot(tables["weak_scaling"], subject, plot_dir),
         "precision": lambda: plots.precision_plot(tables["precision"], subject, plot_dir),
         "batch_sweep": lambda: plots.batch_sweep_plot(tables["batch_sweep"], subject, plot_dir),
-        "latency": lambda: plots.latency_plot(runs, subject, plot_dir),
+        "latency": lambda: plots.latency_plot(offline, subject, plot_dir),
+        "latency_throughput": lambda: plots.latency_throughput_plot(tables["serving"], subject, plot_dir),
+        "goodput": lambda: plots.goodput_plot(tables["serving"], subject, plot_dir),
         "time_breakdown": lambda: plots.time_breakdown_plot(runs, loaded.ranks, subject, plot_dir),
     }
     made: list[str] = []
     for name, draw in drawn.items():
-        if name in tables or (name == "latency" and not runs.empty):
+        applies = {"latency": not offline.empty, "latency_throughput": "serving" in tables,
+                   "goodput": "serving" in tables and (tables["serving"]["load"] == "rate").any()}
+        if applies.get(name, name in tables):
             draw()
             made.append(name)
     write_report(loaded, tables, made, out)

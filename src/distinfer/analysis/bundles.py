@@ -11,6 +11,8 @@ import pandas as pd
 from distinfer.bundle import BUNDLE_SCHEMA
 
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+SERVING_FIELDS = ("load", "load_value", "served_model", "offered_rate", "achieved_rate", "request_throughput",
+                  "goodput", "slo_attained", "completed", "errors", "peak_concurrency", "duration_s")
 
 
 @dataclass
@@ -107,6 +109,13 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         ranks = summary.get("ranks") or []
         row["peak_memory_bytes"] = max((r.get("peak_memory_bytes") or 0 for r in ranks), default=None)
         row["load_s"] = summary.get("load_s")
+        row["scenario"] = summary.get("scenario") or "offline"
+        if row["scenario"] == "serving":
+            row.update({k: summary.get(k) for k in SERVING_FIELDS})
+            row["offered_rate"] = float("inf") if row["offered_rate"] == "inf" else row["offered_rate"]
+            value = row["load_value"]  # one type for the column: "4", "0.5", "inf", or a user count
+            row["load_value"] = value if isinstance(value, str) else f"{value:g}"
+            row.update({f"slo_{k}_s": v for k, v in (summary.get("slo") or {}).items()})
         rows.append(row)
         if not missing:
             for r in ranks:
@@ -114,9 +123,12 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
                                   "comm_s": r.get("comm_s"), "wait_s": r.get("wait_s"),
                                   "peak_memory_bytes": r.get("peak_memory_bytes"), "layers": len(r.get("layers") or [])})
         completions[row["run_id"]] = _completions(run_dir / "completions.jsonl")
-        model = spec.get("builtin") or Path(spec.get("model_path") or "?").name
-        device = (run_json.get("runtime") or {}).get("device", "?")
-        hardware = "CPU (gloo)" if device == "cpu" else f"GPU {device} (NCCL)"
+        if spec.get("engine") == "endpoint":
+            model, hardware = str(summary.get("served_model")), f"the endpoint {summary.get('endpoint')}"
+        else:
+            model = spec.get("builtin") or Path(spec.get("model_path") or "?").name
+            device = (run_json.get("runtime") or {}).get("device", "?")
+            hardware = "CPU (gloo)" if device == "cpu" else f"GPU {device} (NCCL)"
         provenance[row["run_id"]] = {**run_json.get("provenance", {}), "runtime": run_json.get("runtime", {}),
                                      "slurm": _read(run_dir / "slurm.json")[0]}
     studies = {r.get("study") or "matrix" for r in rows}

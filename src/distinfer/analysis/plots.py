@@ -194,3 +194,60 @@ def precision_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     ax.set_title(f"Precision and quantization: {subject}")
     ax.legend(fontsize=7, loc="best")
     return _save(fig, out, "precision")
+
+
+def _serving_label(key: tuple) -> str:
+    engine, model, world, microbatches, load = key
+    what = f"{model}" if engine == "endpoint" else f"{engine} n={world} mb={microbatches}"
+    return f"{what} ({'closed loop' if load == 'concurrency' else 'open loop'})"
+
+
+def latency_throughput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    """TTFT and TPOT (p50 solid, p99 dashed) against the achieved request rate, one colour per layout; the
+    SLO, where one was set, as a grey line."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = ["engine", "served_model", "world_size", "microbatches", "load"]
+    for index, (key, group) in enumerate(table.groupby(keys, dropna=False)):
+        group = group.sort_values("achieved_rate")
+        for ax, metric in zip(axes, ("ttft", "tpot")):
+            for stat, style in (("p50", "-"), ("p99", "--")):
+                ax.plot(group["achieved_rate"], group[f"{metric}_{stat}_s"] * 1000, style, marker="o",
+                        color=f"C{index}", label=f"{_serving_label(key)} {stat}")
+    for ax, metric, title in ((axes[0], "ttft", "time to first token"), (axes[1], "tpot", "time per output token")):
+        column = f"slo_{metric}_s"
+        if column in table and table[column].notna().any():
+            ax.axhline(float(table[column].dropna().iloc[0]) * 1000, color="grey", linestyle=":", label="SLO")
+        ax.set_xlabel("achieved request rate (requests/s)")
+        ax.set_ylabel(f"{metric.upper()} (ms)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Latency against throughput: {subject}")
+    return _save(fig, out, "latency_throughput")
+
+
+def goodput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    """Goodput (requests/s meeting every SLO) and request throughput against the offered rate; `inf` (all at
+    once) is drawn right of the highest finite rate."""
+    rates = table[table["load"] == "rate"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    finite = rates["offered_rate"][rates["offered_rate"] != float("inf")]
+    inf_at = float(finite.max()) * 1.5 if not finite.empty else 1.0
+    keys = ["engine", "served_model", "world_size", "microbatches", "load"]
+    for index, (key, group) in enumerate(rates.groupby(keys, dropna=False)):
+        x = group["offered_rate"].replace(float("inf"), inf_at)
+        order = x.argsort()
+        ax.plot(x.iloc[order], group["goodput"].iloc[order], marker="o", color=f"C{index}",
+                label=f"{_serving_label(key)} goodput")
+        ax.plot(x.iloc[order], group["request_throughput"].iloc[order], linestyle="--", marker=".", color=f"C{index}",
+                label=f"{_serving_label(key)} all requests")
+    slo = ", ".join(f"{c.removeprefix('slo_').removesuffix('_s').upper()} ≤ {float(table[c].dropna().iloc[0]) * 1000:g} ms"
+                    for c in table if c.startswith("slo_") and c.endswith("_s") and table[c].notna().any())
+    ticks = sorted(set(finite.tolist())) + ([inf_at] if (rates["offered_rate"] == float("inf")).any() else [])
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["inf" if t == inf_at and (rates["offered_rate"] == float("inf")).any() else f"{t:g}"
+                        for t in ticks])
+    ax.set_xlabel("offered request rate (requests/s)")
+    ax.set_ylabel("requests/s")
+    ax.set_title(f"Goodput ({slo or 'no SLO set'}): {subject}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out, "goodput")

@@ -68,9 +68,12 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
     studies = [("Strong scaling", "strong_scaling", "strong-scaling"), ("Weak scaling", "weak_scaling", "weak-scaling"),
                ("Batch sweep", "batch_sweep", "batch-sweep"),
                ("Precision and quantization (against the baseline precision)", "precision", "precision-sweep"),
-               ("Optimization against the baseline", "optimization", "optimization")]
+               ("Optimization against the baseline", "optimization", "optimization"),
+               ("Serving: each layout's highest load meeting the SLOs", "serving_knee", "serving"),
+               ("Serving: every load", "serving", "serving")]
     # The study the experiment names comes first; the other tables follow when they have rows.
-    studies.sort(key=lambda s: s[2] != loaded.study)
+    lead = "serving" if "serving" in tables else loaded.study
+    studies.sort(key=lambda s: s[2] != lead)
     sections = [
         ("Runs and their states", states),
         ("Results (all columns: results.csv)", results[[c for c in key if c in results]]),

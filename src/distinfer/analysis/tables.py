@@ -186,3 +186,42 @@ def time_breakdown(ranks: pd.DataFrame) -> pd.DataFrame:
     for col in ("compute_s", "comm_s", "wait_s"):
         out[col.replace("_s", "_share")] = out[col] / total.where(total > 0)
     return out
+
+
+SERVING_LAYOUT = ["engine", "served_model", "world_size", "microbatches", "load"]
+KNEE_ATTAINMENT = 0.9  # a load "meets the SLOs" when at least this share of its requests met every one
+
+
+def serving(runs: pd.DataFrame) -> pd.DataFrame:
+    """Serving runs: per layout and load, offered and achieved request rate, throughput, goodput, latency."""
+    if runs.empty or "scenario" not in runs or not (runs["scenario"] == "serving").any():
+        return pd.DataFrame()
+    subject = runs[runs["scenario"] == "serving"]
+    cols = [*SERVING_LAYOUT, "load_value", "offered_rate", "achieved_rate", "request_throughput", "output_tokens_per_s",
+            "goodput", "slo_attained", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p99_s",
+            "e2e_p99_s", "peak_concurrency", "errors", "run_id",
+            *sorted(c for c in subject if c.startswith("slo_") and c.endswith("_s"))]
+    table = subject[[c for c in cols if c in subject]].copy()
+    table["order"] = pd.to_numeric(table["load_value"].replace("inf", float("inf")), errors="coerce")
+    return table.sort_values([c for c in SERVING_LAYOUT if c in table] + ["order"]).drop(columns="order")
+
+
+def serving_knee(table: pd.DataFrame) -> pd.DataFrame:
+    """Per layout, the highest load (request rate, or users) at which at least KNEE_ATTAINMENT of the requests
+    met every SLO, and the goodput there; none where no load did (or no SLO was set)."""
+    if table.empty or "slo_attained" not in table or table["slo_attained"].isna().all():
+        return pd.DataFrame()
+    out = []
+    keys = [c for c in SERVING_LAYOUT if c in table]
+    for key, group in table.groupby(keys, dropna=False):
+        values = pd.to_numeric(group["load_value"].replace("inf", float("inf")), errors="coerce")
+        meeting = group[(group["slo_attained"] >= KNEE_ATTAINMENT).to_numpy()]
+        best = meeting.loc[values[meeting.index].idxmax()] if not meeting.empty else None
+        out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                    "loads_measured": len(group),
+                    "highest_load_meeting_slo": None if best is None else best["load_value"],
+                    "achieved_rate": None if best is None else best["achieved_rate"],
+                    "goodput": None if best is None else best["goodput"],
+                    "ttft_p99_s": None if best is None else best["ttft_p99_s"],
+                    "tpot_p99_s": None if best is None else best["tpot_p99_s"]})
+    return pd.DataFrame(out)

@@ -40,6 +40,9 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
+    """The ranks under a local torchrun; a serving run against an endpoint is one load-generator process."""
+    if run.engine == "endpoint":
+        return [sys.executable, "-m", "distinfer.serving", str(bundle.root)]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
         "--nproc-per-node", str(run.world_size),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import platform
 from pathlib import Path
 from types import ModuleType

@@ -1,0 +1,172 @@
+"""The load generator: OpenAI completions requests with `stream: true`, sent on a schedule or by a fixed number of
+users, every streamed chunk's arrival recorded.
+
+Open loop: request i is sent at its planned offset (schedule.py) whatever the server does; closed loop: N
+users each send their next request when the last one ended. Warm-up requests go first, one after another,
+and are marked. Each finished request's record goes to `on_record` at once (the bundle appends it to
+requests.jsonl), so a run that is killed keeps what it had. The API key travels in the Authorization header
+only; it is never part of a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from distinfer.serving.records import RequestRecord
+from distinfer.serving.schedule import arrival_offsets
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request to send: a text prompt, or a prompt of token ids (synthetic workloads)."""
+
+    index: int
+    prompt_id: str
+    prompt: str | list[int]
+    max_tokens: int
+    ignore_eos: bool = False
+    warmup: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """An OpenAI-compatible server: its base URL (`http://host:port`), the model name it serves, a key."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    extra_body: dict = field(default_factory=dict)  # e.g. sampling settings
+
+
+def completions_url(url: str) -> str:
+    base = url.rstrip("/")
+    return base if base.endswith("/v1/completions") else (base if base.endswith("/v1") else base + "/v1") + \
+        "/completions"
+
+
+def request_body(target: Target, request: Request) -> dict:
+    body = {"model": target.model, "prompt": request.prompt, "max_tokens": request.max_tokens, "stream": True,
+            "temperature": 0.0, "stream_options": {"include_usage": True}, **target.extra_body}
+    if request.ignore_eos:
+        body["ignore_eos"] = True  # vLLM's and distinfer's extension: generate max_tokens whatever comes
+    return body
+
+
+async def send(session: aiohttp.ClientSession, target: Target, request: Request, record: RequestRecord,
+               clock: Callable[[], float]) -> RequestRecord:
+    """POST one streamed completion; fills `record` with the send time, each chunk's time, the end, counts,
+    finish reason, HTTP status or the error."""
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    record.sent_s = clock()
+    counted = 0
+    try:
+        async with session.post(completions_url(target.url), json=request_body(target, request),
+                                headers=headers) as response:
+            record.status = response.status
+            if response.status != 200:
+                record.error = f"HTTP {response.status}: {(await response.text())[:300]}"
+                return record
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = clock()
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    record.error = str(chunk["error"])[:300]
+                    break
+                usage = chunk.get("usage")
+                if usage:
+                    record.prompt_tokens = usage.get("prompt_tokens")
+                    record.output_tokens = int(usage.get("completion_tokens") or counted)
+                for choice in chunk.get("choices") or []:
+                    text, ids = choice.get("text") or "", choice.get("token_ids")
+                    if text or ids:
+                        record.token_times_s.append(now)
+                        counted += len(ids) if ids else 1
+                        record.text += text
+                        if ids:
+                            record.token_ids = (record.token_ids or []) + list(ids)
+                    if choice.get("finish_reason"):
+                        record.finish_reason = choice["finish_reason"]
+    except asyncio.TimeoutError:
+        record.error = f"no answer within {target.timeout_s:g} s"
+    except aiohttp.ClientError as exc:
+        record.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        record.end_s = clock()
+    if record.error is None:
+        record.output_tokens = record.output_tokens or counted
+    return record
+
+
+SPIN_S = 0.002  # the last stretch before a send is waited out by yielding, not by a timer (epoll rounds to 1 ms)
+
+
+async def until(moment: float, clock: Callable[[], float]) -> None:
+    """Return at `moment` on `clock`: a timer sleep to SPIN_S before it, then yielding to the loop's other work
+    (streamed chunks keep being read) until it has come."""
+    delay = moment - clock() - SPIN_S
+    if delay > 0:
+        await asyncio.sleep(delay)
+    while clock() < moment:
+        await asyncio.sleep(0)
+
+
+async def run_load(target: Target, requests: Sequence[Request], on_record: Callable[[RequestRecord], None],
+                   rate: float | None = None, burstiness: float = 1.0, seed: int = 0,
+                   concurrency: int | None = None, duration_s: float | None = None) -> list[RequestRecord]:
+    """Send the warm-up requests one by one, then the measured ones open loop (`rate`, requests/s; inf: all at
+    once) or closed loop (`concurrency` users), no new one after `duration_s`; returns every record (warm-up
+    first)."""
+    if (rate is None) == (concurrency is None):
+        raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
+    warmup = [r for r in requests if r.warmup]
+    measured = [r for r in requests if not r.warmup]
+    start = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - start
+
+    timeout = aiohttp.ClientTimeout(total=target.timeout_s)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    records: list[RequestRecord] = []
+
+    async def one(session: aiohttp.ClientSession, request: Request, planned: float) -> None:
+        record = RequestRecord(request.index, request.prompt_id, planned, warmup=request.warmup)
+        await send(session, target, request, record, clock)
+        records.append(record)
+        on_record(record)
+
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        for request in warmup:
+            await one(session, request, clock())
+        base = clock()
+        if rate is not None:
+            tasks = []
+            for request, offset in zip(measured, arrival_offsets(len(measured), rate, burstiness, seed)):
+                if duration_s is not None and offset > duration_s:
+                    break
+                await until(base + offset, clock)
+                tasks.append(asyncio.create_task(one(session, request, base + offset)))
+            await asyncio.gather(*tasks)
+        else:
+            queue = list(reversed(measured))
+
+            async def user() -> None:
+                while queue and (duration_s is None or clock() - base < duration_s):
+                    request = queue.pop()
+                    await one(session, request, clock())
+
+            await asyncio.gather(*(user() for _ in range(min(concurrency or 1, max(1, len(measured))))))
+    return sorted(records, key=lambda r: (not r.warmup, r.index))

@@ -1,0 +1,99 @@
+"""Serving metrics from raw request records, as vLLM's `bench serve` defines them (docs/metrics.md).
+
+Per request: TTFT = first token - sent; E2E = end - sent; TPOT = (E2E - TTFT) / (output tokens - 1) for
+requests of two tokens or more; ITL = every gap between consecutive streamed tokens, pooled over requests.
+Over the measured (non-warm-up) requests: the duration runs from the first send to the last end; request and
+output-token throughput divide by it; goodput counts the requests that met every SLO (DistServe's
+definition), per second. Percentiles interpolate linearly (numpy's default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from distinfer.metrics import percentile
+from distinfer.serving.records import RequestRecord
+
+STATS = ("mean", "std", "p50", "p90", "p95", "p99")
+
+
+def stats(values: list[float]) -> dict[str, float | None]:
+    """mean, std (population), p50, p90, p95, p99; all None without values."""
+    if not values:
+        return dict.fromkeys(STATS)
+    mean = sum(values) / len(values)
+    return {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
+            "p50": percentile(values, 50), "p90": percentile(values, 90), "p95": percentile(values, 95),
+            "p99": percentile(values, 99)}
+
+
+def request_latencies(record: RequestRecord) -> dict[str, float | None]:
+    """TTFT, TPOT and E2E of one finished request, in seconds (None where not defined)."""
+    if not record.ok or record.sent_s is None or record.end_s is None or not record.token_times_s:
+        return {"ttft": None, "tpot": None, "e2e": None}
+    ttft = record.token_times_s[0] - record.sent_s
+    e2e = record.end_s - record.sent_s
+    tpot = (e2e - ttft) / (record.output_tokens - 1) if record.output_tokens > 1 else None
+    return {"ttft": ttft, "tpot": tpot, "e2e": e2e}
+
+
+def peak_concurrency(records: Iterable[RequestRecord]) -> int:
+    """The most requests in flight at once (sent and not yet ended)."""
+    events = []
+    for r in records:
+        if r.sent_s is not None:
+            events += [(r.sent_s, 1), ((r.end_s if r.end_s is not None else math.inf), -1)]
+    peak = current = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # an end before a send at the same instant
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def meets(latency: Mapping[str, float | None], slo: Mapping[str, float]) -> bool:
+    """Whether a request met every SLO (seconds: ttft, tpot, e2e); a TPOT limit is met by one-token answers."""
+    for name, limit in slo.items():
+        value = latency.get(name)
+        if value is None and name == "tpot" and latency.get("e2e") is not None:
+            continue
+        if value is None or value > limit:
+            return False
+    return True
+
+
+def summarize(records: list[RequestRecord], slo: Mapping[str, float] | None = None,
+              offered_rate: float | None = None) -> dict:
+    """The serving fields of summary.json from the measured records (warm-up requests left out)."""
+    measured = [r for r in records if not r.warmup]
+    done = [r for r in measured if r.ok]
+    latencies = [request_latencies(r) for r in done]
+    sent = [r.sent_s for r in measured if r.sent_s is not None]
+    ends = [r.end_s for r in done if r.end_s is not None]
+    duration = (max(ends) - min(sent)) if sent and ends else None
+    per_second = (lambda n: n / duration if duration else None)
+    output_tokens = sum(r.output_tokens for r in done)
+    good = sum(meets(lat, slo) for lat in latencies) if slo else None
+    send_span = max(sent) - min(sent) if len(sent) > 1 else None
+    itl = [b - a for r in done for a, b in zip(r.token_times_s, r.token_times_s[1:])]
+    return {
+        "requests": len(measured),
+        "completed": len(done),
+        "errors": len(measured) - len(done),
+        "error_examples": sorted({r.error or f"HTTP {r.status}" for r in measured if not r.ok})[:5],
+        "duration_s": duration,
+        "request_throughput": per_second(len(done)),
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": per_second(output_tokens),
+        "goodput": per_second(good) if good is not None else None,
+        "slo": dict(slo or {}),
+        "slo_attained": good / len(done) if good is not None and done else None,
+        "offered_rate": offered_rate,
+        "achieved_rate": (len(sent) - 1) / send_span if send_span else None,
+        "peak_concurrency": peak_concurrency(measured),
+        "ttft_s": stats([lat["ttft"] for lat in latencies if lat["ttft"] is not None]),
+        "tpot_s": stats([lat["tpot"] for lat in latencies if lat["tpot"] is not None]),
+        "itl_s": stats(itl),
+        "e2e_s": stats([lat["e2e"] for lat in latencies if lat["e2e"] is not None]),
+        "send_lag_s": stats([r.sent_s - r.planned_s for r in measured if r.sent_s is not None]),
+    }

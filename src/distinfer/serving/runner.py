@@ -1,0 +1,131 @@
+"""A serving run's process: `python -m distinfer.serving RUN_DIR` loads the endpoint as run.json says.
+
+Checks that the endpoint answers (a clear error within seconds if it does not), sends the scenario's
+requests, appends each finished request to requests.jsonl, and writes summary.json last: `ok` when every
+measured request succeeded, else `failed` with the count and examples (the figures of those that succeeded
+stay). SIGTERM or Ctrl-C writes `cancelled` with what was measured so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.plan import RunSpec
+from distinfer.serving.client import Target, run_load
+from distinfer.serving.metrics import summarize
+from distinfer.serving.records import RequestRecord
+from distinfer.serving.workload import build_requests
+
+PROBE_TIMEOUT_S = 10.0
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot be reached or does not serve the model."""
+
+
+async def probe(target: Target) -> None:
+    """GET /v1/models: the server answers within PROBE_TIMEOUT_S (else EndpointError naming the URL)."""
+    url = target.url.rstrip("/").removesuffix("/v1") + "/v1/models"
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as session:
+            async with session.get(url, headers=headers) as response:
+                if response.status >= 500:
+                    raise EndpointError(f"{url} answered HTTP {response.status}")
+    except asyncio.TimeoutError:
+        raise EndpointError(f"{url} did not answer within {PROBE_TIMEOUT_S:g} s") from None
+    except aiohttp.ClientError as exc:
+        raise EndpointError(f"cannot reach {url}: {exc}") from None
+
+
+def vocab_size(run: RunSpec) -> int | None:
+    config = read_json(Path(run.model_path) / "config.json") if run.model_path else None
+    return int(config["vocab_size"]) if config and "vocab_size" in config else None
+
+
+def target_of(run: RunSpec, environ: dict[str, str] | os._Environ) -> Target:
+    endpoint, scenario = run.endpoint or {}, run.scenario or {}
+    key_env = endpoint.get("api_key_env")
+    if key_env and not environ.get(key_env):
+        raise EndpointError(f"endpoint.api_key_env names {key_env}, which is not set in this environment")
+    sampling = run.generation
+    extra = {} if sampling.get("sampling", "greedy") == "greedy" else {
+        "temperature": sampling["temperature"], "top_p": sampling["top_p"], "seed": sampling["seed"]}
+    return Target(endpoint["url"], endpoint["model"], environ.get(key_env) if key_env else None,
+                  float(scenario.get("timeout_s", 600.0)), extra)
+
+
+def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float) -> dict:
+    scenario = run.scenario or {}
+    value = scenario.get("value")
+    offered = (math.inf if value == "inf" else float(value)) if scenario.get("load") == "rate" else None
+    figures = summarize(records, scenario.get("slo_s") or None, offered)
+    if figures["offered_rate"] is not None and math.isinf(figures["offered_rate"]):
+        figures["offered_rate"] = "inf"
+    return {"status": status, "error": error, "run_id": run.run_id, "experiment": run.experiment,
+            "engine": run.engine, "world_size": 1, "batch_size": None, "scenario": "serving",
+            "load": scenario.get("load"), "load_value": value, "endpoint": (run.endpoint or {}).get("url"),
+            "served_model": (run.endpoint or {}).get("model"), "config_hash": run.config_hash(), **figures,
+            "prompts_per_s": figures["request_throughput"], "started_at": started, "finished_at": time.time(),
+            "ranks": []}
+
+
+def run(run_dir: Path) -> int:
+    bundle = RunBundle(run_dir)
+    spec = RunSpec.from_dict((read_json(bundle.run_json) or {})["run"])
+    scenario = spec.scenario or {}
+    started = time.time()
+    records: list[RequestRecord] = []
+    writer = JsonlWriter(run_dir / "requests.jsonl")
+
+    def stop(signum: int, _frame: object) -> None:
+        atomic_write_json(bundle.summary_json, summary(spec, records, "cancelled",
+                                                       f"stopped by {signal.Signals(signum).name}", started))
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+    def keep(record: RequestRecord) -> None:
+        records.append(record)
+        writer.write(record.to_dict())
+
+    try:
+        target = target_of(spec, os.environ)
+        requests = build_requests(scenario, Path(spec.prompts), int(spec.generation["max_new_tokens"]),
+                                  vocab_size(spec))
+        asyncio.run(probe(target))
+        value = scenario.get("value")
+        rate = (math.inf if value == "inf" else float(value)) if scenario.get("load") == "rate" else None
+        asyncio.run(run_load(target, requests, keep, rate=rate, burstiness=float(scenario.get("burstiness", 1.0)),
+                             seed=int(scenario.get("seed", 0)),
+                             concurrency=int(value) if scenario.get("load") == "concurrency" else None,
+                             duration_s=scenario.get("duration_s")))
+    except (EndpointError, ValueError, OSError) as exc:
+        atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))
+        return 1
+    finally:
+        writer.close()
+    failed = [r for r in records if not r.warmup and not r.ok]
+    error = None
+    if failed:
+        examples = "; ".join(sorted({r.error or f"HTTP {r.status}" for r in failed})[:3])
+        error = f"{len(failed)} of {sum(not r.warmup for r in records)} requests failed: {examples}"
+    atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started))
+    return 1 if failed else 0
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        print("usage: python -m distinfer.serving RUN_DIR", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(run(Path(sys.argv[1])))

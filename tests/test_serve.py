@@ -1,0 +1,202 @@
+"""distinfer's own server: continuous batching token-exact under concurrent arrivals, and the real HTTP server
+(`distinfer serve`, uvicorn, in its own process) driven by the official `openai` client and by distinfer's load
+generator."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.endpoint import wait_healthy
+from distinfer.models.loading import load_full_model, load_tokenizer
+from distinfer.serving.engine import BatchingEngine
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["Hello", "The capital city of France is", "def fibonacci(n):", "Once upon a time there was a little",
+           "import os\nimport sys\n\ndef main():", "Q: what is two plus two?\nA:"]
+
+
+def generate_alone(model, tokenizer, prompt: str, new: int) -> list[int]:  # noqa: ANN001
+    """HF generate on the prompt alone (greedy, the model's EOS), the new tokens through EOS."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    eos = model.generation_config.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=eos)
+    tokens = out[0, ids["input_ids"].shape[1]:].tolist()
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models, name: str) -> None:  # noqa: ANN001
+    """Six prompts of different lengths arrive while the others decode (and leave at different steps): each
+    request's greedy fp32 tokens equal `generate` on its prompt alone."""
+    model_dir = tiny_models[name]
+    model = load_full_model(model_dir, "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(model_dir)
+    lengths = [12, 20, 7, 16, 3, 20]
+    expected = [generate_alone(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
+    eos = model.generation_config.eos_token_id
+    engine = BatchingEngine(model, torch.device("cpu"), tuple(eos if isinstance(eos, list) else [eos]), max_batch=4)
+    worker = threading.Thread(target=engine.run_forever, daemon=True)
+    worker.start()
+    got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    ended: dict[int, str] = {}
+    try:
+        for i, (prompt, new) in enumerate(zip(PROMPTS, lengths)):
+            def emit(token: int | None, reason: str | None, i: int = i) -> None:
+                if token is not None:
+                    got[i].append(token)
+                else:
+                    ended[i] = reason
+            engine.submit(tokenizer(prompt)["input_ids"], new, emit)
+            deadline = time.monotonic() + 30
+            while i and len(got[i - 1]) < 2 and time.monotonic() < deadline:  # the last one is decoding by now
+                time.sleep(0.001)
+        deadline = time.monotonic() + 120
+        while len(ended) < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+        worker.join(timeout=10)
+    assert [got[i] for i in range(len(PROMPTS))] == expected
+    assert engine.stats.requests_finished == len(PROMPTS) and engine.stats.generated_tokens_total == sum(map(len, expected))
+    assert engine.stats.steps_total < sum(map(len, expected)), "requests shared decode steps"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, extra: list[str] | None = None) -> Iterator[str]:
+    """`distinfer serve configs/local-tiny.yaml` in its own process on a free loopback port; stopped by PID."""
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "serve", str(REPO / "configs/local-tiny.yaml"),
+                             "--port", str(port), *(extra or [])], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(url, proc, 120)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()}") from None
+        yield url
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then ends by the signal it caught (as the default action would)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), "SIGTERM stops the server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_the_openai_client_streams_tokens_as_they_are_generated(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    import openai
+
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(tiny_models["tiny-llama"])
+    prompt = "The capital city of France is"
+    expected = tokenizer.decode(generate_alone(model, tokenizer, prompt, 48), skip_special_tokens=True)
+    with running_server(tmp_path) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+        arrivals, text = [], ""
+        stream = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=48, temperature=0,
+                                           stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                arrivals.append(time.perf_counter())
+                text += chunk.choices[0].text
+        assert text == expected
+        assert len(arrivals) > 10 and arrivals[-1] - arrivals[0] > 0.02, "chunks arrive as generated, not at the end"
+        whole = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=48, temperature=0)
+        assert whole.choices[0].text == expected and whole.usage.completion_tokens == len(
+            generate_alone(model, tokenizer, prompt, 48))
+        with pytest.raises(openai.BadRequestError, match="positions"):
+            client.completions.create(model="tiny-llama", prompt="x", max_tokens=10**6, temperature=0)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="another-model", prompt="x", max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            client.completions.create(model="tiny-llama", prompt="x", max_tokens=4, n=2)
+
+
+def test_a_client_that_goes_away_frees_its_slot(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    import http.client
+
+    with running_server(tmp_path) as url:
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("POST", "/v1/completions", json.dumps(
+            {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 3000, "temperature": 0, "stream": True,
+             "ignore_eos": True}), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.read1(256)
+        connection.close()  # gone mid-stream
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+            if "distinfer_requests_cancelled_total 1" in metrics and "distinfer_requests_running 0" in metrics:
+                break
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.2)
+
+
+def test_the_load_generator_against_distinfers_server_gets_the_reference_tokens(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001,E501
+    """A serving run (rate 20, 8 requests) against `distinfer serve`: every request's streamed token ids equal
+    `generate` on its prompt alone, although the requests overlapped in the running batch."""
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(tiny_models["tiny-llama"])
+    prompts = [json.loads(line) for line in (REPO / "prompts/correctness.jsonl").read_text().splitlines()][:8]
+    with running_server(tmp_path) as url:
+        config = tmp_path / "e.yaml"
+        config.write_text(f"name: own\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+                          "generation: {max_new_tokens: 16}\nscenario: {kind: serving, rate: 20, requests: 8, "
+                          f"warmup_requests: 0}}\nendpoint: {{url: '{url}', model: tiny-llama}}\n")
+        proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                               str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "out/own/endpoint-rate20/requests.jsonl").read_text().splitlines()]
+    assert len(records) == 8
+    for record in records:
+        prompt = next(p["prompt"] for p in prompts if p["id"] == record["prompt_id"])
+        assert record["token_ids"] == generate_alone(model, tokenizer, prompt, 16), record["prompt_id"]
+    summary = json.loads((tmp_path / "out/own/endpoint-rate20/summary.json").read_text())
+    assert summary["status"] == "ok" and summary["peak_concurrency"] >= 2, "requests overlapped"
+
+
+def test_the_chat_page_streams_an_answer_in_a_browser(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """The page at `/` in headless Chromium (Debian's): it sends the prompt, streams the answer into the page and
+    shows its TTFT and tokens/s."""
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(tiny_models["tiny-llama"])
+    expected = tokenizer.decode(generate_alone(model, tokenizer, "Hello", 16), skip_special_tokens=True)
+    from browser import evaluate_when
+
+    with running_server(tmp_path) as url:
+        shown = evaluate_when(f"{url}/?prompt=Hello&max_tokens=16",
+                              "document.getElementById('figures')?.dataset.done === '1'",
+                              "[document.getElementById('answer').textContent, "
+                              "document.getElementById('figures').textContent]")
+    answer, figures = shown
+    assert answer == expected
+    assert figures.startswith("TTFT ") and "tokens/s" in figures, figures

@@ -1,0 +1,171 @@
+"""Serving runs against an OpenAI-compatible endpoint: the schedule, the metrics on known numbers, and real runs of
+the load generator against a real HTTP server (bench/endpoint.py, which streams instantly, in its own process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distinfer.serving.metrics import peak_concurrency, summarize
+from distinfer.serving.records import RequestRecord
+from distinfer.serving.schedule import arrival_offsets
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.endpoint import free_port, serve_instant  # noqa: E402
+
+
+def test_arrivals_are_seeded_and_have_the_rate_and_burstiness_asked_for() -> None:
+    poisson = arrival_offsets(20000, rate=50.0, seed=7)
+    assert poisson == arrival_offsets(20000, rate=50.0, seed=7) and poisson != arrival_offsets(20000, 50.0, seed=8)
+    gaps = [b - a for a, b in zip(poisson, poisson[1:])]
+    assert poisson[0] == 0.0 and statistics.mean(gaps) == pytest.approx(1 / 50, rel=0.03)
+    assert statistics.stdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, rel=0.05)  # exponential gaps
+    bursty = arrival_offsets(20000, rate=50.0, burstiness=0.25, seed=7)
+    bursty_gaps = [b - a for a, b in zip(bursty, bursty[1:])]
+    assert statistics.mean(bursty_gaps) == pytest.approx(1 / 50, rel=0.05)
+    assert statistics.stdev(bursty_gaps) / statistics.mean(bursty_gaps) == pytest.approx(2.0, rel=0.08)  # 1/sqrt(k)
+    assert arrival_offsets(5, math.inf) == [0.0] * 5
+    with pytest.raises(ValueError):
+        arrival_offsets(5, 0.0)
+
+
+def _record(index: int, sent: float, tokens: list[float], warmup: bool = False, error: str | None = None) -> RequestRecord:  # noqa: E501
+    return RequestRecord(index, f"p{index}", planned_s=sent, sent_s=sent, token_times_s=tokens,
+                         end_s=tokens[-1] if tokens else sent + 0.1, output_tokens=len(tokens),
+                         status=500 if error else 200, error=error, warmup=warmup)
+
+
+def test_serving_metrics_on_known_numbers() -> None:
+    """vLLM's definitions: TTFT from the send, TPOT = (E2E - TTFT) / (tokens - 1), ITL pooled, goodput the
+    requests meeting every SLO per second of the measured span."""
+    records = [
+        _record(0, 0.0, [0.5, 0.6], warmup=True),  # not measured
+        _record(1, 1.0, [1.2, 1.3, 1.4]),  # TTFT 0.2, TPOT 0.1, E2E 0.4
+        _record(2, 1.5, [2.0, 2.4, 2.8]),  # TTFT 0.5, TPOT 0.4, E2E 1.3
+        _record(3, 2.0, [], error="HTTP 500"),
+    ]
+    s = summarize(records, slo={"ttft": 0.3, "tpot": 0.2}, offered_rate=2.0)
+    assert (s["requests"], s["completed"], s["errors"]) == (3, 2, 1)
+    assert s["duration_s"] == pytest.approx(1.8)  # first send 1.0 to last end 2.8
+    assert s["request_throughput"] == pytest.approx(2 / 1.8) and s["output_tokens"] == 6
+    assert s["ttft_s"]["mean"] == pytest.approx(0.35) and s["ttft_s"]["p50"] == pytest.approx(0.35)
+    assert s["tpot_s"]["p99"] == pytest.approx(0.1 + 0.3 * 0.99)
+    assert sorted(round(v, 3) for v in [0.1, 0.1, 0.4, 0.4]) == [0.1, 0.1, 0.4, 0.4]
+    assert s["itl_s"]["mean"] == pytest.approx(0.25)
+    assert s["goodput"] == pytest.approx(1 / 1.8) and s["slo_attained"] == 0.5
+    assert s["achieved_rate"] == pytest.approx(2 / 1.0)  # three sends over one second
+    assert s["error_examples"] == ["HTTP 500"]
+    assert peak_concurrency([_record(1, 0.0, [1.0]), _record(2, 0.5, [2.0]), _record(3, 1.0, [1.5])]) == 2
+
+
+def _experiment(folder: Path, url: str, scenario: str, extra: str = "") -> Path:
+    config = folder / "e.yaml"
+    config.write_text(f"name: ep\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+                      f"generation: {{max_new_tokens: 8}}\nscenario: {scenario}\n"
+                      f"endpoint: {{url: '{url}', model: tiny{extra}}}\n")
+    return config
+
+
+def _run(config: Path, outputs: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs", str(outputs)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_a_rate_sweep_against_an_endpoint_writes_requests_and_serving_figures(tmp_path: Path) -> None:
+    with serve_instant() as server:
+        url = server.url
+        config = _experiment(tmp_path, url, "{kind: serving, rate: [20, inf], requests: 30, warmup_requests: 2, "
+                                            "slo: {ttft: 500ms, e2e: 2s}}", ", api_key_env: DISTINFER_TEST_KEY")
+        env = {**os.environ, "DISTINFER_TEST_KEY": "sk-test-do-not-write-7f3a"}
+        proc = _run(config, tmp_path / "out", env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for run_id, offered in (("endpoint-rate20", 20.0), ("endpoint-rateinf", "inf")):
+        bundle = tmp_path / "out" / "ep" / run_id
+        records = [json.loads(line) for line in (bundle / "requests.jsonl").read_text().splitlines()]
+        assert len(records) == 32 and sum(r["warmup"] for r in records) == 2
+        for r in records:
+            assert r["status"] == 200 and r["output_tokens"] == 8 and len(r["token_times_s"]) == 8
+            assert r["sent_s"] >= r["planned_s"] - 1e-6 and r["finish_reason"] == "length"
+        summary = json.loads((bundle / "summary.json").read_text())
+        assert summary["status"] == "ok" and summary["completed"] == 30 and summary["errors"] == 0
+        assert summary["offered_rate"] == offered and summary["goodput"] == pytest.approx(summary["request_throughput"])
+        assert set(summary["ttft_s"]) == {"mean", "std", "p50", "p90", "p95", "p99"}
+        assert summary["output_tokens_per_s"] > 0 and summary["peak_concurrency"] >= 1
+    assert json.loads((tmp_path / "out/ep/endpoint-rate20/summary.json").read_text())["achieved_rate"] == \
+        pytest.approx(20, rel=0.5)
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert "sk-test-do-not-write-7f3a" not in path.read_text(errors="replace"), f"the key leaked into {path}"
+    analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(tmp_path / "out/ep"), "--out",
+                               str(tmp_path / "analysis")], capture_output=True, text=True, timeout=300)
+    assert analysis.returncode == 0, analysis.stderr
+    out = tmp_path / "analysis" / "ep"
+    import pandas as pd
+
+    table = pd.read_csv(out / "serving.csv")
+    assert list(pd.to_numeric(table["load_value"])) == [20.0, math.inf]
+    knee = pd.read_csv(out / "serving_knee.csv")
+    assert len(knee) == 1 and str(knee["highest_load_meeting_slo"].iloc[0]) == "inf"  # the instant server meets any
+    assert {p.stem for p in (out / "plots").glob("*.svg")} == {"latency_throughput", "goodput"}
+    assert not (out / "strong_scaling.csv").exists() and not (out / "correctness.csv").exists()
+    svg = (out / "plots" / "goodput.svg").read_text()
+    assert "TTFT ≤ 500 ms" in svg and "E2E ≤ 2000 ms" in svg and "inf" in svg
+    report = (out / "report.md").read_text()
+    assert report.index("Serving: each layout") < report.index("Runs and their states") or "Serving" in report
+
+
+def test_a_closed_loop_keeps_the_users_busy(tmp_path: Path) -> None:
+    with serve_instant() as server:
+        url = server.url
+        proc = _run(_experiment(tmp_path, url, "{kind: serving, concurrency: [1, 4], requests: 40}"), tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = json.loads((tmp_path / "out/ep/endpoint-c1/summary.json").read_text())
+    four = json.loads((tmp_path / "out/ep/endpoint-c4/summary.json").read_text())
+    assert one["peak_concurrency"] == 1 and 2 <= four["peak_concurrency"] <= 4
+    assert one["completed"] == four["completed"] == 40
+
+
+def test_an_unreachable_endpoint_fails_the_run_clearly_and_soon(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = _run(_experiment(tmp_path, f"http://127.0.0.1:{free_port()}", "{kind: serving, rate: 5, requests: 5}"),
+                tmp_path / "out")
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "out/ep/endpoint-rate5/summary.json").read_text())
+    assert summary["status"] == "failed" and "cannot reach http://127.0.0.1" in summary["error"]
+    assert "cannot reach" in proc.stdout
+
+
+def test_a_server_killed_mid_run_fails_the_run_and_keeps_the_requests_so_far(tmp_path: Path) -> None:
+    with serve_instant() as server:
+        url = server.url
+        config = _experiment(tmp_path, url, "{kind: serving, rate: 20, requests: 100, timeout_s: 20}")
+        run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            requests = tmp_path / "out/ep/endpoint-rate20/requests.jsonl"
+            deadline = time.monotonic() + 60
+            while (not requests.exists() or len(requests.read_text().splitlines()) < 20) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os.kill(server.pid, signal.SIGKILL)
+            run.wait(timeout=60)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert run.returncode == 1
+    summary = json.loads((tmp_path / "out/ep/endpoint-rate20/summary.json").read_text())
+    records = [json.loads(line) for line in requests.read_text().splitlines()]
+    assert summary["status"] == "failed" and "requests failed" in summary["error"]
+    assert sum(r["status"] == 200 for r in records) >= 19 and any(r["error"] for r in records)
+    assert summary["completed"] >= 19, "the figures of the requests that succeeded stay"
