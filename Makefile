@@ -19,9 +19,9 @@ $(VENV)/.installed: requirements.txt requirements-cluster.txt pyproject.toml
 models: setup
 	$(BIN)/distinfer models build-tiny
 
-# The demo study on this machine's CPU: strong scaling (1, 2, 3 stages), weak scaling, a batch sweep and a
-# precision sweep (fp32, fp16, bf16, int8) on the tiny Llama, then the analysis of each.
-DEMO := local-strong local-weak local-batch local-precision
+# The demo study on this machine's CPU: strong scaling (1, 2, 3 stages), weak scaling, a batch sweep, a
+# precision sweep (fp32, fp16, bf16, int8) and a serving load sweep on the tiny Llama, then the analysis of each.
+DEMO := local-strong local-weak local-batch local-precision local-serving
 
 demo: models
 	@for c in $(DEMO); do $(BIN)/distinfer run configs/$$c.yaml --local || exit 1; done

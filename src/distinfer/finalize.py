@@ -26,11 +26,11 @@ def finalize_run(run_dir: Path, exit_code: int) -> dict | None:
     spec = run_info.get("run", {})
     world = int(spec.get("pp", 1)) * int(spec.get("tp", 1) or 1)
     summary = bundle.summary()
-    if spec.get("engine") == "endpoint":  # one load-generator process, no ranks
+    if (spec.get("scenario") or {}).get("kind") == "serving":  # one load-generator process, no ranks
         if summary is None:
             summary = {"status": "failed", "error": f"the load generator stopped without a summary (exit code "
                        f"{exit_code}); requests.jsonl keeps the requests that finished",
-                       "run_id": spec.get("run_id"), "experiment": spec.get("experiment"), "engine": "endpoint",
+                       "run_id": spec.get("run_id"), "experiment": spec.get("experiment"), "engine": spec.get("engine"),
                        "world_size": 1, "ranks": [], "finalized_at": time.time()}
             atomic_write_json(bundle.summary_json, summary)
         return summary

@@ -104,6 +104,11 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     A serving scenario against an endpoint gives one run per rate or user count."""
     if exp.endpoint is not None:
         return expand_endpoint(exp, spec_file)
+    runs = _expand_offline(exp, spec_file)
+    return expand_serving(exp, runs) if exp.scenario.kind == "serving" else runs
+
+
+def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     par = exp.parallel
     if par.layers == "auto":
         layouts: list[tuple[int, list[int] | None]] = [(pp, None) for pp in as_list(par.pp)]
@@ -181,14 +186,38 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     return list(runs.values())
 
 
+def serving_scenario(exp: Experiment, kind: str, value: float | int) -> dict:
+    """A serving run's `scenario`: the experiment's, with this run's load (`inf` as a string, for JSON)."""
+    scenario = exp.scenario.model_dump(exclude={"rate", "concurrency"})
+    return {**scenario, "slo_s": exp.scenario.slo.seconds(), "load": kind,
+            "value": "inf" if value == float("inf") else value}
+
+
+def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
+    """distinfer's server measured at each load, for each layout the experiment names (run ids such as
+    pipeline-pp1-fp32-rate4, reference-fp32-c8); with `reference: auto` the offline reference runs stay, so
+    that the served tokens are checked against them."""
+    from distinfer.scenario import load_tag
+
+    listed = set(as_list(exp.parallel.engine))
+    runs = [r for r in offline if r.engine == "reference" and exp.reference == "auto"]
+    for run in offline:
+        if run.engine not in listed:
+            continue
+        layout = f"pipeline-pp{run.pp}-{PRECISION_TAGS[run.precision]}" if run.engine == "pipeline" else \
+            f"{run.engine}-{PRECISION_TAGS[run.precision]}"
+        for kind, value in exp.scenario.loads():
+            runs.append(dataclasses.replace(run, run_id=f"{layout}-{load_tag(kind, value)}", batch_size=1,
+                                            warmup=0, scenario=serving_scenario(exp, kind, value)))
+    return list({r.run_id: r for r in runs}.values())
+
+
 def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     """One run per load of the serving sweep, each measuring the experiment's endpoint (run ids such as
     endpoint-rate4, endpoint-rateinf, endpoint-c8)."""
     from distinfer.scenario import load_tag
 
     assert exp.endpoint is not None
-    scenario = exp.scenario.model_dump(exclude={"rate", "concurrency"})
-    scenario["slo_s"] = exp.scenario.slo.seconds()
     runs = []
     for kind, value in exp.scenario.loads():
         runs.append(RunSpec(
@@ -198,8 +227,7 @@ def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             prompts=str(resolve_path(exp.prompts if isinstance(exp.prompts, str) else exp.prompts.texts, spec_file)),
             generation=exp.generation.model_dump(), pp=1, layers=None, microbatches=1, batch_size=1, warmup=0,
             repeats=1, timeout_s=exp.scenario.timeout_s, study=exp.study,
-            scenario={**scenario, "load": kind, "value": "inf" if value == float("inf") else value},
-            endpoint=exp.endpoint.model_dump()))
+            scenario=serving_scenario(exp, kind, value), endpoint=exp.endpoint.model_dump()))
     return runs
 
 

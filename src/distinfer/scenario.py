@@ -102,6 +102,10 @@ class ScenarioSpec(_Strict):
     slo: SLOSpec = SLOSpec()
     timeout_s: Annotated[float, Field(gt=0)] = 600.0
     """A request without an answer after this long counts as an error."""
+    max_batch: Annotated[int, Field(ge=1)] = 32
+    """distinfer's server: requests decoded together at most (more wait to join)."""
+    health_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """distinfer's server: how long it may take to load and answer /health before the run fails."""
 
     @field_validator("rate", mode="before")
     @classmethod

@@ -70,9 +70,9 @@ def profiler_prefix(run: RunSpec, run_dir: Path) -> list[str]:
 
 def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, run_dir: Path) -> str:
     """The job script of one run (a pure function of its arguments)."""
-    if run.engine == "endpoint":
-        raise RenderError(f"{run.run_id}: a serving run against an endpoint needs no job: run the load from a machine "
-                          "that reaches the endpoint, with `distinfer run FILE --local`")
+    if run.serving:
+        raise RenderError(f"{run.run_id}: serving runs start their server and load from one machine: "
+                          "`distinfer run FILE --local` there")
     run_dir = run_dir.resolve() if not run_dir.is_absolute() else run_dir
     if not SAFE_PATH.match(str(run_dir)):
         raise RenderError(f"outputs path {str(run_dir)!r} cannot go in #SBATCH lines; use letters, digits and . _ - / + @ only")

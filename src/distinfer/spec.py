@@ -511,23 +511,29 @@ def _check_serving(path: Path, exp: Experiment) -> None:
                         "set scenario.kind: serving (with a rate or a concurrency)")
     if not serving:
         return
-    if exp.endpoint is None:
-        raise SpecError(f"{path}: field 'scenario': a serving scenario needs `endpoint` (the OpenAI-compatible "
-                        "server to measure: url, model)")
+    against = "an endpoint" if exp.endpoint is not None else "distinfer's server"
     offline_only = [name for name, wanted in (
         ("prompts_per_rank", exp.prompts_per_rank is not None),
         ("batch_size", "batch_size" in exp.model_fields_set),
-        ("parallel", "parallel" in exp.model_fields_set),
+        ("parallel", exp.endpoint is not None and "parallel" in exp.model_fields_set),
         ("benchmark.repeats", exp.benchmark.repeats != 1),
         ("benchmark.warmup", "warmup" in exp.benchmark.model_fields_set),
         ("accuracy", "accuracy" in exp.model_fields_set),
         ("study", exp.study not in ("matrix",)),
-        ("model.dtype", isinstance(exp.model.dtype, list)),
+        ("model.dtype", exp.endpoint is not None and isinstance(exp.model.dtype, list)),
     ) if wanted]
     if offline_only:
-        raise SpecError(f"{path}: field '{offline_only[0]}': not used by a serving scenario against an endpoint "
-                        "(the server batches and lays out the model itself; warm-up is "
+        raise SpecError(f"{path}: field '{offline_only[0]}': not used by a serving scenario against {against} "
+                        "(the server batches requests itself, up to scenario.max_batch; warm-up is "
                         "scenario.warmup_requests); remove it")
+    if exp.endpoint is None:
+        engines = [e for e in as_list(exp.parallel.engine) if e != "reference"]
+        if engines != ["pipeline"] and engines:
+            raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the pipeline and reference "
+                            f"engines; got {', '.join(engines)}")
+        if as_list(exp.parallel.pp) != [1] or layer_lists(exp.parallel):
+            raise SpecError(f"{path}: field 'parallel.pp': distinfer's server serves one-rank layouts (pp 1); "
+                            f"got {as_list(exp.parallel.pp)}")
 
 
 def _check_context(path: Path, exp: Experiment, config: dict) -> None:

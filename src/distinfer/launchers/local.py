@@ -41,7 +41,7 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
     """The ranks under a local torchrun; a serving run against an endpoint is one load-generator process."""
-    if run.engine == "endpoint":
+    if run.serving:  # the load generator (which starts distinfer's server where it measures that)
         return [sys.executable, "-m", "distinfer.serving", str(bundle.root)]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",

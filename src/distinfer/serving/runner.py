@@ -1,4 +1,5 @@
-"""A serving run's process: `python -m distinfer.serving RUN_DIR` loads the endpoint as run.json says.
+"""A serving run's process: `python -m distinfer.serving RUN_DIR` loads the endpoint as run.json says, or
+distinfer's own server for the run's layout, which it starts (server.log), waits for, and stops.
 
 Checks that the endpoint answers (a clear error within seconds if it does not), sends the scenario's
 requests, appends each finished request to requests.jsonl, and writes summary.json last: `ok` when every
@@ -9,11 +10,16 @@ stay). SIGTERM or Ctrl-C writes `cancelled` with what was measured so far.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -57,11 +63,17 @@ def target_of(run: RunSpec, environ: dict[str, str] | os._Environ) -> Target:
     key_env = endpoint.get("api_key_env")
     if key_env and not environ.get(key_env):
         raise EndpointError(f"endpoint.api_key_env names {key_env}, which is not set in this environment")
-    sampling = run.generation
-    extra = {} if sampling.get("sampling", "greedy") == "greedy" else {
-        "temperature": sampling["temperature"], "top_p": sampling["top_p"], "seed": sampling["seed"]}
     return Target(endpoint["url"], endpoint["model"], environ.get(key_env) if key_env else None,
-                  float(scenario.get("timeout_s", 600.0)), extra)
+                  float(scenario.get("timeout_s", 600.0)), sampling_body(run))
+
+
+def sampling_body(run: RunSpec) -> dict:
+    """The request fields of the run's sampling (greedy: the load generator's temperature 0)."""
+    sampling = run.generation
+    if sampling.get("sampling", "greedy") == "greedy":
+        return {}
+    return {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": sampling["top_k"],
+            "seed": sampling["seed"]}
 
 
 def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float) -> dict:
@@ -74,9 +86,71 @@ def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str 
     return {"status": status, "error": error, "run_id": run.run_id, "experiment": run.experiment,
             "engine": run.engine, "world_size": 1, "batch_size": None, "scenario": "serving",
             "load": scenario.get("load"), "load_value": value, "endpoint": (run.endpoint or {}).get("url"),
-            "served_model": (run.endpoint or {}).get("model"), "config_hash": run.config_hash(), **figures,
+            "served_model": (run.endpoint or {}).get("model") or (run.builtin or Path(run.model_path).name),
+            "pp": run.pp, "tp": run.tp, "microbatches": run.microbatches, "precision": run.precision,
+            "config_hash": run.config_hash(), **figures,
             "prompts_per_s": figures["request_throughput"], "started_at": started, "finished_at": time.time(),
             "ranks": []}
+
+
+@contextlib.contextmanager
+def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
+    """distinfer's server for this run (`python -m distinfer.serving.serve`) on a free loopback port, its output
+    in server.log; yields the target once /health answers; stopped by its PID (SIGTERM, then SIGKILL)."""
+    from distinfer.serving.serve import served_name
+
+    with socket.socket() as probe_socket:  # a loopback port that was free a moment ago
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    log = (run_dir / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.serve", str(run_dir), "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + float((run.scenario or {}).get("health_timeout_s", 300.0))
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    raise EndpointError(f"distinfer's server exited with code {server.returncode} before it became "
+                                        f"healthy; see {run_dir / 'server.log'}") from None
+                if time.monotonic() > deadline:
+                    raise EndpointError(f"distinfer's server was not healthy within the scenario's "
+                                        f"health_timeout_s; see {run_dir / 'server.log'}") from None
+                time.sleep(0.2)
+        yield Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)),
+                     sampling_body(run))
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        log.close()
+
+
+def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file: Path) -> None:
+    """completions.jsonl from the served token ids: each prompt once (its first request), in the prompt file's
+    order, as an offline run writes it, so that the analysis checks them against the reference."""
+    from distinfer.prompts import load_prompts
+
+    served = {}
+    for record in records:
+        if record.ok and record.token_ids is not None:
+            served.setdefault(record.prompt_id, record)
+    writer = JsonlWriter(run_dir / "completions.jsonl")
+    try:
+        for prompt in load_prompts(prompts_file):
+            record = served.get(prompt.id)
+            if record is not None:
+                writer.write({"id": prompt.id, "prompt": prompt.prompt, "output_token_ids": record.token_ids,
+                              "text": record.text, "finish_reason": record.finish_reason})
+    finally:
+        writer.close()
 
 
 def run(run_dir: Path) -> int:
@@ -86,10 +160,12 @@ def run(run_dir: Path) -> int:
     started = time.time()
     records: list[RequestRecord] = []
     writer = JsonlWriter(run_dir / "requests.jsonl")
+    stack = contextlib.ExitStack()
 
     def stop(signum: int, _frame: object) -> None:
         atomic_write_json(bundle.summary_json, summary(spec, records, "cancelled",
                                                        f"stopped by {signal.Signals(signum).name}", started))
+        stack.close()  # the server, if this run started one
         os._exit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -100,9 +176,9 @@ def run(run_dir: Path) -> int:
         writer.write(record.to_dict())
 
     try:
-        target = target_of(spec, os.environ)
         requests = build_requests(scenario, Path(spec.prompts), int(spec.generation["max_new_tokens"]),
                                   vocab_size(spec))
+        target = target_of(spec, os.environ) if spec.endpoint else stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
         value = scenario.get("value")
         rate = (math.inf if value == "inf" else float(value)) if scenario.get("load") == "rate" else None
@@ -115,6 +191,9 @@ def run(run_dir: Path) -> int:
         return 1
     finally:
         writer.close()
+        stack.close()
+    if not spec.endpoint:
+        write_completions(run_dir, records, Path(spec.prompts))
     failed = [r for r in records if not r.warmup and not r.ok]
     error = None
     if failed:

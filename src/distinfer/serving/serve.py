@@ -50,3 +50,24 @@ def serve(run: RunSpec, host: str, port: int, max_batch: int = 32) -> None:
     finally:
         engine.stop()
         worker.join(timeout=10)
+
+
+def main() -> None:
+    """`python -m distinfer.serving.serve RUN_DIR --port P`: the server of a serving run (started by its runner)."""
+    import argparse
+
+    from distinfer.bundle import RunBundle, read_json
+    from distinfer.quiet import route_third_party_logs
+
+    parser = argparse.ArgumentParser(description="serve one run's model")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    route_third_party_logs()
+    run = RunSpec.from_dict((read_json(RunBundle(args.run_dir).run_json) or {})["run"])
+    serve(run, args.host, args.port, int((run.scenario or {}).get("max_batch", 32)))
+
+
+if __name__ == "__main__":
+    main()
