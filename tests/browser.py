@@ -4,6 +4,9 @@ it, read a value back. The browser runs in its own process with a throw-away pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import json
 import socket
 import subprocess
@@ -45,10 +48,10 @@ async def _evaluate(ws_url: str, until: str, result: str, timeout_s: float) -> o
 def evaluate_when(url: str, until: str, result: str, timeout_s: float = 60) -> object:
     """Open `url`, wait until the JavaScript `until` is true, and return the JavaScript `result`'s value."""
     port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="distinfer-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="distinfer-chromium-", ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
                                     f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -62,10 +65,13 @@ def evaluate_when(url: str, until: str, result: str, timeout_s: float = 60) -> o
                         raise RuntimeError("chromium did not open its DevTools port") from None
                     time.sleep(0.2)
             return asyncio.run(_evaluate(page["webSocketDebuggerUrl"], until, result, timeout_s))
-        finally:
-            browser.terminate()
+        finally:  # the browser and its helper processes, by their process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGTERM)
             try:
                 browser.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                browser.kill()
+                os.killpg(browser.pid, signal.SIGKILL)
                 browser.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGKILL)  # helpers that outlived the main process

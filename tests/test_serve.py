@@ -224,6 +224,7 @@ def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path:
     analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(out), "--out", str(tmp_path / "a")],
                               capture_output=True, text=True, timeout=300)
     assert analysis.returncode == 0, analysis.stderr
+    assert "0 problem(s)" in analysis.stdout, analysis.stdout
     import pandas as pd
 
     correctness = pd.read_csv(tmp_path / "a/study/correctness.csv").set_index("run_id")

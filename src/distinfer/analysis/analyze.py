@@ -101,7 +101,9 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
     }
     made: list[str] = []
     for name, draw in drawn.items():
-        applies = {"latency": not offline.empty, "latency_throughput": "serving" in tables,
+        offline_study = not offline.empty and "serving" not in tables  # a serving study's offline runs are its references
+        applies = {"latency": offline_study, "time_breakdown": offline_study and "time_breakdown" in tables,
+                   "latency_throughput": "serving" in tables,
                    "goodput": "serving" in tables and (tables["serving"]["load"] == "rate").any()}
         if applies.get(name, name in tables):
             draw()

@@ -86,7 +86,8 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         if summary.get("status") != "ok":
             problems.append({"run_id": run_dir.name, "problem": f"{summary.get('status')}: {summary.get('error')}"})
             continue
-        missing = [r for r in range(int(summary.get("world_size", 1)))
+        ranks_writing = 0 if summary.get("scenario") == "serving" else int(summary.get("world_size", 1))  # a server's
+        missing = [r for r in range(ranks_writing)  # ranks write no per-step metrics files
                    if not (run_dir / f"metrics_rank_{r}.json").is_file()]
         if missing:
             problems.append({"run_id": run_dir.name, "problem": f"metrics of rank(s) {missing} missing; "

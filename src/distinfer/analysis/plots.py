@@ -203,21 +203,21 @@ def _serving_label(key: tuple) -> str:
 
 
 def latency_throughput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
-    """TTFT and TPOT (p50 solid, p99 dashed) against the achieved request rate, one colour per layout; the
-    SLO, where one was set, as a grey line."""
+    """TTFT and TPOT (p50 solid, p99 dashed) against the request throughput (requests completed per second),
+    one colour per layout; the SLO, where one was set, as a grey line."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     keys = ["engine", "served_model", "world_size", "microbatches", "load"]
     for index, (key, group) in enumerate(table.groupby(keys, dropna=False)):
-        group = group.sort_values("achieved_rate")
+        group = group.sort_values("request_throughput")
         for ax, metric in zip(axes, ("ttft", "tpot")):
             for stat, style in (("p50", "-"), ("p99", "--")):
-                ax.plot(group["achieved_rate"], group[f"{metric}_{stat}_s"] * 1000, style, marker="o",
+                ax.plot(group["request_throughput"], group[f"{metric}_{stat}_s"] * 1000, style, marker="o",
                         color=f"C{index}", label=f"{_serving_label(key)} {stat}")
     for ax, metric, title in ((axes[0], "ttft", "time to first token"), (axes[1], "tpot", "time per output token")):
         column = f"slo_{metric}_s"
         if column in table and table[column].notna().any():
             ax.axhline(float(table[column].dropna().iloc[0]) * 1000, color="grey", linestyle=":", label="SLO")
-        ax.set_xlabel("achieved request rate (requests/s)")
+        ax.set_xlabel("request throughput (requests completed/s)")
         ax.set_ylabel(f"{metric.upper()} (ms)")
         ax.set_title(title)
         ax.legend(fontsize=7)

@@ -83,7 +83,7 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         ("Time per rank: compute, communication, waiting", tables.get("time_breakdown", empty)),
         ("Provenance", _provenance(loaded)),
     ]
-    title = f"distinfer report: {loaded.name}, {loaded.study} ({loaded.model} on {loaded.hardware})"
+    title = f"distinfer report: {loaded.name}, {lead} ({loaded.model} on {loaded.hardware})"
     md = [f"# {title}\n"]
     if loaded.problems:
         md.append("**Problems:** " + "; ".join(f"`{p['run_id']}`: {p['problem']}" for p in loaded.problems) + "\n")
