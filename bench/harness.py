@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -99,6 +100,21 @@ def write_synthetic_experiment(root: Path, name: str, bundles: int, seed: int = 
     return folder
 
 
+def file_floor_s(folder: Path, runs: int) -> float:
+    """Seconds this machine takes to create what a plan of `runs` runs must: a folder and two small files (temp
+    file + rename) each, and nothing else: the floor under `plan`'s figure."""
+    start = time.perf_counter()
+    for index in range(runs):
+        run = folder / f"r{index}"
+        run.mkdir(parents=True)
+        for name in ("run.json", "job.sbatch"):
+            descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=run)
+            os.write(descriptor, b"x" * 1500)
+            os.close(descriptor)
+            os.replace(temporary, run / name)
+    return time.perf_counter() - start
+
+
 def _seconds(command: list[str], cwd: Path) -> float:
     start = time.perf_counter()
     subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
@@ -124,8 +140,10 @@ def main() -> None:
         planned = plan_experiment(load_experiment(config, require_model=False), config, work / "plan-library")
         plan_s = time.perf_counter() - start
         plan_cli_s = _seconds([*cli, "plan", str(config), "--outputs", str(work / "plan-cli")], work)
+        floor_s = file_floor_s(work / "floor", len(planned))
         print(f"plan, {len(planned)} runs: {plan_s:.2f} s in the library ({plan_s / len(planned) * 1e3:.2f} ms a run),"
-              f" {plan_cli_s:.2f} s through `distinfer plan` (interpreter start included)")
+              f" {plan_cli_s:.2f} s through `distinfer plan` (interpreter start included); creating the same "
+              f"folders and files alone took {floor_s:.2f} s here")
 
         start = time.perf_counter()
         folder = write_synthetic_experiment(work / "outputs", "harness-analyze", args.bundles)
