@@ -184,3 +184,26 @@ def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, tmp_pa
     assert (run_dir / "attempts" / "1" / "summary.json").is_file(), "the timed-out attempt is kept"
     assert cli(slurm, tmp_path, "cancel", "slurm-tiny").returncode == 0
     wait_for_jobs(slurm, tmp_path, "slurm-tiny", timeout=60)
+
+
+def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """One job per load on the real local cluster: distinfer's server starts on the allocation, the load runs from the
+    same node, the server stops, and the bundle is finalized; the served tokens equal the offline reference's."""
+    config = tmp_path / "e.yaml"
+    config.write_text(
+        f"name: slurm-serving\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+        "generation: {max_new_tokens: 8}\nparallel: {engine: pipeline, pp: 1}\n"
+        "scenario: {kind: serving, rate: inf, requests: 6, warmup_requests: 1}\n"
+        "cluster: {profile: cpu, time: '00:10:00'}\n")
+    proc = cli(slurm, tmp_path, "submit", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("submitted") == 2  # the load and the offline reference
+    wait_for_jobs(slurm, tmp_path, "slurm-serving")
+    out = tmp_path / "outputs" / "slurm-serving"
+    rows = status_rows(slurm, tmp_path, "slurm-serving")
+    assert rows == {"pipeline-pp1-fp32-rateinf": ("COMPLETED", "ok"), "reference-b1-fp32": ("COMPLETED", "ok")}, \
+        f"{rows}\n{job_logs(out)}"
+    served = out / "pipeline-pp1-fp32-rateinf"
+    assert len((served / "requests.jsonl").read_text().splitlines()) == 7 and (served / "server.log").exists()
+    reference = completions(out / "reference-b1-fp32")
+    assert completions(served) == reference[: len(completions(served))] and len(completions(served)) == 7

@@ -174,7 +174,7 @@ def test_atomic_json_and_jsonl(tmp_path: Path) -> None:
 def test_a_stop_signal_after_the_time_limit_is_a_timeout() -> None:
     from datetime import datetime
 
-    from distinfer.runtime.worker import stop_status
+    from distinfer.finalize import stop_status
 
     end = datetime(2026, 1, 1, 12, 0, 0)
     at = end.timestamp()

@@ -11,9 +11,21 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 from distinfer.bundle import RunBundle, atomic_write_json, read_json
+
+
+def stop_status(environ: Mapping[str, str], now: float) -> str:
+    """`timeout` when a stop signal comes at or after the Slurm job's time limit (the job script exports its
+    end as DISTINFER_JOB_END, from squeue), else `cancelled` (scancel, Ctrl-C)."""
+    try:
+        end = datetime.fromisoformat(environ.get("DISTINFER_JOB_END", "")).timestamp()
+    except ValueError:  # not under Slurm, or no limit (UNLIMITED, N/A)
+        return "cancelled"
+    return "timeout" if now >= end - 2 else "cancelled"
 
 
 def finalize_run(run_dir: Path, exit_code: int) -> dict | None:

@@ -48,7 +48,8 @@ def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[Memor
     profile = HARDWARE[exp.cluster.profile]
     stages = split_layers(facts.layers, run.pp, run.layers) if run.engine != "reference" else split_layers(facts.layers, 1)
     ctx = context_tokens(run)
-    per_stage = [estimate_stage_memory(facts, s, run.dtype, run.batch_size, ctx, profile.memory_bytes, profile.gpu,
+    batch = int((run.scenario or {}).get("max_batch", 32)) if run.serving else run.batch_size  # a server's running batch
+    per_stage = [estimate_stage_memory(facts, s, run.dtype, batch, ctx, profile.memory_bytes, profile.gpu,
                                        run.quantization, run.tp) for s in stages]
     return [memory for memory in per_stage for _ in range(run.tp)]  # one per rank: a stage's tp ranks alike
 

@@ -20,6 +20,7 @@ from distinfer.profiles import HARDWARE
 from distinfer.spec import ClusterSpec, ContainerSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch.tmpl"
+SERVING_TEMPLATE = TEMPLATE.with_name("serving.sbatch.tmpl")  # one task: server, load and stop (serving/runner.py)
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+@-]+$")  # no %: Slurm expands %j, %u, ... in --output
 
 
@@ -70,9 +71,9 @@ def profiler_prefix(run: RunSpec, run_dir: Path) -> list[str]:
 
 def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, run_dir: Path) -> str:
     """The job script of one run (a pure function of its arguments)."""
-    if run.serving:
-        raise RenderError(f"{run.run_id}: serving runs start their server and load from one machine: "
-                          "`distinfer run FILE --local` there")
+    if run.engine == "endpoint":
+        raise RenderError(f"{run.run_id}: a serving run against an endpoint needs no job: run the load from a "
+                          "machine that reaches the endpoint, with `distinfer run FILE --local`")
     run_dir = run_dir.resolve() if not run_dir.is_absolute() else run_dir
     if not SAFE_PATH.match(str(run_dir)):
         raise RenderError(f"outputs path {str(run_dir)!r} cannot go in #SBATCH lines; use letters, digits and . _ - / + @ only")
@@ -119,7 +120,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "profile_prefix": " ".join(f"'{part}'" if "," in part and "'" not in part else shlex.quote(part)
                                    for part in profiler_prefix(run, run_dir)),
     }
-    return _fill(TEMPLATE.read_text(), values)
+    return _fill((SERVING_TEMPLATE if run.serving else TEMPLATE).read_text(), values)
 
 
 # -- the one wrapper around Slurm's commands ------------------------------------------------------

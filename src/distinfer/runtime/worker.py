@@ -18,13 +18,13 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.finalize import stop_status
 from distinfer.metrics import LatencyReport, rank_totals
 from distinfer.models.loading import load_tokenizer
 from distinfer.plan import RunSpec
@@ -269,16 +269,6 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 STOP_GRACE_S = 2.0  # how long a failed rank of a multi-rank run waits for a stop signal before it reports failure
-
-
-def stop_status(environ: dict[str, str] | os._Environ, now: float) -> str:
-    """`timeout` when a stop signal comes at or after the Slurm job's time limit (the job script exports its
-    end as DISTINFER_JOB_END, from squeue), else `cancelled` (scancel, Ctrl-C)."""
-    try:
-        end = datetime.fromisoformat(environ.get("DISTINFER_JOB_END", "")).timestamp()
-    except ValueError:  # not under Slurm, or no limit (UNLIMITED, N/A)
-        return "cancelled"
-    return "timeout" if now >= end - 2 else "cancelled"
 
 
 def _watch_stop_signals(on_stop) -> None:  # noqa: ANN001

@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.finalize import stop_status
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Target, run_load
 from distinfer.serving.metrics import summarize
@@ -162,8 +163,8 @@ def run(run_dir: Path) -> int:
     writer = JsonlWriter(run_dir / "requests.jsonl")
     stack = contextlib.ExitStack()
 
-    def stop(signum: int, _frame: object) -> None:
-        atomic_write_json(bundle.summary_json, summary(spec, records, "cancelled",
+    def stop(signum: int, _frame: object) -> None:  # scancel, Ctrl-C, or the job's time limit
+        atomic_write_json(bundle.summary_json, summary(spec, records, stop_status(os.environ, time.time()),
                                                        f"stopped by {signal.Signals(signum).name}", started))
         stack.close()  # the server, if this run started one
         os._exit(128 + signum)
