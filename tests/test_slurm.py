@@ -194,7 +194,7 @@ def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_pa
         f"name: slurm-serving\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
         "generation: {max_new_tokens: 8}\nparallel: {engine: pipeline, pp: 1}\n"
         "scenario: {kind: serving, rate: inf, requests: 6, warmup_requests: 1}\n"
-        "cluster: {profile: cpu, time: '00:10:00'}\n")
+        "cluster: {profile: cpu, time: '00:10:00', env: {DISTINFER_HEAD_ADDR: 127.0.0.1}}\n")  # n1, n2 do not resolve
     proc = cli(slurm, tmp_path, "submit", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("submitted") == 2  # the load and the offline reference
