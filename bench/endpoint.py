@@ -17,10 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from distinfer.serving.runner import wait_healthy
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,21 +63,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Return once `url`/health answers; RuntimeError if `proc` ends first or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server at {url} exited ({proc.returncode}) before it became healthy") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {url} was not healthy within {timeout_s:g} s") from None
-            time.sleep(0.1)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.endpoint import wait_healthy
+from distinfer.serving.runner import wait_healthy
 from distinfer.models.loading import load_full_model, load_tokenizer
 from distinfer.serving.engine import BatchingEngine
 
@@ -97,7 +97,7 @@ def running_server(tmp_path: Path, extra: list[str] | None = None) -> Iterator[s
     try:
         try:
             wait_healthy(url, proc, 120)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # EndpointError
             raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()}") from None
         yield url
         proc.send_signal(signal.SIGTERM)

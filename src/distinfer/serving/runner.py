@@ -94,6 +94,22 @@ def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str 
             "ranks": []}
 
 
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Return once `url`/health answers; EndpointError if `process` (the server) ends first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None:
+                raise EndpointError(f"the server at {url} exited ({process.returncode}) before it became healthy") \
+                    from None
+            if time.monotonic() > deadline:
+                raise EndpointError(f"the server at {url} was not healthy within {timeout_s:g} s") from None
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     """distinfer's server for this run (`python -m distinfer.serving.serve`) on a free loopback port, its output
@@ -108,19 +124,10 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + float((run.scenario or {}).get("health_timeout_s", 300.0))
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None:
-                    raise EndpointError(f"distinfer's server exited with code {server.returncode} before it became "
-                                        f"healthy; see {run_dir / 'server.log'}") from None
-                if time.monotonic() > deadline:
-                    raise EndpointError(f"distinfer's server was not healthy within the scenario's "
-                                        f"health_timeout_s; see {run_dir / 'server.log'}") from None
-                time.sleep(0.2)
+        try:
+            wait_healthy(url, server, float((run.scenario or {}).get("health_timeout_s", 300.0)))
+        except EndpointError as exc:
+            raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
         yield Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)),
                      sampling_body(run))
     finally:
