@@ -306,3 +306,12 @@ def test_cpu_tensor_parallel_ranks_may_span_nodes_gpu_ones_may_not() -> None:
     assert place(1, 2, gpu=False, gpus_per_node=0, nodes=None).nodes_needed == 2
     with pytest.raises(LayoutError, match="must sit on one node"):
         place(1, 2, gpu=True, gpus_per_node=1, nodes=None)
+
+
+def test_a_base_install_says_what_running_models_needs() -> None:
+    """Without PyTorch (a login node's base install) the model commands end with one clear line, exit 2."""
+    script = ("import sys; sys.modules['torch'] = None\nfrom distinfer.cli import app\n"
+              "app(['models', 'build-tiny'], prog_name='distinfer')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "pip install 'distinfer[runtime]'" in " ".join(proc.stderr.split())

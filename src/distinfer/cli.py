@@ -36,6 +36,18 @@ def _exit_on(error: type[Exception], code: int) -> Iterator[None]:
         raise typer.Exit(code) from None
 
 
+def _need_runtime(command: str) -> None:
+    """The commands that run models need the `runtime` extra; a base install (a login node) says so."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        errors.print(f"[bold red]error:[/] `distinfer {command}` runs models and needs PyTorch and transformers "
+                     f"({exc.name or exc}): pip install 'distinfer\\[runtime]' (the cluster's compute nodes have them; "
+                     "plan, submit, status and analyze do not need them)", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _load(config: Path, require_model: bool = True):  # -> Experiment
     with _exit_on(SpecError, 2):
         return load_experiment(config, require_model=require_model)
@@ -84,6 +96,8 @@ def run(
     if not local:
         errors.print("error: `run` needs --local; on a Slurm cluster use `distinfer submit CONFIG`")
         raise typer.Exit(2)
+    if exp.endpoint is None:
+        _need_runtime("run --local")
     from distinfer.launchers.local import run_local
 
     runs = expand(exp, config)
@@ -349,6 +363,7 @@ def serve(
     from distinfer.serving.serve import served_name
 
     exp = _load(config)
+    _need_runtime("serve")
     runs = [r for r in expand(exp, config) if r.engine != "endpoint"]
     chosen = [r for r in runs if r.run_id == run_id] if run_id else [r for r in runs if r.world_size == 1][:1]
     if not chosen:
@@ -372,6 +387,7 @@ def build_tiny(
     """Build the built-in tiny models offline (cached in $DISTINFER_CACHE or ~/.cache/distinfer)."""
     from distinfer.models.tiny import TINY_MODELS, build_tiny_model
 
+    _need_runtime("models build-tiny")
     for n in (f"{n}-trained" if trained and not n.endswith("-trained") else n for n in name):
         if n not in TINY_MODELS:
             errors.print(f"error: unknown built-in model {n!r}; allowed: {', '.join(TINY_MODELS)}")
