@@ -16,6 +16,8 @@ matplotlib.rcParams["svg.fonttype"] = "none"  # keep text as text: searchable, a
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from distinfer.analysis.tables import SERVING_LAYOUT  # noqa: E402
+
 FORMATS = ("png", "svg")
 LAYOUT = ["engine", "world_size", "microbatches", "batch_size", "precision"]  # what makes runs the same layout
 MAX_LAYOUTS = 24
@@ -206,8 +208,7 @@ def latency_throughput_plot(table: pd.DataFrame, subject: str, out: Path) -> lis
     """TTFT and TPOT (p50 solid, p99 dashed) against the request throughput (requests completed per second),
     one colour per layout; the SLO, where one was set, as a grey line."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    keys = ["engine", "served_model", "world_size", "microbatches", "load"]
-    for index, (key, group) in enumerate(table.groupby(keys, dropna=False)):
+    for index, (key, group) in enumerate(table.groupby(SERVING_LAYOUT, dropna=False)):
         group = group.sort_values("request_throughput")
         for ax, metric in zip(axes, ("ttft", "tpot")):
             for stat, style in (("p50", "-"), ("p99", "--")):
@@ -232,8 +233,7 @@ def goodput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     finite = rates["offered_rate"][rates["offered_rate"] != float("inf")]
     inf_at = float(finite.max()) * 1.5 if not finite.empty else 1.0
-    keys = ["engine", "served_model", "world_size", "microbatches", "load"]
-    for index, (key, group) in enumerate(rates.groupby(keys, dropna=False)):
+    for index, (key, group) in enumerate(rates.groupby(SERVING_LAYOUT, dropna=False)):
         x = group["offered_rate"].replace(float("inf"), inf_at)
         order = x.argsort()
         ax.plot(x.iloc[order], group["goodput"].iloc[order], marker="o", color=f"C{index}",

@@ -192,6 +192,11 @@ SERVING_LAYOUT = ["engine", "served_model", "world_size", "microbatches", "load"
 KNEE_ATTAINMENT = 0.9  # a load "meets the SLOs" when at least this share of its requests met every one
 
 
+def load_numbers(values: pd.Series) -> pd.Series:
+    """A serving load column ("4", "0.5", "inf", user counts) as numbers, inf for "inf"."""
+    return pd.to_numeric(values.replace("inf", float("inf")), errors="coerce")
+
+
 def serving(runs: pd.DataFrame) -> pd.DataFrame:
     """Serving runs: per layout and load, offered and achieved request rate, throughput, goodput, latency."""
     if runs.empty or "scenario" not in runs or not (runs["scenario"] == "serving").any():
@@ -202,7 +207,7 @@ def serving(runs: pd.DataFrame) -> pd.DataFrame:
             "e2e_p99_s", "peak_concurrency", "errors", "run_id",
             *sorted(c for c in subject if c.startswith("slo_") and c.endswith("_s"))]
     table = subject[[c for c in cols if c in subject]].copy()
-    table["order"] = pd.to_numeric(table["load_value"].replace("inf", float("inf")), errors="coerce")
+    table["order"] = load_numbers(table["load_value"])
     return table.sort_values([c for c in SERVING_LAYOUT if c in table] + ["order"]).drop(columns="order")
 
 
@@ -214,14 +219,10 @@ def serving_knee(table: pd.DataFrame) -> pd.DataFrame:
     out = []
     keys = [c for c in SERVING_LAYOUT if c in table]
     for key, group in table.groupby(keys, dropna=False):
-        values = pd.to_numeric(group["load_value"].replace("inf", float("inf")), errors="coerce")
         meeting = group[(group["slo_attained"] >= KNEE_ATTAINMENT).to_numpy()]
-        best = meeting.loc[values[meeting.index].idxmax()] if not meeting.empty else None
-        out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
-                    "loads_measured": len(group),
+        best = meeting.loc[load_numbers(meeting["load_value"]).idxmax()] if not meeting.empty else None
+        out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "loads_measured": len(group),
                     "highest_load_meeting_slo": None if best is None else best["load_value"],
-                    "achieved_rate": None if best is None else best["achieved_rate"],
-                    "goodput": None if best is None else best["goodput"],
-                    "ttft_p99_s": None if best is None else best["ttft_p99_s"],
-                    "tpot_p99_s": None if best is None else best["tpot_p99_s"]})
+                    **{c: None if best is None else best[c]
+                       for c in ("achieved_rate", "goodput", "ttft_p99_s", "tpot_p99_s")}})
     return pd.DataFrame(out)
