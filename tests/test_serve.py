@@ -19,9 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from distinfer.layout import split_layers
+from distinfer.models.loading import load_full_model, load_stage_model, load_tokenizer
+from distinfer.models.profiles import model_layer_count
+from distinfer.serving.engine import ServingEngine
 from distinfer.serving.runner import wait_healthy
-from distinfer.models.loading import load_full_model, load_tokenizer
-from distinfer.serving.engine import BatchingEngine
+from distinfer.serving.stages import StageState
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hello", "The capital city of France is", "def fibonacci(n):", "Once upon a time there was a little",
@@ -43,17 +46,26 @@ def generate_alone(model, tokenizer, prompt: str, new: int) -> list[int]:  # noq
     return tokens
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models, name: str) -> None:  # noqa: ANN001
+def one_stage_engine(model_dir: Path, groups: int, max_batch: int) -> ServingEngine:
+    """The server's engine over the whole model on this process (a one-rank layout), `groups` groups."""
+    layout = split_layers(model_layer_count(model_dir), 1)[0]
+    model, family = load_stage_model(model_dir, layout, "float32", torch.device("cpu"))
+    eos = model.generation_config.eos_token_id
+    stage = StageState(model, family, torch.device("cpu"), True, True, groups)
+    return ServingEngine(stage, None, tuple(eos if isinstance(eos, list) else [eos]), max_batch=max_batch)
+
+
+@pytest.mark.parametrize(("name", "groups"), [("tiny-llama", 1), ("tiny-gpt2", 1), ("tiny-llama", 2)])
+def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models, name: str, groups: int) -> None:  # noqa: ANN001
     """Six prompts of different lengths arrive while the others decode (and leave at different steps): each
-    request's greedy fp32 tokens equal `generate` on its prompt alone."""
+    request's greedy fp32 tokens equal `generate` on its prompt alone, with one group or the requests spread
+    over two."""
     model_dir = tiny_models[name]
     model = load_full_model(model_dir, "float32", torch.device("cpu"))
     tokenizer = load_tokenizer(model_dir)
     lengths = [12, 20, 7, 16, 3, 20]
     expected = [generate_alone(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
-    eos = model.generation_config.eos_token_id
-    engine = BatchingEngine(model, torch.device("cpu"), tuple(eos if isinstance(eos, list) else [eos]), max_batch=4)
+    engine = one_stage_engine(model_dir, groups, max_batch=4)
     worker = threading.Thread(target=engine.run_forever, daemon=True)
     worker.start()
     got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
@@ -75,9 +87,11 @@ def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models
     finally:
         engine.stop()
         worker.join(timeout=10)
+    assert engine.failure is None
     assert [got[i] for i in range(len(PROMPTS))] == expected
     assert engine.stats.requests_finished == len(PROMPTS) and engine.stats.generated_tokens_total == sum(map(len, expected))
     assert engine.stats.steps_total < sum(map(len, expected)), "requests shared decode steps"
+    assert engine.stats.groups_in_flight_max == groups, "every group had requests at some step"
 
 
 def _free_port() -> int:
@@ -87,11 +101,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, extra: list[str] | None = None) -> Iterator[str]:
-    """`distinfer serve configs/local-tiny.yaml` in its own process on a free loopback port; stopped by PID."""
+def running_server(tmp_path: Path, extra: list[str] | None = None, config: Path = REPO / "configs/local-tiny.yaml"
+                   ) -> Iterator[str]:
+    """`distinfer serve CONFIG` in its own process on a free loopback port; stopped by PID (a multi-rank layout:
+    its torchrun and ranks with it)."""
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "serve", str(REPO / "configs/local-tiny.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "distinfer", "serve", str(config),
                              "--port", str(port), *(extra or [])], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -138,6 +154,43 @@ def test_the_openai_client_streams_tokens_as_they_are_generated(tmp_path: Path, 
             client.completions.create(model="another-model", prompt="x", max_tokens=4)
         with pytest.raises(openai.BadRequestError, match="not supported"):
             client.completions.create(model="tiny-llama", prompt="x", max_tokens=4, n=2)
+
+
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_two_stages_serve_concurrent_requests_token_exact(tmp_path: Path, tiny_models, microbatches: int) -> None:  # noqa: ANN001,E501
+    """`distinfer serve` of a two-stage pipeline (two gloo ranks under torchrun): requests of different lengths
+    arrive while others decode, over HTTP; each one's greedy fp32 tokens equal `generate` on its prompt alone,
+    and at least two groups of requests were in the pipeline at once (both stages busy)."""
+    import concurrent.futures
+
+    import openai
+
+    model = load_full_model(tiny_models["tiny-llama"], "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(tiny_models["tiny-llama"])
+    lengths = [48, 64, 24, 40, 8, 64]
+    expected = [generate_alone(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
+    config = tmp_path / "pp2.yaml"
+    config.write_text("name: pp2\nmodel: {builtin: tiny-llama}\nprompts: prompts/correctness.jsonl\n"
+                      f"generation: {{max_new_tokens: 20}}\nparallel: {{engine: pipeline, pp: 2, "
+                      f"microbatches: {microbatches}}}\nbatch_size: 4\n")
+    with running_server(tmp_path, ["--run", f"pipeline-pp2-b4-mb{microbatches}-fp32"], config=config) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+
+        def ask(i: int) -> list[int]:
+            time.sleep(0.04 * i)  # arrivals spread over the others' decoding
+            ids: list[int] = []
+            for chunk in client.completions.create(model="tiny-llama", prompt=PROMPTS[i], max_tokens=lengths[i],
+                                                   temperature=0, stream=True):
+                ids += chunk.choices[0].model_extra.get("token_ids") or [] if chunk.choices else []
+            return ids
+
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(ask, range(len(PROMPTS))))
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    assert got == expected
+    in_flight = int(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("distinfer_groups_in_flight_max")))
+    assert in_flight >= 2, metrics
 
 
 def test_a_client_that_goes_away_frees_its_slot(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001

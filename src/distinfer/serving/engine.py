@@ -1,32 +1,38 @@
-"""Continuous batching on one device: requests join the running decode at the next step and leave when done.
+"""Continuous batching over one or more pipeline stages: requests join the running decode at the next step and
+leave when done, and with P stages at least P groups of requests are in flight so that the stages work at once.
 
-Each new request is prefilled alone (its prompt, its own KV cache), samples its first token, and then joins
-the batch: the batch's KV cache and attention mask are left-padded to a common length, as `generate` pads a
-batch, and every decode step runs all running requests in one forward with their own positions. A request
-that ends (EOS unless `ignore_eos`, its `max_tokens`, or a cancelled client) leaves at once; the others go
-on. Padding is masked, so a request's greedy tokens are those of `generate` on its prompt alone (the tests
-check it in fp32 with requests arriving while others decode).
+The scheduler runs on stage 0 beside the HTTP server. Requests are spread over groups (micro-batches: the
+run's `microbatches`, at least one per stage). A group's step (serving/stages.py) drops the rows that ended,
+decodes one token for every running row, and prefills the requests that join it; the step goes through the
+stages (serving/pipeline.py) and the last stage's sampled tokens come back to the scheduler, which hands each
+to its request and decides who goes on (EOS unless `ignore_eos`, its `max_tokens`, or a cancelled client).
+While one group's step is in the pipeline the scheduler starts the others', so with P stages and P groups
+every stage has work. A group waits for its own step's tokens before its next step, as generation must.
 
-One thread (`run_forever`) owns the model; `submit` and `cancel` may be called from any thread, and tokens
-are handed to each request's `emit` callback from the engine thread.
+One thread (`run_forever`) owns stage 0; `submit` and `cancel` may be called from any thread, and tokens are
+handed to each request's `emit` callback from the engine thread.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import DynamicCache
 
-from distinfer.runtime.sampling import SamplingParams, filter_logits
+from distinfer.runtime.sampling import SamplingParams
+from distinfer.serving.pipeline import HEARTBEAT, StageLink, run_first_stage
+from distinfer.serving.stages import Prefill, StageState, Step
 
 Emit = Callable[[int | None, str | None], None]  # (token id or None, finish reason or None)
+HEARTBEAT_S = 30.0  # an idle multi-stage server tells its stages it is alive this often
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +47,8 @@ class Sequence:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
+    done: bool = False
     arrived: float = field(default_factory=time.perf_counter)
-    generator: torch.Generator | None = None  # a sampled request's own random stream
 
 
 @dataclass
@@ -57,31 +63,32 @@ class EngineStats:
     steps_total: int = 0
     running: int = 0
     waiting: int = 0
+    groups_in_flight_max: int = 0
 
 
-def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """`tensor` left-padded with zeros along `dim` to `length`."""
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]
-    return F.pad(tensor, pad)
+@dataclass
+class _Group:
+    index: int
+    running: list[Sequence] = field(default_factory=list)  # rows in order, as every stage holds them
+    in_flight: Step | None = None
+    joining: list[Sequence] = field(default_factory=list)  # the in-flight step's prefills
+    tokens: list[int] | None = None  # a one-stage step's sampled tokens, until `_finish_step` takes them
 
 
-class BatchingEngine:
-    """Continuous batching over a whole model (a one-rank layout: the reference or a one-stage pipeline)."""
+class ServingEngine:
+    """The scheduler on stage 0. `link` is None for a one-stage layout (the whole model on this rank)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, eos_token_ids: tuple[int, ...], max_batch: int = 32,
-                 max_positions: int | None = None) -> None:
-        self.model, self.device, self.eos = model, device, set(eos_token_ids)
+    def __init__(self, stage: StageState, link: StageLink | None, eos_token_ids: tuple[int, ...],
+                 max_batch: int = 32, max_positions: int | None = None) -> None:
+        self.stage, self.link, self.eos = stage, link, set(eos_token_ids)
         self.max_batch, self.max_positions = max_batch, max_positions
         self.stats = EngineStats()
+        self.failure: BaseException | None = None  # what stopped the engine thread, if anything did
+        self._groups = [_Group(i) for i in range(len(stage.groups))]
+        self._per_group = max(1, math.ceil(max_batch / len(self._groups)))
         self._ids = itertools.count()
         self._waiting: list[Sequence] = []
-        self._running: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cached positions]: 0 for padding
-        self._last: torch.Tensor | None = None  # [rows]: each row's last token
+        self._flight: collections.deque[_Group] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
 
@@ -94,6 +101,8 @@ class BatchingEngine:
         if self.max_positions is not None and len(prompt_ids) + max_tokens > self.max_positions:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
                              f"{self.max_positions} positions")
+        if self.failure is not None:
+            raise RuntimeError(f"the engine stopped: {self.failure}")
         sequence = Sequence(next(self._ids), list(prompt_ids), max_tokens, emit, ignore_eos,
                             sampling or SamplingParams())
         with self._wake:
@@ -105,9 +114,9 @@ class BatchingEngine:
         return sequence.request_id
 
     def cancel(self, request_id: int) -> None:
-        """Free a request's slot at the next step (its client went away)."""
+        """Free a request's slot at its group's next step (its client went away)."""
         with self._wake:
-            for sequence in self._waiting + self._running:
+            for sequence in self._waiting + [s for g in self._groups for s in g.running + g.joining]:
                 if sequence.request_id == request_id:
                     sequence.cancelled = True
             self._wake.notify()
@@ -119,114 +128,113 @@ class BatchingEngine:
 
     # -- the engine thread ------------------------------------------------------------------------------
     def run_forever(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._stopped and not self._waiting and not self._running:
-                        self._wake.wait()
-                    if self._stopped:
-                        return
-                    free = self.max_batch - len(self._running)
-                    joining, self._waiting = self._waiting[:free], self._waiting[free:]
-                    self.stats.waiting = len(self._waiting)
-                self.step(joining)
-
-    def step(self, joining: list[Sequence]) -> None:
-        """Prefill the joining requests (one by one) into the batch, then one decode step for every request."""
-        for sequence in joining:
-            if sequence.cancelled:
-                self._finish(sequence, "cancelled")
-                continue
-            self._prefill(sequence)
-        if self._running:
-            self._decode()
-        self.stats.steps_total += 1
-        self.stats.running = len(self._running)
-
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
-        """Greedy rows in one argmax; sampled rows from their own seeded stream (filters as runtime/sampling.py)."""
-        picks = torch.argmax(logits, dim=-1).tolist()
-        for row, sequence in enumerate(rows):
-            if not sequence.sampling.greedy:
-                if sequence.generator is None:
-                    sequence.generator = torch.Generator(device=logits.device).manual_seed(sequence.sampling.seed)
-                probs = filter_logits(logits[row : row + 1], sequence.sampling).softmax(dim=-1)
-                picks[row] = int(torch.multinomial(probs[0], 1, generator=sequence.generator))
-        return picks
-
-    def _prefill(self, sequence: Sequence) -> None:
-        ids = torch.tensor([sequence.prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
-                         past_key_values=cache, use_cache=True)
-        token = self._sample(out.logits[:, -1, :].float(), [sequence])[0]
-        self._join(sequence, cache, ids.shape[1], token)
-        self._after_token(sequence, token, len(self._running) - 1)
-
-    def _join(self, sequence: Sequence, cache: DynamicCache, length: int, token: int) -> None:
-        """Add a prefilled request as a row of the batch: left-pad the shorter of the two to a common length."""
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        if self._cache is None or not self._running:
-            self._cache, self._mask = cache, row_mask
-            self._last = torch.tensor([token], device=self.device)
-            self._running = [sequence]
+        """Steps until `stop`; then tells the other stages to stop. An error (a stage gone) is kept in
+        `failure`, and every waiting or running request ends with finish reason 'error'."""
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported to every request and to the server
+            self.failure = exc
+            log.exception("the serving engine stopped")
+            for sequence in self._waiting + [s for g in self._groups for s in g.running + g.joining]:
+                if not sequence.done:
+                    sequence.done = True
+                    sequence.emit(None, "error")
             return
-        common = max(self._mask.shape[1], length)
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            keys = torch.cat([_pad_left(old.keys, common, 2), _pad_left(new.keys, common, 2)])
-            values = torch.cat([_pad_left(old.values, common, 2), _pad_left(new.values, common, 2)])
-            layers.append((keys, values))
-        self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self._mask = torch.cat([_pad_left(self._mask, common, 1), _pad_left(row_mask, common, 1)])
-        self._last = torch.cat([self._last, torch.tensor([token], device=self.device)])
-        self._running.append(sequence)
+        if self.link is not None:
+            try:
+                self.link.send_step(None, 1)
+                self.link.drain()
+            except RuntimeError as exc:  # a stage already gone (its launcher stopped it): nothing to tell
+                log.warning("could not tell the stages to stop: %s", exc)
 
-    def _decode(self) -> None:
-        rows = len(self._running)
-        mask = torch.cat([self._mask, torch.ones(rows, 1, dtype=self._mask.dtype, device=self.device)], dim=1)
-        positions = (self._mask.sum(dim=1, keepdim=True))  # each row's real tokens so far: the new one's position
-        out = self.model(input_ids=self._last[:, None], attention_mask=mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
-        self._mask = mask
-        tokens = self._sample(out.logits[:, -1, :].float(), self._running)
-        self._last = torch.tensor(tokens, device=self.device)
-        keep = [row for row, (sequence, token) in enumerate(zip(list(self._running), tokens))
-                if self._after_token(sequence, token, row)]
-        if len(keep) < rows:
-            self._leave(keep)
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                idle_since = time.monotonic()
+                while not self._stopped and not self._flight and not self._has_work():
+                    self._wake.wait(timeout=HEARTBEAT_S)
+                    if self.link is not None and time.monotonic() - idle_since >= HEARTBEAT_S:
+                        self.link.send_step(HEARTBEAT, 1)
+                        idle_since = time.monotonic()
+                if self._stopped:
+                    break
+                steps = [(group, self._next_step(group)) for group in self._groups if group.in_flight is None]
+                self.stats.waiting = len(self._waiting)
+                self.stats.running = sum(len(g.running) + len(g.joining) for g in self._groups)
+            for group, step in steps:
+                if step is not None:
+                    self._start(group, step)
+            if self._flight:
+                self._finish_step(self._flight.popleft())
+        while self._flight:  # the steps under way come back before the stages are told to stop
+            self._finish_step(self._flight.popleft())
 
-    def _after_token(self, sequence: Sequence, token: int, row: int) -> bool:
-        """Hand the token out; True while the request goes on."""
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(g.running or g.joining for g in self._groups)
+
+    def _next_step(self, group: _Group) -> Step | None:
+        """The group's next step: drop the ended rows, decode the rest, take waiting requests up to the group's
+        share (the requests spread evenly over the groups, at most max_batch in all). Called under the lock."""
+        for sequence in group.running:
+            if sequence.cancelled and not sequence.done:
+                self._end(sequence, "cancelled")
+        kept = [row for row, sequence in enumerate(group.running) if not sequence.done]
+        keep = None if len(kept) == len(group.running) else kept
+        group.running = [group.running[row] for row in kept]
+        active = sum(len(g.running) + len(g.joining) for g in self._groups) + len(self._waiting)
+        share = min(self._per_group, math.ceil(active / len(self._groups)))
+        joining = []
+        while self._waiting and len(group.running) + len(joining) < share:
+            sequence = self._waiting.pop(0)
+            if sequence.cancelled:
+                self._end(sequence, "cancelled")
+            else:
+                joining.append(sequence)
+        if not group.running and not joining and keep is None:
+            return None
+        group.joining = joining
+        return Step(group.index, keep, decode=bool(group.running),
+                    tokens=[s.generated[-1] for s in group.running],
+                    prefills=[Prefill(s.request_id, s.prompt_ids, s.sampling) for s in joining])
+
+    def _start(self, group: _Group, step: Step) -> None:
+        tokens = run_first_stage(self.stage, self.link, step)
+        self.stats.steps_total += 1
+        if step.results == 0:  # only dropped rows: nothing comes back
+            return
+        group.in_flight, group.tokens = step, tokens
+        self._flight.append(group)
+        self.stats.groups_in_flight_max = max(self.stats.groups_in_flight_max, len(self._flight))
+
+    def _finish_step(self, group: _Group) -> None:
+        step, tokens = group.in_flight, group.tokens
+        if tokens is None:
+            tokens = self.link.recv((step.results,), torch.long, self.link.world_size - 1).tolist()
+        with self._wake:
+            rows = (group.running if step.decode else []) + group.joining  # the order the last stage sampled in
+            group.running += group.joining
+            group.joining, group.in_flight, group.tokens = [], None, None
+            for sequence, token in zip(rows, tokens, strict=True):
+                self._after_token(sequence, token)
+
+    def _after_token(self, sequence: Sequence, token: int) -> None:
+        """Hand the token out and mark the request done when it ends."""
+        if sequence.done:
+            return
         if sequence.cancelled:
-            self._finish(sequence, "cancelled")
-            return False
+            self._end(sequence, "cancelled")
+            return
         sequence.generated.append(token)
         self.stats.generated_tokens_total += 1
         sequence.emit(token, None)
         if token in self.eos and not sequence.ignore_eos:
-            self._finish(sequence, "stop")
-            return False
-        if len(sequence.generated) >= sequence.max_tokens:
-            self._finish(sequence, "length")
-            return False
-        return True
+            self._end(sequence, "stop")
+        elif len(sequence.generated) >= sequence.max_tokens:
+            self._end(sequence, "length")
 
-    def _leave(self, keep: list[int]) -> None:
-        """Drop finished rows; trim the padding columns that every remaining row has."""
-        if not keep:
-            self._running, self._cache, self._mask, self._last = [], None, None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._running = [self._running[row] for row in keep]
-        self._mask, self._last = self._mask[index], self._last[index]
-        pad = int((self._mask.cumsum(dim=1) == 0).sum(dim=1).min())
-        layers = [(layer.keys[index, :, pad:], layer.values[index, :, pad:]) for layer in self._cache.layers]
-        self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self._mask = self._mask[:, pad:]
-
-    def _finish(self, sequence: Sequence, reason: str) -> None:
+    def _end(self, sequence: Sequence, reason: str) -> None:
+        sequence.done = True
         if reason == "cancelled":
             self.stats.requests_cancelled += 1
         else:

@@ -1,15 +1,26 @@
-"""`distinfer serve`: one run's model behind the OpenAI-compatible server, in the foreground until SIGINT/SIGTERM.
+"""`distinfer serve`: one run's layout behind the OpenAI-compatible server, in the foreground until SIGINT/SIGTERM.
 
-Serves one-rank layouts (the reference, or a one-stage pipeline) on this machine's device: the whole model,
-continuous batching (engine.py), uvicorn on the given host and port.
+Every rank loads its pipeline stage (a one-rank layout: the whole model); rank 0 also runs the scheduler
+(engine.py) and uvicorn on the given host and port, the other ranks run their stage's loop (pipeline.py)
+until rank 0 stops them. A multi-rank layout started as one process (`distinfer serve`, or the serving run's
+own server on one machine) starts its ranks as processes here; on Slurm the job's tasks are the ranks. Ranks
+after the first ignore SIGINT and SIGTERM: rank 0 stops them once its requests are answered, and they end on
+their own if rank 0 goes away.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
 from distinfer.plan import RunSpec
+
+MICRO_BATCH_ENGINES = ("pipeline", "reference")  # the layouts the server runs: pipeline stages, or one rank
 
 
 def served_name(run: RunSpec) -> str:
@@ -17,56 +28,154 @@ def served_name(run: RunSpec) -> str:
     return run.builtin or Path(run.model_path).name
 
 
+def groups_of(run: RunSpec) -> int:
+    """Groups of requests in flight: the run's micro-batches, at least one per stage."""
+    return max(run.pp, run.microbatches)
+
+
 def serve(run: RunSpec, host: str, port: int, max_batch: int = 32) -> None:
+    """Serve `run` from this process: in place for one rank, else as the parent of its ranks."""
+    if run.engine not in MICRO_BATCH_ENGINES or run.tp != 1:
+        raise ValueError(f"{run.run_id}: distinfer's server runs pipeline layouts (any pp, tp 1) and the "
+                         f"reference; got engine {run.engine} with tp {run.tp}")
+    if run.world_size == 1 or "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+        serve_rank(run, host, port, max_batch)
+        return
+    with tempfile.TemporaryDirectory(prefix="distinfer-serve-") as folder:
+        run_json = Path(folder) / "run.json"
+        run_json.write_text(json.dumps({"run": run.to_dict()}))
+        code = _spawn_ranks(run_json, run.world_size, host, port, max_batch)
+    if code:
+        raise RuntimeError(f"the server's ranks exited with {code}")
+
+
+def _spawn_ranks(run_json: Path, ranks: int, host: str, port: int, max_batch: int) -> int:
+    """The ranks as processes on this machine (rendezvous on the loopback address), in the foreground. SIGINT and
+    SIGTERM go to rank 0, which stops the others; if a rank fails, the others are stopped. Returns the first
+    non-zero exit status, else 0."""
+    import subprocess
+    import time
+
+    from distinfer.launchers.local import worker_env
+    from distinfer.runtime.dist import free_port
+
+    base = worker_env() if not os.environ.get("CUDA_VISIBLE_DEVICES") else dict(os.environ)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
+                LOCAL_WORLD_SIZE=str(ranks))
+    command = [sys.executable, "-m", "distinfer.serving.serve", str(run_json), "--host", host, "--port", str(port),
+               "--max-batch", str(max_batch)]
+    procs = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+    forward = lambda signum, _frame: procs[0].poll() is None and procs[0].send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        failed = [p for p in procs if p.poll() not in (None, 0, -signal.SIGTERM)]
+        deadline = time.monotonic() + 30
+        for proc in procs:  # the others end by themselves when rank 0 stops them; else they are stopped here
+            if failed and proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return next((p.returncode for p in failed), 0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def serve_rank(run: RunSpec, host: str, port: int, max_batch: int) -> None:
+    """One rank of the server: load the stage; rank 0 serves HTTP, the others run their stage's loop."""
     import torch
-    import uvicorn
 
     from distinfer.bundle import read_json
-    from distinfer.models.loading import load_full_model, load_tokenizer
-    from distinfer.models.profiles import max_positions
+    from distinfer.layout import split_layers
+    from distinfer.models.loading import load_stage_model, load_tokenizer
+    from distinfer.models.profiles import max_positions, model_layer_count
+    from distinfer.runtime.dist import init_distributed, shutdown_distributed
+    from distinfer.runtime.ranks import dist_env_from
     from distinfer.runtime.worker import stop_rule
-    from distinfer.serving.engine import BatchingEngine
-    from distinfer.serving.server import create_app
+    from distinfer.serving.pipeline import StageLink, run_later_stage
+    from distinfer.serving.stages import StageState
 
-    if run.world_size != 1:
-        raise ValueError(f"{run.run_id} has {run.world_size} ranks; `distinfer serve` serves one-rank layouts "
-                         "(the reference, or pipeline pp 1)")
+    env = dist_env_from(os.environ)
+    if env.world_size != run.world_size:
+        raise RuntimeError(f"{run.run_id} needs {run.world_size} ranks but was started with {env.world_size}")
     model_dir = Path(run.model_path)
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
-    model = load_full_model(model_dir, run.dtype, device, run.trust_remote_code)
+    device = init_distributed(env, run.timeout_s)
+    layout = split_layers(model_layer_count(model_dir), run.pp, run.layers)[env.rank]
+    model, family = load_stage_model(model_dir, layout, run.dtype, device, run.trust_remote_code)
     if run.quantization == "int8":
         from distinfer.models.quantize import quantize_int8_weights
 
         model = quantize_int8_weights(model)
-    stop = stop_rule(model_dir, tokenizer, 1)
-    engine = BatchingEngine(model, device, stop.eos_token_ids, max_batch,
-                            max_positions(read_json(model_dir / "config.json") or {}))
-    worker = threading.Thread(target=engine.run_forever, name="engine", daemon=True)
+    stage = StageState(model, family, device, layout.is_first, layout.is_last, groups_of(run))
+    link = StageLink(env.rank, env.world_size, device) if env.world_size > 1 else None
+    try:
+        if env.rank > 0:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+            with torch.inference_mode():
+                run_later_stage(stage, link)
+            return
+        tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
+        stop = stop_rule(model_dir, tokenizer, 1)
+        _serve_http(run, stage, link, tokenizer, stop.eos_token_ids,
+                    max_positions(read_json(model_dir / "config.json") or {}), host, port, max_batch)
+    finally:
+        shutdown_distributed()
+
+
+def _serve_http(run: RunSpec, stage, link, tokenizer, eos: tuple[int, ...], positions: int | None,  # noqa: ANN001
+                host: str, port: int, max_batch: int) -> None:
+    import uvicorn
+
+    from distinfer.serving.engine import ServingEngine
+    from distinfer.serving.server import create_app
+
+    engine = ServingEngine(stage, link, eos, max_batch, positions)
+
+    def run_engine() -> None:
+        engine.run_forever()
+        if engine.failure is not None:  # a stage went away: the server stops instead of hanging
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    worker = threading.Thread(target=run_engine, name="engine", daemon=True)
     worker.start()
+    # uvicorn catches SIGINT/SIGTERM while it serves and raises the signal again once it has shut down: with
+    # these handlers that ends here and the engine stops its stages before the process exits.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
     try:
         uvicorn.run(create_app(engine, tokenizer, served_name(run)), host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=5)
     finally:
         engine.stop()
-        worker.join(timeout=10)
+        worker.join(timeout=30)
+    if engine.failure is not None:
+        raise RuntimeError(f"the serving engine stopped: {engine.failure}")
 
 
 def main() -> None:
-    """`python -m distinfer.serving.serve RUN_DIR --port P`: the server of a serving run (started by its runner)."""
+    """`python -m distinfer.serving.serve RUN [--host H] --port P`: the server of a run (RUN: its bundle folder
+    or a run.json), as a serving run's runner, `distinfer serve` and the Slurm job start it."""
     import argparse
 
     from distinfer.bundle import RunBundle, read_json
     from distinfer.quiet import route_third_party_logs
 
     parser = argparse.ArgumentParser(description="serve one run's model")
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run", type=Path)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--max-batch", type=int, default=None)
     args = parser.parse_args()
     route_third_party_logs()
-    run = RunSpec.from_dict((read_json(RunBundle(args.run_dir).run_json) or {})["run"])
-    serve(run, args.host, args.port, int((run.scenario or {}).get("max_batch", 32)))
+    run_json = args.run if args.run.is_file() else RunBundle(args.run).run_json
+    run = RunSpec.from_dict((read_json(run_json) or {})["run"])
+    serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 
 from distinfer.runtime.sampling import SamplingParams
-from distinfer.serving.engine import BatchingEngine
+from distinfer.serving.engine import ServingEngine
 
 
 class CompletionRequest(BaseModel):
@@ -64,7 +64,7 @@ class _Detokenizer:
         return piece
 
 
-def create_app(engine: BatchingEngine, tokenizer, model_name: str) -> FastAPI:  # noqa: ANN001, C901
+def create_app(engine: ServingEngine, tokenizer, model_name: str) -> FastAPI:  # noqa: ANN001, C901
     app = FastAPI(title="distinfer", docs_url=None, redoc_url=None)
     started = int(time.time())
 
@@ -74,6 +74,8 @@ def create_app(engine: BatchingEngine, tokenizer, model_name: str) -> FastAPI:  
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
+        if engine.failure is not None:
+            return PlainTextResponse(f"engine stopped: {engine.failure}", status_code=503)
         return PlainTextResponse("ok")
 
     @app.get("/v1/models")
@@ -91,7 +93,8 @@ def create_app(engine: BatchingEngine, tokenizer, model_name: str) -> FastAPI:  
             ("requests_cancelled_total", s.requests_cancelled, "counter", "requests whose client went away"),
             ("generated_tokens_total", s.generated_tokens_total, "counter", "tokens generated"),
             ("prompt_tokens_total", s.prompt_tokens_total, "counter", "prompt tokens received"),
-            ("engine_steps_total", s.steps_total, "counter", "engine steps (prefills joining plus one decode)"),
+            ("engine_steps_total", s.steps_total, "counter", "group steps (one decode for its rows, prefills joining)"),
+            ("groups_in_flight_max", s.groups_in_flight_max, "gauge", "most groups in the pipeline at once"),
             ("requests_running", s.running, "gauge", "requests in the running batch"),
             ("requests_waiting", s.waiting, "gauge", "requests waiting to join"),
         ):
@@ -130,6 +133,8 @@ def create_app(engine: BatchingEngine, tokenizer, model_name: str) -> FastAPI:  
             request_id = engine.submit(prompt_ids, body.max_tokens, emit, body.ignore_eos, sampling)
         except ValueError as exc:
             return _error(400, str(exc))
+        except RuntimeError as exc:  # the engine stopped (a stage went away)
+            return _error(503, str(exc), "server_error")
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, ids: list[int], reason: str | None, usage: dict | None = None) -> dict:
@@ -152,6 +157,8 @@ def create_app(engine: BatchingEngine, tokenizer, model_name: str) -> FastAPI:  
             finally:
                 if reason is None:
                     engine.cancel(request_id)
+            if reason == "error":
+                return _error(500, f"the engine stopped while generating: {engine.failure}", "server_error")
             whole = chunk(tokenizer.decode(detok.ids, skip_special_tokens=True), detok.ids, reason)
             return JSONResponse({**whole, "usage": usage(len(detok.ids))})
 

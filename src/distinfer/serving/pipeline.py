@@ -1,0 +1,111 @@
+"""The server's stages talking: steps and hidden states from stage to stage, sampled tokens back to stage 0.
+
+Stage 0 (the rank with the HTTP server and the scheduler) sends each group's `Step` to stage 1, which passes
+it on before it computes, so that every stage knows what comes; the hidden states follow, one message per
+forward, their shape known from the step. The last stage sends the step's sampled tokens to stage 0. Sends
+do not wait (a send completes when the peer receives), so several groups are in the pipeline at once and the
+stages work on different groups at the same time. `None` as a step stops the stages; an empty step (group
+-1) is a heartbeat that keeps an idle server's stages within the process group's timeout.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import torch
+import torch.distributed as dist
+
+from distinfer.serving.stages import StageState, Step
+
+HEARTBEAT = Step(group=-1)
+
+
+class StageLink:
+    """Point-to-point messages of one stage over the job's process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.group = dist.group.WORLD
+        self.wait_s = 0.0  # time spent waiting in receives
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.contiguous()
+        self._pending = [(work, t) for work, t in self._pending if not work.is_completed()]
+        self._pending.append((self.group.send([tensor], dst, 0), tensor))
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        t0 = time.perf_counter()
+        self.group.recv([buf], src, 0).wait()
+        self.wait_s += time.perf_counter() - t0
+        return buf
+
+    def send_step(self, step: Step | None, dst: int) -> None:
+        data = torch.frombuffer(bytearray(pickle.dumps(step)), dtype=torch.uint8).to(self.device)
+        self.send(torch.tensor([data.numel()], device=self.device), dst)
+        self.send(data, dst)
+
+    def recv_step(self, src: int) -> Step | None:
+        size = int(self.recv((1,), torch.long, src))
+        return pickle.loads(self.recv((size,), torch.uint8, src).cpu().numpy().tobytes())
+
+    def drain(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+
+def run_first_stage(stage: StageState, link: StageLink | None, step: Step) -> list[int] | None:
+    """Stage 0's part of `step`: pass the step on and compute, sending each forward's hidden states to stage 1.
+    With one stage the tokens are sampled here and returned; with more, None (they come back from the last)."""
+    if link is not None:
+        link.send_step(step, 1)
+    return _apply(stage, link, step, lambda forward: torch.tensor(forward, device=stage.device))
+
+
+def run_later_stage(stage: StageState, link: StageLink) -> None:
+    """A stage after the first, until stage 0 says stop: receive each step, pass it on, compute its forwards."""
+    source = link.rank - 1
+    while True:
+        step = link.recv_step(source)
+        if not stage.is_last:
+            link.send_step(step, link.rank + 1)
+        if step is None:
+            break
+        if step.group < 0:
+            continue
+
+        def inputs(forward: list[int] | int, step: Step = step) -> torch.Tensor:
+            rows, length = (len(forward), 1) if isinstance(forward, list) else (1, forward)
+            return link.recv((rows, length, stage.hidden_size), stage.dtype, source)
+
+        tokens = _apply(stage, link, step, inputs)
+        if tokens:
+            link.send(torch.tensor(tokens, device=stage.device), 0)
+    link.drain()
+
+
+def _apply(stage: StageState, link: StageLink | None, step: Step, inputs) -> list[int] | None:  # noqa: ANN001
+    """Keep, decode, prefill on this stage; `inputs(tokens or prompt)` gives each forward's input. Returns the
+    sampled tokens on the last stage, else None after sending each forward's output to the next stage."""
+    stage.keep(step.group, step.keep)
+    tokens: list[int] = []
+    if step.decode:
+        rows = stage.rows(step.group)
+        out = stage.decode(step.group, inputs(step.tokens))
+        tokens += _pass_on(stage, link, step.group, out, range(rows))
+    for prefill in step.prefills:
+        source = prefill.prompt_ids if stage.is_first else len(prefill.prompt_ids)
+        out = stage.prefill(step.group, inputs(source), prefill.sampling)
+        row = stage.rows(step.group) - 1
+        tokens += _pass_on(stage, link, step.group, out, range(row, row + 1))
+    return tokens if stage.is_last else None
+
+
+def _pass_on(stage: StageState, link: StageLink | None, group: int, out: torch.Tensor, rows: range) -> list[int]:
+    if stage.is_last:
+        return stage.sample(group, out, rows)
+    link.send(out, link.rank + 1)
+    return []
