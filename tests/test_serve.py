@@ -256,24 +256,24 @@ def test_the_chat_page_streams_an_answer_in_a_browser(tmp_path: Path, tiny_model
 
 
 def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    """`distinfer run --local` of a serving scenario without an endpoint: each load starts distinfer's server for
-    the layout, measures it, stops it; the served tokens equal the offline reference's; the analysis draws the
+    """`distinfer run --local` of a serving scenario without an endpoint, one and two stages: each load starts
+    distinfer's server for the layout (two stages: two ranks), measures it, stops it; the served tokens equal the offline reference's; the analysis draws the
     curves and tables the knee."""
     config = tmp_path / "e.yaml"
     config.write_text(f"name: study\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
-                      "generation: {max_new_tokens: 12}\nparallel: {engine: pipeline, pp: 1}\n"
+                      "generation: {max_new_tokens: 12}\nparallel: {engine: pipeline, pp: [1, 2]}\n"
                       "scenario: {kind: serving, rate: [4, 16, inf], requests: 12, warmup_requests: 1, "
                       "slo: {ttft: 2s, tpot: 500ms}}\n")
     proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out" / "study"
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
-        "pipeline-pp1-fp32-rate16", "pipeline-pp1-fp32-rate4", "pipeline-pp1-fp32-rateinf", "reference-b1-fp32"]
-    for rate in ("4", "16", "inf"):
-        run = out / f"pipeline-pp1-fp32-rate{rate}"
-        assert (run / "server.log").exists() and len((run / "requests.jsonl").read_text().splitlines()) == 13
-        assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+    served = [f"pipeline-pp{pp}-fp32-rate{rate}" for pp in (1, 2) for rate in ("4", "16", "inf")]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([*served, "reference-b1-fp32"])
+    for name in served:
+        assert (out / name / "server.log").exists() and len((out / name / "requests.jsonl").read_text().splitlines()) == 13
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["status"] == "ok" and summary["world_size"] == int(name[len("pipeline-pp")])
     analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(out), "--out", str(tmp_path / "a")],
                               capture_output=True, text=True, timeout=300)
     assert analysis.returncode == 0, analysis.stderr
@@ -281,10 +281,10 @@ def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path:
     import pandas as pd
 
     correctness = pd.read_csv(tmp_path / "a/study/correctness.csv").set_index("run_id")
-    assert set(correctness.index) == {f"pipeline-pp1-fp32-rate{r}" for r in ("4", "16", "inf")}
+    assert set(correctness.index) == set(served)
     assert (correctness["exact_match_rate"] == 1.0).all() and (correctness["reference"] == "reference-b1-fp32").all()
     assert (correctness["prompts"] == 13).all(), "every prompt served once: the warm-up one and twelve more"
     knee = pd.read_csv(tmp_path / "a/study/serving_knee.csv")
-    assert len(knee) == 1 and knee["loads_measured"].iloc[0] == 3
+    assert sorted(knee["world_size"]) == [1, 2] and (knee["loads_measured"] == 3).all(), "one row per layout"
     plots = {p.stem for p in (tmp_path / "a/study/plots").glob("*.svg")}
     assert {"latency_throughput", "goodput"} <= plots

@@ -412,8 +412,13 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
     if "deepspeed" not in engines and as_list(exp.parallel.tp) != [1]:
         raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine deepspeed; "
                         f"engines here: {', '.join(engines)}")
+    serving = exp.scenario.kind == "serving"  # a server's groups of requests share scenario.max_batch
+    limits = [exp.scenario.max_batch] if serving else as_list(exp.batch_size)
     for mb in as_list(exp.parallel.microbatches):
-        for bs in as_list(exp.batch_size):
+        for bs in limits:
+            if mb > bs and serving:
+                raise SpecError(f"{path}: field 'parallel.microbatches': {mb} groups of requests cannot share "
+                                f"scenario.max_batch {bs}; allowed: 1..{bs}")
             if mb > bs:
                 raise SpecError(
                     f"{path}: field 'parallel.microbatches': {mb} micro-batches cannot split batch_size {bs}; "
@@ -531,9 +536,6 @@ def _check_serving(path: Path, exp: Experiment) -> None:
         if engines != ["pipeline"] and engines:
             raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the pipeline and reference "
                             f"engines; got {', '.join(engines)}")
-        if as_list(exp.parallel.pp) != [1] or layer_lists(exp.parallel):
-            raise SpecError(f"{path}: field 'parallel.pp': distinfer's server serves one-rank layouts (pp 1); "
-                            f"got {as_list(exp.parallel.pp)}")
 
 
 def _check_context(path: Path, exp: Experiment, config: dict) -> None:

@@ -85,7 +85,8 @@ def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str 
     if figures["offered_rate"] is not None and math.isinf(figures["offered_rate"]):
         figures["offered_rate"] = "inf"
     return {"status": status, "error": error, "run_id": run.run_id, "experiment": run.experiment,
-            "engine": run.engine, "world_size": 1, "batch_size": None, "scenario": "serving",
+            "engine": run.engine, "world_size": 1 if run.endpoint else run.world_size, "batch_size": None,
+            "scenario": "serving",
             "load": scenario.get("load"), "load_value": value, "endpoint": (run.endpoint or {}).get("url"),
             "served_model": (run.endpoint or {}).get("model") or (run.builtin or Path(run.model_path).name),
             "pp": run.pp, "tp": run.tp, "microbatches": run.microbatches, "precision": run.precision,
