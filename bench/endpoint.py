@@ -79,7 +79,7 @@ def serve_instant(port: int | None = None) -> Iterator[Served]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, 30)
+        wait_healthy(url, proc.poll, 30)
         yield Served(url, proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -112,7 +112,7 @@ def running_server(tmp_path: Path, extra: list[str] | None = None, config: Path 
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_healthy(url, proc, 120)
+            wait_healthy(url, proc.poll, 120)
         except RuntimeError as exc:  # EndpointError
             raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()}") from None
         yield url

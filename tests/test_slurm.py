@@ -187,23 +187,26 @@ def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, tmp_pa
 
 
 def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    """One job per load on the real local cluster: distinfer's server starts on the allocation, the load runs from the
-    same node, the server stops, and the bundle is finalized; the served tokens equal the offline reference's."""
+    """One job per load on the real local cluster: distinfer's server starts on the allocation (two stages: one rank
+    on each node), the load runs from the first node, the server stops, and the bundle is finalized; the served
+    tokens equal the offline reference's."""
     config = tmp_path / "e.yaml"
     config.write_text(
         f"name: slurm-serving\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
-        "generation: {max_new_tokens: 8}\nparallel: {engine: pipeline, pp: 1}\n"
+        "generation: {max_new_tokens: 8}\nparallel: {engine: pipeline, pp: [1, 2]}\n"
         "scenario: {kind: serving, rate: inf, requests: 6, warmup_requests: 1}\n"
         "cluster: {profile: cpu, time: '00:10:00', env: {DISTINFER_HEAD_ADDR: 127.0.0.1}}\n")  # n1, n2 do not resolve
     proc = cli(slurm, tmp_path, "submit", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("submitted") == 2  # the load and the offline reference
+    assert proc.stdout.count("submitted") == 3  # two layouts' loads and the offline reference
     wait_for_jobs(slurm, tmp_path, "slurm-serving")
     out = tmp_path / "outputs" / "slurm-serving"
     rows = status_rows(slurm, tmp_path, "slurm-serving")
-    assert rows == {"pipeline-pp1-fp32-rateinf": ("COMPLETED", "ok"), "reference-b1-fp32": ("COMPLETED", "ok")}, \
-        f"{rows}\n{job_logs(out)}"
-    served = out / "pipeline-pp1-fp32-rateinf"
-    assert len((served / "requests.jsonl").read_text().splitlines()) == 7 and (served / "server.log").exists()
+    assert rows == {"pipeline-pp1-fp32-rateinf": ("COMPLETED", "ok"), "pipeline-pp2-fp32-rateinf": ("COMPLETED", "ok"),
+                    "reference-b1-fp32": ("COMPLETED", "ok")}, f"{rows}\n{job_logs(out)}"
     reference = completions(out / "reference-b1-fp32")
-    assert completions(served) == reference[: len(completions(served))] and len(completions(served)) == 7
+    for name in ("pipeline-pp1-fp32-rateinf", "pipeline-pp2-fp32-rateinf"):
+        served = out / name
+        assert len((served / "requests.jsonl").read_text().splitlines()) == 7 and (served / "server.log").exists()
+        assert completions(served) == reference[: len(completions(served))] and len(completions(served)) == 7
+    assert json.loads((out / "pipeline-pp2-fp32-rateinf" / "summary.json").read_text())["world_size"] == 2

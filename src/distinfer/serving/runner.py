@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -33,6 +33,7 @@ from distinfer.serving.records import RequestRecord
 from distinfer.serving.workload import build_requests
 
 PROBE_TIMEOUT_S = 10.0
+SERVER_ENDED = "server.ended"  # written by the job script when the server it started has ended
 
 
 class EndpointError(RuntimeError):
@@ -95,28 +96,35 @@ def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str 
             "ranks": []}
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    """Return once `url`/health answers; EndpointError if `process` (the server) ends first or time runs out."""
+def wait_healthy(url: str, ended: Callable[[], int | None], timeout_s: float) -> None:
+    """Return once `url`/health answers; EndpointError if the server ends first (`ended()` not None: its exit
+    status, or -1 where unknown) or time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
                 return
         except OSError:
-            if process.poll() is not None:
-                raise EndpointError(f"the server at {url} exited ({process.returncode}) before it became healthy") \
-                    from None
+            code = ended()
+            if code is not None:
+                status = f" ({code})" if code >= 0 else ""
+                raise EndpointError(f"the server at {url} exited{status} before it became healthy") from None
             if time.monotonic() > deadline:
                 raise EndpointError(f"the server at {url} was not healthy within {timeout_s:g} s") from None
             time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
-    """distinfer's server for this run (`python -m distinfer.serving.serve`) on a free loopback port, its output
-    in server.log; yields the target once /health answers; stopped by its PID (SIGTERM, then SIGKILL)."""
+def _own_target(run: RunSpec, url: str) -> Target:
     from distinfer.serving.serve import served_name
 
+    return Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)), sampling_body(run))
+
+
+@contextlib.contextmanager
+def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
+    """distinfer's server for this run (`python -m distinfer.serving.serve`, which starts a multi-rank layout's
+    ranks) on a free loopback port, its output in server.log; yields the target once /health answers; stopped
+    by its PID (SIGTERM, then SIGKILL)."""
     with socket.socket() as probe_socket:  # a loopback port that was free a moment ago
         probe_socket.bind(("127.0.0.1", 0))
         port = probe_socket.getsockname()[1]
@@ -126,11 +134,10 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_healthy(url, server, float((run.scenario or {}).get("health_timeout_s", 300.0)))
+            wait_healthy(url, server.poll, float((run.scenario or {}).get("health_timeout_s", 300.0)))
         except EndpointError as exc:
             raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
-        yield Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)),
-                     sampling_body(run))
+        yield _own_target(run, url)
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -140,6 +147,19 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
                 server.kill()
                 server.wait()
         log.close()
+
+
+def started_server(run_dir: Path, run: RunSpec, url: str) -> Target:
+    """distinfer's server that the job started beside this process (on Slurm, its ranks on the allocation): the
+    target once /health answers; the job script touches SERVER_ENDED in the run folder if the server ends."""
+    def ended() -> int | None:
+        return -1 if (run_dir / SERVER_ENDED).exists() else None
+
+    try:
+        wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", 300.0)))
+    except EndpointError as exc:
+        raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
+    return _own_target(run, url)
 
 
 def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file: Path) -> None:
@@ -162,7 +182,8 @@ def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file:
         writer.close()
 
 
-def run(run_dir: Path) -> int:
+def run(run_dir: Path, server_url: str | None = None) -> int:
+    """Measure the run's load; against `server_url` where the job started distinfer's server itself."""
     bundle = RunBundle(run_dir)
     spec = RunSpec.from_dict((read_json(bundle.run_json) or {})["run"])
     scenario = spec.scenario or {}
@@ -187,7 +208,12 @@ def run(run_dir: Path) -> int:
     try:
         requests = build_requests(scenario, Path(spec.prompts), int(spec.generation["max_new_tokens"]),
                                   vocab_size(spec))
-        target = target_of(spec, os.environ) if spec.endpoint else stack.enter_context(own_server(run_dir, spec))
+        if spec.endpoint:
+            target = target_of(spec, os.environ)
+        elif server_url:
+            target = started_server(run_dir, spec, server_url)
+        else:
+            target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
         value = scenario.get("value")
         rate = (math.inf if value == "inf" else float(value)) if scenario.get("load") == "rate" else None
@@ -213,7 +239,11 @@ def run(run_dir: Path) -> int:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        print("usage: python -m distinfer.serving RUN_DIR", file=sys.stderr)
-        raise SystemExit(2)
-    raise SystemExit(run(Path(sys.argv[1])))
+    """`python -m distinfer.serving RUN_DIR [--url URL]`: a serving run's load (URL: the server the job started)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m distinfer.serving", description="measure a serving run")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--url", default=None, help="distinfer's server, started by the job (else started here)")
+    args = parser.parse_args()
+    raise SystemExit(run(args.run_dir, args.url))

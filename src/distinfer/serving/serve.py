@@ -3,7 +3,8 @@
 Every rank loads its pipeline stage (a one-rank layout: the whole model); rank 0 also runs the scheduler
 (engine.py) and uvicorn on the given host and port, the other ranks run their stage's loop (pipeline.py)
 until rank 0 stops them. A multi-rank layout started as one process (`distinfer serve`, or the serving run's
-own server on one machine) starts its ranks as processes here; on Slurm the job's tasks are the ranks. Ranks
+own server on one machine) starts its ranks as processes here; on Slurm one task per node starts that node's
+ranks, which meet at the first node (templates/serving.sbatch.tmpl). Ranks
 after the first ignore SIGINT and SIGTERM: rank 0 stops them once its requests are answered, and they end on
 their own if rank 0 goes away.
 """
@@ -33,38 +34,47 @@ def groups_of(run: RunSpec) -> int:
     return max(run.pp, run.microbatches)
 
 
-def serve(run: RunSpec, host: str, port: int, max_batch: int = 32) -> None:
-    """Serve `run` from this process: in place for one rank, else as the parent of its ranks."""
+def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_node: int | None = None,
+          rendezvous: str | None = None) -> None:
+    """Serve `run` from this process: in place for one rank (or a rank this module started), else as the parent
+    of this node's ranks: all of them on one machine, or on a Slurm node `ranks_per_node` of them (global ranks
+    from SLURM_NODEID), meeting at `rendezvous` (HOST:PORT, the first node's)."""
     if run.engine not in MICRO_BATCH_ENGINES or run.tp != 1:
         raise ValueError(f"{run.run_id}: distinfer's server runs pipeline layouts (any pp, tp 1) and the "
                          f"reference; got engine {run.engine} with tp {run.tp}")
-    if run.world_size == 1 or "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+    if run.world_size == 1 or "RANK" in os.environ:
         serve_rank(run, host, port, max_batch)
         return
     with tempfile.TemporaryDirectory(prefix="distinfer-serve-") as folder:
         run_json = Path(folder) / "run.json"
         run_json.write_text(json.dumps({"run": run.to_dict()}))
-        code = _spawn_ranks(run_json, run.world_size, host, port, max_batch)
+        per_node = ranks_per_node or run.world_size
+        first = int(os.environ.get("SLURM_NODEID", 0)) * per_node
+        code = _spawn_ranks(run_json, range(first, first + per_node), run.world_size, rendezvous, host, port,
+                            max_batch)
     if code:
         raise RuntimeError(f"the server's ranks exited with {code}")
 
 
-def _spawn_ranks(run_json: Path, ranks: int, host: str, port: int, max_batch: int) -> int:
-    """The ranks as processes on this machine (rendezvous on the loopback address), in the foreground. SIGINT and
-    SIGTERM go to rank 0, which stops the others; if a rank fails, the others are stopped. Returns the first
-    non-zero exit status, else 0."""
+def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str | None, host: str, port: int,
+                 max_batch: int) -> int:
+    """This node's ranks as processes, in the foreground (rendezvous: the loopback address when all ranks run
+    here). SIGINT and SIGTERM go to the first of them, which is rank 0 on the first node and stops the others
+    (a later rank ignores them); if a rank fails, this node's others are stopped. Returns the first non-zero
+    exit status, else 0."""
     import subprocess
     import time
 
-    from distinfer.launchers.local import worker_env
     from distinfer.runtime.dist import free_port
 
-    base = worker_env() if not os.environ.get("CUDA_VISIBLE_DEVICES") else dict(os.environ)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
-                LOCAL_WORLD_SIZE=str(ranks))
+    master, _, master_port = (rendezvous or f"127.0.0.1:{free_port()}").rpartition(":")
+    base = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                MASTER_ADDR=master, MASTER_PORT=master_port, WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(len(ranks)))
     command = [sys.executable, "-m", "distinfer.serving.serve", str(run_json), "--host", host, "--port", str(port),
                "--max-batch", str(max_batch)]
-    procs = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+    procs = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(local)})
+             for local, rank in enumerate(ranks)]
     forward = lambda signum, _frame: procs[0].poll() is None and procs[0].send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -171,11 +181,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-batch", type=int, default=None)
+    parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks this node starts (Slurm)")
+    parser.add_argument("--rendezvous", default=None, help="HOST:PORT where the ranks meet (Slurm)")
     args = parser.parse_args()
     route_third_party_logs()
     run_json = args.run if args.run.is_file() else RunBundle(args.run).run_json
     run = RunSpec.from_dict((read_json(run_json) or {})["run"])
-    serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)))
+    serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)),
+          args.ranks_per_node, args.rendezvous)
 
 
 if __name__ == "__main__":
