@@ -156,11 +156,16 @@ def test_the_openai_client_streams_tokens_as_they_are_generated(tmp_path: Path, 
             client.completions.create(model="tiny-llama", prompt="x", max_tokens=4, n=2)
 
 
-@pytest.mark.parametrize("microbatches", [1, 3])
-def test_two_stages_serve_concurrent_requests_token_exact(tmp_path: Path, tiny_models, microbatches: int) -> None:  # noqa: ANN001,E501
-    """`distinfer serve` of a two-stage pipeline (two gloo ranks under torchrun): requests of different lengths
-    arrive while others decode, over HTTP; each one's greedy fp32 tokens equal `generate` on its prompt alone,
-    and at least two groups of requests were in the pipeline at once (both stages busy)."""
+@pytest.mark.parametrize(("parallel", "run_id"), [
+    ("{engine: pipeline, pp: 2, microbatches: 1}", "pipeline-pp2-b4-mb1-fp32"),
+    ("{engine: pipeline, pp: 2, microbatches: 3}", "pipeline-pp2-b4-mb3-fp32"),
+    ("{engine: deepspeed, tp: 2}", "deepspeed-tp2-b4-fp32"),
+])
+def test_multi_rank_layouts_serve_concurrent_requests_token_exact(tmp_path: Path, tiny_models, parallel: str,  # noqa: ANN001
+                                                                  run_id: str) -> None:
+    """`distinfer serve` of a two-stage pipeline (two gloo ranks) and of DeepSpeed AutoTP over two ranks: requests
+    of different lengths arrive while others decode, over HTTP; each one's greedy fp32 tokens equal `generate` on
+    its prompt alone; on two stages at least two groups of requests were in the pipeline at once (both busy)."""
     import concurrent.futures
 
     import openai
@@ -169,11 +174,10 @@ def test_two_stages_serve_concurrent_requests_token_exact(tmp_path: Path, tiny_m
     tokenizer = load_tokenizer(tiny_models["tiny-llama"])
     lengths = [48, 64, 24, 40, 8, 64]
     expected = [generate_alone(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
-    config = tmp_path / "pp2.yaml"
-    config.write_text("name: pp2\nmodel: {builtin: tiny-llama}\nprompts: prompts/correctness.jsonl\n"
-                      f"generation: {{max_new_tokens: 20}}\nparallel: {{engine: pipeline, pp: 2, "
-                      f"microbatches: {microbatches}}}\nbatch_size: 4\n")
-    with running_server(tmp_path, ["--run", f"pipeline-pp2-b4-mb{microbatches}-fp32"], config=config) as url:
+    config = tmp_path / "layout.yaml"
+    config.write_text("name: layout\nmodel: {builtin: tiny-llama}\nprompts: prompts/correctness.jsonl\n"
+                      f"generation: {{max_new_tokens: 20}}\nparallel: {parallel}\nbatch_size: 4\nreference: none\n")
+    with running_server(tmp_path, ["--run", run_id], config=config) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
 
         def ask(i: int) -> list[int]:
@@ -190,7 +194,7 @@ def test_two_stages_serve_concurrent_requests_token_exact(tmp_path: Path, tiny_m
     assert got == expected
     in_flight = int(next(line.split()[-1] for line in metrics.splitlines()
                          if line.startswith("distinfer_groups_in_flight_max")))
-    assert in_flight >= 2, metrics
+    assert in_flight >= 2 if run_id.startswith("pipeline") else in_flight == 1, metrics
 
 
 def test_a_client_that_goes_away_frees_its_slot(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001

@@ -195,7 +195,7 @@ def serving_scenario(exp: Experiment, kind: str, value: float | int) -> dict:
 
 def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
     """distinfer's server measured at each load, for each layout the experiment names (run ids such as
-    pipeline-pp1-fp32-rate4, pipeline-pp2-mb4-fp32-rateinf, reference-fp32-c8; `microbatches` is the number
+    pipeline-pp1-fp32-rate4, pipeline-pp2-mb4-fp32-rateinf, deepspeed-tp2-fp32-rate4, reference-fp32-c8; `microbatches` is the number
     of groups of requests in flight, at least one per stage); with `reference: auto` the offline reference runs stay, so
     that the served tokens are checked against them."""
     from distinfer.scenario import load_tag
@@ -206,6 +206,8 @@ def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
         if run.engine not in listed:
             continue
         layout = f"{run.engine}-{PRECISION_TAGS[run.precision]}"
+        if run.engine == "deepspeed":
+            layout = f"deepspeed-tp{run.tp}-{PRECISION_TAGS[run.precision]}"
         if run.engine == "pipeline":
             layers = f"-L{'.'.join(map(str, run.layers))}" if run.layers else ""
             groups = f"-mb{run.microbatches}" if run.microbatches > 1 else ""

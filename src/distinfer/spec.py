@@ -532,10 +532,11 @@ def _check_serving(path: Path, exp: Experiment) -> None:
                         "(the server batches requests itself, up to scenario.max_batch; warm-up is "
                         "scenario.warmup_requests); remove it")
     if exp.endpoint is None:
-        engines = [e for e in as_list(exp.parallel.engine) if e != "reference"]
-        if engines != ["pipeline"] and engines:
-            raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the pipeline and reference "
-                            f"engines; got {', '.join(engines)}")
+        served = ("pipeline", "reference", "deepspeed")
+        unserved = [e for e in as_list(exp.parallel.engine) if e not in served]
+        if unserved:
+            raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the {', '.join(served)} "
+                            f"engines; got {', '.join(unserved)}")
 
 
 def _check_context(path: Path, exp: Experiment, config: dict) -> None:

@@ -38,6 +38,14 @@ def build_deepspeed_engine(
     stop: StopRule,
     trust_remote_code: bool = False,
 ) -> ReferenceEngine:
+    model = deepspeed_model(model_dir, json.loads(ds_config_file.read_text()), env, device, trust_remote_code)
+    return ReferenceEngine(model, device, sampler, stop)
+
+
+def deepspeed_model(model_dir: Path, config: dict, env: DistEnv, device: torch.device,
+                    trust_remote_code: bool = False) -> torch.nn.Module:
+    """This rank's shard of the model under DeepSpeed AutoTP (`config`: the run's ds_config), on `device`; every
+    rank of the process group calls it."""
     prepare_deepspeed_env(env, device)
     import deepspeed
 
@@ -47,13 +55,12 @@ def build_deepspeed_engine(
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if device.type == "cpu":
         build_shm_op_once()
-    config = json.loads(ds_config_file.read_text())
     model = load_full_model(model_dir, config["dtype"], torch.device("cpu"), trust_remote_code)
     engine = deepspeed.init_inference(model, config=config)
     if device.type == "cpu":
         torch.distributed.barrier()  # every rank has mapped every rank's all-reduce segment by now
         unlink_shm_segment(env)
-    return ReferenceEngine(engine.module.to(device), device, sampler, stop)
+    return engine.module.to(device)
 
 
 def build_shm_op_once() -> None:

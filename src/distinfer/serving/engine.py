@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distinfer.runtime.sampling import SamplingParams
-from distinfer.serving.pipeline import HEARTBEAT, StageLink, run_first_stage
+from distinfer.serving.pipeline import HEARTBEAT, StageLink, TensorPeers, run_first_stage
 from distinfer.serving.stages import Prefill, StageState, Step
 
 Emit = Callable[[int | None, str | None], None]  # (token id or None, finish reason or None)
@@ -76,11 +76,13 @@ class _Group:
 
 
 class ServingEngine:
-    """The scheduler on stage 0. `link` is None for a one-stage layout (the whole model on this rank)."""
+    """The scheduler on stage 0. `link` is None for a one-stage layout; `peers`, where given, are the other
+    ranks of a tensor-parallel layout, which apply every step to their shards."""
 
     def __init__(self, stage: StageState, link: StageLink | None, eos_token_ids: tuple[int, ...],
-                 max_batch: int = 32, max_positions: int | None = None) -> None:
-        self.stage, self.link, self.eos = stage, link, set(eos_token_ids)
+                 max_batch: int = 32, max_positions: int | None = None, peers: TensorPeers | None = None) -> None:
+        self.stage, self.link, self.peers, self.eos = stage, link, peers, set(eos_token_ids)
+        self._others = link or peers  # who hears of each step (None: no other rank)
         self.max_batch, self.max_positions = max_batch, max_positions
         self.stats = EngineStats()
         self.failure: BaseException | None = None  # what stopped the engine thread, if anything did
@@ -141,10 +143,10 @@ class ServingEngine:
                     sequence.done = True
                     sequence.emit(None, "error")
             return
-        if self.link is not None:
+        if self._others is not None:
             try:
-                self.link.send_step(None, 1)
-                self.link.drain()
+                self._tell(None)
+                self._others.drain()
             except RuntimeError as exc:  # a stage already gone (its launcher stopped it): nothing to tell
                 log.warning("could not tell the stages to stop: %s", exc)
 
@@ -154,8 +156,8 @@ class ServingEngine:
                 idle_since = time.monotonic()
                 while not self._stopped and not self._flight and not self._has_work():
                     self._wake.wait(timeout=HEARTBEAT_S)
-                    if self.link is not None and time.monotonic() - idle_since >= HEARTBEAT_S:
-                        self.link.send_step(HEARTBEAT, 1)
+                    if self._others is not None and time.monotonic() - idle_since >= HEARTBEAT_S:
+                        self._tell(HEARTBEAT)
                         idle_since = time.monotonic()
                 if self._stopped:
                     break
@@ -198,7 +200,16 @@ class ServingEngine:
                     tokens=[s.generated[-1] for s in group.running],
                     prefills=[Prefill(s.request_id, s.prompt_ids, s.sampling) for s in joining])
 
+    def _tell(self, step: Step | None) -> None:
+        """The other ranks learn of a step, a heartbeat or the stop (None)."""
+        if self.link is not None:
+            self.link.send_step(step, 1)
+        elif self.peers is not None:
+            self.peers.send_step(step)
+
     def _start(self, group: _Group, step: Step) -> None:
+        if self.peers is not None:
+            self.peers.send_step(step)
         tokens = run_first_stage(self.stage, self.link, step)
         self.stats.steps_total += 1
         if step.results == 0:  # only dropped rows: nothing comes back

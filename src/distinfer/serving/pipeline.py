@@ -1,4 +1,5 @@
-"""The server's stages talking: steps and hidden states from stage to stage, sampled tokens back to stage 0.
+"""The server's ranks talking: steps and hidden states from stage to stage, sampled tokens back to stage 0;
+or, in a tensor-parallel layout, each step broadcast from rank 0 to the ranks that hold the other shards.
 
 Stage 0 (the rank with the HTTP server and the scheduler) sends each group's `Step` to stage 1, which passes
 it on before it computes, so that every stage knows what comes; the hidden states follow, one message per
@@ -6,6 +7,10 @@ forward, their shape known from the step. The last stage sends the step's sample
 do not wait (a send completes when the peer receives), so several groups are in the pipeline at once and the
 stages work on different groups at the same time. `None` as a step stops the stages; an empty step (group
 -1) is a heartbeat that keeps an idle server's stages within the process group's timeout.
+
+In a tensor-parallel layout (DeepSpeed AutoTP: every rank runs every layer on its shard, and the layers'
+all-reduces join them) each rank applies every step to its shard; rank 0 samples, the others' tokens are
+the same and are not used.
 """
 
 from __future__ import annotations
@@ -55,6 +60,34 @@ class StageLink:
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
+
+
+class TensorPeers:
+    """Rank 0's steps broadcast to the other ranks of a tensor-parallel layout (a collective: every rank calls)."""
+
+    def __init__(self) -> None:
+        self.group = dist.group.WORLD
+
+    def send_step(self, step: Step | None) -> None:
+        dist.broadcast_object_list([step], src=0, group=self.group)
+
+    def recv_step(self) -> Step | None:
+        holder: list[Step | None] = [None]
+        dist.broadcast_object_list(holder, src=0, group=self.group)
+        return holder[0]
+
+    def drain(self) -> None:
+        """Nothing to wait for: a broadcast returns once every rank has it."""
+
+
+def run_tensor_peer(stage: StageState, peers: TensorPeers) -> None:
+    """A tensor-parallel rank other than 0, until rank 0 says stop: apply each step to this rank's shard."""
+    while True:
+        step = peers.recv_step()
+        if step is None:
+            break
+        if step.group >= 0:
+            _apply(stage, None, step, lambda forward: torch.tensor(forward, device=stage.device))
 
 
 def run_first_stage(stage: StageState, link: StageLink | None, step: Step) -> list[int] | None:

@@ -1,8 +1,9 @@
 """`distinfer serve`: one run's layout behind the OpenAI-compatible server, in the foreground until SIGINT/SIGTERM.
 
-Every rank loads its pipeline stage (a one-rank layout: the whole model); rank 0 also runs the scheduler
-(engine.py) and uvicorn on the given host and port, the other ranks run their stage's loop (pipeline.py)
-until rank 0 stops them. A multi-rank layout started as one process (`distinfer serve`, or the serving run's
+Every rank loads its pipeline stage (a one-rank layout: the whole model) or, in a DeepSpeed tensor-parallel
+layout, its shard of every layer; rank 0 also runs the scheduler (engine.py) and uvicorn on the given host
+and port, the other ranks run their stage's loop or apply rank 0's steps to their shards (pipeline.py) until
+rank 0 stops them. A multi-rank layout started as one process (`distinfer serve`, or the serving run's
 own server on one machine) starts its ranks as processes here; on Slurm one task per node starts that node's
 ranks, which meet at the first node (templates/serving.sbatch.tmpl). Ranks
 after the first ignore SIGINT and SIGTERM: rank 0 stops them once its requests are answered, and they end on
@@ -18,10 +19,17 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distinfer.plan import RunSpec
 
-MICRO_BATCH_ENGINES = ("pipeline", "reference")  # the layouts the server runs: pipeline stages, or one rank
+if TYPE_CHECKING:
+    import torch
+
+    from distinfer.runtime.ranks import DistEnv
+    from distinfer.serving.stages import StageState
+
+SERVED_ENGINES = ("pipeline", "reference", "deepspeed")  # pipeline stages, one rank, or DeepSpeed AutoTP shards
 
 
 def served_name(run: RunSpec) -> str:
@@ -39,9 +47,9 @@ def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_nod
     """Serve `run` from this process: in place for one rank (or a rank this module started), else as the parent
     of this node's ranks: all of them on one machine, or on a Slurm node `ranks_per_node` of them (global ranks
     from SLURM_NODEID), meeting at `rendezvous` (HOST:PORT, the first node's)."""
-    if run.engine not in MICRO_BATCH_ENGINES or run.tp != 1:
-        raise ValueError(f"{run.run_id}: distinfer's server runs pipeline layouts (any pp, tp 1) and the "
-                         f"reference; got engine {run.engine} with tp {run.tp}")
+    if run.engine not in SERVED_ENGINES:
+        raise ValueError(f"{run.run_id}: distinfer's server runs the {', '.join(SERVED_ENGINES)} engines; "
+                         f"got {run.engine}")
     if run.world_size == 1 or "RANK" in os.environ:
         serve_rank(run, host, port, max_batch)
         return
@@ -101,51 +109,72 @@ def serve_rank(run: RunSpec, host: str, port: int, max_batch: int) -> None:
     import torch
 
     from distinfer.bundle import read_json
-    from distinfer.layout import split_layers
-    from distinfer.models.loading import load_stage_model, load_tokenizer
-    from distinfer.models.profiles import max_positions, model_layer_count
+    from distinfer.models.loading import load_tokenizer
+    from distinfer.models.profiles import max_positions
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.ranks import dist_env_from
     from distinfer.runtime.worker import stop_rule
-    from distinfer.serving.pipeline import StageLink, run_later_stage
-    from distinfer.serving.stages import StageState
+    from distinfer.serving.pipeline import StageLink, TensorPeers, run_later_stage, run_tensor_peer
 
     env = dist_env_from(os.environ)
     if env.world_size != run.world_size:
         raise RuntimeError(f"{run.run_id} needs {run.world_size} ranks but was started with {env.world_size}")
     model_dir = Path(run.model_path)
     device = init_distributed(env, run.timeout_s)
+    stage = load_stage(run, env, device)
+    link = StageLink(env.rank, env.world_size, device) if env.world_size > 1 and run.pp > 1 else None
+    peers = TensorPeers() if run.tp > 1 else None
+    try:
+        if env.rank > 0:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+            with torch.inference_mode():
+                if peers is not None:
+                    run_tensor_peer(stage, peers)
+                else:
+                    run_later_stage(stage, link)
+            return
+        tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
+        stop = stop_rule(model_dir, tokenizer, 1)
+        _serve_http(run, stage, link, peers, tokenizer, stop.eos_token_ids,
+                    max_positions(read_json(model_dir / "config.json") or {}), host, port, max_batch)
+    finally:
+        shutdown_distributed()
+
+
+def load_stage(run: RunSpec, env: DistEnv, device: torch.device) -> StageState:
+    """This rank's part of the model for serving: its pipeline stage (the whole model on one rank), or its
+    DeepSpeed AutoTP shard of every layer."""
+    from distinfer.layout import split_layers
+    from distinfer.models.families import family_of
+    from distinfer.models.loading import load_stage_model
+    from distinfer.models.profiles import model_layer_count
+    from distinfer.serving.stages import StageState
+
+    model_dir = Path(run.model_path)
+    if run.engine == "deepspeed":
+        from distinfer.plan import deepspeed_config
+        from distinfer.runtime.tensor import deepspeed_model
+
+        model = deepspeed_model(model_dir, deepspeed_config(run), env, device, run.trust_remote_code)
+        return StageState(model.eval(), family_of(model), device, True, True, groups_of(run))
     layout = split_layers(model_layer_count(model_dir), run.pp, run.layers)[env.rank]
     model, family = load_stage_model(model_dir, layout, run.dtype, device, run.trust_remote_code)
     if run.quantization == "int8":
         from distinfer.models.quantize import quantize_int8_weights
 
         model = quantize_int8_weights(model)
-    stage = StageState(model, family, device, layout.is_first, layout.is_last, groups_of(run))
-    link = StageLink(env.rank, env.world_size, device) if env.world_size > 1 else None
-    try:
-        if env.rank > 0:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, signal.SIG_IGN)
-            with torch.inference_mode():
-                run_later_stage(stage, link)
-            return
-        tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
-        stop = stop_rule(model_dir, tokenizer, 1)
-        _serve_http(run, stage, link, tokenizer, stop.eos_token_ids,
-                    max_positions(read_json(model_dir / "config.json") or {}), host, port, max_batch)
-    finally:
-        shutdown_distributed()
+    return StageState(model, family, device, layout.is_first, layout.is_last, groups_of(run))
 
 
-def _serve_http(run: RunSpec, stage, link, tokenizer, eos: tuple[int, ...], positions: int | None,  # noqa: ANN001
-                host: str, port: int, max_batch: int) -> None:
+def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...],  # noqa: ANN001
+                positions: int | None, host: str, port: int, max_batch: int) -> None:
     import uvicorn
 
     from distinfer.serving.engine import ServingEngine
     from distinfer.serving.server import create_app
 
-    engine = ServingEngine(stage, link, eos, max_batch, positions)
+    engine = ServingEngine(stage, link, eos, max_batch, positions, peers)
 
     def run_engine() -> None:
         engine.run_forever()
