@@ -57,9 +57,9 @@ def one_stage_engine(model_dir: Path, groups: int, max_batch: int) -> ServingEng
 
 @pytest.mark.parametrize(("name", "groups"), [("tiny-llama", 1), ("tiny-gpt2", 1), ("tiny-llama", 2)])
 def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models, name: str, groups: int) -> None:  # noqa: ANN001
-    """Six prompts of different lengths arrive while the others decode (and leave at different steps): each
-    request's greedy fp32 tokens equal `generate` on its prompt alone, with one group or the requests spread
-    over two."""
+    """Six prompts of different lengths, the first two together (prefilled in one padded forward), the others
+    while the rest decode (and leave at different steps): each request's greedy fp32 tokens equal `generate` on
+    its prompt alone, with one group or the requests spread over two."""
     model_dir = tiny_models[name]
     model = load_full_model(model_dir, "float32", torch.device("cpu"))
     tokenizer = load_tokenizer(model_dir)
@@ -79,7 +79,7 @@ def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models
                     ended[i] = reason
             engine.submit(tokenizer(prompt)["input_ids"], new, emit)
             deadline = time.monotonic() + 30
-            while i and len(got[i - 1]) < 2 and time.monotonic() < deadline:  # the last one is decoding by now
+            while i > 1 and len(got[i - 1]) < 2 and time.monotonic() < deadline:  # the last one decodes by now
                 time.sleep(0.001)
         deadline = time.monotonic() + 120
         while len(ended) < len(PROMPTS) and time.monotonic() < deadline:

@@ -87,7 +87,7 @@ def run_tensor_peer(stage: StageState, peers: TensorPeers) -> None:
         if step is None:
             break
         if step.group >= 0:
-            _apply(stage, None, step, lambda forward: torch.tensor(forward, device=stage.device))
+            _apply(stage, None, step)
 
 
 def run_first_stage(stage: StageState, link: StageLink | None, step: Step) -> list[int] | None:
@@ -95,45 +95,45 @@ def run_first_stage(stage: StageState, link: StageLink | None, step: Step) -> li
     With one stage the tokens are sampled here and returned; with more, None (they come back from the last)."""
     if link is not None:
         link.send_step(step, 1)
-    return _apply(stage, link, step, lambda forward: torch.tensor(forward, device=stage.device))
+    return _apply(stage, link, step)
 
 
 def run_later_stage(stage: StageState, link: StageLink) -> None:
     """A stage after the first, until stage 0 says stop: receive each step, pass it on, compute its forwards."""
-    source = link.rank - 1
     while True:
-        step = link.recv_step(source)
+        step = link.recv_step(link.rank - 1)
         if not stage.is_last:
             link.send_step(step, link.rank + 1)
         if step is None:
             break
         if step.group < 0:
             continue
-
-        def inputs(forward: list[int] | int, step: Step = step) -> torch.Tensor:
-            rows, length = (len(forward), 1) if isinstance(forward, list) else (1, forward)
-            return link.recv((rows, length, stage.hidden_size), stage.dtype, source)
-
-        tokens = _apply(stage, link, step, inputs)
+        tokens = _apply(stage, link, step)
         if tokens:
             link.send(torch.tensor(tokens, device=stage.device), 0)
     link.drain()
 
 
-def _apply(stage: StageState, link: StageLink | None, step: Step, inputs) -> list[int] | None:  # noqa: ANN001
-    """Keep, decode, prefill on this stage; `inputs(tokens or prompt)` gives each forward's input. Returns the
-    sampled tokens on the last stage, else None after sending each forward's output to the next stage."""
+def _apply(stage: StageState, link: StageLink | None, step: Step) -> list[int] | None:
+    """Keep, decode, prefill on this stage: the first stage from the step's token ids, the others from the
+    hidden states the previous stage sends. Returns the sampled tokens on the last stage, else None after
+    sending each forward's output to the next stage."""
+    def hidden(rows: int, length: int) -> torch.Tensor:
+        return link.recv((rows, length, stage.hidden_size), stage.dtype, link.rank - 1)
+
     stage.keep(step.group, step.keep)
     tokens: list[int] = []
     if step.decode:
         rows = stage.rows(step.group)
-        out = stage.decode(step.group, inputs(step.tokens))
+        ids = torch.tensor(step.tokens, device=stage.device) if stage.is_first else hidden(len(step.tokens), 1)
+        out = stage.decode(step.group, ids)
         tokens += _pass_on(stage, link, step.group, out, range(rows))
-    for prefill in step.prefills:
-        source = prefill.prompt_ids if stage.is_first else len(prefill.prompt_ids)
-        out = stage.prefill(step.group, inputs(source), prefill.sampling)
-        row = stage.rows(step.group) - 1
-        tokens += _pass_on(stage, link, step.group, out, range(row, row + 1))
+    if step.prefills:
+        lengths = [len(p.prompt_ids) for p in step.prefills]
+        prompts = [p.prompt_ids for p in step.prefills] if stage.is_first else hidden(len(lengths), max(lengths))
+        first_row = stage.rows(step.group)
+        out = stage.prefill(step.group, prompts, lengths, [p.sampling for p in step.prefills])
+        tokens += _pass_on(stage, link, step.group, out, range(first_row, first_row + len(lengths)))
     return tokens if stage.is_last else None
 
 

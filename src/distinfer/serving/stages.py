@@ -2,10 +2,11 @@
 
 A group's rows are requests decoding together. Every stage holds the same rows in the same order, because
 every stage applies the same steps (from `Step`, made by the scheduler on stage 0): drop the rows that ended,
-one decode forward for the rows left, then one prefill forward for each joining request, which becomes a new
-row. A prefill runs the prompt alone on its own cache; joining left-pads the shorter of the group's cache and
-the new one to a common length, as `generate` pads a batch, and the padding is masked, so a request's greedy
-tokens are those of `generate` on its prompt alone whatever else the group holds. The first stage embeds the
+one decode forward for the rows left, then one prefill forward for the joining requests, which become new
+rows. A prefill runs the joining prompts on a cache of their own, left-padded to the longest as `generate`
+pads a batch; joining left-pads the shorter of the group's cache and the new one to a common length, and the
+padding is masked, so a request's greedy tokens are those of `generate` on its prompt alone whatever else
+the group holds. The first stage embeds the
 token ids; the last applies the head and samples (greedy rows in one argmax, sampled rows from their own
 seeded stream); the layers in between come from the model family's adapter (models/families.py).
 """
@@ -109,14 +110,18 @@ class StageState:
         g.mask = mask
         return out
 
-    def prefill(self, group: int, inputs: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
-        """A request's prompt alone (`inputs`: ids [length] on the first stage, else hidden [1, length, hidden]),
-        then its cache joins the group as a new last row. Returns the hidden states or the logits."""
-        length = int(inputs.shape[0] if self.is_first else inputs.shape[1])
+    def prefill(self, group: int, inputs: torch.Tensor | list[list[int]], lengths: list[int],
+                sampling: list[SamplingParams]) -> torch.Tensor:
+        """The joining requests' prompts in one forward, left-padded to the longest as `generate` pads a batch
+        (`inputs`: their token ids on the first stage, else the previous stage's hidden [rows, longest, hidden]);
+        their cache then joins the group as new last rows. Returns the hidden states or the logits."""
+        longest = max(lengths)
+        mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], device=self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        if self.is_first:
+            inputs = torch.tensor([[0] * (longest - len(ids)) + list(ids) for ids in inputs], device=self.device)
         cache = DynamicCache()
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        positions = torch.arange(length, device=self.device)[None]
-        out = self._forward(inputs[None] if self.is_first else inputs, mask, positions, cache)
+        out = self._forward(inputs, mask, positions, cache)
         self._join(self.groups[group], cache, mask, sampling)
         return out
 
@@ -144,9 +149,9 @@ class StageState:
             return hidden
         return self.family.head(self.model, hidden[:, -1:, :])[:, -1, :].float()
 
-    def _join(self, g: _Group, cache: DynamicCache, mask: torch.Tensor, sampling: SamplingParams) -> None:
+    def _join(self, g: _Group, cache: DynamicCache, mask: torch.Tensor, sampling: list[SamplingParams]) -> None:
         if self.is_last:
-            g.sampling.append((sampling, None))
+            g.sampling += [(params, None) for params in sampling]
         if g.mask is None:
             g.cache, g.mask = cache, mask
             return
