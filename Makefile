@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo analysis test bench container clean-outputs
+.PHONY: setup system-deps models demo analysis test bench bench-serving container clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ test: models system-deps
 # performance ratios, writes bench/results/bench-<time>.json.
 bench: models
 	$(BIN)/python -m bench.bench
+
+# The serving path: the load generator's own limits against an instant endpoint, then distinfer's server at
+# saturation against the same layout offline at its best batch size (about 20 minutes on 2 cores).
+bench-serving: models
+	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.serving_overhead
 
 # The Apptainer image for GPU clusters; build it where apptainer is installed.
 container:

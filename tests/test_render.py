@@ -57,11 +57,15 @@ def test_t4_scripts_pass_shellcheck_and_wrap_the_worker_in_apptainer(tmp_path: P
         script.write_text(text)
         result = shellcheck(script)
         assert result.returncode == 0, f"{name}:\n{result.stdout}"
-        assert "#SBATCH --gpus-per-node=1" in text and "#SBATCH --partition=gpu" in text
+        gpus = 2 if name.startswith("openllama3b-t4-hybrid/") else 1  # the hybrid study's nodes hold two T4s
+        assert f"#SBATCH --gpus-per-node={gpus}" in text and "#SBATCH --partition=gpu" in text
         assert "LAUNCH=(apptainer exec --nv --bind /shared/models --bind /scratch /shared/containers/distinfer.sif)" in text
         assert "module load cuda/12.1" in text
-    pp2 = dict(rendered_t4_scripts())["openllama3b-t4-fp16/pipeline-pp2-b8-mb1-fp16.sbatch"]
+    scripts = dict(rendered_t4_scripts())
+    pp2 = scripts["openllama3b-t4-fp16/pipeline-pp2-b8-mb1-fp16.sbatch"]
     assert "#SBATCH --nodes=2" in pp2 and "--nproc-per-node=1" in pp2
+    hybrid = scripts["openllama3b-t4-hybrid/pipeline-pp2-tp2-b8-mb2-fp16.sbatch"]  # a tp group per node
+    assert "#SBATCH --nodes=2" in hybrid and "--nproc-per-node=2" in hybrid
 
 
 def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:

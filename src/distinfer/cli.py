@@ -166,6 +166,21 @@ class RunProgress:
 
 
 PLAN_ROWS = 60  # runs `plan` lists one per row; the rejected ones are named below the table in any case
+PER_RANK_RUNS = 4  # tensor-parallel runs whose memory `plan` also shows rank by rank
+
+
+def _rank_table(item) -> Table:  # noqa: ANN001 - a jobs.PlannedRun with its memory per rank
+    """Each rank's memory of a tensor-parallel run: its stage, its place in the stage's tp group, its share."""
+    run = item.run
+    table = Table(title=f"{run.run_id}: memory per rank (GiB)")
+    for column in ("rank", "stage", "tp rank", "layers", "weights", "KV", "act", "total", "fits"):
+        table.add_column(column, justify="right")
+    for rank, memory in enumerate(item.memory):
+        stage, tp_rank = divmod(rank, run.tp)
+        table.add_row(str(rank), str(stage), str(tp_rank), f"{memory.layers[0]}-{memory.layers[1] - 1}",
+                      _gib(memory.weights), _gib(memory.kv_cache), _gib(memory.activations), _gib(memory.total),
+                      "yes" if memory.fits else "[red]no[/]")
+    return table
 
 
 def _gib(n: int) -> str:
@@ -210,6 +225,8 @@ def plan(
         console.print("Pipeline runs split the weights: each stage holds only its layers "
                       f"(e.g. {pp_runs[0].run.run_id}: {', '.join(_gib(m.weights) for m in pp_runs[0].memory)} GiB "
                       "of weights per rank).")
+    for item in [i for i in planned if i.run.tp > 1 and i.memory][:PER_RANK_RUNS]:
+        console.print(_rank_table(item))
     rejected = [i for i in planned if not i.fits and i.memory]
     for item in rejected:
         worst = max(item.memory, key=lambda m: m.total)

@@ -138,3 +138,17 @@ def place(pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int, n
     world = pp * max(tp, ep)
     per_node = gpus_per_node if gpu else (world if nodes is not None else 1)
     return Layout(pp=pp, tp=tp, ep=ep, gpus_per_node=max(1, per_node), nodes=nodes, groups_within_node=gpu)
+
+
+def tensor_split_problem(config: dict, tp: int) -> str | None:
+    """Why `tp` cannot split this model's attention (a message), or None."""
+    heads = int(config.get("num_attention_heads", config.get("n_head", 1)))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    intermediate = config.get("intermediate_size") or config.get("n_inner")
+    if heads % tp:
+        return f"tp {tp} does not divide the model's {heads} attention heads"
+    if kv_heads % tp:
+        return f"tp {tp} does not divide the model's {kv_heads} key/value heads"
+    if intermediate and int(intermediate) % tp:
+        return f"tp {tp} does not divide the model's MLP width {intermediate}"
+    return None

@@ -80,6 +80,7 @@ class MemoryEstimate:
     activations: int
     overhead: int
     capacity: int
+    layers: tuple[int, int] = (0, 0)  # the stage's decoder layers, [start, stop)
 
     @property
     def total(self) -> int:
@@ -119,4 +120,4 @@ def estimate_stage_memory(
     activations = (batch * context_tokens * (2 * facts.hidden + -(-facts.intermediate // tp)) * size
                    + batch * facts.vocab * 4)
     overhead = GPU_OVERHEAD_BYTES if gpu else CPU_OVERHEAD_BYTES
-    return MemoryEstimate(weights, kv, activations, overhead, capacity)
+    return MemoryEstimate(weights, kv, activations, overhead, capacity, (stage.start, stage.stop))

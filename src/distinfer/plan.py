@@ -88,13 +88,14 @@ class RunSpec:
 
 def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int, batch: int, precision: str,
                tp: int = 1, context: int | None = None, num_prompts: int | None = None) -> str:
-    """Readable, unique within an experiment: e.g. pipeline-pp2-L3.5-b4-mb2-fp32, reference-b4-int8-ctx2048."""
+    """Readable, unique within an experiment: e.g. pipeline-pp2-L3.5-b4-mb2-fp32, pipeline-pp2-tp2-b4-mb1-fp16,
+    reference-b4-int8-ctx2048."""
     suffix = PRECISION_TAGS[precision] + (f"-ctx{context}" if context else "") + (f"-n{num_prompts}" if num_prompts else "")
     if engine == "reference":
         return f"reference-b{batch}-{suffix}"
     if engine == "deepspeed":
         return f"deepspeed-tp{tp}-b{batch}-{suffix}"
-    tag = f"-L{'.'.join(map(str, layers))}" if layers else ""
+    tag = (f"-L{'.'.join(map(str, layers))}" if layers else "") + (f"-tp{tp}" if tp > 1 else "")
     return f"{engine}-pp{pp}{tag}-b{batch}-mb{microbatches}-{suffix}"
 
 
@@ -164,7 +165,7 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     ):
         if engine != "pipeline":  # the layout axes belong to the pipeline engine
             pp, layers, mb = 1, None, 1
-        if engine != "deepspeed":
+        if engine not in ("deepspeed", "pipeline"):
             tp = 1
         num_prompts = exp.prompts_per_rank * pp * tp if exp.prompts_per_rank else None
         run = make(engine, pp, layers, mb, tp, batch, precision, context, num_prompts)

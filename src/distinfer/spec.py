@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distinfer.layout import Layout, LayoutError, place
+from distinfer.layout import Layout, LayoutError, place, tensor_split_problem
 from distinfer.models.profiles import config_layer_count, max_positions, read_json_file, read_model_config
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
@@ -409,9 +409,9 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
     if "pipeline" not in engines and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
         raise SpecError(f"{path}: field 'parallel.pp': pipeline stages need engine pipeline; "
                         f"engines here: {', '.join(engines)}")
-    if "deepspeed" not in engines and as_list(exp.parallel.tp) != [1]:
-        raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine deepspeed; "
-                        f"engines here: {', '.join(engines)}")
+    if not {"deepspeed", "pipeline"} & set(engines) and as_list(exp.parallel.tp) != [1]:
+        raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine pipeline (tp inside each "
+                        f"stage) or deepspeed; engines here: {', '.join(engines)}")
     serving = exp.scenario.kind == "serving"  # a server's groups of requests share scenario.max_batch
     limits = [exp.scenario.max_batch] if serving else as_list(exp.batch_size)
     for mb in as_list(exp.parallel.microbatches):
@@ -435,7 +435,7 @@ def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
     shapes: dict[tuple[str, int, int], None] = {}
     for engine in as_list(exp.parallel.engine):
         if engine == "pipeline":
-            shapes.update(dict.fromkeys(("pipeline", pp, 1) for pp in stage_counts))
+            shapes.update(dict.fromkeys(("pipeline", pp, tp) for pp in stage_counts for tp in as_list(exp.parallel.tp)))
         elif engine == "deepspeed":
             shapes.update(dict.fromkeys(("deepspeed", 1, tp) for tp in as_list(exp.parallel.tp)))
         else:
@@ -499,6 +499,7 @@ def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
                 raise SpecError(f"{path}: field 'model.path': {exc}") from None
     if config is not None:
         _check_context(path, exp, config)
+        _check_tensor_parallel(path, exp, config)
     if num_layers is not None:
         _check_layout(path, exp, num_layers)
     _check_study(path, exp)
@@ -537,6 +538,25 @@ def _check_serving(path: Path, exp: Experiment) -> None:
         if unserved:
             raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the {', '.join(served)} "
                             f"engines; got {', '.join(unserved)}")
+        if "pipeline" in as_list(exp.parallel.engine) and as_list(exp.parallel.tp) != [1]:
+            raise SpecError(f"{path}: field 'parallel.tp': distinfer's server runs pipeline stages of one rank "
+                            "(tp 1); serve tensor parallel with engine deepspeed")
+
+
+def _check_tensor_parallel(path: Path, exp: Experiment, config: dict) -> None:
+    """Every tp of the sweep splits the model's heads (and its MLP); tp inside pipeline stages: Llama family."""
+    engines = set(as_list(exp.parallel.engine))
+    if not {"pipeline", "deepspeed"} & engines:
+        return
+    for tp in as_list(exp.parallel.tp):
+        if tp > 1:
+            problem = tensor_split_problem(config, tp)
+            if problem:
+                raise SpecError(f"{path}: field 'parallel.tp': {problem}")
+            gpt2 = "n_embd" in config or config.get("model_type") == "gpt2"
+            if "pipeline" in engines and gpt2:
+                raise SpecError(f"{path}: field 'parallel.tp': tensor parallel inside pipeline stages supports the "
+                                "Llama family; GPT-2 runs tp with engine deepspeed")
 
 
 def _check_context(path: Path, exp: Experiment, config: dict) -> None:
@@ -580,7 +600,8 @@ def world_sizes(exp: Experiment) -> set[int]:
     explicit = layer_lists(exp.parallel)
     sizes = set()
     if "pipeline" in engines:
-        sizes |= {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
+        stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
+        sizes |= {pp * tp for pp in stages for tp in as_list(exp.parallel.tp)}
     if "deepspeed" in engines:
         sizes |= set(as_list(exp.parallel.tp))
     if "reference" in engines:

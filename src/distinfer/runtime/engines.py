@@ -107,15 +107,26 @@ def build_deepspeed(ctx: EngineContext) -> tuple[Engine, dict]:
 
 @register("pipeline")
 def build_pipeline(ctx: EngineContext) -> tuple[Engine, dict]:
-    """distinfer's pipeline: this rank's stage only; on CPU, with `cpu_kernels: fast`, the CPU package's
+    """distinfer's pipeline: this rank's stage only, its layers sharded over the stage's ranks where the run
+    has tp > 1 (runtime/tensor_parallel.py); on CPU without tp, with `cpu_kernels: fast`, the CPU package's
     speed-ups (runtime/cpu/)."""
     spec, env = ctx.spec, ctx.env
-    layout = split_layers(model_layer_count(ctx.model_dir), spec.pp, spec.layers)[env.rank]
+    stage, stages_rank, group, tensor = env.rank, env.rank, None, None
+    if spec.tp > 1:
+        from distinfer.runtime.tensor_parallel import shard_stage, stage_groups
+
+        groups = stage_groups(spec.pp, spec.tp, ctx.device)
+        stage, group, tensor = groups.stage, groups.pipeline, groups.tensor
+        stages_rank = stage
+    layout = split_layers(model_layer_count(ctx.model_dir), spec.pp, spec.layers)[stage]
     model, family = load_stage_model(ctx.model_dir, layout, spec.dtype, ctx.device, spec.trust_remote_code)
     model = _maybe_quantized(model, spec)
     info: dict = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
+    if tensor is not None:
+        shard_stage(model, family, tensor)
+        info.update(stage=stage, tp_rank=env.rank % spec.tp, parameters=_local_parameters(model))
     decoder = None
-    if ctx.device.type == "cpu" and spec.cpu_kernels == "fast":
+    if ctx.device.type == "cpu" and spec.cpu_kernels == "fast" and spec.tp == 1:
         if env.world_size > 1:
             dist.barrier()  # every stage loaded: no rank's loading disturbs another's kernel timing
         from distinfer.runtime.cpu import speed_up_stage
@@ -125,8 +136,14 @@ def build_pipeline(ctx: EngineContext) -> tuple[Engine, dict]:
     info["decode_path"] = decoder.name if decoder else "transformers"
     if decoder is not None and decoder.one_call_rows:
         info["one_call_rows"] = [decoder.one_call_rows[0], decoder.one_call_rows[-1]]
-    engine = PipelineEngine(model, family, env.rank, env.world_size, ctx.device, ctx.sampler, ctx.stop,
-                            spec.microbatches, decoder=decoder,
-                            shared_memory=os.environ.get("DISTINFER_TRANSPORT") != "gloo", timeout_s=spec.timeout_s)
+    shared = os.environ.get("DISTINFER_TRANSPORT") != "gloo" and spec.tp == 1
+    engine = PipelineEngine(model, family, stages_rank, spec.pp, ctx.device, ctx.sampler, ctx.stop,
+                            spec.microbatches, group=group, decoder=decoder, shared_memory=shared,
+                            timeout_s=spec.timeout_s)
     info["transport"] = engine.transport
     return engine, info
+
+
+def _local_parameters(model: torch.nn.Module) -> int:
+    """Parameters this rank holds: a sharded weight's local shard only."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())

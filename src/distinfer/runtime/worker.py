@@ -214,6 +214,8 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "status": state.get("status", "failed"),
         "hostname": socket.gethostname(),
         "layers": state.get("layers", []),
+        "stage": state.get("stage"),  # with tp inside pipeline stages: this rank's stage and its place in it
+        "tp_rank": state.get("tp_rank"),
         "parameters": state.get("parameters"),
         **rank_totals(state.get("steps", [])),
         "peak_memory_bytes": _peak_memory(device),
