@@ -57,8 +57,9 @@ def test_t4_scripts_pass_shellcheck_and_wrap_the_worker_in_apptainer(tmp_path: P
         script.write_text(text)
         result = shellcheck(script)
         assert result.returncode == 0, f"{name}:\n{result.stdout}"
-        gpus = 2 if name.startswith("openllama3b-t4-hybrid/") else 1  # the hybrid study's nodes hold two T4s
-        assert f"#SBATCH --gpus-per-node={gpus}" in text and "#SBATCH --partition=gpu" in text
+        # A job asks for the GPUs its ranks use on a node: 1, or 2 for the hybrid study's multi-rank runs.
+        hybrid = name.startswith("openllama3b-t4-hybrid/") and ("tp2" in name or "pp2" in name)
+        assert f"#SBATCH --gpus-per-node={2 if hybrid else 1}" in text and "#SBATCH --partition=gpu" in text
         assert "LAUNCH=(apptainer exec --nv --bind /shared/models --bind /scratch /shared/containers/distinfer.sif)" in text
         assert "module load cuda/12.1" in text
     scripts = dict(rendered_t4_scripts())
