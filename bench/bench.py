@@ -8,6 +8,8 @@ reverse order):
   pp1               distinfer pipeline, one stage (distinfer's CPU linear kernels, the default)
   pp2-mb<k>         distinfer pipeline, two stages (k micro-batches; k > 1 at batch 8 only)
   ds-tp2            DeepSpeed AutoTP over two ranks
+  tp2               distinfer pipeline, one stage split over two ranks (torch.distributed.tensor.parallel);
+                    not in the default set: `--engines tp2,ds-tp2` puts the two tensor-parallel engines side by side
   copy bandwidth    torch memory copy (read + write bytes per second): the decode speed limit
   stock row read    weight bytes/s of PyTorch's stock one-row product (HF generate's batch-1 kernel), each repeat
 then HF generate, one stage and two stages batch by batch in the same two processes (bench/paired.py, which
@@ -47,6 +49,7 @@ ENGINES = {  # name -> parallel settings (batch 8 gets more micro-batches where 
     "pp2-mb2": {"engine": "pipeline", "pp": 2, "microbatches": 2},
     "pp2-mb4": {"engine": "pipeline", "pp": 2, "microbatches": 4},
     "ds-tp2": {"engine": "deepspeed", "tp": 2},
+    "tp2": {"engine": "pipeline", "pp": 1, "tp": 2},
 }
 
 
@@ -161,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--engines", default="hf-generate," + ",".join(ENGINES))
+    parser.add_argument("--engines", default="hf-generate," + ",".join(e for e in ENGINES if e != "tp2"))
     parser.add_argument("--rounds", type=int, default=16, help="rounds of bench/paired.py (0: skip it)")
     parser.add_argument("--cache", type=Path, default=cache_dir())
     args = parser.parse_args()
