@@ -50,8 +50,9 @@ def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[Memor
     ctx = context_tokens(run)
     batch = int((run.scenario or {}).get("max_batch", 32)) if run.serving else run.batch_size  # a server's running batch
     per_stage = [estimate_stage_memory(facts, s, run.dtype, batch, ctx, profile.memory_bytes, profile.gpu,
-                                       run.quantization, run.tp) for s in stages]
-    return [memory for memory in per_stage for _ in range(run.tp)]  # one per rank: a stage's tp ranks alike
+                                       run.quantization, run.tp, run.ep) for s in stages]
+    ranks = max(run.tp, run.ep)
+    return [memory for memory in per_stage for _ in range(ranks)]  # one per rank: a stage's ranks alike
 
 
 def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[PlannedRun]:

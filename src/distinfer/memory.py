@@ -39,6 +39,7 @@ class ModelFacts:
     vocab: int
     tied: bool
     gated_mlp: bool  # Llama's gate/up/down (3 matrices) vs GPT-2's 2
+    experts: int = 0  # a mixture-of-experts model's experts per layer (0: dense); each a gated MLP
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelFacts:
@@ -54,6 +55,7 @@ class ModelFacts:
             vocab=int(cfg["vocab_size"]),
             tied=bool(cfg.get("tie_word_embeddings", gpt2)),
             gated_mlp=not gpt2,
+            experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
         )
 
     @property
@@ -61,9 +63,17 @@ class ModelFacts:
         return self.hidden // self.heads
 
     def layer_parameters(self) -> int:
+        return self.shared_layer_parameters() + self.expert_layer_parameters()
+
+    def shared_layer_parameters(self) -> int:
+        """A layer's parameters outside its experts: attention, norms, a dense MLP or an MoE router."""
         attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        mlp = self.experts * self.hidden if self.experts else (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
         return attn + mlp + 4 * self.hidden
+
+    def expert_layer_parameters(self) -> int:
+        """A layer's experts (gate, up and down of each)."""
+        return self.experts * 3 * self.hidden * self.intermediate
 
     def embedding_parameters(self) -> int:
         return self.vocab * self.hidden
@@ -101,16 +111,20 @@ def estimate_stage_memory(
     gpu: bool,
     quantization: str | None = None,
     tp: int = 1,
+    ep: int = 1,
 ) -> MemoryEstimate:
     """Bytes one rank needs for its stage at this batch size and context (prompt + new tokens).
     int8 weight-only: the linear layers' weights take one byte each (plus a scale per output channel).
     Tensor parallel over `tp` ranks: each holds 1/tp of the decoder layers' weights, of the KV cache (heads are
     split) and of the MLP's activations; the embedding and the head are counted whole (not every engine
-    shards them)."""
+    shards them). Expert parallel over `ep` ranks: each holds its stage's attention and routers whole and
+    1/ep of each layer's experts."""
     size = DTYPE_BYTES[dtype]
     weight_size = 1 if quantization == "int8" else size
     layers = stage.stop - stage.start
-    weights = -(-layers * facts.layer_parameters() * weight_size // tp)
+    shared = facts.shared_layer_parameters() if ep > 1 else facts.layer_parameters()  # ep: attention whole
+    experts = facts.expert_layer_parameters() // ep if ep > 1 else 0  # and 1/ep of the experts on each rank
+    weights = -(-layers * (shared + experts) * weight_size // tp)
     if stage.is_first:
         weights += facts.embedding_parameters() * size
     if stage.is_last:

@@ -37,7 +37,8 @@ class RunSpec:
     warmup: int
     repeats: int
     timeout_s: float
-    tp: int = 1  # tensor-parallel ranks (deepspeed engine)
+    tp: int = 1  # tensor-parallel ranks: per pipeline stage, or DeepSpeed AutoTP's
+    ep: int = 1  # expert-parallel ranks per pipeline stage (mixture-of-experts models)
     quantization: str | None = None  # "int8": torchao int8 weight-only; `dtype` is then the activations' dtype
     prompt_set: dict | None = None  # {context_tokens, count, question}: `prompts` is then a text file
     num_prompts: int | None = None  # use the first n prompts (repeating the file): weak scaling
@@ -65,7 +66,7 @@ class RunSpec:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.tp
+        return self.pp * max(self.tp, self.ep)
 
     def to_dict(self) -> dict:
         """The fields as a dict (values shared, not copied: a plan serialises thousands)."""
@@ -87,7 +88,7 @@ class RunSpec:
 
 
 def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int, batch: int, precision: str,
-               tp: int = 1, context: int | None = None, num_prompts: int | None = None) -> str:
+               tp: int = 1, context: int | None = None, num_prompts: int | None = None, ep: int = 1) -> str:
     """Readable, unique within an experiment: e.g. pipeline-pp2-L3.5-b4-mb2-fp32, pipeline-pp2-tp2-b4-mb1-fp16,
     reference-b4-int8-ctx2048."""
     suffix = PRECISION_TAGS[precision] + (f"-ctx{context}" if context else "") + (f"-n{num_prompts}" if num_prompts else "")
@@ -95,7 +96,8 @@ def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int
         return f"reference-b{batch}-{suffix}"
     if engine == "deepspeed":
         return f"deepspeed-tp{tp}-b{batch}-{suffix}"
-    tag = (f"-L{'.'.join(map(str, layers))}" if layers else "") + (f"-tp{tp}" if tp > 1 else "")
+    tag = ((f"-L{'.'.join(map(str, layers))}" if layers else "") + (f"-tp{tp}" if tp > 1 else "")
+           + (f"-ep{ep}" if ep > 1 else ""))
     return f"{engine}-pp{pp}{tag}-b{batch}-mb{microbatches}-{suffix}"
 
 
@@ -137,13 +139,13 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     )
 
     def make(engine: str, pp: int, layers: list[int] | None, mb: int, tp: int, batch: int, precision: str,
-             context: int | None, num_prompts: int | None) -> RunSpec:
+             context: int | None, num_prompts: int | None, ep: int = 1) -> RunSpec:
         generation = exp.generation.model_dump()
         if context is not None:
             generation["max_prompt_tokens"] = context
         return RunSpec(
             **common,
-            run_id=run_id_for(engine, pp, layers, mb, batch, precision, tp, context, num_prompts),
+            run_id=run_id_for(engine, pp, layers, mb, batch, precision, tp, context, num_prompts, ep),
             engine=engine,
             dtype=("float16" if gpu else "float32") if precision == "int8" else precision,
             quantization="int8" if precision == "int8" else None,
@@ -153,22 +155,23 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             microbatches=mb,
             batch_size=batch,
             tp=tp,
+            ep=ep,
             prompt_set=None if context is None else {"context_tokens": context, "count": prompt_set.count,
                                                      "question": prompt_set.question},
             num_prompts=num_prompts,
         )
 
     runs: dict[str, RunSpec] = {}
-    for engine, (pp, layers), mb, tp, batch, precision, context in itertools.product(
-        as_list(par.engine), layouts, as_list(par.microbatches), as_list(par.tp), as_list(exp.batch_size),
-        as_list(exp.model.dtype), contexts,
+    for engine, (pp, layers), mb, tp, ep, batch, precision, context in itertools.product(
+        as_list(par.engine), layouts, as_list(par.microbatches), as_list(par.tp), as_list(par.ep),
+        as_list(exp.batch_size), as_list(exp.model.dtype), contexts,
     ):
         if engine != "pipeline":  # the layout axes belong to the pipeline engine
-            pp, layers, mb = 1, None, 1
+            pp, layers, mb, ep = 1, None, 1, 1
         if engine not in ("deepspeed", "pipeline"):
             tp = 1
-        num_prompts = exp.prompts_per_rank * pp * tp if exp.prompts_per_rank else None
-        run = make(engine, pp, layers, mb, tp, batch, precision, context, num_prompts)
+        num_prompts = exp.prompts_per_rank * pp * max(tp, ep) if exp.prompts_per_rank else None
+        run = make(engine, pp, layers, mb, tp, batch, precision, context, num_prompts, ep)
         runs.setdefault(run.run_id, run)
     if exp.reference == "auto":
         wanted: dict[tuple, list[int | None]] = {}

@@ -41,7 +41,7 @@ class JobShape:
 def job_shape(run: RunSpec, cluster: ClusterSpec) -> JobShape:
     """Nodes and ranks per node of a run, from its layout on the cluster (layout.py)."""
     try:
-        layout = place(run.pp, run.tp, gpu=HARDWARE[cluster.profile].gpu, gpus_per_node=cluster.gpus_per_node,
+        layout = place(run.pp, run.tp, run.ep, gpu=HARDWARE[cluster.profile].gpu, gpus_per_node=cluster.gpus_per_node,
                        nodes=cluster.nodes, single_device=run.engine == "reference")
     except LayoutError as exc:
         raise RenderError(f"{run.run_id}: {exc}") from None

@@ -30,7 +30,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Dtype = Literal["float32", "float16", "bfloat16", "int8"]
 Study = Literal["matrix", "strong-scaling", "weak-scaling", "batch-sweep", "precision-sweep", "optimization"]
 Engine = Literal["pipeline", "reference", "deepspeed"]
-Builtin = Literal["tiny-llama", "tiny-gpt2", "tiny-llama-trained", "tiny-gpt2-trained"]
+Builtin = Literal["tiny-llama", "tiny-gpt2", "tiny-moe", "tiny-llama-trained", "tiny-gpt2-trained"]
 
 
 class _Strict(BaseModel):
@@ -83,7 +83,9 @@ class ParallelSpec(_Strict):
     pp: PositiveInt | list[PositiveInt] = 1
     """Pipeline stages (one rank each); pipeline engine."""
     tp: PositiveInt | list[PositiveInt] = 1
-    """Tensor-parallel ranks; deepspeed engine (DeepSpeed AutoTP)."""
+    """Tensor-parallel ranks: per pipeline stage (pipeline engine), or DeepSpeed AutoTP's (deepspeed engine)."""
+    ep: PositiveInt | list[PositiveInt] = 1
+    """Expert-parallel ranks per pipeline stage (pipeline engine, mixture-of-experts models)."""
     layers: Literal["auto"] | list[PositiveInt] | list[list[PositiveInt]] = "auto"
     """'auto' (balanced), one list of layers per stage, or a list of such lists (a sweep)."""
     microbatches: PositiveInt | list[PositiveInt] = 1
@@ -412,6 +414,13 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
     if not {"deepspeed", "pipeline"} & set(engines) and as_list(exp.parallel.tp) != [1]:
         raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine pipeline (tp inside each "
                         f"stage) or deepspeed; engines here: {', '.join(engines)}")
+    if as_list(exp.parallel.ep) != [1]:
+        if "pipeline" not in engines:
+            raise SpecError(f"{path}: field 'parallel.ep': expert parallelism needs engine pipeline; "
+                            f"engines here: {', '.join(engines)}")
+        if as_list(exp.parallel.tp) != [1]:
+            raise SpecError(f"{path}: field 'parallel.ep': expert parallel stages run with tp 1; got tp "
+                            f"{as_list(exp.parallel.tp)}")
     serving = exp.scenario.kind == "serving"  # a server's groups of requests share scenario.max_batch
     limits = [exp.scenario.max_batch] if serving else as_list(exp.batch_size)
     for mb in as_list(exp.parallel.microbatches):
@@ -432,17 +441,18 @@ def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
     profile = HARDWARE[exp.cluster.profile]
     explicit = layer_lists(exp.parallel)
     stage_counts = sorted({len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp)))
-    shapes: dict[tuple[str, int, int], None] = {}
+    shapes: dict[tuple[str, int, int, int], None] = {}
     for engine in as_list(exp.parallel.engine):
         if engine == "pipeline":
-            shapes.update(dict.fromkeys(("pipeline", pp, tp) for pp in stage_counts for tp in as_list(exp.parallel.tp)))
+            shapes.update(dict.fromkeys(("pipeline", pp, tp, ep) for pp in stage_counts
+                                        for tp in as_list(exp.parallel.tp) for ep in as_list(exp.parallel.ep)))
         elif engine == "deepspeed":
-            shapes.update(dict.fromkeys(("deepspeed", 1, tp) for tp in as_list(exp.parallel.tp)))
+            shapes.update(dict.fromkeys(("deepspeed", 1, tp, 1) for tp in as_list(exp.parallel.tp)))
         else:
-            shapes[(engine, 1, 1)] = None
-    return [(engine, place(pp, tp, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
+            shapes[(engine, 1, 1, 1)] = None
+    return [(engine, place(pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
                            nodes=exp.cluster.nodes, single_device=engine == "reference"))
-            for engine, pp, tp in shapes]
+            for engine, pp, tp, ep in shapes]
 
 
 def _check_cluster(path: Path, exp: Experiment) -> None:
@@ -500,6 +510,7 @@ def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
     if config is not None:
         _check_context(path, exp, config)
         _check_tensor_parallel(path, exp, config)
+        _check_experts(path, exp, config)
     if num_layers is not None:
         _check_layout(path, exp, num_layers)
     _check_study(path, exp)
@@ -538,6 +549,9 @@ def _check_serving(path: Path, exp: Experiment) -> None:
         if unserved:
             raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the {', '.join(served)} "
                             f"engines; got {', '.join(unserved)}")
+        if as_list(exp.parallel.ep) != [1]:
+            raise SpecError(f"{path}: field 'parallel.ep': distinfer's server runs pipeline stages of one rank "
+                            "(ep 1)")
         if "pipeline" in as_list(exp.parallel.engine) and as_list(exp.parallel.tp) != [1]:
             raise SpecError(f"{path}: field 'parallel.tp': distinfer's server runs pipeline stages of one rank "
                             "(tp 1); serve tensor parallel with engine deepspeed")
@@ -557,6 +571,20 @@ def _check_tensor_parallel(path: Path, exp: Experiment, config: dict) -> None:
             if "pipeline" in engines and gpt2:
                 raise SpecError(f"{path}: field 'parallel.tp': tensor parallel inside pipeline stages supports the "
                                 "Llama family; GPT-2 runs tp with engine deepspeed")
+
+
+def _check_experts(path: Path, exp: Experiment, config: dict) -> None:
+    """ep > 1 needs a mixture-of-experts model whose experts it divides."""
+    eps = [ep for ep in as_list(exp.parallel.ep) if ep > 1]
+    if not eps:
+        return
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if not experts:
+        raise SpecError(f"{path}: field 'parallel.ep': expert parallelism needs a mixture-of-experts model; this "
+                        "one is dense (its config has no num_local_experts)")
+    for ep in eps:
+        if int(experts) % ep:
+            raise SpecError(f"{path}: field 'parallel.ep': ep {ep} does not divide the model's {experts} experts")
 
 
 def _check_context(path: Path, exp: Experiment, config: dict) -> None:
@@ -601,7 +629,8 @@ def world_sizes(exp: Experiment) -> set[int]:
     sizes = set()
     if "pipeline" in engines:
         stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
-        sizes |= {pp * tp for pp in stages for tp in as_list(exp.parallel.tp)}
+        sizes |= {pp * max(tp, ep) for pp in stages for tp in as_list(exp.parallel.tp)
+                  for ep in as_list(exp.parallel.ep)}
     if "deepspeed" in engines:
         sizes |= set(as_list(exp.parallel.tp))
     if "reference" in engines:
@@ -613,7 +642,7 @@ def swept_axes(exp: Experiment) -> list[str]:
     """The sweep fields that hold more than one value."""
     par = exp.parallel
     layouts = layer_lists(par)
-    axes = {"parallel.engine": par.engine, "parallel.pp": par.pp, "parallel.tp": par.tp,
+    axes = {"parallel.engine": par.engine, "parallel.pp": par.pp, "parallel.tp": par.tp, "parallel.ep": par.ep,
             "parallel.microbatches": par.microbatches, "batch_size": exp.batch_size, "model.dtype": exp.model.dtype,
             "parallel.layers": layouts if len(layouts) > 1 else None}
     if not isinstance(exp.prompts, str):

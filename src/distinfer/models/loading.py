@@ -68,13 +68,38 @@ def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
 
 
 def _source_name(name: str, family: Family, start: int, prefix: str, available: dict, tied: dict) -> str:
-    """Checkpoint tensor name for a parameter of the pruned stage model."""
+    """Checkpoint tensor name for a parameter of the pruned stage model (a fused experts tensor that the
+    checkpoint keeps per expert: the name its parts share, `_fused_experts` reads them)."""
     pattern = rf"^{re.escape(family.layers)}\.(\d+)\."
     name = re.sub(pattern, lambda m: f"{family.layers}.{int(m.group(1)) + start}.", name)
-    for candidate in (name, name.removeprefix(prefix + "."), tied.get(name, "")):
+    legacy = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")  # Mixtral's checkpoint names
+    for candidate in (name, name.removeprefix(prefix + "."), tied.get(name, ""), legacy):
         if candidate in available:
             return candidate
+    if name.endswith(FUSED_EXPERTS) and _expert_parts(name, 0)[0] in available:
+        return name
     raise KeyError(f"tensor {name!r} not found in the checkpoint")
+
+
+FUSED_EXPERTS = (".experts.gate_up_proj", ".experts.down_proj")  # transformers' 3-D expert weights
+
+
+def _expert_parts(name: str, expert: int) -> list[str]:
+    """The checkpoint tensors (Mixtral's per-expert w1, w3 / w2) that make expert `expert`'s slice of a fused
+    experts tensor: gate_up_proj[e] = cat(w1, w3), down_proj[e] = w2."""
+    base = name.rsplit(".experts.", 1)[0].replace(".mlp", ".block_sparse_moe") + f".experts.{expert}."
+    return [base + "w1.weight", base + "w3.weight"] if name.endswith("gate_up_proj") else [base + "w2.weight"]
+
+
+def _fused_experts(name: str, experts: int, available: dict, device: torch.device) -> torch.Tensor:
+    parts = []
+    for expert in range(experts):
+        tensors = []
+        for part in _expert_parts(name, expert):
+            with safe_open(available[part], framework="pt", device=str(device)) as f:
+                tensors.append(f.get_tensor(part))
+        parts.append(torch.cat(tensors))
+    return torch.stack(parts)
 
 
 def load_stage_model(
@@ -103,7 +128,11 @@ def load_stage_model(
               for name, _ in model.named_parameters(remove_duplicate=False)}
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
+    experts = int(getattr(config, "num_local_experts", 0) or 0)
     for name, source in wanted.items():
+        if source not in available:  # a fused experts tensor from per-expert parts
+            state[name] = _fused_experts(source, experts, available, device).to(DTYPES[dtype])
+            continue
         by_file.setdefault(available[source], []).append(name)
     for path, names in by_file.items():
         with safe_open(path, framework="pt", device=str(device)) as f:

@@ -50,10 +50,27 @@ TINY_MODELS: dict[str, TinyModel] = {
         dict(n_embd=256, num_hidden_layers=8, n_head=8, n_positions=4096),
         add_bos=False,
     ),
+    # A Mixtral-style mixture of experts (4 experts per layer, 2 per token), trained briefly so that the router's
+    # choices are not uniform.
+    "tiny-moe": TinyModel(
+        "MixtralForCausalLM",
+        dict(
+            hidden_size=256,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+        trained=True,
+    ),
 }
 
 TINY_MODELS.update({f"{name}-trained": TinyModel(m.architecture, m.config, m.add_bos, trained=True)
-                    for name, m in list(TINY_MODELS.items())})
+                    for name, m in list(TINY_MODELS.items()) if not m.trained})
 TRAIN_STEPS = 120
 TRAIN_BATCH = 16
 TRAIN_SEQ = 96

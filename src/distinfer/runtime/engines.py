@@ -108,25 +108,32 @@ def build_deepspeed(ctx: EngineContext) -> tuple[Engine, dict]:
 @register("pipeline")
 def build_pipeline(ctx: EngineContext) -> tuple[Engine, dict]:
     """distinfer's pipeline: this rank's stage only, its layers sharded over the stage's ranks where the run
-    has tp > 1 (runtime/tensor_parallel.py); on CPU without tp, with `cpu_kernels: fast`, the CPU package's
-    speed-ups (runtime/cpu/)."""
+    has tp > 1 (runtime/tensor_parallel.py), or its experts where it has ep > 1 (runtime/expert_parallel.py);
+    on CPU with one rank per stage and `cpu_kernels: fast`, the CPU package's speed-ups (runtime/cpu/)."""
     spec, env = ctx.spec, ctx.env
-    stage, stages_rank, group, tensor = env.rank, env.rank, None, None
-    if spec.tp > 1:
-        from distinfer.runtime.tensor_parallel import shard_stage, stage_groups
+    stage, group, groups = env.rank, None, None
+    split = max(spec.tp, spec.ep)  # ranks per stage
+    if split > 1:
+        from distinfer.runtime.tensor_parallel import stage_groups
 
-        groups = stage_groups(spec.pp, spec.tp, ctx.device)
-        stage, group, tensor = groups.stage, groups.pipeline, groups.tensor
-        stages_rank = stage
+        groups = stage_groups(spec.pp, split, ctx.device)
+        stage, group = groups.stage, groups.pipeline
     layout = split_layers(model_layer_count(ctx.model_dir), spec.pp, spec.layers)[stage]
     model, family = load_stage_model(ctx.model_dir, layout, spec.dtype, ctx.device, spec.trust_remote_code)
     model = _maybe_quantized(model, spec)
     info: dict = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
-    if tensor is not None:
-        shard_stage(model, family, tensor)
-        info.update(stage=stage, tp_rank=env.rank % spec.tp, parameters=_local_parameters(model))
+    if spec.tp > 1:
+        from distinfer.runtime.tensor_parallel import shard_stage
+
+        shard_stage(model, family, groups.tensor)
+        info.update(stage=stage, tp_rank=groups.tp_rank, parameters=_local_parameters(model))
+    if spec.ep > 1:
+        from distinfer.runtime.expert_parallel import shard_experts
+
+        info["expert_stats"] = shard_experts(model, groups.tensor.get_group(), groups.tp_rank, spec.ep)
+        info.update(stage=stage, ep_rank=groups.tp_rank, parameters=count_parameters(model))
     decoder = None
-    if ctx.device.type == "cpu" and spec.cpu_kernels == "fast" and spec.tp == 1:
+    if ctx.device.type == "cpu" and spec.cpu_kernels == "fast" and split == 1:
         if env.world_size > 1:
             dist.barrier()  # every stage loaded: no rank's loading disturbs another's kernel timing
         from distinfer.runtime.cpu import speed_up_stage
@@ -136,8 +143,8 @@ def build_pipeline(ctx: EngineContext) -> tuple[Engine, dict]:
     info["decode_path"] = decoder.name if decoder else "transformers"
     if decoder is not None and decoder.one_call_rows:
         info["one_call_rows"] = [decoder.one_call_rows[0], decoder.one_call_rows[-1]]
-    shared = os.environ.get("DISTINFER_TRANSPORT") != "gloo" and spec.tp == 1
-    engine = PipelineEngine(model, family, stages_rank, spec.pp, ctx.device, ctx.sampler, ctx.stop,
+    shared = os.environ.get("DISTINFER_TRANSPORT") != "gloo" and split == 1
+    engine = PipelineEngine(model, family, stage, spec.pp, ctx.device, ctx.sampler, ctx.stop,
                             spec.microbatches, group=group, decoder=decoder, shared_memory=shared,
                             timeout_s=spec.timeout_s)
     info["transport"] = engine.transport

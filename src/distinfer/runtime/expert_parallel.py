@@ -57,7 +57,8 @@ class ExpertShard(nn.Module):
         self.stats.all_to_all_s += time.perf_counter() - t0
         send_counts, receive_counts = send.tolist(), receive.tolist()
         rows = self._all_to_all(hidden_states[mine.repeat_interleave(k)][order], send_counts, receive_counts)
-        local_ids = self._all_to_all((experts[order] - self.first)[:, None], send_counts, receive_counts)[:, 0]
+        local = (experts - owner * self.local)[order]  # each pair's expert among its owner's
+        local_ids = self._all_to_all(local[:, None], send_counts, receive_counts)[:, 0]
         out = torch.empty_like(rows)
         for expert in range(self.local):
             picked = torch.nonzero(local_ids == expert)[:, 0]

@@ -30,7 +30,8 @@ SHARDED_FAMILIES = ("llama",)
 
 @dataclass(frozen=True)
 class StageGroups:
-    """This rank's place in the (pp, tp) mesh: its stage, its tp index, and the two groups it belongs to."""
+    """This rank's place in the (pp, tp) mesh: its stage, its index within the stage, and the two groups it
+    belongs to (the stage's ranks are its tensor-parallel or expert-parallel group)."""
 
     stage: int
     tp_rank: int

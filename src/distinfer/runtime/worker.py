@@ -178,6 +178,8 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     for _ in range(spec.warmup):
         engine.generate(note(batches[0]))
     engine.steps.clear()
+    if "expert_stats" in state:
+        state["expert_stats"].reset()  # the measured batches' routing only
     latency = LatencyReport()
     writer = JsonlWriter(bundle.completions) if env.rank == 0 else None
     try:
@@ -214,8 +216,10 @@ def _rank_record(env: DistEnv, device: torch.device, state: dict, util: dict) ->
         "status": state.get("status", "failed"),
         "hostname": socket.gethostname(),
         "layers": state.get("layers", []),
-        "stage": state.get("stage"),  # with tp inside pipeline stages: this rank's stage and its place in it
+        "stage": state.get("stage"),  # with tp / ep inside pipeline stages: this rank's stage and its place in it
         "tp_rank": state.get("tp_rank"),
+        "ep_rank": state.get("ep_rank"),
+        **(state["expert_stats"].facts() if "expert_stats" in state else {}),  # tokens per expert, all-to-all s
         "parameters": state.get("parameters"),
         **rank_totals(state.get("steps", [])),
         "peak_memory_bytes": _peak_memory(device),
