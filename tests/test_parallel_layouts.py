@@ -58,6 +58,18 @@ def test_split_stages_equal_the_reference(tmp_path: Path, tiny_models, tiny_moe,
         assert min(per_expert) > 0 and max(per_expert) > 1.2 * min(per_expert), f"a router that chooses: {per_expert}"
     served, reference = completions(out / run_id), completions(out / "reference-b4-fp32")
     assert served == reference and len(served) == 20
+    if index == "ep_rank":  # the analysis tables each expert's tokens, the balance and the all-to-all share
+        analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(out), "--out", str(tmp_path / "a")],
+                                  capture_output=True, text=True, timeout=300)
+        assert analysis.returncode == 0, analysis.stdout + analysis.stderr
+        import pandas as pd
+
+        table = pd.read_csv(tmp_path / "a/split/experts.csv")
+        assert set(table["run_id"]) == {run_id} and len(table) == 4 * (ranks // 2)
+        assert (table.groupby("stage")["share_of_stage"].sum().round(6) == 1).all()
+        assert (table["stage_balance"] > 1).all() and table["all_to_all_share"].between(0, 1, inclusive="right").all()
+        results = pd.read_csv(tmp_path / "a/split/results.csv").set_index("run_id")
+        assert results.loc[run_id, "layout"] == ("pp2 x ep2" if ranks == 4 else "pp1 x ep2")
 
 
 def test_the_plan_divides_each_stage_by_tp(tmp_path: Path) -> None:

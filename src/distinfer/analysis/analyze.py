@@ -15,6 +15,7 @@ from distinfer.analysis.report import write_report
 from distinfer.analysis.tables import (
     batch_sweep,
     correctness,
+    experts,
     optimization,
     precision_tradeoff,
     strong_scaling,
@@ -68,6 +69,7 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
                          else pd.DataFrame()),
         "correctness": correctness(checked),
         "time_breakdown": time_breakdown(loaded.ranks),
+        "experts": experts(loaded.ranks),
         "serving": served,
         "serving_knee": serving_knee(served),
     }

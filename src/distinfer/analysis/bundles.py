@@ -95,6 +95,8 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         row = {k: spec.get(k) for k in ("run_id", "engine", "pp", "tp", "microbatches", "batch_size", "dtype",
                                          "quantization", "num_prompts", "study", "repeats")}
         row["tp"] = row["tp"] or 1
+        row["ep"] = spec.get("ep") or 1
+        row["layout"] = layout_name(row)
         row["sampling"] = (spec.get("generation") or {}).get("sampling", "greedy")
         row["precision"] = summary.get("precision")  # RunSpec.precision / .context_tokens, as the run recorded them
         row["context_tokens"] = summary.get("context_tokens")
@@ -122,7 +124,9 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
             for r in ranks:
                 rank_rows.append({"run_id": row["run_id"], "rank": r.get("rank"), "compute_s": r.get("compute_s"),
                                   "comm_s": r.get("comm_s"), "wait_s": r.get("wait_s"),
-                                  "peak_memory_bytes": r.get("peak_memory_bytes"), "layers": len(r.get("layers") or [])})
+                                  "peak_memory_bytes": r.get("peak_memory_bytes"), "layers": len(r.get("layers") or []),
+                                  "stage": r.get("stage"), "all_to_all_s": r.get("all_to_all_s"),
+                                  "expert_tokens": r.get("expert_tokens")})
         completions[row["run_id"]] = _completions(run_dir / "completions.jsonl")
         if spec.get("engine") == "endpoint":
             model, hardware = str(summary.get("served_model")), f"the endpoint {summary.get('endpoint')}"
@@ -135,3 +139,13 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
     studies = {r.get("study") or "matrix" for r in rows}
     return LoadedExperiment(name, pd.DataFrame(rows), pd.DataFrame(rank_rows), problems, completions, provenance,
                             model, hardware, studies.pop() if len(studies) == 1 else "matrix")
+
+
+def layout_name(row: dict) -> str:
+    """How a run splits the model: 'pp2', 'pp2 x tp2', 'pp1 x ep2' (pipeline), 'tp2' (DeepSpeed), '1' (one rank)."""
+    if row.get("engine") == "pipeline":
+        return " x ".join([f"pp{row.get('pp') or 1}"] + [f"{axis}{row[axis]}" for axis in ("tp", "ep")
+                                                           if (row.get(axis) or 1) > 1])
+    if row.get("engine") == "deepspeed":
+        return f"tp{row.get('tp') or 1}"
+    return "1"

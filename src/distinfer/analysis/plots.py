@@ -16,10 +16,10 @@ matplotlib.rcParams["svg.fonttype"] = "none"  # keep text as text: searchable, a
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from distinfer.analysis.tables import SERVING_LAYOUT  # noqa: E402
+from distinfer.analysis.tables import SERVING_LAYOUT, with_layout_columns  # noqa: E402
 
 FORMATS = ("png", "svg")
-LAYOUT = ["engine", "world_size", "microbatches", "batch_size", "precision"]  # what makes runs the same layout
+LAYOUT = ["engine", "world_size", "layout", "microbatches", "batch_size", "precision"]  # what makes runs the same layout
 MAX_LAYOUTS = 24
 MAX_LINES = 10  # lines with a legend entry each; more share one colour per engine
 
@@ -102,7 +102,8 @@ def batch_sweep_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]
 
 
 def _layout_label(row: pd.Series) -> str:
-    label = f"{row['engine']} n={row['world_size']} b={row['batch_size']}"
+    split = f" {row['layout']}" if row.get("layout") and "x" in str(row.get("layout")) else ""
+    label = f"{row['engine']} n={row['world_size']}{split} b={row['batch_size']}"
     if row.get("microbatches", 1) not in (1, None) and not pd.isna(row.get("microbatches")):
         label += f" mb={int(row['microbatches'])}"
     return f"{label} {row['precision']}"
@@ -110,7 +111,7 @@ def _layout_label(row: pd.Series) -> str:
 
 def _top_layouts(runs: pd.DataFrame, values: list[str]) -> tuple[pd.DataFrame, str]:
     """Per layout medians, the MAX_LAYOUTS fastest, and a note when some were left out."""
-    layouts = by_layout(runs, LAYOUT, ["output_tokens_per_s", *values])
+    layouts = by_layout(with_layout_columns(runs), LAYOUT, ["output_tokens_per_s", *values])
     note = ""
     if len(layouts) > MAX_LAYOUTS:
         note = f" ({MAX_LAYOUTS} fastest of {len(layouts)} layouts)"
@@ -120,7 +121,8 @@ def _top_layouts(runs: pd.DataFrame, values: list[str]) -> tuple[pd.DataFrame, s
 
 def time_breakdown_plot(runs: pd.DataFrame, ranks: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     """Per layout and rank, the median seconds of compute, communication and waiting."""
-    keyed = ranks.merge(runs[["run_id", *[k for k in LAYOUT if k in runs], "output_tokens_per_s"]], on="run_id")
+    runs = with_layout_columns(runs)
+    keyed = ranks.merge(runs[["run_id", *LAYOUT, "output_tokens_per_s"]], on="run_id")
     layouts, note = _top_layouts(runs, [])
     keyed = keyed.merge(layouts[LAYOUT], on=LAYOUT)
     table = by_layout(keyed, LAYOUT + ["rank"], ["compute_s", "comm_s", "wait_s"])

@@ -61,7 +61,7 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         [{"run_id": r, "state": "ok"} for r in loaded.runs.get("run_id", [])]
         + [{"run_id": p["run_id"], "state": p["problem"]} for p in loaded.problems]
     )
-    key = ["run_id", "engine", "world_size", "batch_size", "microbatches", "precision", "context_tokens", "output_tokens",
+    key = ["run_id", "engine", "world_size", "layout", "batch_size", "microbatches", "precision", "context_tokens", "output_tokens",
            "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s", "e2e_p90_s", "peak_memory_bytes"]
     results = tables["results"]
     empty = pd.DataFrame()
@@ -81,6 +81,7 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
           if study == loaded.study or name in tables),
         ("Correctness against the reference", tables.get("correctness", empty)),
         ("Time per rank: compute, communication, waiting", tables.get("time_breakdown", empty)),
+        ("Mixture of experts: tokens per expert, balance and all-to-all share", tables.get("experts", empty)),
         ("Provenance", _provenance(loaded)),
     ]
     title = f"distinfer report: {loaded.name}, {lead} ({loaded.model} on {loaded.hardware})"

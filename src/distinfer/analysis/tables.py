@@ -7,13 +7,20 @@ import pandas as pd
 from distinfer.analysis.bundles import LoadedExperiment
 
 
-SCALING_KEYS = ["engine", "batch_size", "precision", "microbatches"]
+SCALING_KEYS = ["engine", "batch_size", "precision", "microbatches", "tp", "ep"]
+LAYOUT_DEFAULTS = {"tp": 1, "ep": 1, "layout": "1"}  # runs recorded without the split axes: one rank per stage
+
+
+def with_layout_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with the split axes (tp, ep, layout) present; absent ones take their one-rank-per-stage values."""
+    missing = {k: v for k, v in LAYOUT_DEFAULTS.items() if k not in runs}
+    return runs.assign(**missing) if missing else runs
 
 
 def _with_baseline(runs: pd.DataFrame, value: str) -> pd.DataFrame:
     """Non-reference runs of groups (SCALING_KEYS) with two runs or more and a one-rank run, each with that
     group's one-rank `value` as `base`; sorted by group and rank count."""
-    subject = runs[runs["engine"] != "reference"]
+    subject = with_layout_columns(runs[runs["engine"] != "reference"])
     if subject.empty:
         return subject.assign(base=pd.Series(dtype=float))
     sizes = subject.groupby(SCALING_KEYS, dropna=False)["run_id"].transform("size")
@@ -64,7 +71,7 @@ def batch_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     """Throughput, latency and memory per batch size, for each engine and layout."""
     if runs.empty:
         return pd.DataFrame()
-    cols = ["engine", "world_size", "microbatches", "precision", "batch_size", "output_tokens_per_s", "prompts_per_s",
+    cols = ["engine", "world_size", "layout", "microbatches", "precision", "batch_size", "output_tokens_per_s", "prompts_per_s",
             "ttft_p50_s", "tpot_p50_s", "e2e_p90_s", "peak_memory_bytes", "run_id"]
     return runs[[c for c in cols if c in runs]].sort_values(["engine", "world_size", "microbatches", "batch_size"])
 
@@ -186,6 +193,25 @@ def time_breakdown(ranks: pd.DataFrame) -> pd.DataFrame:
     for col in ("compute_s", "comm_s", "wait_s"):
         out[col.replace("_s", "_share")] = out[col] / total.where(total > 0)
     return out
+
+
+def experts(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Mixture-of-experts runs with expert parallelism: tokens each expert processed (per stage, summed over the
+    stage's MoE layers: expert e of every layer), its share of
+    the stage's, the stage's balance (busiest expert / mean), and the run's share of compute time spent in the
+    routing collectives (all-to-all and the all-gather after it)."""
+    if ranks.empty or "expert_tokens" not in ranks or ranks["expert_tokens"].isna().all():
+        return pd.DataFrame()
+    moe = ranks[ranks["expert_tokens"].notna()]
+    rows = [{"run_id": r.run_id, "stage": r.stage, "rank": r.rank, "expert": int(e), "tokens": n}
+            for r in moe.itertuples() for e, n in r.expert_tokens.items()]
+    table = pd.DataFrame(rows).astype({"stage": "Int64"})
+    stage = table.groupby(["run_id", "stage"])["tokens"]
+    table["share_of_stage"] = table["tokens"] / stage.transform("sum")
+    table["stage_balance"] = stage.transform("max") / stage.transform("mean")
+    run = moe.groupby("run_id")[["all_to_all_s", "compute_s"]].sum()
+    table["all_to_all_share"] = table["run_id"].map(run["all_to_all_s"] / run["compute_s"].where(run["compute_s"] > 0))
+    return table.sort_values(["run_id", "stage", "expert"]).reset_index(drop=True)
 
 
 SERVING_LAYOUT = ["engine", "served_model", "world_size", "microbatches", "load"]
