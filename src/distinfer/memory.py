@@ -68,7 +68,8 @@ class ModelFacts:
     def shared_layer_parameters(self) -> int:
         """A layer's parameters outside its experts: attention, norms, a dense MLP or an MoE router."""
         attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
-        mlp = self.experts * self.hidden if self.experts else (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        dense = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        mlp = self.experts * self.hidden if self.experts else dense  # an MoE layer's router, else its MLP
         return attn + mlp + 4 * self.hidden
 
     def expert_layer_parameters(self) -> int:

@@ -199,8 +199,8 @@ def serving_scenario(exp: Experiment, kind: str, value: float | int) -> dict:
 
 def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
     """distinfer's server measured at each load, for each layout the experiment names (run ids such as
-    pipeline-pp1-fp32-rate4, pipeline-pp2-mb4-fp32-rateinf, deepspeed-tp2-fp32-rate4, reference-fp32-c8; `microbatches` is the number
-    of groups of requests in flight, at least one per stage); with `reference: auto` the offline reference runs stay, so
+    pipeline-pp1-fp32-rate4, pipeline-pp2-mb4-fp32-rateinf, deepspeed-tp2-fp32-rate4, reference-fp32-c8;
+    `microbatches` is the number of groups of requests in flight, at least one per stage); with `reference: auto` the offline reference runs stay, so
     that the served tokens are checked against them."""
     from distinfer.scenario import load_tag
 

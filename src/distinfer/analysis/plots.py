@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from distinfer.analysis.tables import SERVING_LAYOUT, with_layout_columns  # noqa: E402
 
 FORMATS = ("png", "svg")
-LAYOUT = ["engine", "world_size", "layout", "microbatches", "batch_size", "precision"]  # what makes runs the same layout
+LAYOUT = ["engine", "world_size", "layout", "microbatches", "batch_size", "precision"]  # runs of the same layout
 MAX_LAYOUTS = 24
 MAX_LINES = 10  # lines with a legend entry each; more share one colour per engine
 

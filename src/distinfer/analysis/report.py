@@ -61,8 +61,8 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         [{"run_id": r, "state": "ok"} for r in loaded.runs.get("run_id", [])]
         + [{"run_id": p["run_id"], "state": p["problem"]} for p in loaded.problems]
     )
-    key = ["run_id", "engine", "world_size", "layout", "batch_size", "microbatches", "precision", "context_tokens", "output_tokens",
-           "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s", "e2e_p90_s", "peak_memory_bytes"]
+    key = ["run_id", "engine", "world_size", "layout", "batch_size", "microbatches", "precision", "context_tokens",
+           "output_tokens", "output_tokens_per_s", "ttft_p50_s", "tpot_p50_s", "itl_p99_s", "e2e_p90_s", "peak_memory_bytes"]
     results = tables["results"]
     empty = pd.DataFrame()
     studies = [("Strong scaling", "strong_scaling", "strong-scaling"), ("Weak scaling", "weak_scaling", "weak-scaling"),

@@ -1,14 +1,15 @@
 """Tensor parallel inside pipeline stages, over PyTorch's own parallel APIs.
 
-The job's ranks form a 2-D device mesh (pp, tp), stage-major as layout.py numbers them: the ranks of one
-stage are consecutive and form its tensor-parallel group; the ranks with the same tp index, one per stage,
-form a pipeline group, over which the pipeline engine sends hidden states stage to stage (each tp rank to
-its counterpart in the next stage). Each stage's decoder layers are sharded with
+The job's ranks form a 2-D device mesh (pp, tp), stage-major as layout.py numbers them: the ranks of one stage
+are consecutive and form its tensor-parallel group; the ranks with the same tp index, one per stage, form a
+pipeline group, over which the pipeline engine sends hidden states stage to stage (each tp rank to its
+counterpart in the next stage). Each stage's decoder layers are sharded with
 `torch.distributed.tensor.parallel`, as torchtitan and gpt-fast do: q/k/v and gate/up column-wise (each rank
-computes its share of the heads and of the MLP's inner width), o and down row-wise (partial sums joined by
-one all-reduce per attention and per MLP); the products then run on the local shards as plain tensors. The KV cache is therefore sharded by heads. The embedding, the
-norms and the head stay whole on every rank of their stage, so every tp rank of a stage holds the same
-hidden states and the last stage's tp ranks sample the same tokens.
+computes its share of the heads and of the MLP's inner width), o and down row-wise (partial sums joined by one
+all-reduce per attention and per MLP); the products then run on the local shards as plain tensors. The KV
+cache is therefore sharded by heads. The embedding, the norms and the head stay whole on every rank of their
+stage, so every tp rank of a stage holds the same hidden states and the last stage's tp ranks sample the same
+tokens.
 """
 
 from __future__ import annotations
