@@ -55,7 +55,8 @@ def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     stale_lock.touch()
     (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))
     config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
-                          "parallel: {engine: [reference, pipeline, deepspeed], pp: 2, tp: 2, microbatches: 2}\n"
+                          # tp applies to pipeline stages and to DeepSpeed: tp 1 and 2 of both
+                          "parallel: {engine: [reference, pipeline, deepspeed], pp: 2, tp: [1, 2], microbatches: 2}\n"
                           "batch_size: 4\n")
     try:
         proc = cli("run", str(config), "--local", cwd=work)
@@ -142,7 +143,7 @@ def test_deepspeed_tp2_equals_the_reference_and_shards_the_model(study: Path) ->
 def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
     config = study / "e.yaml"
     again = cli("run", str(config), "--local", cwd=study)
-    assert again.returncode == 0 and len(re.findall(r"^\s*skipped  ", again.stdout, re.M)) == 3, again.stdout
+    assert again.returncode == 0 and len(re.findall(r"^\s*skipped  ", again.stdout, re.M)) == 5, again.stdout
     summary = study / "outputs" / "t" / "reference-b4-fp32" / "summary.json"
     before = summary.stat().st_mtime_ns
     forced = cli("run", str(config), "--local", "--force", cwd=study)

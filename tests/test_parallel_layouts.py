@@ -1,5 +1,5 @@
 """Tensor and expert parallel inside pipeline stages: `distinfer run --local` of tp 2 (two gloo ranks) and of
-pp 2 x tp 2 (four gloo ranks, a 2-D device mesh) on the tiny Llama, and of ep 2 and pp 2 x ep 2 on the tiny
+pp 2 x tp 2 (four gloo ranks, a 2-D device mesh) on the tiny Llama and GPT-2, and of ep 2 and pp 2 x ep 2 on the tiny
 mixture of experts, equals the single-device reference token for token (fp32, greedy), with left padding (batch
 4, prompts of different lengths) and micro-batches; and the memory plan divides each stage by tp."""
 
@@ -30,6 +30,7 @@ def tiny_moe() -> Path:
 @pytest.mark.parametrize(("model", "parallel", "run_id", "ranks"), [
     ("tiny-llama", "{engine: [reference, pipeline], pp: 1, tp: 2}", "pipeline-pp1-tp2-b4-mb1-fp32", 2),
     ("tiny-llama", "{engine: [reference, pipeline], pp: 2, tp: 2, microbatches: 2}", "pipeline-pp2-tp2-b4-mb2-fp32", 4),
+    ("tiny-gpt2", "{engine: [reference, pipeline], pp: 2, tp: 2, microbatches: 2}", "pipeline-pp2-tp2-b4-mb2-fp32", 4),
     ("tiny-moe", "{engine: [reference, pipeline], pp: 1, ep: 2}", "pipeline-pp1-ep2-b4-mb1-fp32", 2),
     ("tiny-moe", "{engine: [reference, pipeline], pp: 2, ep: 2, microbatches: 2}", "pipeline-pp2-ep2-b4-mb2-fp32", 4),
 ])

@@ -68,11 +68,14 @@ def write_experiment(path: Path, model: str, engines: str, extra: str = "") -> P
 
 
 def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-llama}",
-                              "{engine: [reference, pipeline, deepspeed], pp: [1, 2], tp: 2}")
+    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-llama}", "{engine: [reference, pipeline], pp: [1, 2]}")
+    # DeepSpeed AutoTP over the two nodes, in the same experiment folder (the same name), from a second file
+    tensor = write_experiment(tmp_path / "tp.yaml", "{builtin: tiny-llama}", "{engine: deepspeed, tp: 2}")
     proc = cli(slurm, tmp_path, "submit", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("submitted") == 4
+    assert proc.stdout.count("submitted") == 3
+    proc = cli(slurm, tmp_path, "submit", str(tensor))
+    assert proc.returncode == 0 and proc.stdout.count("submitted") == 1, proc.stdout + proc.stderr
     watched = cli(slurm, tmp_path, "status", "slurm-tiny", "--watch", "--interval", "2")  # returns once all ended
     assert watched.returncode == 0 and "every run has ended" in watched.stdout, watched.stdout + watched.stderr
     wait_for_jobs(slurm, tmp_path, "slurm-tiny")
@@ -89,7 +92,7 @@ def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Pat
     run_json = json.loads((out / "pipeline-pp2-b4-mb1-fp32" / "run.json").read_text())
     assert run_json["runtime"]["env"]["SLURM_JOB_NUM_NODES"] == "2", "PP=2 ran as one task on each of 2 nodes"
     again = cli(slurm, tmp_path, "submit", str(config))
-    assert again.returncode == 0 and "submitted" not in again.stdout and again.stdout.count("done") == 4
+    assert again.returncode == 0 and "submitted" not in again.stdout and again.stdout.count("done") == 3
     assert cli(slurm, tmp_path, "collect", "slurm-tiny").returncode == 0
     accounting = json.loads((out / "pipeline-pp2-b4-mb1-fp32" / "slurm.json").read_text())
     assert accounting["State"] == "COMPLETED" and accounting["ExitCode"] == "0:0"

@@ -144,7 +144,8 @@ def tensor_split_problem(config: dict, tp: int) -> str | None:
     """Why `tp` cannot split this model's attention (a message), or None."""
     heads = int(config.get("num_attention_heads", config.get("n_head", 1)))
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    intermediate = config.get("intermediate_size") or config.get("n_inner")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    intermediate = config.get("intermediate_size") or config.get("n_inner") or (4 * int(hidden) if hidden else None)
     if heads % tp:
         return f"tp {tp} does not divide the model's {heads} attention heads"
     if kv_heads % tp:

@@ -558,7 +558,7 @@ def _check_serving(path: Path, exp: Experiment) -> None:
 
 
 def _check_tensor_parallel(path: Path, exp: Experiment, config: dict) -> None:
-    """Every tp of the sweep splits the model's heads (and its MLP); tp inside pipeline stages: Llama family."""
+    """Every tp of the sweep splits the model's heads, its key/value heads and its MLP."""
     engines = set(as_list(exp.parallel.engine))
     if not {"pipeline", "deepspeed"} & engines:
         return
@@ -567,10 +567,6 @@ def _check_tensor_parallel(path: Path, exp: Experiment, config: dict) -> None:
             problem = tensor_split_problem(config, tp)
             if problem:
                 raise SpecError(f"{path}: field 'parallel.tp': {problem}")
-            gpt2 = "n_embd" in config or config.get("model_type") == "gpt2"
-            if "pipeline" in engines and gpt2:
-                raise SpecError(f"{path}: field 'parallel.tp': tensor parallel inside pipeline stages supports the "
-                                "Llama family; GPT-2 runs tp with engine deepspeed")
 
 
 def _check_experts(path: Path, exp: Experiment, config: dict) -> None:

@@ -26,7 +26,7 @@ from distinfer.models.families import Family
 LLAMA_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
               "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
               "mlp.down_proj": "rowwise"}
-SHARDED_FAMILIES = ("llama",)
+SHARDED_FAMILIES = ("llama", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,54 @@ def stage_groups(pp: int, tp: int, device: torch.device) -> StageGroups:
 def shard_stage(model: nn.Module, family: Family, tensor_mesh: object) -> None:
     """Split this stage's decoder layers over the stage's tp ranks (the embedding, norms and head stay whole).
 
-    `parallelize_module` lays the weights out (each rank keeps its shard); the layers then run on the local
-    shards as plain tensors, with one all-reduce after each row-wise product, as gpt-fast does: the DTensor
-    dispatch around every product cost several times DeepSpeed AutoTP's step on CPU."""
+    Llama family: `parallelize_module` lays the weights out (each rank keeps its shard); the layers then run on
+    the local shards as plain tensors, with one all-reduce after each row-wise product, as gpt-fast does: the
+    DTensor dispatch around every product cost several times DeepSpeed AutoTP's step on CPU. GPT-2 family
+    (`Conv1D` layers, q/k/v fused in one): the same split, the shards cut by hand."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    group = tensor_mesh.get_group()
+    if family.name == "gpt2":
+        for layer in family.decoder_layers(model):
+            _shard_gpt2_layer(layer, group)
+        return
     if family.name not in SHARDED_FAMILIES:
         raise ValueError(f"tensor parallel inside pipeline stages supports the {', '.join(SHARDED_FAMILIES)} "
-                         f"family; this model is {family.name}")
+                         f"families; this model is {family.name}")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plan = {name: styles[style]() for name, style in LLAMA_PLAN.items()}
-    group = tensor_mesh.get_group()
     for layer in family.decoder_layers(model):
         parallelize_module(layer, tensor_mesh, plan)
         for name, style in LLAMA_PLAN.items():
             _run_local(layer.get_submodule(name), style == "rowwise", group)
+
+
+def _shard_gpt2_layer(layer: nn.Module, group: dist.ProcessGroup) -> None:
+    """A GPT-2 block's share on this rank: c_attn's q, k and v columns of its heads, c_fc's columns; c_proj's
+    matching rows (attention and MLP), joined by an all-reduce, their bias added by the group's first rank."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    attn, mlp = layer.attn, layer.mlp
+    width = attn.embed_dim // size
+    parts = [slice(part * attn.embed_dim + rank * width, part * attn.embed_dim + (rank + 1) * width)
+             for part in range(3)]
+    _conv_columns(attn.c_attn, parts)
+    attn.split_size = width
+    inner = mlp.c_fc.nf // size
+    _conv_columns(mlp.c_fc, [slice(rank * inner, (rank + 1) * inner)])
+    for conv, rows in ((attn.c_proj, slice(rank * width, (rank + 1) * width)),
+                       (mlp.c_proj, slice(rank * inner, (rank + 1) * inner))):
+        conv.weight = nn.Parameter(conv.weight.data[rows].clone(), requires_grad=False)
+        if rank:
+            conv.bias = nn.Parameter(torch.zeros_like(conv.bias), requires_grad=False)
+        conv.register_forward_hook(lambda _module, _inputs, output: _all_reduce(output, group))
+
+
+def _conv_columns(conv: nn.Module, columns: list[slice]) -> None:
+    """Keep these output columns of a `Conv1D` (weight [in, out], bias [out])."""
+    conv.weight = nn.Parameter(torch.cat([conv.weight.data[:, c] for c in columns], dim=1).clone(),
+                               requires_grad=False)
+    conv.bias = nn.Parameter(torch.cat([conv.bias.data[c] for c in columns]).clone(), requires_grad=False)
+    conv.nf = conv.weight.shape[1]
 
 
 def _run_local(linear: nn.Module, rowwise: bool, group: dist.ProcessGroup) -> None:
