@@ -170,6 +170,8 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             pp, layers, mb, ep = 1, None, 1, 1
         if engine not in ("deepspeed", "pipeline"):
             tp = 1
+        if engine == "deepspeed" and tp == 1:  # AutoTP on one rank splits nothing: that run is the reference
+            continue
         num_prompts = exp.prompts_per_rank * pp * max(tp, ep) if exp.prompts_per_rank else None
         run = make(engine, pp, layers, mb, tp, batch, precision, context, num_prompts, ep)
         runs.setdefault(run.run_id, run)

@@ -414,6 +414,9 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
     if not {"deepspeed", "pipeline"} & set(engines) and as_list(exp.parallel.tp) != [1]:
         raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine pipeline (tp inside each "
                         f"stage) or deepspeed; engines here: {', '.join(engines)}")
+    if "deepspeed" in engines and max(as_list(exp.parallel.tp)) == 1:
+        raise SpecError(f"{path}: field 'parallel.tp': engine deepspeed splits the model over tp >= 2 ranks (with "
+                        "tp 1 it is the reference); set parallel.tp, e.g. 2")
     if as_list(exp.parallel.ep) != [1]:
         if "pipeline" not in engines:
             raise SpecError(f"{path}: field 'parallel.ep': expert parallelism needs engine pipeline; "
@@ -447,7 +450,7 @@ def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
             shapes.update(dict.fromkeys(("pipeline", pp, tp, ep) for pp in stage_counts
                                         for tp in as_list(exp.parallel.tp) for ep in as_list(exp.parallel.ep)))
         elif engine == "deepspeed":
-            shapes.update(dict.fromkeys(("deepspeed", 1, tp, 1) for tp in as_list(exp.parallel.tp)))
+            shapes.update(dict.fromkeys(("deepspeed", 1, tp, 1) for tp in as_list(exp.parallel.tp) if tp > 1))
         else:
             shapes[(engine, 1, 1, 1)] = None
     return [(engine, place(pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
@@ -628,7 +631,7 @@ def world_sizes(exp: Experiment) -> set[int]:
         sizes |= {pp * max(tp, ep) for pp in stages for tp in as_list(exp.parallel.tp)
                   for ep in as_list(exp.parallel.ep)}
     if "deepspeed" in engines:
-        sizes |= set(as_list(exp.parallel.tp))
+        sizes |= {tp for tp in as_list(exp.parallel.tp) if tp > 1}
     if "reference" in engines:
         sizes.add(1)
     return sizes
