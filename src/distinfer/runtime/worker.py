@@ -332,8 +332,9 @@ def run(run_dir: Path) -> int:
     _watch_stop_signals(stop)
     with sampler:
         try:
-            # Without micro-batches one pipeline stage computes at a time: each may use every core.
-            together = not (spec.engine == "pipeline" and spec.microbatches == 1)
+            # Without micro-batches one pipeline stage computes at a time: each may use every core. The ranks of
+            # a stage split by tp or ep compute at the same time, as DeepSpeed's do: an even share each.
+            together = not (spec.engine == "pipeline" and spec.microbatches == 1 and max(spec.tp, spec.ep) == 1)
             device = init_distributed(env, spec.timeout_s, together)
             state["memory_limit"] = apply_memory_limit(device, os.environ)
             generate_all(spec, env, device, bundle, state)
