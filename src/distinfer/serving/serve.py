@@ -43,23 +43,27 @@ def groups_of(run: RunSpec) -> int:
 
 
 def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_node: int | None = None,
-          rendezvous: str | None = None) -> None:
+          rendezvous: str | None = None, run_json: Path | None = None) -> None:
     """Serve `run` from this process: in place for one rank (or a rank this module started), else as the parent
     of this node's ranks: all of them on one machine, or on a Slurm node `ranks_per_node` of them (global ranks
-    from SLURM_NODEID), meeting at `rendezvous` (HOST:PORT, the first node's)."""
+    from SLURM_NODEID), meeting at `rendezvous` (HOST:PORT, the first node's). The ranks read the run from
+    `run_json` (a bundle's), else from a temporary copy."""
     if run.engine not in SERVED_ENGINES:
         raise ValueError(f"{run.run_id}: distinfer's server runs the {', '.join(SERVED_ENGINES)} engines; "
                          f"got {run.engine}")
     if run.world_size == 1 or "RANK" in os.environ:
         serve_rank(run, host, port, max_batch)
         return
-    with tempfile.TemporaryDirectory(prefix="distinfer-serve-") as folder:
-        run_json = Path(folder) / "run.json"
-        run_json.write_text(json.dumps({"run": run.to_dict()}))
-        per_node = ranks_per_node or run.world_size
-        first = int(os.environ.get("SLURM_NODEID", 0)) * per_node
-        code = _spawn_ranks(run_json, range(first, first + per_node), run.world_size, rendezvous, host, port,
-                            max_batch)
+    per_node = ranks_per_node or run.world_size
+    first = int(os.environ.get("SLURM_NODEID", 0)) * per_node
+    ranks = range(first, first + per_node)
+    if run_json is not None:  # the run's bundle: the ranks read its run.json
+        code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch)
+    else:
+        with tempfile.TemporaryDirectory(prefix="distinfer-serve-") as folder:
+            run_json = Path(folder) / "run.json"
+            run_json.write_text(json.dumps({"run": run.to_dict()}))
+            code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch)
     if code:
         raise RuntimeError(f"the server's ranks exited with {code}")
 
@@ -217,7 +221,7 @@ def main() -> None:
     run_json = args.run if args.run.is_file() else RunBundle(args.run).run_json
     run = RunSpec.from_dict((read_json(run_json) or {})["run"])
     serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)),
-          args.ranks_per_node, args.rendezvous)
+          args.ranks_per_node, args.rendezvous, run_json.resolve())
 
 
 if __name__ == "__main__":
