@@ -73,7 +73,7 @@ def build_engine(ctx: EngineContext) -> tuple[Engine, dict]:
     return ENGINES[ctx.spec.engine](ctx)
 
 
-def _maybe_quantized(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
+def maybe_quantized(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
     if spec.quantization == "int8":
         from distinfer.models.quantize import quantize_int8_weights
 
@@ -85,7 +85,7 @@ def _maybe_quantized(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
 def build_reference(ctx: EngineContext) -> tuple[Engine, dict]:
     """`transformers` generate on the whole model, one device."""
     spec = ctx.spec
-    model = _maybe_quantized(load_full_model(ctx.model_dir, spec.dtype, ctx.device, spec.trust_remote_code), spec)
+    model = maybe_quantized(load_full_model(ctx.model_dir, spec.dtype, ctx.device, spec.trust_remote_code), spec)
     info = {"layers": list(range(model_layer_count(ctx.model_dir))), "parameters": count_parameters(model)}
     if spec.perplexity_text:
         from distinfer.runtime.accuracy import perplexity
@@ -120,13 +120,13 @@ def build_pipeline(ctx: EngineContext) -> tuple[Engine, dict]:
         stage, group = groups.stage, groups.pipeline
     layout = split_layers(model_layer_count(ctx.model_dir), spec.pp, spec.layers)[stage]
     model, family = load_stage_model(ctx.model_dir, layout, spec.dtype, ctx.device, spec.trust_remote_code)
-    model = _maybe_quantized(model, spec)
+    model = maybe_quantized(model, spec)
     info: dict = {"layers": list(range(layout.start, layout.stop)), "parameters": count_parameters(model)}
     if spec.tp > 1:
         from distinfer.runtime.tensor_parallel import shard_stage
 
         shard_stage(model, family, groups.tensor)
-        info.update(stage=stage, tp_rank=groups.tp_rank, parameters=_local_parameters(model))
+        info.update(stage=stage, tp_rank=groups.tp_rank, parameters=count_parameters(model))
     if spec.ep > 1:
         from distinfer.runtime.expert_parallel import shard_experts
 
@@ -149,8 +149,3 @@ def build_pipeline(ctx: EngineContext) -> tuple[Engine, dict]:
                             timeout_s=spec.timeout_s)
     info["transport"] = engine.transport
     return engine, info
-
-
-def _local_parameters(model: torch.nn.Module) -> int:
-    """Parameters this rank holds: a sharded weight's local shard only."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())

@@ -118,7 +118,7 @@ class ServingEngine:
     def cancel(self, request_id: int) -> None:
         """Free a request's slot at its group's next step (its client went away)."""
         with self._wake:
-            for sequence in self._waiting + [s for g in self._groups for s in g.running + g.joining]:
+            for sequence in self._requests():
                 if sequence.request_id == request_id:
                     sequence.cancelled = True
             self._wake.notify()
@@ -138,7 +138,7 @@ class ServingEngine:
         except BaseException as exc:  # noqa: BLE001 - reported to every request and to the server
             self.failure = exc
             log.exception("the serving engine stopped")
-            for sequence in self._waiting + [s for g in self._groups for s in g.running + g.joining]:
+            for sequence in self._requests():
                 if not sequence.done:
                     sequence.done = True
                     sequence.emit(None, "error")
@@ -171,6 +171,10 @@ class ServingEngine:
                 self._finish_step(self._flight.popleft())
         while self._flight:  # the steps under way come back before the stages are told to stop
             self._finish_step(self._flight.popleft())
+
+    def _requests(self) -> list[Sequence]:
+        """Every request the engine holds: waiting, running, or joining a group's step."""
+        return self._waiting + [s for g in self._groups for s in g.running + g.joining]
 
     def _has_work(self) -> bool:
         return bool(self._waiting) or any(g.running or g.joining for g in self._groups)

@@ -114,9 +114,14 @@ def wait_healthy(url: str, ended: Callable[[], int | None], timeout_s: float) ->
             time.sleep(0.1)
 
 
-def _own_target(run: RunSpec, url: str) -> Target:
+def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int | None]) -> Target:
+    """distinfer's server at `url` as the load's target, once /health answers (else EndpointError naming its log)."""
     from distinfer.serving.serve import served_name
 
+    try:
+        wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", 300.0)))
+    except EndpointError as exc:
+        raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
     return Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)), sampling_body(run))
 
 
@@ -133,11 +138,7 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            wait_healthy(url, server.poll, float((run.scenario or {}).get("health_timeout_s", 300.0)))
-        except EndpointError as exc:
-            raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
-        yield _own_target(run, url)
+        yield _own_target(run_dir, run, url, server.poll)
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -155,11 +156,7 @@ def started_server(run_dir: Path, run: RunSpec, url: str) -> Target:
     def ended() -> int | None:
         return -1 if (run_dir / SERVER_ENDED).exists() else None
 
-    try:
-        wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", 300.0)))
-    except EndpointError as exc:
-        raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
-    return _own_target(run, url)
+    return _own_target(run_dir, run, url, ended)
 
 
 def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file: Path) -> None:

@@ -153,6 +153,7 @@ def load_stage(run: RunSpec, env: DistEnv, device: torch.device) -> StageState:
     from distinfer.models.families import family_of
     from distinfer.models.loading import load_stage_model
     from distinfer.models.profiles import model_layer_count
+    from distinfer.runtime.engines import maybe_quantized
     from distinfer.serving.stages import StageState
 
     model_dir = Path(run.model_path)
@@ -164,11 +165,7 @@ def load_stage(run: RunSpec, env: DistEnv, device: torch.device) -> StageState:
         return StageState(model.eval(), family_of(model), device, True, True, groups_of(run))
     layout = split_layers(model_layer_count(model_dir), run.pp, run.layers)[env.rank]
     model, family = load_stage_model(model_dir, layout, run.dtype, device, run.trust_remote_code)
-    if run.quantization == "int8":
-        from distinfer.models.quantize import quantize_int8_weights
-
-        model = quantize_int8_weights(model)
-    return StageState(model, family, device, layout.is_first, layout.is_last, groups_of(run))
+    return StageState(maybe_quantized(model, run), family, device, layout.is_first, layout.is_last, groups_of(run))
 
 
 def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...],  # noqa: ANN001
