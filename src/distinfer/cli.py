@@ -187,13 +187,13 @@ def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f}"
 
 
-def _plan(config: Path, outputs: Path):  # -> (Experiment, list[PlannedRun])
+def _plan(config: Path, outputs: Path, write: bool = True):  # -> (Experiment, list[PlannedRun])
     from distinfer.jobs import plan_experiment
     from distinfer.slurm import RenderError
 
     exp = _load(config, require_model=False)
     with _exit_on(RenderError, 2):
-        return exp, plan_experiment(exp, config, outputs)
+        return exp, plan_experiment(exp, config, outputs, write)
 
 
 @app.command()
@@ -233,6 +233,92 @@ def plan(
         console.print(f"[red]does not fit:[/] {item.run.run_id} needs {_gib(worst.total)} GiB on one rank "
                       f"> {_gib(worst.capacity)} GiB; use fewer tokens, a smaller batch, float16 or more stages")
     console.print(f"wrote run.json and job.sbatch for {len(planned) - len(rejected)} run(s) under {outputs / exp.name}")
+
+
+def _predictions(exp, config: Path, planned: list, calibration: Path | None, calibrate_on: list[Path],
+                 hardware: Path | None):  # noqa: ANN001,ANN202 -> (list[Predicted], list[str])
+    """Each planned run's prediction and the assumptions behind them (library errors: one message, exit 2)."""
+    from distinfer.bundle import read_json
+    from distinfer.memory import ModelFacts
+    from distinfer.predict.study import assumptions, efficiency_for, machine_for, predict_runs
+    from distinfer.spec import resolve_path
+
+    runs = [item.run for item in planned]
+    config_json = read_json(Path(runs[0].model_path) / "config.json") if runs and runs[0].model_path else None
+    if config_json is None and exp.model.config:
+        config_json = read_json(resolve_path(exp.model.config, config))
+    if config_json is None:
+        return [], ["no prediction: the model's config.json is not readable here (give model.config)"]
+    with _exit_on(ValueError, 2):  # bad hardware file, calibration file or folder (CalibrationError too)
+        from distinfer.models.tiny import cache_dir
+
+        machine = machine_for(exp, hardware, probe_cache=cache_dir())
+        efficiency, source = efficiency_for(calibration, calibrate_on, machine)
+        items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
+                             {i.run.run_id: i.fits for i in planned})
+    return items, assumptions(machine, source, items)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+@app.command()
+def predict(
+    config: Path = typer.Argument(..., help="Experiment file (YAML)."),
+    calibration: Path = typer.Option(None, help="A calibration file to predict with (calibration.json)."),
+    calibrate_on: list[Path] = typer.Option([], "--calibrate", help="Experiment folders (outputs/EXP) whose "
+                                            "one-rank runs to fit the model on; writes calibration.json there."),
+    hardware: Path = typer.Option(None, help="A hardware file (YAML) with the device's peak figures."),
+    goal: str = typer.Option("all", help="Best layouts for: tokens_per_s | tpot | cost | all."),
+    outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
+) -> None:
+    """Predict every run's memory, TTFT, TPOT and tokens/s, and name the best layouts for a goal."""
+    from distinfer.predict.calibrate import CALIBRATION_FILE, calibrate, save_calibration
+    from distinfer.predict.study import GOALS, best
+
+    if goal not in (*GOALS, "all"):
+        errors.print(f"error: --goal {goal!r}: allowed: {', '.join(GOALS)}, all")
+        raise typer.Exit(2)
+    exp, planned = _plan(config, outputs, write=False)
+    if calibrate_on:
+        from distinfer.predict.study import machine_for
+
+        with _exit_on(ValueError, 2):
+            from distinfer.models.tiny import cache_dir
+
+            data = calibrate(calibrate_on, machine_for(exp, hardware, probe_cache=cache_dir()))
+        for folder in calibrate_on:
+            save_calibration(data, folder / CALIBRATION_FILE)
+        for engine, fit in data["fit"].items():
+            console.print(f"calibrated {engine} on {len(fit['runs'])} run(s): median error "
+                          f"{fit['median_abs_error']:.1%}, worst {fit['max_abs_error']:.1%} "
+                          f"({', '.join(f'{k} {v:.3g}' for k, v in data['efficiency'][engine].items())})")
+        calibration = calibrate_on[0] / CALIBRATION_FILE
+    items, notes = _predictions(exp, config, planned, calibration, [], hardware)
+    table = Table(title=f"{exp.name}: predicted on {exp.cluster.profile}")
+    for column in ("run", "ranks", "GiB/rank", "fits", "TTFT ms", "TPOT ms", "tokens/s", "GPU-h/1M tok"):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
+    memory = {i.run.run_id: max((m.total for m in i.memory), default=None) for i in planned}
+    for item in items[:PLAN_ROWS]:
+        p = item.prediction
+        total = memory.get(item.run.run_id)
+        table.add_row(item.run.run_id, str(item.run.world_size), "?" if total is None else _gib(total),
+                      "yes" if item.fits else "[red]no[/]", _ms(p and p.ttft_s), _ms(p and p.tpot_s),
+                      "-" if p is None else f"{p.output_tokens_per_s:.1f}",
+                      "-" if item.gpu_hours_per_million_tokens is None or exp.cluster.profile == "cpu"
+                      else f"{item.gpu_hours_per_million_tokens:.2f}")
+    console.print(table)
+    if len(items) > PLAN_ROWS:
+        console.print(f"... and {len(items) - PLAN_ROWS} more run(s)")
+    labels = {"tokens_per_s": "most tokens/s", "tpot": "lowest TPOT", "cost": "fewest GPU-hours per 1M tokens"}
+    for g in GOALS if goal == "all" else (goal,):
+        if g == "cost" and exp.cluster.profile == "cpu":
+            continue
+        top = best(items, g)
+        if top is not None:
+            console.print(f"best for {labels[g]}: {top.run.run_id}", highlight=False)
+    console.print("assumptions:\n" + "\n".join(f"  - {line}" for line in notes), highlight=False)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from distinfer.layout import split_layers
 from distinfer.memory import MemoryEstimate, ModelFacts, estimate_stage_memory
 from distinfer.plan import RunSpec, expand, resolve_builtin_models
 from distinfer.profiles import HARDWARE
-from distinfer.prompts import load_prompts
+from distinfer.prompts import CHARS_PER_TOKEN, load_prompts
 from distinfer.slurm import sacct_records, scancel, squeue_states
 from distinfer.spec import Experiment, resolve_path
 
@@ -37,10 +37,10 @@ def _longest_prompt_chars(prompts_file: str) -> int:
 
 
 def context_tokens(run: RunSpec) -> int:
-    """Prompt tokens (max_prompt_tokens, else ~3 characters per token of the longest prompt) + new tokens."""
+    """Prompt tokens (max_prompt_tokens, else the longest prompt at CHARS_PER_TOKEN) + new tokens."""
     prompt = run.generation.get("max_prompt_tokens")
     if prompt is None:
-        prompt = _longest_prompt_chars(run.prompts) // 3 + 1
+        prompt = _longest_prompt_chars(run.prompts) // CHARS_PER_TOKEN + 1
     return int(prompt) + int(run.generation["max_new_tokens"])
 
 
@@ -55,8 +55,8 @@ def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[Memor
     return [memory for memory in per_stage for _ in range(ranks)]  # one per rank: a stage's ranks alike
 
 
-def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[PlannedRun]:
-    """Expand, estimate memory per rank, and write run.json + job.sbatch for every run that fits."""
+def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path, write: bool = True) -> list[PlannedRun]:
+    """Expand, estimate memory per rank, and (with `write`) write run.json + job.sbatch for every run that fits."""
     runs = resolve_builtin_models(expand(exp, spec_file))
     config = read_json(Path(runs[0].model_path) / "config.json") if runs else None
     if config is None and exp.model.config:
@@ -67,7 +67,7 @@ def plan_experiment(exp: Experiment, spec_file: Path, outputs: Path) -> list[Pla
         bundle = launcher.bundle(run)
         memory = estimate_run(run, ModelFacts.from_config(config), exp) if config else []
         item = PlannedRun(run, bundle, memory)
-        if item.fits and not bundle.is_done(run.config_hash()):  # a finished run keeps the files it ran with
+        if write and item.fits and not bundle.is_done(run.config_hash()):  # a finished run keeps the files it ran with
             launcher.prepare(run)
         planned.append(item)
     return planned

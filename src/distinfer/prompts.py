@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+CHARS_PER_TOKEN = 3  # where no tokenizer is at hand (planning on a login node): a generous estimate of tokens
+
+
 class PromptFileError(ValueError):
     """A bad prompt file; the message names the file and line."""
 

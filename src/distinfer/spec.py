@@ -158,6 +158,8 @@ class ClusterSpec(_Strict):
     """Nodes per run; by default ranks / gpus_per_node."""
     gpus_per_node: int = Field(1, ge=0)
     """GPUs (one rank each) per node; 0 on the cpu profile (one rank per node)."""
+    network: Literal["10gbe", "25gbe", "100gbe", "infiniband"] = "10gbe"
+    """The link between nodes, for `predict` (what the performance model assumes; jobs do not depend on it)."""
     cpus_per_task: PositiveInt | None = None
     mem: str | None = Field(None, pattern=SLURM_MEM)
     modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/+-]+$")]] = []

@@ -1,0 +1,155 @@
+"""Calibration: the efficiencies and fixed costs of each engine, fitted to measured one-stage runs.
+
+Only runs of one rank are used (the pipeline engine with pp 1, tp 1, ep 1, any micro-batches; the reference):
+they hold no messages between stages and no collectives, so what the model predicts for a split layout rests on
+what it learnt from one device and on the link profiles. Each finished offline run gives three observations (TPOT
+p50, TTFT mean, output tokens/s); the parameters minimise the squared log ratio of predicted to measured over all
+of them. The result is stored with the observations it came from and how well it fits them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distinfer.bundle import BUNDLE_SCHEMA, atomic_write_json, read_json
+from distinfer.memory import ModelFacts
+from distinfer.predict.fit import nelder_mead
+from distinfer.predict.model import Efficiency, Machine, Prediction, predict_run
+from distinfer.predict.workload import prompt_lengths
+
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_VERSION = 1
+METRICS = ("tpot", "ttft", "tokens_per_s")
+
+
+class CalibrationError(ValueError):
+    """No usable runs, or an unreadable calibration file; the message says what was looked for."""
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    folder: Path
+    run: object  # plan.RunSpec
+    summary: dict
+
+    def measured(self, metric: str) -> float | None:
+        s = self.summary
+        value = {"tpot": (s.get("tpot_s") or {}).get("p50"), "ttft": (s.get("ttft_s") or {}).get("mean"),
+                 "tokens_per_s": s.get("output_tokens_per_s")}[metric]
+        return float(value) if value else None
+
+
+def predicted(p: Prediction, metric: str) -> float:
+    return {"tpot": p.tpot_s, "ttft": p.ttft_s, "tokens_per_s": p.output_tokens_per_s}[metric]
+
+
+def measured_runs(folder: Path) -> list[MeasuredRun]:
+    """The finished offline runs of an experiment folder (outputs/EXP), skipping anything unreadable."""
+    from distinfer.plan import RunSpec
+
+    runs = []
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        run_json, summary = read_json(run_dir / "run.json"), read_json(run_dir / "summary.json")
+        if (not isinstance(run_json, dict) or run_json.get("schema") != BUNDLE_SCHEMA or not isinstance(summary, dict)
+                or summary.get("status") != "ok"):
+            continue
+        try:
+            run = RunSpec.from_dict(run_json["run"])
+        except (KeyError, TypeError):
+            continue
+        if run.serving or run.engine == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
+            continue
+        runs.append(MeasuredRun(run_dir, run, summary))
+    return runs
+
+
+def one_rank(run) -> bool:  # noqa: ANN001
+    return run.engine == "reference" or (run.engine == "pipeline" and run.pp == 1 and run.tp == 1 and run.ep == 1)
+
+
+def facts_of(run) -> ModelFacts:  # noqa: ANN001
+    return ModelFacts.from_config(json.loads((Path(run.model_path) / "config.json").read_text()))
+
+
+def errors(runs: list[MeasuredRun], machine: Machine, efficiency: dict[str, Efficiency]) -> list[dict]:
+    """Predicted against measured for each run and metric: {run_id, metric, measured, predicted, error}."""
+    out = []
+    for m in runs:
+        p = predict_run(m.run, facts_of(m.run), machine, efficiency, prompt_lengths(m.run)[0])
+        for metric in METRICS:
+            value = m.measured(metric)
+            if value:
+                guess = predicted(p, metric)
+                out.append({"experiment": m.folder.parent.name, "run_id": m.run.run_id, "engine": m.run.engine,
+                            "metric": metric, "measured": value, "predicted": guess, "error": guess / value - 1})
+    return out
+
+
+def fit_engine(runs: list[MeasuredRun], machine: Machine, engine: str) -> Efficiency:
+    """The Efficiency that brings predictions of these runs closest to their measurements."""
+    prepared = [(m.run, facts_of(m.run), prompt_lengths(m.run)[0], {k: m.measured(k) for k in METRICS})
+                for m in runs]
+
+    def loss(x: list[float]) -> float:
+        eff = Efficiency(*(math.exp(v) for v in x))
+        total = 0.0
+        for run, facts, lengths, measured in prepared:
+            p = predict_run(run, facts, machine, {engine: eff}, lengths)
+            for metric, value in measured.items():
+                guess = predicted(p, metric)
+                if value and guess > 0:
+                    total += math.log(guess / value) ** 2
+        return total
+
+    best: tuple[list[float], float] | None = None
+    for start in (Efficiency(), Efficiency(0.1, 2.0, 1e-4, 1e-2), Efficiency(0.8, 0.3, 2e-3, 1e-4)):
+        found = nelder_mead(loss, [math.log(v) for v in start.to_dict().values()], step=1.0, iterations=300)
+        if best is None or found[1] < best[1]:
+            best = found
+    assert best is not None
+    return Efficiency(*(math.exp(v) for v in best[0]))
+
+
+def calibrate(folders: list[Path], machine: Machine) -> dict:
+    """Fit each engine's Efficiency on the one-rank runs under `folders`; CalibrationError where there are none."""
+    runs = [m for folder in folders for m in measured_runs(folder)]
+    usable = [m for m in runs if one_rank(m.run)]
+    if not usable:
+        names = ", ".join(str(f) for f in folders)
+        raise CalibrationError(
+            f"{names}: no usable runs to calibrate on: it needs finished offline runs of one rank (engine pipeline "
+            f"with pp 1, tp 1, ep 1, or reference runs) whose model folder is here; found {len(runs)} finished "
+            "offline run(s) with a model folder, none of one rank")
+    engines = sorted({m.run.engine for m in usable})
+    efficiency = {e: fit_engine([m for m in usable if m.run.engine == e], machine, e) for e in engines}
+    observations = errors(usable, machine, efficiency)
+    fit = {}
+    for engine in engines:
+        errs = [abs(o["error"]) for o in observations if o["engine"] == engine]
+        fit[engine] = {"runs": sorted({o["run_id"] for o in observations if o["engine"] == engine}),
+                       "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    return {"version": CALIBRATION_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device": machine.profile.name, "probe": machine.probe, "local": machine.local,
+            "folders": [str(f) for f in folders], "efficiency": {e: v.to_dict() for e, v in efficiency.items()},
+            "fit": fit, "observations": observations}
+
+
+def save_calibration(data: dict, path: Path) -> None:
+    atomic_write_json(path, data)
+
+
+def load_calibration(path: Path) -> dict[str, Efficiency]:
+    """The per-engine efficiencies of a calibration file; CalibrationError naming the file otherwise."""
+    data = read_json(path) if path.is_file() else None
+    if not isinstance(data, dict) or not isinstance(data.get("efficiency"), dict):
+        raise CalibrationError(f"{path}: not a calibration file (expected JSON with an 'efficiency' mapping, as "
+                               "`distinfer predict CONFIG --calibrate outputs/EXP` writes)")
+    try:
+        return {engine: Efficiency(**values) for engine, values in data["efficiency"].items()}
+    except TypeError as exc:
+        raise CalibrationError(f"{path}: field 'efficiency': {exc}") from None

@@ -1,0 +1,209 @@
+"""Predict one run: per stage the time of a prefill and of a decode step (a roofline of its FLOPs and bytes at
+calibrated efficiencies, plus fixed host costs), the messages between stages and the collectives inside them,
+and the pipeline schedule (schedule.py) over the run's batches.
+
+On a GPU the host launches work asynchronously, so a forward takes the longer of the device's time and the
+host's; on a CPU the host does the work, so the two add up. CPU ranks of one machine share its cores and its
+memory bandwidth: pipeline stages without micro-batches take turns on every core, ranks that compute together
+get an even share of the cores (as the workers do), and the machine's bandwidth bounds what they read together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from distinfer.layout import StageLayout, place, split_layers
+from distinfer.memory import DTYPE_BYTES, ModelFacts
+from distinfer.predict.costs import OPS_PER_LAYER, Work, forward_work
+from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed
+from distinfer.predict.schedule import decode_cycle, prefill_finish
+from distinfer.profiles import HardwareProfile
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The calibrated parameters of one engine on one kind of device: the fraction of peak FLOP/s its products
+    reach, the fraction of the memory bandwidth its reads reach (above 1 where the weights stay in a CPU's
+    caches), the fixed host time of one stage forward beyond its launched operations, and the host time of
+    setting up one batch (stages set up at the same time, so a batch pays it once)."""
+
+    compute: float = 0.5
+    memory: float = 0.7
+    step_s: float = 5e-4
+    batch_s: float = 2e-3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FALLBACK = {  # whose calibration an engine borrows when it has none of its own
+    "pipeline": ("pipeline", "reference"),
+    "reference": ("reference", "pipeline"),
+    "deepspeed": ("deepspeed", "reference", "pipeline"),
+}
+NO_LINK = Link("none", math.inf, 0.0, "one stage: no message")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the ranks run: the hardware profile (the CPU probe for `cpu`), the network between nodes, and whether
+    every rank shares this one machine (`run --local`)."""
+
+    profile: HardwareProfile
+    network: Link
+    probe: dict | None = None
+    local: bool = False
+    gpus_per_node: int = 1
+    nodes: int | None = None
+
+    @property
+    def cores(self) -> int:
+        return int(self.probe["cores"]) if self.probe else 0
+
+
+@dataclass
+class Prediction:
+    run_id: str
+    ttft_s: float
+    tpot_s: float
+    output_tokens_per_s: float
+    wall_s: float
+    output_tokens: int
+    rank_busy_s: list[float] = field(default_factory=list)
+    bottleneck: str = ""
+
+    @property
+    def rank_idle_s(self) -> list[float]:
+        return [max(0.0, self.wall_s - b) for b in self.rank_busy_s]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rank_idle_s": self.rank_idle_s}
+
+
+@dataclass(frozen=True)
+class _Rank:
+    device: DeviceSpeed
+    cores: tuple[int, ...]  # CPU cores it computes on (empty on GPU)
+    node: int
+
+
+def _ranks(run_engine: str, pp: int, group: int, together: bool, machine: Machine) -> list[_Rank]:
+    if machine.profile.gpu:
+        layout = place(pp, group, 1, gpu=True, gpus_per_node=machine.gpus_per_node, nodes=machine.nodes,
+                       single_device=run_engine == "reference")
+        return [_Rank(gpu_speed(machine.profile), (), layout.coordinates(r).node) for r in range(pp * group)]
+    if machine.probe is None:
+        raise ValueError("a CPU prediction needs the machine's probe (predict/probe.py)")
+    world, cores = pp * group, machine.cores
+    if not machine.local:  # a CPU cluster: one rank per node, each with the node's cores
+        return [_Rank(cpu_speed(machine.probe, cores), tuple(range(cores)), r) for r in range(world)]
+    if not together:
+        return [_Rank(cpu_speed(machine.probe, cores), tuple(range(cores)), 0) for _ in range(world)]
+    per = max(1, cores // world)
+    return [_Rank(cpu_speed(machine.probe, per), tuple((r * per + i) % cores for i in range(per)), 0)
+            for r in range(world)]
+
+
+def _link(machine: Machine, a: _Rank, b: _Rank) -> Link:
+    if a.node != b.node:
+        return machine.network
+    link = LINKS[machine.profile.node_link]
+    if not machine.profile.gpu and machine.probe:  # shared memory: the probe's wake-up and copy bandwidth
+        return Link(link.name, machine.probe["bandwidth_all"] / 2, machine.probe.get("wake_s", link.latency_s),
+                    "measured on the machine (probe)")
+    return link
+
+
+def forward_time(work: Work, device: DeviceSpeed, dtype: str, eff: Efficiency, gpu: bool) -> float:
+    """One forward of one rank: the roofline of its work, and the host's fixed cost (overlapping on a GPU)."""
+    flops = device.flops.get(dtype) or device.flops["float32"]
+    busy = max(work.flops / (flops * eff.compute), work.bytes / (device.memory_bandwidth * eff.memory))
+    host = eff.step_s + work.layers * OPS_PER_LAYER * device.launch_s
+    return max(busy, host) if gpu else busy + host
+
+
+def _collectives(facts: ModelFacts, layers: int, tokens: int, size: int, tp: int, ep: int, link: Link,
+                 top_k: int) -> float:
+    """Tensor parallel: a ring all-reduce of the hidden states after attention and after the MLP of every layer.
+    Expert parallel: per MoE layer, the (token, expert) pairs sent to their experts and back, and the tokens
+    gathered again."""
+    total = 0.0
+    hidden_bytes = tokens * facts.hidden * size
+    if tp > 1:
+        one = 2 * (tp - 1) / tp * hidden_bytes / link.bandwidth + 2 * (tp - 1) * link.latency_s
+        total += 2 * layers * one
+    if ep > 1:
+        pairs = hidden_bytes * top_k / ep * (ep - 1) / ep
+        total += layers * (2 * (pairs / link.bandwidth + (ep - 1) * link.latency_s)
+                           + hidden_bytes * (ep - 1) / ep / link.bandwidth + (ep - 1) * link.latency_s)
+    return total
+
+
+def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],  # noqa: ANN001
+                prompt_tokens: list[int]) -> Prediction:
+    """Predicted TTFT (mean over requests), TPOT, output tokens/s and per-rank busy time of an offline run
+    (a plan.RunSpec) over prompts of the given token lengths, every request generating max_new_tokens."""
+    engine = run.engine
+    eff = next((efficiency[e] for e in FALLBACK.get(engine, (engine,)) if e in efficiency), Efficiency())
+    pp = run.pp if engine == "pipeline" else 1
+    tp = run.tp if engine in ("pipeline", "deepspeed") else 1
+    ep = run.ep if engine == "pipeline" else 1
+    group = max(tp, ep)
+    m = run.microbatches if engine == "pipeline" else 1
+    together = group > 1 or m > 1
+    ranks = _ranks(engine, pp, group, together, machine)
+    stages = split_layers(facts.layers, pp, run.layers)
+    gpu = machine.profile.gpu
+    size = DTYPE_BYTES[run.dtype]
+    n = int(run.generation["max_new_tokens"])
+    cap = run.generation.get("max_prompt_tokens")
+    count = run.num_prompts or len(prompt_tokens)
+    lengths = [min(prompt_tokens[i % len(prompt_tokens)], cap or 10**9) for i in range(count)]
+    lead = [ranks[s * group] for s in range(pp)]  # each stage's first rank
+    hops = [_link(machine, lead[s], lead[(s + 1) % pp]) if pp > 1 else NO_LINK for s in range(pp)]
+    inner = _link(machine, ranks[0], ranks[min(1, len(ranks) - 1)])
+
+    def stage_time(stage: StageLayout, rank: _Rank, rows: int, new: int, context: float) -> float:
+        work = forward_work(facts, stage, rows, new, context, run.dtype, run.quantization, tp, ep)
+        own = forward_time(work, rank.device, run.dtype, eff, gpu)
+        return own + _collectives(facts, work.layers, rows * new, size, tp, ep, inner, 2)
+
+    def shared(times: list[float], works: list[float]) -> list[float]:
+        """Per-micro-batch busy time of each CPU core the stages share, and of the machine's memory bandwidth."""
+        if gpu or not machine.local or not together:
+            return []
+        per_core: dict[int, float] = {}
+        for s, t in enumerate(times):
+            for r in range(s * group, (s + 1) * group):
+                for core in ranks[r].cores:
+                    per_core[core] = per_core.get(core, 0.0) + t
+        memory = sum(works) * group / (ranks[0].device.machine_bandwidth * eff.memory)
+        return list(per_core.values()) + [memory]
+
+    wall = ttft_sum = tpot_sum = 0.0
+    busy = [0.0] * pp
+    tokens = 0
+    for start in range(0, count, run.batch_size):
+        batch = lengths[start : start + run.batch_size]
+        rows, prompt = len(batch), max(batch)
+        per_mb = [len(range(j, rows, m)) for j in range(min(m, rows))] if m > 1 else [rows]
+        r = max(per_mb)
+        pre = [stage_time(st, lead[s], r, prompt, prompt) for s, st in enumerate(stages)]
+        pre_hops = [h.transfer_s(r * prompt * facts.hidden * size if s < pp - 1 else r * 8)
+                    for s, h in enumerate(hops)]
+        finish = [eff.batch_s + f for f in prefill_finish(pre, pre_hops, len(per_mb))]
+        context = prompt + n / 2
+        dec = [stage_time(st, lead[s], r, 1, context) for s, st in enumerate(stages)]
+        dec_hops = [h.transfer_s(r * facts.hidden * size if s < pp - 1 else r * 8) for s, h in enumerate(hops)]
+        reads = [forward_work(facts, st, r, 1, context, run.dtype, run.quantization, tp, ep).bytes for st in stages]
+        cycle = decode_cycle(dec, dec_hops, len(per_mb), shared(dec, reads))
+        wall += max(finish) + (n - 1) * cycle
+        ttft_sum += sum(f * k for f, k in zip(finish, per_mb))
+        tpot_sum += cycle * rows
+        tokens += rows * n
+        for s in range(pp):
+            busy[s] += len(per_mb) * (pre[s] + (n - 1) * dec[s])
+    requests = max(1, count)
+    return Prediction(run.run_id, ttft_sum / requests, tpot_sum / requests, tokens / wall if wall else math.nan,
+                      wall, tokens, [busy[r // group] for r in range(pp * group)])

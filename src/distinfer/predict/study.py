@@ -1,0 +1,109 @@
+"""Predictions for a whole experiment: the machine its runs would use, each run's prediction, the best layouts for
+a goal, and the assumptions to print beside them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from distinfer.memory import ModelFacts
+from distinfer.predict.calibrate import CalibrationError, calibrate, load_calibration
+from distinfer.predict.hardware import LINKS, load_hardware_file
+from distinfer.predict.model import Efficiency, Machine, Prediction, predict_run
+from distinfer.predict.workload import prompt_lengths
+from distinfer.profiles import HARDWARE, HardwareProfile
+from distinfer.spec import Experiment
+
+GOALS = ("tokens_per_s", "tpot", "cost")
+
+
+@dataclass
+class Predicted:
+    run: object  # plan.RunSpec
+    prediction: Prediction | None  # None: not predicted (a serving run, an endpoint)
+    fits: bool
+    exact_prompts: bool = True
+
+    @property
+    def gpu_hours_per_million_tokens(self) -> float | None:
+        p = self.prediction
+        if p is None or not p.output_tokens_per_s:
+            return None
+        return self.run.world_size / p.output_tokens_per_s / 3600 * 1e6
+
+
+def machine_for(exp: Experiment, hardware: Path | None = None, probe_cache: Path | None = None,
+                fresh_probe: bool = False) -> Machine:
+    """The experiment's cluster as the model sees it. The CPU profile measures this machine (cached) and places the
+    ranks as `run --local` does: all on this machine."""
+    profile: HardwareProfile = load_hardware_file(hardware) if hardware else HARDWARE[exp.cluster.profile]
+    probe = None
+    if not profile.gpu:
+        from distinfer.predict.probe import measure_cpu
+
+        probe = measure_cpu(probe_cache, fresh=fresh_probe)
+    return Machine(profile, LINKS[exp.cluster.network], probe, local=not profile.gpu,
+                   gpus_per_node=max(1, exp.cluster.gpus_per_node), nodes=exp.cluster.nodes)
+
+
+def efficiency_for(calibration: Path | None, folders: list[Path], machine: Machine) -> tuple[dict[str, Efficiency], str]:
+    """The efficiencies to predict with, and where they came from: a calibration file, a fit on the measured
+    one-rank runs of `folders`, or the defaults (uncalibrated)."""
+    if calibration is not None:
+        return load_calibration(calibration), f"calibration file {calibration}"
+    if folders:
+        data = calibrate(folders, machine)
+        return ({e: Efficiency(**v) for e, v in data["efficiency"].items()},
+                f"fitted on {sum(len(f['runs']) for f in data['fit'].values())} one-rank run(s) of "
+                f"{', '.join(str(f) for f in folders)}")
+    return {}, "uncalibrated: default efficiencies (compute 0.5, memory 0.7 of peak; 0.5 ms a forward, 2 ms a batch)"
+
+
+def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],
+                 fits: dict[str, bool] | None = None) -> list[Predicted]:
+    out = []
+    for run in runs:
+        if run.serving or run.engine == "endpoint":
+            out.append(Predicted(run, None, True))
+            continue
+        lengths, exact = prompt_lengths(run)
+        out.append(Predicted(run, predict_run(run, facts, machine, efficiency, lengths),
+                             (fits or {}).get(run.run_id, True), exact))
+    return out
+
+
+def best(items: list[Predicted], goal: str) -> Predicted | None:
+    """The run that fits and does best on the goal: most tokens/s, least TPOT, least GPU-hours per 1M tokens."""
+    usable = [i for i in items if i.prediction is not None and i.fits and i.run.engine != "reference"] or \
+             [i for i in items if i.prediction is not None and i.fits]
+    if not usable:
+        return None
+    key = {"tokens_per_s": lambda i: -i.prediction.output_tokens_per_s, "tpot": lambda i: i.prediction.tpot_s,
+           "cost": lambda i: i.gpu_hours_per_million_tokens or math.inf}[goal]
+    return min(usable, key=key)
+
+
+def assumptions(machine: Machine, source: str, items: list[Predicted]) -> list[str]:
+    profile = machine.profile
+    lines = [f"efficiencies: {source}"]
+    if machine.probe:
+        p = machine.probe
+        lines.append(f"device: this machine's CPU, measured {p['measured']}: {p['cores']} cores, "
+                     f"{p['flops_all']['float32'] / 1e9:.0f} GFLOP/s fp32, {p['bandwidth_all'] / 1e9:.1f} GB/s copy, "
+                     f"{p['launch_s'] * 1e6:.1f} us an operation, {p.get('wake_s', 0) * 1e6:.0f} us a wake-up")
+        lines.append("ranks: all on this machine, sharing its cores as `run --local` places them")
+    else:
+        flops = ", ".join(f"{d} {v / 1e12:g} TFLOP/s" for d, v in profile.peak_flops)
+        lines.append(f"device: {profile.name}: {flops}, {profile.memory_bandwidth / 1e9:g} GB/s, "
+                     f"{profile.launch_s * 1e6:g} us a launch ({profile.source})")
+        node = LINKS[profile.node_link]
+        lines.append(f"links: {node.name} inside a node ({node.bandwidth / 1e9:g} GB/s, {node.latency_s * 1e6:g} us), "
+                     f"{machine.network.name} between nodes ({machine.network.bandwidth / 1e9:g} GB/s, "
+                     f"{machine.network.latency_s * 1e6:g} us): {machine.network.source}")
+    lines.append("every request generates max_new_tokens (no early EOS); a batch is padded to its longest prompt")
+    if not all(i.exact_prompts for i in items if i.prediction is not None):
+        lines.append("prompt lengths estimated from characters (no tokenizer here)")
+    if any(i.prediction is None for i in items):
+        lines.append("serving runs are not predicted")
+    return lines

@@ -1,0 +1,155 @@
+"""The performance model: the pipeline schedule on hand-computed cases, calibration recovering known parameters
+from synthetic measurements, predictions for the T4 configs from datasheets, and clear errors for bad hardware
+files and calibration folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distinfer.bundle import BUNDLE_SCHEMA, atomic_write_json
+from distinfer.memory import ModelFacts
+from distinfer.plan import RunSpec, run_id_for
+from distinfer.predict.calibrate import CalibrationError, calibrate, load_calibration
+from distinfer.predict.hardware import LINKS, load_hardware_file
+from distinfer.predict.model import Efficiency, Machine, predict_run
+from distinfer.predict.schedule import decode_cycle, prefill_finish
+from distinfer.predict.workload import prompt_lengths
+from distinfer.profiles import HARDWARE
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = {"cores": 2, "flops_1": {"float32": 50e9}, "flops_all": {"float32": 95e9}, "bandwidth_1": 8e9,
+         "bandwidth_all": 12e9, "launch_s": 4e-6, "wake_s": 40e-6, "measured": "synthetic"}
+CONFIG = dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+              num_attention_heads=8, num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False)
+
+
+def test_prefill_fills_and_drains_the_pipeline():
+    assert prefill_finish([1.0, 1.0], [0.1, 0.0], 1) == pytest.approx([2.1])
+    # micro-batch 1 enters stage 0 at 1.0 and reaches stage 1 at 2.1, when stage 1 has just finished micro-batch 0
+    assert prefill_finish([1.0, 1.0], [0.1, 0.0], 2) == pytest.approx([2.1, 3.1])
+    # a slow last stage: micro-batches queue in front of it
+    assert prefill_finish([1.0, 3.0], [0.0, 0.0], 3) == pytest.approx([4.0, 7.0, 10.0])
+    assert prefill_finish([2.0], [0.5], 2) == pytest.approx([2.5, 4.5])
+
+
+def test_decode_cycle_keeps_at_most_min_m_p_stages_busy():
+    # one micro-batch: one trip through both stages and both hops per token
+    assert decode_cycle([1.0, 1.0], [0.1, 0.1], 1) == pytest.approx(2.2)
+    # two micro-batches on two stages: still bound by the trip (each must come back before its next token)
+    assert decode_cycle([1.0, 1.0], [0.1, 0.1], 2) == pytest.approx(2.2)
+    # four micro-batches: every stage serves four per cycle
+    assert decode_cycle([1.0, 1.0], [0.1, 0.1], 4) == pytest.approx(4.0)
+    # four stages, two micro-batches: at most two of four busy, the cycle is the trip
+    assert decode_cycle([1.0] * 4, [0.0] * 4, 2) == pytest.approx(4.0)
+    # stages that share one core serve every micro-batch in turn
+    assert decode_cycle([1.0, 1.0, 1.0], [0.0] * 3, 2, shared_s=[2.0, 1.0]) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="hops"):
+        decode_cycle([1.0, 1.0], [0.1], 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        prefill_finish([1.0], [0.0], 0)
+
+
+def _model(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    return model
+
+
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "prompt": "word " * (20 + 7 * i)}) + "\n" for i in range(8)))
+    return path
+
+
+def _run(model: Path, prompts: Path, experiment: str, pp: int, batch: int, mb: int) -> RunSpec:
+    return RunSpec(experiment=experiment, run_id=run_id_for("pipeline", pp, None, mb, batch, "float32"),
+                   engine="pipeline", model_path=str(model), builtin=None, dtype="float32", trust_remote_code=False,
+                   prompts=str(prompts), generation={"max_new_tokens": 16}, pp=pp, layers=None, microbatches=mb,
+                   batch_size=batch, warmup=0, repeats=1, timeout_s=60)
+
+
+def _write_bundle(outputs: Path, run: RunSpec, machine: Machine, truth: dict[str, Efficiency]) -> None:
+    p = predict_run(run, ModelFacts.from_config(CONFIG), machine, truth, prompt_lengths(run)[0])
+    folder = outputs / run.experiment / run.run_id
+    atomic_write_json(folder / "run.json", {"schema": BUNDLE_SCHEMA, "run": run.to_dict()})
+    atomic_write_json(folder / "summary.json", {"status": "ok", "tpot_s": {"p50": p.tpot_s}, "ttft_s": {"mean": p.ttft_s},
+                                                "output_tokens_per_s": p.output_tokens_per_s})
+
+
+def test_calibration_recovers_known_parameters_from_synthetic_runs(tmp_path: Path):
+    model, prompts = _model(tmp_path), _prompts(tmp_path)
+    machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
+    truth = Efficiency(compute=0.6, memory=0.45, step_s=8e-4, batch_s=5e-3)
+    for batch in (1, 2, 4, 8):
+        for mb in (1, 2) if batch > 1 else (1,):
+            _write_bundle(tmp_path / "outputs", _run(model, prompts, "synthetic", 1, batch, mb), machine,
+                          {"pipeline": truth})
+    _write_bundle(tmp_path / "outputs", _run(model, prompts, "synthetic", 2, 4, 2), machine, {"pipeline": truth})
+    data = calibrate([tmp_path / "outputs" / "synthetic"], machine)
+    fitted = data["efficiency"]["pipeline"]
+    for name, value in truth.to_dict().items():
+        assert fitted[name] == pytest.approx(value, rel=0.05), name
+    assert data["fit"]["pipeline"]["max_abs_error"] < 0.01
+    assert "pipeline-pp2-b4-mb2-fp32" not in data["fit"]["pipeline"]["runs"]  # only one-rank runs calibrate
+    assert len(data["fit"]["pipeline"]["runs"]) == 7
+    # and the held-out two-stage run is predicted from them
+    two = _run(model, prompts, "synthetic", 2, 4, 2)
+    eff = {"pipeline": Efficiency(**fitted)}
+    held_out = predict_run(two, ModelFacts.from_config(CONFIG), machine, eff, prompt_lengths(two)[0])
+    exact = predict_run(two, ModelFacts.from_config(CONFIG), machine, {"pipeline": truth}, prompt_lengths(two)[0])
+    assert held_out.tpot_s == pytest.approx(exact.tpot_s, rel=0.02)
+
+
+def test_calibration_needs_one_rank_runs(tmp_path: Path):
+    model, prompts = _model(tmp_path), _prompts(tmp_path)
+    machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
+    _write_bundle(tmp_path / "out", _run(model, prompts, "only-pp2", 2, 4, 2), machine, {})
+    with pytest.raises(CalibrationError, match="no usable runs to calibrate on.*found 1 finished"):
+        calibrate([tmp_path / "out" / "only-pp2"], machine)
+    with pytest.raises(CalibrationError, match="not a calibration file"):
+        load_calibration(prompts)
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distinfer", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_predict_t4_from_datasheets_without_calibration(tmp_path: Path):
+    proc = _cli("predict", "configs/openllama3b-t4-strong.yaml", "--outputs", str(tmp_path / "outputs"))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for run in ("pipeline-pp1-b8-mb2-fp16", "pipeline-pp2-b8-mb2-fp16", "pipeline-pp4-b8-mb2-fp16",
+                "reference-b8-fp16"):
+        assert run in out
+    assert "uncalibrated" in out and "NVIDIA T4" in out and "10gbe between nodes" in out
+    assert "best for most tokens/s:" in out
+    assert not (tmp_path / "outputs").exists()  # predicting writes no bundles
+    # a T4 decode step reads the 3B model's fp16 weights at a fraction of 320 GB/s: tens of milliseconds
+    row = next(line for line in out.splitlines() if "reference-b8-fp16" in line)
+    tpot_ms = float(row.split("│")[6])
+    assert 20 < tpot_ms < 60
+
+
+def test_bad_hardware_file_and_calibration_folder_exit_2(tmp_path: Path):
+    bad = tmp_path / "gpu.yaml"
+    bad.write_text("name: my-gpu\npeak_flops: {float16: 1.0e14}\n")
+    with pytest.raises(ValueError, match=r"gpu.yaml: field 'memory_bandwidth': Field required"):
+        load_hardware_file(bad)
+    bad.write_text("name: my-gpu\npeak_flops: {float8: 1.0e14}\nmemory_bandwidth: 1.0e12\n")
+    proc = _cli("predict", "configs/openllama3b-t4-strong.yaml", "--hardware", str(bad))
+    assert proc.returncode == 2 and "field 'peak_flops.float8'" in proc.stderr and "Traceback" not in proc.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text("name: l4\npeak_flops: {float16: 1.21e14, float32: 3.0e13}\nmemory_bandwidth: 3.0e11\n")
+    proc = _cli("predict", "configs/openllama3b-t4-strong.yaml", "--hardware", str(good))
+    assert proc.returncode == 0 and "l4: float16 121 TFLOP/s" in proc.stdout.replace("\n", " ")
+    empty = tmp_path / "outputs" / "nothing"
+    empty.mkdir(parents=True)
+    proc = _cli("predict", "configs/openllama3b-t4-strong.yaml", "--calibrate", str(empty))
+    assert proc.returncode == 2 and "no usable runs to calibrate on" in proc.stderr and "Traceback" not in proc.stderr
