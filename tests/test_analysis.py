@@ -90,6 +90,15 @@ def test_tables_from_real_runs(outputs: Path, tmp_path: Path) -> None:
     assert set(breakdown[breakdown["run_id"] == "pipeline-pp2-b4-mb1-fp32"]["rank"]) == {0, 1}
     assert (breakdown["compute_s"] > 0).all()
     assert metrics["problems"] == []
+    # every run predicted; the model fitted on the one-rank runs (reference, pp 1) and predicting the two-stage ones
+    prediction = pd.read_csv(out / "prediction.csv")
+    assert set(prediction["run_id"]) == set(results["run_id"])
+    assert set(prediction["metric"]) == {"tpot", "ttft", "tokens_per_s"}
+    fitted = prediction.groupby("run_id")["calibrated_on"].first()
+    assert not fitted["pipeline-pp2-b4-mb1-fp32"] and fitted["pipeline-pp1-b4-mb1-fp32"] and fitted["reference-b4-fp32"]
+    two_stage = prediction[prediction["run_id"] == "pipeline-pp2-b4-mb1-fp32"].set_index("metric")
+    assert 1 / 3 < two_stage.loc["tokens_per_s", "predicted"] / two_stage.loc["tokens_per_s", "measured"] < 3
+    assert prediction["error"].tolist() == pytest.approx((prediction["predicted"] / prediction["measured"] - 1).tolist())
 
 
 def test_plots_exist_open_and_have_labelled_axes(outputs: Path, tmp_path: Path) -> None:
@@ -98,7 +107,7 @@ def test_plots_exist_open_and_have_labelled_axes(outputs: Path, tmp_path: Path) 
     assert analyze(outputs / "study", tmp_path).returncode == 0
     plots = tmp_path / "study" / "plots"
     expected = {"strong_scaling": "speedup", "batch_sweep": "batch size", "time_breakdown": "time per rank",
-                "latency": "TTFT"}
+                "latency": "TTFT", "prediction": "predicted output tokens/s"}
     for name, label in expected.items():
         image = matplotlib.image.imread(plots / f"{name}.png")
         assert image.shape[0] > 100 and image.shape[1] > 100
@@ -177,3 +186,20 @@ def test_torch_profile_writes_a_trace_per_rank(precision_outputs: Path) -> None:
     for rank in (0, 1):
         trace = json.loads((run / f"trace_rank_{rank}.json").read_text())
         assert any(e.get("ph") == "X" for e in trace["traceEvents"]), "complete events: opens in Perfetto"
+
+
+def test_predict_calibrates_on_the_one_rank_runs_and_stores_the_fit(outputs: Path) -> None:
+    config = outputs.parent / "e.yaml"
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "predict", str(config), "--calibrate",
+                           str(outputs / "study")], cwd=outputs.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "calibrated pipeline on 2 run(s)" in proc.stdout and "calibrated reference on 2 run(s)" in proc.stdout
+    stored = json.loads((outputs / "study" / "calibration.json").read_text())
+    assert set(stored["efficiency"]) == {"pipeline", "reference"}
+    assert {o["run_id"] for o in stored["observations"]} == {"pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
+                                                            "reference-b1-fp32", "reference-b4-fp32"}
+    assert stored["probe"]["cores"] >= 1 and stored["fit"]["pipeline"]["median_abs_error"] >= 0
+    table = proc.stdout
+    for run in ("pipeline-pp2-b4-mb1-fp32", "reference-b1-fp32"):
+        assert run in table
+    assert "best for most tokens/s:" in table and "efficiencies: calibration file" in table

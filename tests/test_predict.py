@@ -4,6 +4,7 @@ files and calibration folders."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,8 +23,9 @@ from distinfer.predict.workload import prompt_lengths
 from distinfer.profiles import HARDWARE
 
 REPO = Path(__file__).resolve().parent.parent
-PROBE = {"cores": 2, "flops_1": {"float32": 50e9}, "flops_all": {"float32": 95e9}, "bandwidth_1": 8e9,
-         "bandwidth_all": 12e9, "launch_s": 4e-6, "wake_s": 40e-6, "measured": "synthetic"}
+PROBE = {"cores": 2, "flops_1": {"float32": 50e9}, "flops_all": {"float32": 95e9},
+         "read_1": [[2**20, 40e9], [2**30, 8e9]], "read_all": [[2**20, 80e9], [2**30, 12e9]], "launch_s": 4e-6,
+         "wake_s": 40e-6, "measured": "synthetic"}
 CONFIG = dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
               num_attention_heads=8, num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False)
 
@@ -85,7 +87,7 @@ def _write_bundle(outputs: Path, run: RunSpec, machine: Machine, truth: dict[str
 def test_calibration_recovers_known_parameters_from_synthetic_runs(tmp_path: Path):
     model, prompts = _model(tmp_path), _prompts(tmp_path)
     machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
-    truth = Efficiency(compute=0.6, memory=0.45, step_s=8e-4, batch_s=5e-3)
+    truth = Efficiency(compute=0.6, memory=1.0, step_s=8e-4, batch_s=5e-3, cycle_s=3e-4)
     for batch in (1, 2, 4, 8):
         for mb in (1, 2) if batch > 1 else (1,):
             _write_bundle(tmp_path / "outputs", _run(model, prompts, "synthetic", 1, batch, mb), machine,
@@ -153,3 +155,38 @@ def test_bad_hardware_file_and_calibration_folder_exit_2(tmp_path: Path):
     empty.mkdir(parents=True)
     proc = _cli("predict", "configs/openllama3b-t4-strong.yaml", "--calibrate", str(empty))
     assert proc.returncode == 2 and "no usable runs to calibrate on" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serving_follows_the_load_up_to_saturation(tmp_path: Path):
+    from distinfer.predict.serving import predict_serving
+
+    model, prompts = _model(tmp_path), _prompts(tmp_path)
+    machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
+    eff = {"pipeline": Efficiency(compute=0.5, memory=1.0, step_s=5e-4, batch_s=1e-3, cycle_s=1e-4)}
+    base = _run(model, prompts, "serve", 2, 1, 2)
+
+    def served(kind: str, value: object) -> object:
+        scenario = {"kind": "serving", "load": kind, "value": value, "max_batch": 8, "requests": 32}
+        run = dataclasses.replace(base, run_id=f"{kind}-{value}", scenario=scenario)
+        return predict_serving(run, ModelFacts.from_config(CONFIG), machine, eff, prompt_lengths(run)[0])
+
+    saturated = served("rate", "inf")
+    slow = served("rate", 0.5)
+    assert slow.output_tokens_per_s == pytest.approx(0.5 * 16)  # below capacity the server keeps up with the load
+    assert saturated.output_tokens_per_s > slow.output_tokens_per_s
+    beyond = served("rate", 10 * saturated.output_tokens_per_s / 16)  # ten times what it can carry
+    assert beyond.output_tokens_per_s == pytest.approx(saturated.output_tokens_per_s)
+    assert served("rate", 2.0).tpot_s >= slow.tpot_s  # more requests running, longer steps
+    # rate inf: 32 requests in waves of max_batch 8 queue, so the mean TTFT is several waves long
+    assert saturated.ttft_s > 1.5 * saturated.tpot_s * 16
+    one_user, eight = served("concurrency", 1), served("concurrency", 8)
+    assert one_user.output_tokens_per_s < eight.output_tokens_per_s <= 8 * one_user.output_tokens_per_s
+
+
+def test_the_cpu_probe_without_torch_says_what_to_install(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from distinfer.predict.probe import measure_cpu
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # a base install (a login node): no PyTorch
+    with pytest.raises(ValueError, match=r"distinfer\[runtime\].*--hardware"):
+        measure_cpu(tmp_path, fresh=True)
+    assert not list(tmp_path.iterdir())

@@ -204,20 +204,35 @@ def plan(
     """Expand the matrix, check each run's memory per GPU, and write run.json + job.sbatch per run."""
     from distinfer.profiles import HARDWARE
 
+    from distinfer.predict.calibrate import CALIBRATION_FILE
+
     exp, planned = _plan(config, outputs)
     profile = HARDWARE[exp.cluster.profile]
+    calibration = outputs / exp.name / CALIBRATION_FILE
+    try:  # the prediction of the runs shown, beside their memory; `predict` tells its assumptions
+        items, notes = _predictions(exp, config, planned[:PLAN_ROWS], calibration if calibration.is_file() else None,
+                                    None)
+    except ValueError as exc:
+        items, notes = [], [f"no prediction: {exc}"]
+    predicted = {i.run.run_id: i.prediction for i in items}
     table = Table(title=f"{exp.name} on {profile.name} ({_gib(profile.memory_bytes)} GiB usable per rank)")
-    for column in ("run", "ranks", "weights GiB", "KV GiB", "act GiB", "overhead GiB", "total GiB", "fits"):
+    for column in ("run", "ranks", "weights GiB", "KV GiB", "act GiB", "overhead GiB", "total GiB", "fits",
+                   "TPOT ms", "tokens/s"):
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
     for item in planned[:PLAN_ROWS]:
         worst = max(item.memory, key=lambda m: m.total, default=None)
+        p = predicted.get(item.run.run_id)
+        guess = (_ms(p.tpot_s), f"{p.output_tokens_per_s:.1f}") if p else ("-", "-")
         if worst is None:
-            table.add_row(item.run.run_id, str(item.run.world_size), "?", "?", "?", "?", "?", "[yellow]unknown[/]")
+            table.add_row(item.run.run_id, str(item.run.world_size), "?", "?", "?", "?", "?", "[yellow]unknown[/]",
+                          *guess)
             continue
         table.add_row(item.run.run_id, str(item.run.world_size), _gib(worst.weights), _gib(worst.kv_cache),
                       _gib(worst.activations), _gib(worst.overhead), _gib(worst.total),
-                      "[green]yes[/]" if item.fits else "[red]no[/]")
+                      "[green]yes[/]" if item.fits else "[red]no[/]", *guess)
     console.print(table)
+    console.print(f"TPOT and tokens/s are predicted ({notes[0].removeprefix('efficiencies: ')}); "
+                  "`distinfer predict CONFIG` lists the assumptions", highlight=False)
     if len(planned) > PLAN_ROWS:
         console.print(f"... and {len(planned) - PLAN_ROWS} more run(s); each run's plan is in its run.json")
     pp_runs = [i for i in planned if i.run.pp > 1 and i.memory]
@@ -235,11 +250,13 @@ def plan(
     console.print(f"wrote run.json and job.sbatch for {len(planned) - len(rejected)} run(s) under {outputs / exp.name}")
 
 
-def _predictions(exp, config: Path, planned: list, calibration: Path | None, calibrate_on: list[Path],
+def _predictions(exp, config: Path, planned: list, calibration: Path | None,
                  hardware: Path | None):  # noqa: ANN001,ANN202 -> (list[Predicted], list[str])
-    """Each planned run's prediction and the assumptions behind them (library errors: one message, exit 2)."""
+    """Each planned run's prediction and the assumptions behind them; ValueError for a bad hardware or
+    calibration file."""
     from distinfer.bundle import read_json
     from distinfer.memory import ModelFacts
+    from distinfer.models.tiny import cache_dir
     from distinfer.predict.study import assumptions, efficiency_for, machine_for, predict_runs
     from distinfer.spec import resolve_path
 
@@ -249,14 +266,35 @@ def _predictions(exp, config: Path, planned: list, calibration: Path | None, cal
         config_json = read_json(resolve_path(exp.model.config, config))
     if config_json is None:
         return [], ["no prediction: the model's config.json is not readable here (give model.config)"]
-    with _exit_on(ValueError, 2):  # bad hardware file, calibration file or folder (CalibrationError too)
-        from distinfer.models.tiny import cache_dir
-
-        machine = machine_for(exp, hardware, probe_cache=cache_dir())
-        efficiency, source = efficiency_for(calibration, calibrate_on, machine)
-        items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
-                             {i.run.run_id: i.fits for i in planned})
+    machine = machine_for(exp, hardware, probe_cache=cache_dir())
+    efficiency, source = efficiency_for(calibration, [], machine)
+    items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
+                         {i.run.run_id: i.fits for i in planned})
     return items, assumptions(machine, source, items)
+
+
+def _calibrate(exp, folders: list[Path], hardware: Path | None) -> Path:  # noqa: ANN001 - an Experiment
+    """Fit the model on the folders' one-rank runs, write calibration.json into each, say how well it fits."""
+    from distinfer.models.tiny import cache_dir
+    from distinfer.predict.calibrate import CALIBRATION_FILE, calibrate, save_calibration
+    from distinfer.predict.study import machine_for
+
+    data = calibrate(folders, machine_for(exp, hardware, probe_cache=cache_dir()))
+    for folder in folders:
+        save_calibration(data, folder / CALIBRATION_FILE)
+    for engine, fit in data["fit"].items():
+        console.print(f"calibrated {engine} on {len(fit['runs'])} run(s): median error "
+                      f"{fit['median_abs_error']:.1%}, worst {fit['max_abs_error']:.1%} "
+                      f"({', '.join(f'{k} {v:.3g}' for k, v in data['efficiency'][engine].items())})")
+    return folders[0] / CALIBRATION_FILE
+
+
+def _busy(p) -> str:  # noqa: ANN001 - a Prediction or None
+    """The ranks' predicted share of the wall time spent computing: '97' for one rank, '48-52' for several."""
+    if p is None or not p.rank_busy_s or not p.wall_s:
+        return "-"
+    low, high = (100 * f(p.rank_busy_s) / p.wall_s for f in (min, max))
+    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
 
 
 def _ms(seconds: float | None) -> str:
@@ -274,30 +312,18 @@ def predict(
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Predict every run's memory, TTFT, TPOT and tokens/s, and name the best layouts for a goal."""
-    from distinfer.predict.calibrate import CALIBRATION_FILE, calibrate, save_calibration
     from distinfer.predict.study import GOALS, best
 
     if goal not in (*GOALS, "all"):
         errors.print(f"error: --goal {goal!r}: allowed: {', '.join(GOALS)}, all")
         raise typer.Exit(2)
     exp, planned = _plan(config, outputs, write=False)
-    if calibrate_on:
-        from distinfer.predict.study import machine_for
-
-        with _exit_on(ValueError, 2):
-            from distinfer.models.tiny import cache_dir
-
-            data = calibrate(calibrate_on, machine_for(exp, hardware, probe_cache=cache_dir()))
-        for folder in calibrate_on:
-            save_calibration(data, folder / CALIBRATION_FILE)
-        for engine, fit in data["fit"].items():
-            console.print(f"calibrated {engine} on {len(fit['runs'])} run(s): median error "
-                          f"{fit['median_abs_error']:.1%}, worst {fit['max_abs_error']:.1%} "
-                          f"({', '.join(f'{k} {v:.3g}' for k, v in data['efficiency'][engine].items())})")
-        calibration = calibrate_on[0] / CALIBRATION_FILE
-    items, notes = _predictions(exp, config, planned, calibration, [], hardware)
+    with _exit_on(ValueError, 2):  # a bad hardware file, calibration file or folder: one message, exit 2
+        if calibrate_on:
+            calibration = _calibrate(exp, calibrate_on, hardware)
+        items, notes = _predictions(exp, config, planned, calibration, hardware)
     table = Table(title=f"{exp.name}: predicted on {exp.cluster.profile}")
-    for column in ("run", "ranks", "GiB/rank", "fits", "TTFT ms", "TPOT ms", "tokens/s", "GPU-h/1M tok"):
+    for column in ("run", "ranks", "GiB/rank", "fits", "TTFT ms", "TPOT ms", "tokens/s", "busy %", "GPU-h/1M tok"):
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
     memory = {i.run.run_id: max((m.total for m in i.memory), default=None) for i in planned}
     for item in items[:PLAN_ROWS]:
@@ -305,7 +331,7 @@ def predict(
         total = memory.get(item.run.run_id)
         table.add_row(item.run.run_id, str(item.run.world_size), "?" if total is None else _gib(total),
                       "yes" if item.fits else "[red]no[/]", _ms(p and p.ttft_s), _ms(p and p.tpot_s),
-                      "-" if p is None else f"{p.output_tokens_per_s:.1f}",
+                      "-" if p is None else f"{p.output_tokens_per_s:.1f}", _busy(p),
                       "-" if item.gpu_hours_per_million_tokens is None or exp.cluster.profile == "cpu"
                       else f"{item.gpu_hours_per_million_tokens:.2f}")
     console.print(table)

@@ -36,6 +36,19 @@ def changed_column(runs) -> str | None:  # noqa: ANN001
     return varying[0] if len(varying) == 1 else None
 
 
+def _prediction(experiment_dir: Path, loaded) -> pd.DataFrame:  # noqa: ANN001 - a LoadedExperiment
+    """Predicted against measured for every offline run (predict/study.py); a run the model cannot predict
+    becomes a problem line, never a failed analysis."""
+    from distinfer.models.tiny import cache_dir
+    from distinfer.predict.study import predicted_against_measured
+
+    try:
+        return predicted_against_measured(experiment_dir, cache_dir())
+    except (ImportError, ValueError, OSError) as exc:
+        loaded.problems.append({"run_id": "(prediction)", "problem": f"not predicted: {exc}"})
+        return pd.DataFrame()
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
     out: Path
@@ -72,6 +85,7 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
         "experts": experts(loaded.ranks),
         "serving": served,
         "serving_knee": serving_knee(served),
+        "prediction": _prediction(experiment_dir, loaded),
     }
     # Only the tables that apply to this study's runs are written: no empty files without a header.
     tables = {name: frame for name, frame in tables.items() if name == "results" or not frame.empty}
@@ -100,6 +114,7 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
         "latency_throughput": lambda: plots.latency_throughput_plot(tables["serving"], subject, plot_dir),
         "goodput": lambda: plots.goodput_plot(tables["serving"], subject, plot_dir),
         "time_breakdown": lambda: plots.time_breakdown_plot(runs, loaded.ranks, subject, plot_dir),
+        "prediction": lambda: plots.prediction_plot(tables["prediction"], subject, plot_dir),
     }
     made: list[str] = []
     for name, draw in drawn.items():

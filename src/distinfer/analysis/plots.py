@@ -253,3 +253,31 @@ def goodput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     ax.set_title(f"Goodput ({slo or 'no SLO set'}): {subject}", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, out, "goodput")
+
+
+def prediction_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    """Predicted against measured, one panel per metric, log-log: on the diagonal a run went as the model said;
+    runs outside the 20 % band are named."""
+    metrics = [m for m in ("tokens_per_s", "tpot", "ttft") if (table["metric"] == m).any()]
+    labels = {"tokens_per_s": "output tokens/s", "tpot": "TPOT p50 (s)", "ttft": "TTFT mean (s)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = table[table["metric"] == metric]
+        for calibrated, marker, name in ((True, "s", "calibrated on"), (False, "o", "predicted")):
+            part = rows[rows["calibrated_on"] == calibrated]
+            if not part.empty:
+                ax.scatter(part["measured"], part["predicted"], marker=marker, s=22, label=name)
+        low = float(min(rows["measured"].min(), rows["predicted"].min())) * 0.8
+        high = float(max(rows["measured"].max(), rows["predicted"].max())) * 1.25
+        ax.plot([low, high], [low, high], color="grey", linewidth=1)
+        ax.fill_between([low, high], [low * 0.8, high * 0.8], [low * 1.2, high * 1.2], color="grey", alpha=0.12,
+                        label="within 20 %")
+        for _, row in rows[rows["error"].abs() > 0.2].head(8).iterrows():
+            ax.annotate(f"{row['run_id']} {row['error']:+.0%}", (row["measured"], row["predicted"]), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured {labels[metric]}")
+        ax.set_ylabel(f"predicted {labels[metric]}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Predicted against measured: {subject}")
+    return _save(fig, out, "prediction")

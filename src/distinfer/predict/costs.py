@@ -16,6 +16,7 @@ from distinfer.layout import StageLayout
 from distinfer.memory import DTYPE_BYTES, ModelFacts
 
 OPS_PER_LAYER = 14  # launched operations of one eager decoder layer: norms, projections, rotary, attention, adds
+FUSED_OPS_PER_LAYER = 4  # a Llama layer's decode step on CPU pipeline stages: four C++ calls (runtime/cpu/)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """What the performance model knows of the hardware: links between ranks, and the speed of one rank's device.
 
 GPU ranks take their profile's datasheet figures (profiles.py). CPU ranks take a probe of this machine
-(probe.py): matrix products and memory copies at one thread and at every core, so that a rank given k of the
-machine's cores gets what k cores measured. A hardware file (YAML or JSON) may define or override a profile's
+(probe.py): matrix products and reads of working sets from cache size to main memory, at one thread and at every
+core, so that a rank given k of the machine's cores gets what k cores measured. A hardware file (YAML or JSON) may define or override a profile's
 figures: name, peak_flops {dtype: FLOP/s}, memory_bandwidth (bytes/s), launch_s, node_link, network.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,8 +37,8 @@ class Link:
 LINKS = {
     link.name: link
     for link in (
-        Link("same-machine", 10e9, 30e-6, "CPU ranks of one machine: shared memory; latency of a futex wake-up "
-             "and the Python around it (assumed); bandwidth replaced by the probe's copy bandwidth"),
+        Link("same-machine", 10e9, 30e-6, "CPU ranks of one machine: shared memory; on CPU profiles the probe's "
+             "hand-off and read bandwidth replace these figures"),
         Link("pcie", 12e9, 15e-6, "PCIe Gen3 x16: 15.75 GB/s raw, ~12 GB/s achieved device to device (assumed)"),
         Link("nvlink", 300e9, 10e-6, "NVLink 3 (A100): 600 GB/s both directions, 300 GB/s one way"),
         Link("10gbe", 1.25e9, 50e-6, "10 Gb/s Ethernet, TCP (NCCL/gloo sockets): latency assumed"),
@@ -49,16 +50,36 @@ LINKS = {
 NETWORKS = ("10gbe", "25gbe", "100gbe", "infiniband")
 
 
+Curve = tuple[tuple[float, float], ...]  # (working-set bytes, read bytes/s), ascending
+
+
+def read_bandwidth(curve: Curve, working_set: float) -> float:
+    """Bytes/s of reading a working set of this size: the curve interpolated in log size, flat beyond its ends."""
+    if working_set <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if working_set <= x1:
+            t = math.log(working_set / x0) / math.log(x1 / x0)
+            return y0 + t * (y1 - y0)
+    return curve[-1][1]
+
+
 @dataclass(frozen=True)
 class DeviceSpeed:
-    """One rank's device: peak FLOP/s per dtype, memory bytes/s and the cost of one launched operation. On CPU,
-    `machine_bandwidth` is what every rank of the machine shares."""
+    """One rank's device: peak FLOP/s per dtype, read bandwidth by working set, and the cost of one launched
+    operation. On CPU, `machine_read` is the bandwidth every rank of the machine shares."""
 
     name: str
     flops: dict[str, float]
-    memory_bandwidth: float
+    read: Curve
     launch_s: float
-    machine_bandwidth: float
+    machine_read: Curve
+
+    def bandwidth(self, working_set: float) -> float:
+        return read_bandwidth(self.read, working_set)
+
+    def machine_bandwidth(self, working_set: float) -> float:
+        return read_bandwidth(self.machine_read, working_set)
 
 
 class HardwareFile(BaseModel):
@@ -101,8 +122,8 @@ def gpu_speed(profile: HardwareProfile) -> DeviceSpeed:
     if not profile.memory_bandwidth or not profile.peak_flops:
         raise ValueError(f"hardware profile {profile.name} has no peak FLOP/s or memory bandwidth; give them in a "
                          "hardware file (--hardware)")
-    return DeviceSpeed(profile.name, dict(profile.peak_flops), profile.memory_bandwidth, profile.launch_s,
-                       profile.memory_bandwidth)
+    flat = ((1.0, profile.memory_bandwidth),)
+    return DeviceSpeed(profile.name, dict(profile.peak_flops), flat, profile.launch_s, flat)
 
 
 def cpu_speed(probe: dict, cores: int) -> DeviceSpeed:
@@ -116,5 +137,6 @@ def cpu_speed(probe: dict, cores: int) -> DeviceSpeed:
         return one + (every - one) * share
 
     flops = {d: at(probe["flops_1"][d], probe["flops_all"][d]) for d in probe["flops_1"]}
-    return DeviceSpeed(f"cpu ({k} of {total} cores)", flops, at(probe["bandwidth_1"], probe["bandwidth_all"]),
-                       probe["launch_s"], probe["bandwidth_all"])
+    read = tuple((size, at(one, every)) for (size, one), (_, every) in zip(probe["read_1"], probe["read_all"]))
+    machine = tuple((size, every) for size, every in probe["read_all"])
+    return DeviceSpeed(f"cpu ({k} of {total} cores)", flops, read, probe["launch_s"], machine)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from distinfer.layout import StageLayout, place, split_layers
+from distinfer.layout import place, split_layers
 from distinfer.memory import DTYPE_BYTES, ModelFacts
-from distinfer.predict.costs import OPS_PER_LAYER, Work, forward_work
-from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed
+from distinfer.predict.costs import FUSED_OPS_PER_LAYER, OPS_PER_LAYER, Work, forward_work
+from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed, read_bandwidth
 from distinfer.predict.schedule import decode_cycle, prefill_finish
 from distinfer.profiles import HardwareProfile
 
@@ -25,13 +25,16 @@ from distinfer.profiles import HardwareProfile
 class Efficiency:
     """The calibrated parameters of one engine on one kind of device: the fraction of peak FLOP/s its products
     reach, the fraction of the memory bandwidth its reads reach (above 1 where the weights stay in a CPU's
-    caches), the fixed host time of one stage forward beyond its launched operations, and the host time of
-    setting up one batch (stages set up at the same time, so a batch pays it once)."""
+    caches), the fixed host time of one stage forward beyond its launched operations, the host time of setting
+    up one batch (stages set up at the same time, so a batch pays it once), and the host time of one decode step
+    of the whole batch beyond its micro-batches' forwards (one stage with two micro-batches of one row measured
+    1.5 x, not 2 x, the time of one micro-batch of one row)."""
 
     compute: float = 0.5
     memory: float = 0.7
     step_s: float = 5e-4
     batch_s: float = 2e-3
+    cycle_s: float = 1e-4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,8 +73,7 @@ class Prediction:
     output_tokens_per_s: float
     wall_s: float
     output_tokens: int
-    rank_busy_s: list[float] = field(default_factory=list)
-    bottleneck: str = ""
+    rank_busy_s: list[float] = field(default_factory=list)  # per rank: computing (prefill and decode forwards)
 
     @property
     def rank_idle_s(self) -> list[float]:
@@ -109,18 +111,25 @@ def _link(machine: Machine, a: _Rank, b: _Rank) -> Link:
     if a.node != b.node:
         return machine.network
     link = LINKS[machine.profile.node_link]
-    if not machine.profile.gpu and machine.probe:  # shared memory: the probe's wake-up and copy bandwidth
-        return Link(link.name, machine.probe["bandwidth_all"] / 2, machine.probe.get("wake_s", link.latency_s),
-                    "measured on the machine (probe)")
+    if not machine.profile.gpu and machine.probe:  # shared memory: the probe's hand-off, a message written and read
+        bandwidth = read_bandwidth(tuple(machine.probe["read_all"]), 1.0) / 2
+        latency = machine.probe.get("handoff_s") or machine.probe.get("wake_s") or link.latency_s
+        return Link(link.name, bandwidth, latency, "measured on the machine")
     return link
 
 
-def forward_time(work: Work, device: DeviceSpeed, dtype: str, eff: Efficiency, gpu: bool) -> float:
-    """One forward of one rank: the roofline of its work, and the host's fixed cost (overlapping on a GPU)."""
+def forward_time(work: Work, device: DeviceSpeed, dtype: str, eff: Efficiency, gpu: bool,
+                 working_set: float, ops_per_layer: int = OPS_PER_LAYER) -> float:
+    """One forward of one rank: its products and its reads (at the bandwidth of the working set the device holds),
+    and the host's fixed cost. On a GPU the reads overlap the products (the roofline's max) and the host's launches
+    overlap both; on a CPU the same cores stream the weights and multiply them, and the host is one of those cores,
+    so the three add up (measured: batch 8 decode of the 160 M Llama on 2 cores takes the batch-1 read time plus
+    the products, not the larger of the two)."""
     flops = device.flops.get(dtype) or device.flops["float32"]
-    busy = max(work.flops / (flops * eff.compute), work.bytes / (device.memory_bandwidth * eff.memory))
-    host = eff.step_s + work.layers * OPS_PER_LAYER * device.launch_s
-    return max(busy, host) if gpu else busy + host
+    compute = work.flops / (flops * eff.compute)
+    reads = work.bytes / (device.bandwidth(working_set) * eff.memory)
+    host = eff.step_s + work.layers * ops_per_layer * device.launch_s
+    return max(compute, reads, host) if gpu else compute + reads + host
 
 
 def _collectives(facts: ModelFacts, layers: int, tokens: int, size: int, tp: int, ep: int, link: Link,
@@ -164,22 +173,31 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
     hops = [_link(machine, lead[s], lead[(s + 1) % pp]) if pp > 1 else NO_LINK for s in range(pp)]
     inner = _link(machine, ranks[0], ranks[min(1, len(ranks) - 1)])
 
-    def stage_time(stage: StageLayout, rank: _Rank, rows: int, new: int, context: float) -> float:
-        work = forward_work(facts, stage, rows, new, context, run.dtype, run.quantization, tp, ep)
-        own = forward_time(work, rank.device, run.dtype, eff, gpu)
-        return own + _collectives(facts, work.layers, rows * new, size, tp, ep, inner, 2)
+    shared_machine = not gpu and machine.local  # every rank's reads pass through one machine's caches and memory
+    # a Llama stage of the pipeline engine on CPU decodes through runtime/cpu's fused layers (prefill stays eager)
+    fused = (not gpu and engine == "pipeline" and run.cpu_kernels == "fast" and facts.gated_mlp and not facts.experts
+             and group == 1)
 
-    def shared(times: list[float], works: list[float]) -> list[float]:
-        """Per-micro-batch busy time of each CPU core the stages share, and of the machine's memory bandwidth."""
-        if gpu or not machine.local or not together:
+    def stage_times(rows: int, new: int, context: float) -> tuple[list[float], list[float]]:
+        """Each stage's time for one micro-batch of `rows`, and the bytes each of its ranks reads."""
+        works = [forward_work(facts, st, rows, new, context, run.dtype, run.quantization, tp, ep) for st in stages]
+        everything = sum(w.bytes for w in works) * group
+        ops = FUSED_OPS_PER_LAYER if fused and new == 1 else OPS_PER_LAYER
+        times = [forward_time(w, lead[s].device, run.dtype, eff, gpu, everything if shared_machine else w.bytes, ops)
+                 + _collectives(facts, w.layers, rows * new, size, tp, ep, inner, 2) for s, w in enumerate(works)]
+        return times, [w.bytes for w in works]
+
+    def shared(times: list[float], reads: list[float]) -> list[float]:
+        """Per-micro-batch busy time of each CPU core the stages share, and of the machine's memory."""
+        if not shared_machine or not together:
             return []
         per_core: dict[int, float] = {}
         for s, t in enumerate(times):
             for r in range(s * group, (s + 1) * group):
                 for core in ranks[r].cores:
                     per_core[core] = per_core.get(core, 0.0) + t
-        memory = sum(works) * group / (ranks[0].device.machine_bandwidth * eff.memory)
-        return list(per_core.values()) + [memory]
+        total = sum(reads) * group
+        return list(per_core.values()) + [total / (lead[0].device.machine_bandwidth(total) * eff.memory)]
 
     wall = ttft_sum = tpot_sum = 0.0
     busy = [0.0] * pp
@@ -189,15 +207,14 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
         rows, prompt = len(batch), max(batch)
         per_mb = [len(range(j, rows, m)) for j in range(min(m, rows))] if m > 1 else [rows]
         r = max(per_mb)
-        pre = [stage_time(st, lead[s], r, prompt, prompt) for s, st in enumerate(stages)]
+        pre = stage_times(r, prompt, prompt)[0]
         pre_hops = [h.transfer_s(r * prompt * facts.hidden * size if s < pp - 1 else r * 8)
                     for s, h in enumerate(hops)]
         finish = [eff.batch_s + f for f in prefill_finish(pre, pre_hops, len(per_mb))]
         context = prompt + n / 2
-        dec = [stage_time(st, lead[s], r, 1, context) for s, st in enumerate(stages)]
+        dec, reads = stage_times(r, 1, context)
         dec_hops = [h.transfer_s(r * facts.hidden * size if s < pp - 1 else r * 8) for s, h in enumerate(hops)]
-        reads = [forward_work(facts, st, r, 1, context, run.dtype, run.quantization, tp, ep).bytes for st in stages]
-        cycle = decode_cycle(dec, dec_hops, len(per_mb), shared(dec, reads))
+        cycle = decode_cycle(dec, dec_hops, len(per_mb), shared(dec, reads)) + eff.cycle_s
         wall += max(finish) + (n - 1) * cycle
         ttft_sum += sum(f * k for f, k in zip(finish, per_mb))
         tpot_sum += cycle * rows

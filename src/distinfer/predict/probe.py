@@ -1,6 +1,8 @@
-"""The CPU profile, measured: matrix-product FLOP/s per dtype and memory copy bandwidth, at one thread and at every
-core of this process's affinity, and the host cost of one small PyTorch operation. Kept in the cache folder per
-host, core count and torch version (`measure_cpu(fresh=True)` measures again)."""
+"""The CPU profile, measured: matrix-product FLOP/s per dtype and read bandwidth by working-set size (a
+weight matrix that stays in the last-level cache is read several times faster than one in main memory), at one
+thread and at every core of this process's affinity, the host cost of one small PyTorch operation and the wake-up of another process.
+A hand-off between two pipeline stages of this machine is probed too (handoff.py). Kept in the cache folder per host and core count (`measure_cpu(fresh=True)` measures again); reading it back
+needs no torch."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from pathlib import Path
 
 from distinfer.predict.hardware import DTYPES
 
-PROBE_VERSION = 2
+PROBE_VERSION = 4
 MATMUL_SIZE = {"float32": 1024, "float16": 256, "bfloat16": 512}  # CPUs without half units are slow at fp16
+READ_SIZES_MB = (1, 4, 16, 64, 256, 1024)  # working sets from the caches to main memory
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -39,10 +42,12 @@ def _measure(threads: int) -> dict:
             a = torch.ones(n, n, dtype=getattr(torch, dtype))
             b = torch.ones(n, n, dtype=getattr(torch, dtype))
             flops[dtype] = 2 * n**3 / _best(lambda: torch.mm(a, b), 3)
-        src = torch.ones(128 * 2**20 // 4)
-        dst = torch.empty_like(src)
-        bandwidth = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), 5)
-        return {"flops": flops, "bandwidth": bandwidth}
+        reads = []
+        for megabytes in READ_SIZES_MB:
+            x = torch.ones(megabytes * 2**20 // 4)
+            reads.append([megabytes * 2**20, megabytes * 2**20 / _best(x.sum, max(3, 256 // megabytes))])
+            del x
+        return {"flops": flops, "read": reads}
     finally:
         torch.set_num_threads(previous)
 
@@ -81,26 +86,40 @@ def _wake_s(rounds: int = 400) -> float:
         echo.wait(timeout=10)
 
 
-def probe_path(cache: Path, cores: int) -> Path:
-    import torch
+def _handoff_s() -> float | None:
+    """The median of three hand-off probes (handoff.py): one probe in several on a shared machine lands in a
+    moment of contention."""
+    from distinfer.predict.handoff import handoff_s
 
+    found = [h for h in (handoff_s() for _ in range(3)) if h is not None]
+    return sorted(found)[len(found) // 2] if found else None
+
+
+def probe_path(cache: Path, cores: int) -> Path:
     host = platform.node().replace("/", "_") or "host"
-    return cache / f"cpu-probe-{host}-{cores}c-torch{torch.__version__.split('+')[0]}.json"
+    return cache / f"cpu-probe-{host}-{cores}c.json"
 
 
 def measure_cpu(cache: Path | None = None, fresh: bool = False) -> dict:
-    """This machine's CPU figures: {cores, flops_1, flops_all, bandwidth_1, bandwidth_all, launch_s, wake_s,
-    measured}."""
+    """This machine's CPU figures: {cores, flops_1 and flops_all ({dtype: FLOP/s}), read_1 and read_all ([working set
+    bytes, read bytes/s] from the caches to main memory), launch_s, wake_s, handoff_s (None without shared-memory
+    rings), measured}."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     path = probe_path(cache, cores) if cache else None
     if path and path.is_file() and not fresh:
         data = json.loads(path.read_text())
         if data.get("version") == PROBE_VERSION:
             return data
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ValueError("the CPU profile is measured on this machine with PyTorch, which is not installed: "
+                         "pip install 'distinfer[runtime]', or give the device's figures in a hardware file "
+                         "(--hardware)") from None
     one, every = _measure(1), _measure(cores)
     data = {"version": PROBE_VERSION, "cores": cores, "flops_1": one["flops"], "flops_all": every["flops"],
-            "bandwidth_1": one["bandwidth"], "bandwidth_all": every["bandwidth"], "launch_s": _launch_s(),
-            "wake_s": _wake_s(),
+            "read_1": one["read"], "read_all": every["read"], "launch_s": _launch_s(),
+            "wake_s": _wake_s(), "handoff_s": _handoff_s(),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.memory import ModelFacts
-from distinfer.predict.calibrate import CalibrationError, calibrate, load_calibration
+from distinfer.predict.calibrate import calibrate, load_calibration
 from distinfer.predict.hardware import LINKS, load_hardware_file
 from distinfer.predict.model import Efficiency, Machine, Prediction, predict_run
 from distinfer.predict.workload import prompt_lengths
@@ -62,14 +62,17 @@ def efficiency_for(calibration: Path | None, folders: list[Path], machine: Machi
 
 def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],
                  fits: dict[str, bool] | None = None) -> list[Predicted]:
+    from distinfer.predict.serving import predict_serving
+
     out = []
     for run in runs:
-        if run.serving or run.engine == "endpoint":
+        if run.engine == "endpoint":  # someone else's server
             out.append(Predicted(run, None, True))
             continue
         lengths, exact = prompt_lengths(run)
-        out.append(Predicted(run, predict_run(run, facts, machine, efficiency, lengths),
-                             (fits or {}).get(run.run_id, True), exact))
+        predict = predict_serving if run.serving else predict_run
+        out.append(Predicted(run, predict(run, facts, machine, efficiency, lengths), (fits or {}).get(run.run_id, True),
+                             exact))
     return out
 
 
@@ -90,7 +93,8 @@ def assumptions(machine: Machine, source: str, items: list[Predicted]) -> list[s
     if machine.probe:
         p = machine.probe
         lines.append(f"device: this machine's CPU, measured {p['measured']}: {p['cores']} cores, "
-                     f"{p['flops_all']['float32'] / 1e9:.0f} GFLOP/s fp32, {p['bandwidth_all'] / 1e9:.1f} GB/s copy, "
+                     f"{p['flops_all']['float32'] / 1e9:.0f} GFLOP/s fp32, reads {p['read_all'][0][1] / 1e9:.0f} GB/s (cache) to "
+                     f"{p['read_all'][-1][1] / 1e9:.0f} GB/s (memory), "
                      f"{p['launch_s'] * 1e6:.1f} us an operation, {p.get('wake_s', 0) * 1e6:.0f} us a wake-up")
         lines.append("ranks: all on this machine, sharing its cores as `run --local` places them")
     else:
@@ -104,6 +108,70 @@ def assumptions(machine: Machine, source: str, items: list[Predicted]) -> list[s
     lines.append("every request generates max_new_tokens (no early EOS); a batch is padded to its longest prompt")
     if not all(i.exact_prompts for i in items if i.prediction is not None):
         lines.append("prompt lengths estimated from characters (no tokenizer here)")
+    if any(i.run.serving for i in items):
+        lines.append("serving: continuous batching at the load's running batch (Little's law; saturation at "
+                     "max_batch), the server's stock transformers kernels")
     if any(i.prediction is None for i in items):
-        lines.append("serving runs are not predicted")
+        lines.append("endpoint runs (another server) are not predicted")
     return lines
+
+
+MAX_CALIBRATION_RUNS = 24  # one-rank runs an analysis fits on (evenly chosen): the fit's cost stays bounded
+
+
+def profile_of_bundle(runtime: dict) -> str | None:
+    """The hardware profile a bundle ran on, from run.json's runtime facts (None: not one the model knows)."""
+    if runtime.get("device") == "cpu":
+        return "cpu"
+    name = str(runtime.get("gpu", "")).upper()
+    memory = float(runtime.get("gpu_memory_bytes") or 0) / 1024**3
+    for key, profile in (("T4", "t4-16gb"), ("H100", "h100-80gb"), ("A100", "a100-80gb" if memory > 50 else "a100-40gb")):
+        if key in name:
+            return profile
+    return None
+
+
+def predicted_against_measured(folder: Path, probe_cache: Path | None = None):  # noqa: ANN201 - a DataFrame
+    """Every finished offline run of an experiment folder predicted and measured (TPOT p50, TTFT mean, output
+    tokens/s), with the error of each. The model is calibrated on the folder's own one-rank runs (its references,
+    its pp 1 runs), else on its calibration.json, else left at the defaults; the `calibration` column says which.
+    Empty where no run's hardware is known to the model."""
+    import pandas as pd
+
+    from distinfer.bundle import read_json
+    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, measured_runs, one_rank
+
+    runs = measured_runs(folder)
+    by_profile: dict[str, list] = {}
+    for m in runs:
+        runtime = (read_json(m.folder / "run.json") or {}).get("runtime") or {}
+        profile = profile_of_bundle(runtime)
+        if profile and (profile != "cpu" or len(runtime.get("hostnames") or []) <= 1):
+            by_profile.setdefault(profile, []).append(m)
+    rows = []
+    for profile, group in by_profile.items():
+        machine = _bundle_machine(profile, probe_cache)
+        ones = [m for m in group if one_rank(m.run)]
+        if len(ones) > MAX_CALIBRATION_RUNS:
+            ones = [ones[round(i * (len(ones) - 1) / (MAX_CALIBRATION_RUNS - 1))] for i in range(MAX_CALIBRATION_RUNS)]
+        stored = folder / CALIBRATION_FILE
+        if ones:
+            efficiency, source = fit_engines(ones, machine), "this experiment's one-rank runs"
+        elif stored.is_file():
+            efficiency, source = load_calibration(stored), str(stored)
+        else:
+            efficiency, source = {}, "uncalibrated"
+        for row in errors(group, machine, efficiency):
+            one = any(m.run.run_id == row["run_id"] for m in ones)
+            rows.append({**row, "profile": profile, "calibration": source, "calibrated_on": one})
+    return pd.DataFrame(rows)
+
+
+def _bundle_machine(profile: str, probe_cache: Path | None) -> Machine:
+    probe = None
+    if profile == "cpu":
+        from distinfer.predict.probe import measure_cpu
+
+        probe = measure_cpu(probe_cache)
+    return Machine(HARDWARE[profile], LINKS["10gbe"], probe, local=profile == "cpu")
+
