@@ -267,7 +267,7 @@ def _predictions(exp, config: Path, planned: list, calibration: Path | None,
     if config_json is None:
         return [], ["no prediction: the model's config.json is not readable here (give model.config)"]
     machine = machine_for(exp, hardware, probe_cache=cache_dir())
-    efficiency, source = efficiency_for(calibration, [], machine)
+    efficiency, source = efficiency_for(calibration)
     items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
                          {i.run.run_id: i.fits for i in planned})
     return items, assumptions(machine, source, items)

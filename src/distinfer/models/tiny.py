@@ -89,7 +89,7 @@ CORPUS_MODULES = (
 
 
 def cache_dir() -> Path:
-    """Where built models live: $DISTINFER_CACHE, else ~/.cache/distinfer."""
+    """Where built models (and the CPU probe) live: $DISTINFER_CACHE, else ~/.cache/distinfer."""
     return Path(os.environ.get("DISTINFER_CACHE", Path.home() / ".cache" / "distinfer"))
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.memory import ModelFacts
-from distinfer.predict.calibrate import calibrate, load_calibration
+from distinfer.predict.calibrate import load_calibration
 from distinfer.predict.hardware import LINKS, load_hardware_file
 from distinfer.predict.model import Efficiency, Machine, Prediction, predict_run
 from distinfer.predict.workload import prompt_lengths
@@ -21,7 +21,7 @@ GOALS = ("tokens_per_s", "tpot", "cost")
 @dataclass
 class Predicted:
     run: object  # plan.RunSpec
-    prediction: Prediction | None  # None: not predicted (a serving run, an endpoint)
+    prediction: Prediction | None  # None: not predicted (an endpoint run: someone else's server)
     fits: bool
     exact_prompts: bool = True
 
@@ -33,8 +33,7 @@ class Predicted:
         return self.run.world_size / p.output_tokens_per_s / 3600 * 1e6
 
 
-def machine_for(exp: Experiment, hardware: Path | None = None, probe_cache: Path | None = None,
-                fresh_probe: bool = False) -> Machine:
+def machine_for(exp: Experiment, hardware: Path | None = None, probe_cache: Path | None = None) -> Machine:
     """The experiment's cluster as the model sees it. The CPU profile measures this machine (cached) and places the
     ranks as `run --local` does: all on this machine."""
     profile: HardwareProfile = load_hardware_file(hardware) if hardware else HARDWARE[exp.cluster.profile]
@@ -42,22 +41,18 @@ def machine_for(exp: Experiment, hardware: Path | None = None, probe_cache: Path
     if not profile.gpu:
         from distinfer.predict.probe import measure_cpu
 
-        probe = measure_cpu(probe_cache, fresh=fresh_probe)
+        probe = measure_cpu(probe_cache)
     return Machine(profile, LINKS[exp.cluster.network], probe, local=not profile.gpu,
                    gpus_per_node=max(1, exp.cluster.gpus_per_node), nodes=exp.cluster.nodes)
 
 
-def efficiency_for(calibration: Path | None, folders: list[Path], machine: Machine) -> tuple[dict[str, Efficiency], str]:
-    """The efficiencies to predict with, and where they came from: a calibration file, a fit on the measured
-    one-rank runs of `folders`, or the defaults (uncalibrated)."""
+def efficiency_for(calibration: Path | None) -> tuple[dict[str, Efficiency], str]:
+    """The efficiencies to predict with, and where they came from: a calibration file, or the defaults."""
     if calibration is not None:
         return load_calibration(calibration), f"calibration file {calibration}"
-    if folders:
-        data = calibrate(folders, machine)
-        return ({e: Efficiency(**v) for e, v in data["efficiency"].items()},
-                f"fitted on {sum(len(f['runs']) for f in data['fit'].values())} one-rank run(s) of "
-                f"{', '.join(str(f) for f in folders)}")
-    return {}, "uncalibrated: default efficiencies (compute 0.5, memory 0.7 of peak; 0.5 ms a forward, 2 ms a batch)"
+    d = Efficiency()
+    return {}, (f"uncalibrated: default efficiencies (compute {d.compute:g}, memory {d.memory:g} of peak; "
+                f"{d.step_s * 1e3:g} ms a forward, {d.batch_s * 1e3:g} ms a batch, {d.cycle_s * 1e3:g} ms a step)")
 
 
 def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],
