@@ -309,6 +309,8 @@ def predict(
                                             "one-rank runs to fit the model on; writes calibration.json there."),
     hardware: Path = typer.Option(None, help="A hardware file (YAML) with the device's peak figures."),
     goal: str = typer.Option("all", help="Best layouts for: tokens_per_s | tpot | cost | all."),
+    probe: bool = typer.Option(False, "--probe", help="Measure this machine's CPU again (the cpu profile; cached "
+                               "otherwise): do it while the machine is quiet."),
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Predict every run's memory, TTFT, TPOT and tokens/s, and name the best layouts for a goal."""
@@ -319,6 +321,11 @@ def predict(
         raise typer.Exit(2)
     exp, planned = _plan(config, outputs, write=False)
     with _exit_on(ValueError, 2):  # a bad hardware file, calibration file or folder: one message, exit 2
+        if probe and exp.cluster.profile == "cpu" and hardware is None:
+            from distinfer.models.tiny import cache_dir
+            from distinfer.predict.probe import measure_cpu
+
+            measure_cpu(cache_dir(), fresh=True)
         if calibrate_on:
             calibration = _calibrate(exp, calibrate_on, hardware)
         items, notes = _predictions(exp, config, planned, calibration, hardware)
