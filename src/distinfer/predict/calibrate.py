@@ -37,6 +37,7 @@ class MeasuredRun:
     folder: Path
     run: object  # plan.RunSpec
     summary: dict
+    runtime: dict  # run.json's runtime facts (hosts, device)
 
     def measured(self, metric: str) -> float | None:
         s = self.summary
@@ -65,7 +66,7 @@ def measured_runs(folder: Path) -> list[MeasuredRun]:
             continue
         if run.serving or run.engine == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
             continue
-        runs.append(MeasuredRun(run_dir, run, summary))
+        runs.append(MeasuredRun(run_dir, run, summary, run_json.get("runtime") or {}))
     return runs
 
 

@@ -75,14 +75,7 @@ class Prediction:
     output_tokens_per_s: float
     wall_s: float
     output_tokens: int
-    rank_busy_s: list[float] = field(default_factory=list)  # per rank: computing (prefill and decode forwards)
-
-    @property
-    def rank_idle_s(self) -> list[float]:
-        return [max(0.0, self.wall_s - b) for b in self.rank_busy_s]
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "rank_idle_s": self.rank_idle_s}
+    rank_busy_s: list[float] = field(default_factory=list)  # per rank: computing (the rest of wall_s it idles)
 
 
 @dataclass(frozen=True)

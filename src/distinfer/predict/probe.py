@@ -111,7 +111,7 @@ def measure_cpu(cache: Path | None = None, fresh: bool = False) -> dict:
         if data.get("version") == PROBE_VERSION:
             return data
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401 - is it there?
     except ImportError:
         raise ValueError("the CPU profile is measured on this machine with PyTorch, which is not installed: "
                          "pip install 'distinfer[runtime]', or give the device's figures in a hardware file "

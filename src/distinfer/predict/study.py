@@ -133,15 +133,13 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None):  
     Empty where no run's hardware is known to the model."""
     import pandas as pd
 
-    from distinfer.bundle import read_json
     from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, measured_runs, one_rank
 
     runs = measured_runs(folder)
     by_profile: dict[str, list] = {}
     for m in runs:
-        runtime = (read_json(m.folder / "run.json") or {}).get("runtime") or {}
-        profile = profile_of_bundle(runtime)
-        if profile and (profile != "cpu" or len(runtime.get("hostnames") or []) <= 1):
+        profile = profile_of_bundle(m.runtime)
+        if profile and (profile != "cpu" or len(m.runtime.get("hostnames") or []) <= 1):
             by_profile.setdefault(profile, []).append(m)
     rows = []
     for profile, group in by_profile.items():
