@@ -38,7 +38,8 @@ def finalize_run(run_dir: Path, exit_code: int) -> dict | None:
     spec = run_info.get("run", {})
     world = int(spec.get("pp", 1)) * int(spec.get("tp", 1) or 1)
     summary = bundle.summary()
-    if (spec.get("scenario") or {}).get("kind") == "serving":  # one load-generator process, no ranks
+    # One load-generator process and no ranks of distinfer's: a serving run, and any run of engine vllm.
+    if (spec.get("scenario") or {}).get("kind") == "serving" or spec.get("engine") == "vllm":
         if summary is None:
             summary = {"status": "failed", "error": f"the load generator stopped without a summary (exit code "
                        f"{exit_code}); requests.jsonl keeps the requests that finished",

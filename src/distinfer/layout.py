@@ -130,11 +130,12 @@ class Layout:
 
 
 def place(pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int, nodes: int | None,
-          single_device: bool = False) -> Layout:
+          single_device: bool = False, one_node: bool = False) -> Layout:
     """The layout of a run on a cluster: GPU nodes hold `gpus_per_node` ranks, and a tensor-parallel group sits
     on one node; CPU nodes hold one rank each unless the node count is fixed, and a group may span them (its
-    all-reduce then goes over gloo); a single-device run (the reference) takes one node whatever `nodes` says."""
-    nodes = None if single_device else nodes
+    all-reduce then goes over gloo); a single-device run (the reference) takes one node whatever `nodes` says,
+    and so does a `one_node` run (vLLM's CPU backend, which runs its ranks on one machine only)."""
+    nodes = None if single_device else (1 if one_node else nodes)
     world = pp * max(tp, ep)
     per_node = gpus_per_node if gpu else (world if nodes is not None else 1)
     return Layout(pp=pp, tp=tp, ep=ep, gpus_per_node=max(1, per_node), nodes=nodes, groups_within_node=gpu)

@@ -49,6 +49,7 @@ class RunSpec:
     cpu_kernels: str = "fast"  # fast | stock: linear-layer kernels of pipeline ranks on CPU
     scenario: dict | None = None  # a serving load (scenario.py's fields, with this run's `load` and `value`)
     endpoint: dict | None = None  # the OpenAI-compatible server a serving run measures: url, model, api_key_env
+    vllm: dict | None = None  # engine vllm: how `vllm serve` starts (spec.VllmSpec's fields)
 
     @property
     def serving(self) -> bool:
@@ -98,6 +99,8 @@ def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int
         return f"deepspeed-tp{tp}-b{batch}-{suffix}"
     tag = ((f"-L{'.'.join(map(str, layers))}" if layers else "") + (f"-tp{tp}" if tp > 1 else "")
            + (f"-ep{ep}" if ep > 1 else ""))
+    if engine == "vllm":  # vLLM schedules its own batches: no micro-batches
+        return f"vllm-pp{pp}{tag}-b{batch}-{suffix}"
     return f"{engine}-pp{pp}{tag}-b{batch}-mb{microbatches}-{suffix}"
 
 
@@ -159,6 +162,7 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             prompt_set=None if context is None else {"context_tokens": context, "count": prompt_set.count,
                                                      "question": prompt_set.question},
             num_prompts=num_prompts,
+            vllm=exp.vllm.model_dump() if engine == "vllm" else None,
         )
 
     runs: dict[str, RunSpec] = {}
@@ -166,9 +170,11 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
         as_list(par.engine), layouts, as_list(par.microbatches), as_list(par.tp), as_list(par.ep),
         as_list(exp.batch_size), as_list(exp.model.dtype), contexts,
     ):
-        if engine != "pipeline":  # the layout axes belong to the pipeline engine
+        if engine == "vllm":  # vLLM's pipeline and tensor parallel sizes; it forms its batches itself
+            mb, ep = 1, 1
+        elif engine != "pipeline":  # the layout axes belong to the pipeline engine
             pp, layers, mb, ep = 1, None, 1, 1
-        if engine not in ("deepspeed", "pipeline"):
+        if engine not in ("deepspeed", "pipeline", "vllm"):
             tp = 1
         if engine == "deepspeed" and tp == 1:  # AutoTP on one rank splits nothing: that run is the reference
             continue
@@ -214,10 +220,11 @@ def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
         layout = f"{run.engine}-{PRECISION_TAGS[run.precision]}"
         if run.engine == "deepspeed":
             layout = f"deepspeed-tp{run.tp}-{PRECISION_TAGS[run.precision]}"
-        if run.engine == "pipeline":
+        if run.engine in ("pipeline", "vllm"):
             layers = f"-L{'.'.join(map(str, run.layers))}" if run.layers else ""
+            split = f"-tp{run.tp}" if run.tp > 1 else ""
             groups = f"-mb{run.microbatches}" if run.microbatches > 1 else ""
-            layout = f"pipeline-pp{run.pp}{layers}{groups}-{PRECISION_TAGS[run.precision]}"
+            layout = f"{run.engine}-pp{run.pp}{layers}{split}{groups}-{PRECISION_TAGS[run.precision]}"
         for kind, value in exp.scenario.loads():
             runs.append(dataclasses.replace(run, run_id=f"{layout}-{load_tag(kind, value)}", batch_size=1,
                                             warmup=0, scenario=serving_scenario(exp, kind, value)))

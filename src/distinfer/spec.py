@@ -29,7 +29,7 @@ class SpecError(Exception):
 PositiveInt = Annotated[int, Field(ge=1)]
 Dtype = Literal["float32", "float16", "bfloat16", "int8"]
 Study = Literal["matrix", "strong-scaling", "weak-scaling", "batch-sweep", "precision-sweep", "optimization"]
-Engine = Literal["pipeline", "reference", "deepspeed"]
+Engine = Literal["pipeline", "reference", "deepspeed", "vllm"]
 Builtin = Literal["tiny-llama", "tiny-gpt2", "tiny-moe", "tiny-llama-trained", "tiny-gpt2-trained"]
 
 
@@ -94,6 +94,34 @@ class ParallelSpec(_Strict):
     cpu_kernels: Literal["fast", "stock"] = "fast"
     """Pipeline ranks on CPU: 'fast' runs fp32 linear layers with oneDNN (and one-row products split over the
     cores); 'stock' keeps PyTorch's default (MKL). GPU ranks always use cuBLAS."""
+
+
+class VllmSpec(_Strict):
+    """How engine vllm starts `vllm serve` (an engine in its own environment, called as a separate program)."""
+
+    python: Annotated[str, Field(pattern=NO_NEWLINE)] | None = None
+    """The Python of vLLM's environment; default: $DISTINFER_VLLM_PYTHON, else .venv-vllm/bin/python (make
+    vllm-env) in the current folder, else python3 (on a cluster: inside the vLLM image)."""
+    max_model_len: PositiveInt | None = None
+    """vLLM's --max-model-len (the KV cache's longest sequence); default: the model's positions."""
+    enforce_eager: bool | Literal["auto"] = "auto"
+    """--enforce-eager: auto is eager except for pipeline stages on CPU (vLLM's CPU pipeline runs compiled)."""
+    args: list[Annotated[str, Field(pattern=NO_NEWLINE)]] = []
+    """Further `vllm serve` arguments, passed as they are (never through a shell), e.g. [--block-size, '32']."""
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Annotated[str, Field(pattern=NO_NEWLINE)]] = {}
+    """Environment of the vLLM server, e.g. VLLM_CPU_KVCACHE_SPACE: '2' (GiB of KV cache on CPU)."""
+
+    @field_validator("args")
+    @classmethod
+    def _not_layout(cls, value: list[str]) -> list[str]:
+        owned = {"--pipeline-parallel-size", "-pp", "--tensor-parallel-size", "-tp", "--dtype", "--port", "--host",
+                 "--max-num-seqs", "--served-model-name", "--max-model-len", "--enforce-eager"}
+        for arg in value:
+            if arg.split("=", 1)[0] in owned:
+                raise ValueError(f"{arg.split('=', 1)[0]} is set by distinfer from the experiment (parallel.pp / tp, "
+                                 "model.dtype, batch_size or scenario.max_batch, vllm.max_model_len, "
+                                 "vllm.enforce_eager); remove it from vllm.args")
+        return value
 
 
 class BenchmarkSpec(_Strict):
@@ -215,6 +243,8 @@ class Experiment(_Strict):
     """offline (fixed batches) or serving (requests arriving at a server): scenario.py."""
     endpoint: EndpointSpec | None = None
     """Measure this OpenAI-compatible server (serving scenarios) instead of starting distinfer's engines."""
+    vllm: VllmSpec = VllmSpec()
+    """engine vllm: how `vllm serve` is started."""
 
     @field_validator("prompts")
     @classmethod
@@ -260,7 +290,7 @@ SWEEP_HINTS = {
     "batch_size": "an integer >= 1 or a list of them",
     "parallel.pp": "an integer >= 1 or a list of them",
     "parallel.microbatches": "an integer >= 1 or a list of them",
-    "parallel.engine": "pipeline | reference | deepspeed, or a list of them",
+    "parallel.engine": "pipeline | reference | deepspeed | vllm, or a list of them",
     "parallel.tp": "an integer >= 1 or a list of them",
     "parallel.layers": "auto, a list of layer counts per stage, or a list of such lists",
     "model.dtype": "float32 | float16 | bfloat16 | int8, or a list of them",
@@ -410,12 +440,12 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
                 f"allowed: 1..{num_layers}"
             )
     engines = as_list(exp.parallel.engine)
-    if "pipeline" not in engines and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
-        raise SpecError(f"{path}: field 'parallel.pp': pipeline stages need engine pipeline; "
+    if not {"pipeline", "vllm"} & set(engines) and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
+        raise SpecError(f"{path}: field 'parallel.pp': pipeline stages need engine pipeline or vllm; "
                         f"engines here: {', '.join(engines)}")
-    if not {"deepspeed", "pipeline"} & set(engines) and as_list(exp.parallel.tp) != [1]:
+    if not {"deepspeed", "pipeline", "vllm"} & set(engines) and as_list(exp.parallel.tp) != [1]:
         raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine pipeline (tp inside each "
-                        f"stage) or deepspeed; engines here: {', '.join(engines)}")
+                        f"stage), deepspeed or vllm; engines here: {', '.join(engines)}")
     if "deepspeed" in engines and max(as_list(exp.parallel.tp)) == 1:
         raise SpecError(f"{path}: field 'parallel.tp': engine deepspeed splits the model over tp >= 2 ranks (with "
                         "tp 1 it is the reference); set parallel.tp, e.g. 2")
@@ -453,10 +483,13 @@ def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
                                         for tp in as_list(exp.parallel.tp) for ep in as_list(exp.parallel.ep)))
         elif engine == "deepspeed":
             shapes.update(dict.fromkeys(("deepspeed", 1, tp, 1) for tp in as_list(exp.parallel.tp) if tp > 1))
+        elif engine == "vllm":
+            shapes.update(dict.fromkeys(("vllm", pp, tp, 1) for pp in stage_counts for tp in as_list(exp.parallel.tp)))
         else:
             shapes[(engine, 1, 1, 1)] = None
     return [(engine, place(pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
-                           nodes=exp.cluster.nodes, single_device=engine == "reference"))
+                           nodes=exp.cluster.nodes, single_device=engine == "reference",
+                           one_node=engine == "vllm" and not profile.gpu))
             for engine, pp, tp, ep in shapes]
 
 
@@ -549,7 +582,7 @@ def _check_serving(path: Path, exp: Experiment) -> None:
                         "(the server batches requests itself, up to scenario.max_batch; warm-up is "
                         "scenario.warmup_requests); remove it")
     if exp.endpoint is None:
-        served = ("pipeline", "reference", "deepspeed")
+        served = ("pipeline", "reference", "deepspeed", "vllm")
         unserved = [e for e in as_list(exp.parallel.engine) if e not in served]
         if unserved:
             raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the {', '.join(served)} "
@@ -565,7 +598,7 @@ def _check_serving(path: Path, exp: Experiment) -> None:
 def _check_tensor_parallel(path: Path, exp: Experiment, config: dict) -> None:
     """Every tp of the sweep splits the model's heads, its key/value heads and its MLP."""
     engines = set(as_list(exp.parallel.engine))
-    if not {"pipeline", "deepspeed"} & engines:
+    if not {"pipeline", "deepspeed", "vllm"} & engines:
         return
     for tp in as_list(exp.parallel.tp):
         if tp > 1:
@@ -634,6 +667,9 @@ def world_sizes(exp: Experiment) -> set[int]:
                   for ep in as_list(exp.parallel.ep)}
     if "deepspeed" in engines:
         sizes |= {tp for tp in as_list(exp.parallel.tp) if tp > 1}
+    if "vllm" in engines:
+        stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
+        sizes |= {pp * tp for pp in stages for tp in as_list(exp.parallel.tp)}
     if "reference" in engines:
         sizes.add(1)
     return sizes
@@ -671,6 +707,12 @@ def _check_study(path: Path, exp: Experiment) -> None:
                         "so that the work grows with the ranks)")
     if exp.prompts_per_rank is not None and exp.study != "weak-scaling":
         raise SpecError(f"{path}: field 'prompts_per_rank': only used by study: weak-scaling (here: {exp.study})")
-    if "int8" in as_list(exp.model.dtype) and "deepspeed" in as_list(exp.parallel.engine):
-        raise SpecError(f"{path}: field 'model.dtype': int8 (torchao weight-only) runs on the pipeline and "
-                        "reference engines, not deepspeed; drop one of them")
+    for engine in {"deepspeed", "vllm"} & set(as_list(exp.parallel.engine)):
+        if "int8" in as_list(exp.model.dtype):
+            raise SpecError(f"{path}: field 'model.dtype': int8 (torchao weight-only) runs on the pipeline and "
+                            f"reference engines, not {engine}; drop one of them")
+    if "vllm" not in as_list(exp.parallel.engine) and "vllm" in exp.model_fields_set:
+        raise SpecError(f"{path}: field 'vllm': only used by engine vllm (parallel.engine); remove it or add vllm")
+    if "vllm" in as_list(exp.parallel.engine) and exp.model.trust_remote_code:
+        raise SpecError(f"{path}: field 'model.trust_remote_code': engine vllm loads the model with vLLM's own "
+                        "model code; add --trust-remote-code to vllm.args if vLLM should run the checkpoint's")

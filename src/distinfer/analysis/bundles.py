@@ -86,8 +86,10 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
         if summary.get("status") != "ok":
             problems.append({"run_id": run_dir.name, "problem": f"{summary.get('status')}: {summary.get('error')}"})
             continue
-        ranks_writing = 0 if summary.get("scenario") == "serving" else int(summary.get("world_size", 1))  # a server's
-        missing = [r for r in range(ranks_writing)  # ranks write no per-step metrics files
+        # A server's ranks and vLLM's write no per-step metrics files.
+        own_ranks = summary.get("scenario") != "serving" and spec.get("engine") != "vllm"
+        ranks_writing = int(summary.get("world_size", 1)) if own_ranks else 0
+        missing = [r for r in range(ranks_writing)
                    if not (run_dir / f"metrics_rank_{r}.json").is_file()]
         if missing:
             problems.append({"run_id": run_dir.name, "problem": f"metrics of rank(s) {missing} missing; "
@@ -142,8 +144,9 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
 
 
 def layout_name(row: dict) -> str:
-    """How a run splits the model: 'pp2', 'pp2 x tp2', 'pp1 x ep2' (pipeline), 'tp2' (DeepSpeed), '1' (one rank)."""
-    if row.get("engine") == "pipeline":
+    """How a run splits the model: 'pp2', 'pp2 x tp2', 'pp1 x ep2' (pipeline, vLLM), 'tp2' (DeepSpeed), '1' (one
+    rank)."""
+    if row.get("engine") in ("pipeline", "vllm"):
         return " x ".join([f"pp{row.get('pp') or 1}"] + [f"{axis}{row[axis]}" for axis in ("tp", "ep")
                                                            if (row.get(axis) or 1) > 1])
     if row.get("engine") == "deepspeed":

@@ -40,8 +40,9 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
-    """The ranks under a local torchrun; a serving run against an endpoint is one load-generator process."""
-    if run.serving:  # the load generator (which starts distinfer's server where it measures that)
+    """The ranks under a local torchrun; a serving run, and any run of engine vllm, is one load-generator
+    process (which starts the run's server)."""
+    if run.serving or run.engine == "vllm":
         return [sys.executable, "-m", "distinfer.serving", str(bundle.root)]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",

@@ -91,8 +91,8 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
                     record.output_tokens = int(usage.get("completion_tokens") or counted)
                 for choice in chunk.get("choices") or []:
                     text, ids = choice.get("text") or "", choice.get("token_ids")
-                    if text or ids:
-                        record.token_times_s.append(now)
+                    if text or ids:  # a chunk of several tokens: each arrived now
+                        record.token_times_s.extend([now] * max(1, len(ids or ())))
                         counted += len(ids) if ids else 1
                         record.text += text
                         if ids:

@@ -114,15 +114,65 @@ def wait_healthy(url: str, ended: Callable[[], int | None], timeout_s: float) ->
             time.sleep(0.1)
 
 
+VLLM_HEALTH_TIMEOUT_S = 900.0  # an offline vLLM run: loading, and compiling where it compiles
+
+
 def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int | None]) -> Target:
-    """distinfer's server at `url` as the load's target, once /health answers (else EndpointError naming its log)."""
+    """The run's server (distinfer's, or vLLM's for engine vllm) at `url` as the load's target, once /health
+    answers (else EndpointError naming its log); vLLM's version and command go into run.json."""
     from distinfer.serving.serve import served_name
 
+    name = "vLLM's server" if run.engine == "vllm" else "distinfer's server"
+    default = VLLM_HEALTH_TIMEOUT_S if run.engine == "vllm" else 300.0
     try:
-        wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", 300.0)))
+        wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", default)))
     except EndpointError as exc:
-        raise EndpointError(f"distinfer's server: {exc}; see {run_dir / 'server.log'}") from None
-    return Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)), sampling_body(run))
+        raise EndpointError(f"{name}: {exc}; see {run_dir / 'server.log'}") from None
+    body = sampling_body(run)
+    if run.engine == "vllm":
+        record_vllm(run_dir, url)
+        body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
+    return Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)), body)
+
+
+def record_vllm(run_dir: Path, url: str) -> None:
+    """run.json gains what ran: vLLM's version (from its server), its command and VLLM_* settings (vllm.json,
+    written by the server's start), as provenance, and the device and host as the run's runtime."""
+    from distinfer.serving.vllm import server_version
+
+    started = read_json(run_dir / "vllm.json") or {}
+    run_json = read_json(run_dir / "run.json") or {}
+    run_json.setdefault("provenance", {})["vllm"] = {"version": server_version(url), "command": started.get("command"),
+                                                     "env": started.get("env")}
+    run_json["runtime"] = {"device": started.get("device", "?"), "hostnames": [started.get("host", "?")],
+                           "engine": "vllm"}
+    atomic_write_json(run_dir / "run.json", run_json)
+
+
+def loopback_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return int(probe_socket.getsockname()[1])
+
+
+@contextlib.contextmanager
+def vllm_target(run_dir: Path, run: RunSpec) -> Iterator[Target]:
+    """vLLM's server for this run (`python -m distinfer.serving.vllm`, which becomes `vllm serve`) on a free
+    loopback port in its own process group, its output in server.log; yields the target once /health answers;
+    then stops the group (SIGTERM, then SIGKILL) and removes the shared-memory files it left."""
+    from distinfer.serving.vllm import leftovers, remove, stop_group
+
+    port = loopback_port()
+    before = leftovers()
+    with (run_dir / "server.log").open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.vllm", str(run_dir), "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield _own_target(run_dir, run, f"http://127.0.0.1:{port}", server.poll)
+        finally:
+            stop_group(server)
+            remove(leftovers() - before)
 
 
 @contextlib.contextmanager
@@ -130,9 +180,11 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     """distinfer's server for this run (`python -m distinfer.serving.serve`, which starts a multi-rank layout's
     ranks) on a free loopback port, its output in server.log; yields the target once /health answers; stopped
     by its PID (SIGTERM, then SIGKILL)."""
-    with socket.socket() as probe_socket:  # a loopback port that was free a moment ago
-        probe_socket.bind(("127.0.0.1", 0))
-        port = probe_socket.getsockname()[1]
+    if run.engine == "vllm":
+        with vllm_target(run_dir, run) as target:
+            yield target
+        return
+    port = loopback_port()
     log = (run_dir / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.serve", str(run_dir), "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
@@ -180,9 +232,14 @@ def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file:
 
 
 def run(run_dir: Path, server_url: str | None = None) -> int:
-    """Measure the run's load; against `server_url` where the job started distinfer's server itself."""
+    """Measure the run's load; against `server_url` where the job started the server itself. An offline run of
+    engine vllm measures its batches instead (offline.py)."""
     bundle = RunBundle(run_dir)
     spec = RunSpec.from_dict((read_json(bundle.run_json) or {})["run"])
+    if not spec.serving:
+        from distinfer.serving import offline
+
+        return offline.run(run_dir, server_url)
     scenario = spec.scenario or {}
     started = time.time()
     records: list[RequestRecord] = []
@@ -236,7 +293,8 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
 
 
 def main() -> None:
-    """`python -m distinfer.serving RUN_DIR [--url URL]`: a serving run's load (URL: the server the job started)."""
+    """`python -m distinfer.serving RUN_DIR [--url URL]`: a serving run's load, or an offline run's batches on
+    a server (URL: the server the job started)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m distinfer.serving", description="measure a serving run")
