@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo analysis test bench bench-serving bench-prediction bench-vllm vllm-env container clean-outputs
+.PHONY: setup system-deps models demo analysis test bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -85,6 +85,11 @@ bench-vllm: models vllm-env
 container:
 	@command -v apptainer >/dev/null || { echo "apptainer not found: build on a machine that has it (e.g. the cluster's login node)"; exit 1; }
 	apptainer build distinfer.sif containers/distinfer.def
+
+# The image of engine vllm's jobs (vLLM's server image with distinfer inside): the experiment's vllm.image.
+container-vllm:
+	@command -v apptainer >/dev/null || { echo "apptainer not found: build on a machine that has it (e.g. the cluster's login node)"; exit 1; }
+	apptainer build distinfer-vllm.sif containers/vllm.def
 
 clean-outputs:
 	rm -rf outputs/*/ analysis/*/

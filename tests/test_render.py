@@ -60,13 +60,16 @@ def test_t4_scripts_pass_shellcheck_and_wrap_the_worker_in_apptainer(tmp_path: P
         # A job asks for the GPUs its ranks use on a node: 1, or 2 for the hybrid study's multi-rank runs.
         hybrid = name.startswith("openllama3b-t4-hybrid/") and ("tp2" in name or "pp2" in name)
         assert f"#SBATCH --gpus-per-node={2 if hybrid else 1}" in text and "#SBATCH --partition=gpu" in text
-        assert "LAUNCH=(apptainer exec --nv --bind /shared/models --bind /scratch /shared/containers/distinfer.sif)" in text
+        image = "distinfer-vllm.sif" if "/vllm-" in name else "distinfer.sif"  # vLLM's jobs: its own image
+        assert f"LAUNCH=(apptainer exec --nv --bind /shared/models --bind /scratch /shared/containers/{image})" in text
         assert "module load cuda/12.1" in text
     scripts = dict(rendered_t4_scripts())
     pp2 = scripts["openllama3b-t4-fp16/pipeline-pp2-b8-mb1-fp16.sbatch"]
     assert "#SBATCH --nodes=2" in pp2 and "--nproc-per-node=1" in pp2
     hybrid = scripts["openllama3b-t4-hybrid/pipeline-pp2-tp2-b8-mb2-fp16.sbatch"]  # a tp group per node
     assert "#SBATCH --nodes=2" in hybrid and "--nproc-per-node=2" in hybrid
+    vllm = scripts["openllama3b-t4-vllm/vllm-pp2-fp16-rate4.sbatch"]  # vLLM's --nnodes launch, a server per node
+    assert "#SBATCH --nodes=2" in vllm and "-m distinfer.serving.vllm" in vllm and "--node-rank" in vllm
 
 
 def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:

@@ -129,6 +129,13 @@ class Layout:
         return RankCoordinates(rank, stage, tp_rank, node, local)
 
 
+def place_engine(engine: str, pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int,
+                 nodes: int | None) -> Layout:
+    """`place` for a run of `engine`: the reference on one device, vLLM on CPU on one node."""
+    return place(pp, tp, ep, gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes, single_device=engine == "reference",
+                 one_node=engine == "vllm" and not gpu)
+
+
 def place(pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int, nodes: int | None,
           single_device: bool = False, one_node: bool = False) -> Layout:
     """The layout of a run on a cluster: GPU nodes hold `gpus_per_node` ranks, and a tensor-parallel group sits

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distinfer.layout import LayoutError, place
+from distinfer.layout import LayoutError, place_engine
 from distinfer.memory import GPU_ALLOCATOR
 from distinfer.plan import RunSpec
 from distinfer.profiles import HARDWARE
@@ -21,6 +21,7 @@ from distinfer.spec import ClusterSpec, ContainerSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch.tmpl"
 SERVING_TEMPLATE = TEMPLATE.with_name("serving.sbatch.tmpl")  # one task: server, load and stop (serving/runner.py)
+VLLM_TEMPLATE = TEMPLATE.with_name("vllm.sbatch.tmpl")  # vllm serve per node, then the load (offline or serving)
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+@-]+$")  # no %: Slurm expands %j, %u, ... in --output
 
 
@@ -41,8 +42,8 @@ class JobShape:
 def job_shape(run: RunSpec, cluster: ClusterSpec) -> JobShape:
     """Nodes and ranks per node of a run, from its layout on the cluster (layout.py)."""
     try:
-        layout = place(run.pp, run.tp, run.ep, gpu=HARDWARE[cluster.profile].gpu, gpus_per_node=cluster.gpus_per_node,
-                       nodes=cluster.nodes, single_device=run.engine == "reference")
+        layout = place_engine(run.engine, run.pp, run.tp, run.ep, gpu=HARDWARE[cluster.profile].gpu,
+                              gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes)
     except LayoutError as exc:
         raise RenderError(f"{run.run_id}: {exc}") from None
     return JobShape(layout.nodes_needed, layout.ranks_per_node)
@@ -105,7 +106,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         launch = ["apptainer", "exec", "--nv"]
         for bind in container.binds:
             launch += ["--bind", bind]
-        launch.append(str(container.image))
+        launch.append(str((run.vllm or {}).get("image") or container.image))  # vLLM's jobs: its own image
     values = {
         "run_id": run.run_id,
         "experiment": run.experiment,
@@ -120,7 +121,8 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "profile_prefix": " ".join(f"'{part}'" if "," in part and "'" not in part else shlex.quote(part)
                                    for part in profiler_prefix(run, run_dir)),
     }
-    return _fill((SERVING_TEMPLATE if run.serving else TEMPLATE).read_text(), values)
+    template = VLLM_TEMPLATE if run.engine == "vllm" else SERVING_TEMPLATE if run.serving else TEMPLATE
+    return _fill(template.read_text(), values)
 
 
 # -- the one wrapper around Slurm's commands ------------------------------------------------------

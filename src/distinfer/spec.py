@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distinfer.layout import Layout, LayoutError, place, tensor_split_problem
+from distinfer.layout import Layout, LayoutError, place_engine, tensor_split_problem
 from distinfer.models.profiles import config_layer_count, max_positions, read_json_file, read_model_config
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
@@ -102,6 +102,9 @@ class VllmSpec(_Strict):
     python: Annotated[str, Field(pattern=NO_NEWLINE)] | None = None
     """The Python of vLLM's environment; default: $DISTINFER_VLLM_PYTHON, else .venv-vllm/bin/python (make
     vllm-env) in the current folder, else python3 (on a cluster: inside the vLLM image)."""
+    image: Annotated[str, Field(pattern=NO_NEWLINE)] | None = None
+    """With container.runtime apptainer: the image vLLM's jobs run in (containers/vllm.def: vLLM with distinfer
+    inside); default: container.image."""
     max_model_len: PositiveInt | None = None
     """vLLM's --max-model-len (the KV cache's longest sequence); default: the model's positions."""
     enforce_eager: bool | Literal["auto"] = "auto"
@@ -487,9 +490,8 @@ def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
             shapes.update(dict.fromkeys(("vllm", pp, tp, 1) for pp in stage_counts for tp in as_list(exp.parallel.tp)))
         else:
             shapes[(engine, 1, 1, 1)] = None
-    return [(engine, place(pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
-                           nodes=exp.cluster.nodes, single_device=engine == "reference",
-                           one_node=engine == "vllm" and not profile.gpu))
+    return [(engine, place_engine(engine, pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
+                                  nodes=exp.cluster.nodes))
             for engine, pp, tp, ep in shapes]
 
 

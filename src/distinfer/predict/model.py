@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from distinfer.layout import place, split_layers
+from distinfer.layout import place_engine, split_layers
 from distinfer.memory import DTYPE_BYTES, ModelFacts
 from distinfer.predict.costs import FUSED_OPS_PER_LAYER, OPS_PER_LAYER, Work, forward_work
 from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed, read_bandwidth
@@ -87,8 +87,8 @@ class _Rank:
 
 def _ranks(run_engine: str, pp: int, group: int, together: bool, machine: Machine) -> list[_Rank]:
     if machine.profile.gpu:
-        layout = place(pp, group, 1, gpu=True, gpus_per_node=machine.gpus_per_node, nodes=machine.nodes,
-                       single_device=run_engine == "reference")
+        layout = place_engine(run_engine, pp, group, 1, gpu=True, gpus_per_node=machine.gpus_per_node,
+                              nodes=machine.nodes)
         return [_Rank(gpu_speed(machine.profile), (), layout.coordinates(r).node) for r in range(pp * group)]
     if machine.probe is None:
         raise ValueError("a CPU prediction needs the machine's probe (predict/probe.py)")
