@@ -71,7 +71,8 @@ def measured_runs(folder: Path) -> list[MeasuredRun]:
 
 
 def one_rank(run) -> bool:  # noqa: ANN001
-    return run.engine == "reference" or (run.engine == "pipeline" and run.pp == 1 and run.tp == 1 and run.ep == 1)
+    return run.engine == "reference" or (run.engine in ("pipeline", "vllm") and run.pp == 1 and run.tp == 1
+                                         and run.ep == 1)
 
 
 def facts_of(run) -> ModelFacts:  # noqa: ANN001

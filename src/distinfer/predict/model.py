@@ -150,8 +150,8 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
     (a plan.RunSpec) over prompts of the given token lengths, every request generating max_new_tokens."""
     engine = run.engine
     eff = next((efficiency[e] for e in FALLBACK.get(engine, (engine,)) if e in efficiency), Efficiency())
-    pp = run.pp if engine == "pipeline" else 1
-    tp = run.tp if engine in ("pipeline", "deepspeed") else 1
+    pp = run.pp if engine in ("pipeline", "vllm") else 1
+    tp = run.tp if engine in ("pipeline", "deepspeed", "vllm") else 1
     ep = run.ep if engine == "pipeline" else 1
     group = max(tp, ep)
     m = run.microbatches if engine == "pipeline" else 1

@@ -29,7 +29,7 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
     synthetic = scenario.get("synthetic") if scenario.get("input") == "synthetic" else None
     n = int(synthetic["output_tokens"]["mean"]) if synthetic else int(run.generation["max_new_tokens"])
     length = int(synthetic["input_tokens"]["mean"]) if synthetic else round(statistics.mean(prompt_tokens))
-    groups = max(run.pp, run.microbatches) if run.engine == "pipeline" else 1
+    groups = max(run.pp, run.microbatches) if run.engine == "pipeline" else run.pp if run.engine == "vllm" else 1
     cap = int(scenario.get("max_batch", 32))
     requests = int(scenario.get("requests") or DEFAULT_REQUESTS)
 
