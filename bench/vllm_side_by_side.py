@@ -7,12 +7,14 @@ in flight, vLLM with `--pipeline-parallel-size 2`), in one run, the servers one 
   speed   distinfer's load generator (an endpoint experiment, rate inf, `--requests` x `--new-tokens` tokens,
           ignore_eos, prompts of `--input-tokens` random token ids) against each server, `--repeats` times: median
           output tokens/s at saturation and TPOT p50, and the ratio distinfer / vLLM (goal: at least 1 here)
-  meter   at `--rate` requests/s (Poisson, seeded), the same load from `vllm bench serve` and from distinfer's load
-          generator against distinfer's one-stage server, `--repeats` times each, alternating: median TTFT and TPOT
-          of each, and their difference (goal: within 10 %)
+  meter   at `--rate` requests/s (Poisson, seeded), the same text prompts in the same order (a prompt file that
+          both read: vLLM's custom dataset) from `vllm bench serve` and from distinfer's load generator against
+          distinfer's one-stage server, `--repeats` times each, alternating: median TTFT and TPOT of each, and
+          their difference (goal: within 10 %)
 Every server is stopped by its PID (its process group), and vLLM's files in /dev/shm and /tmp are removed.
 
     python -m bench.vllm_side_by_side [--layouts pp1,pp2] [--requests 32] [--new-tokens 32] [--rate 4] [--repeats 3]
+                                      [--parts speed,meter]
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,19 +54,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after 30 s; then vLLM's leftover shared-memory files."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for leftover in [*Path("/dev/shm").glob("vllm_dist_*"), *Path("/tmp").glob("vllm_dist_*")]:
-        try:
-            leftover.unlink()
-        except OSError:
-            pass
+    """The server's process group stopped (SIGTERM, SIGKILL after 30 s), then vLLM's shared-memory files removed."""
+    from distinfer.serving.vllm import leftovers, remove, stop_group
+
+    stop_group(proc)
+    remove(leftovers())
 
 
 def start_distinfer(work: Path, model: Path, layout: str, port: int) -> tuple[subprocess.Popen, Path]:
@@ -101,16 +94,27 @@ def start_vllm(work: Path, model: Path, layout: str, port: int) -> tuple[subproc
                             start_new_session=True), log
 
 
+def meter_prompts(work: Path, count: int) -> Path:
+    """The meter's prompt file: `count` text prompts (the correctness prompts, cycled), read by both clients in
+    this order, so that both send the same texts."""
+    texts = [json.loads(line)["prompt"] for line in (REPO / "prompts" / "correctness.jsonl").open()]
+    path = work / "meter-prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"m{i}", "prompt": texts[i % len(texts)]}) + "\n" for i in range(count)))
+    return path
+
+
 def load(work: Path, name: str, url: str, model_name: str, model: Path, rate: float | str, requests: int,
-         new_tokens: int, input_tokens: int) -> dict:
-    """distinfer's load generator against `url` (an endpoint experiment); the run's summary.json."""
+         new_tokens: int, input_tokens: int, prompts: Path | None = None) -> dict:
+    """distinfer's load generator against `url` (an endpoint experiment): synthetic token-id prompts of
+    `input_tokens`, or the text prompts of `prompts` in order; the run's summary.json."""
     config = work / f"{name}.yaml"
+    source = {"input": "prompts"} if prompts else {
+        "input": "synthetic", "synthetic": {"input_tokens": {"mean": input_tokens}, "output_tokens": {"mean": new_tokens}}}
     config.write_text(json.dumps({
-        "name": name, "model": {"path": str(model)}, "prompts": str(REPO / "prompts" / "correctness.jsonl"),
+        "name": name, "model": {"path": str(model)}, "prompts": str(prompts or REPO / "prompts" / "correctness.jsonl"),
         "generation": {"max_new_tokens": new_tokens},
-        "scenario": {"kind": "serving", "rate": rate, "seed": 0, "requests": requests, "warmup_requests": 2,
-                     "ignore_eos": True, "input": "synthetic",
-                     "synthetic": {"input_tokens": {"mean": input_tokens}, "output_tokens": {"mean": new_tokens}}},
+        "scenario": {"kind": "serving", "rate": rate, "seed": 0, "requests": requests,
+                     "warmup_requests": 0 if prompts else 2, "ignore_eos": True, **source},
         "endpoint": {"url": url, "model": model_name}}))
     proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--force", "--outputs",
                            str(work / "outputs")], capture_output=True, text=True, timeout=1800)
@@ -121,15 +125,16 @@ def load(work: Path, name: str, url: str, model_name: str, model: Path, rate: fl
 
 
 def vllm_meter(work: Path, url: str, model_name: str, model: Path, rate: float, requests: int, new_tokens: int,
-               input_tokens: int) -> dict:
-    """`vllm bench serve` (vLLM's own client) against `url`: its JSON result."""
+               prompts: Path) -> dict:
+    """`vllm bench serve` (vLLM's own client) against `url` with the prompts of `prompts` in order (its custom
+    dataset, unshuffled, no chat template): its JSON result."""
     result = work / "vllm-bench.json"
     result.unlink(missing_ok=True)  # an earlier repeat's
     args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
             "--base-url", url, "--endpoint", "/v1/completions", "--model", model_name, "--tokenizer", str(model),
-            "--dataset-name", "random", "--random-input-len", str(input_tokens), "--random-output-len",
-            str(new_tokens), "--num-prompts", str(requests), "--request-rate", str(rate), "--seed", "0",
-            "--ignore-eos", "--save-result", "--result-dir", str(work), "--result-filename", result.name]
+            "--dataset-name", "custom", "--dataset-path", str(prompts), "--disable-shuffle", "--skip-chat-template",
+            "--custom-output-len", str(new_tokens), "--num-prompts", str(requests), "--request-rate", str(rate),
+            "--seed", "0", "--ignore-eos", "--save-result", "--result-dir", str(work), "--result-filename", result.name]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, cwd=work)
     if proc.returncode != 0 or not result.is_file():
         raise RuntimeError(f"vllm bench serve failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -141,16 +146,16 @@ def measure_meter(work: Path, url: str, name: str, model: Path, args: argparse.N
     the median over repeats of each client's median (ms)."""
     ours: dict[str, list[float]] = {"ttft": [], "tpot": []}
     theirs: dict[str, list[float]] = {"ttft": [], "tpot": []}
+    prompts = meter_prompts(work, args.requests)
     for repeat in range(args.repeats):
         for client in ("distinfer", "vllm") if repeat % 2 == 0 else ("vllm", "distinfer"):
             if client == "distinfer":
                 summary = load(work, f"meter-{repeat}", url, name, model, args.rate, args.requests, args.new_tokens,
-                               args.input_tokens)
+                               args.input_tokens, prompts)
                 ours["ttft"].append(summary["ttft_s"]["p50"] * 1e3)
                 ours["tpot"].append(summary["tpot_s"]["p50"] * 1e3)
             else:
-                result = vllm_meter(work, url, name, model, args.rate, args.requests, args.new_tokens,
-                                    args.input_tokens)
+                result = vllm_meter(work, url, name, model, args.rate, args.requests, args.new_tokens, prompts)
                 theirs["ttft"].append(result["median_ttft_ms"])
                 theirs["tpot"].append(result["median_tpot_ms"])
         print(f"meter {repeat}: TTFT {ours['ttft'][-1]:.2f} / {theirs['ttft'][-1]:.2f} ms, TPOT {ours['tpot'][-1]:.2f} / "
@@ -173,7 +178,9 @@ def main() -> None:
     parser.add_argument("--input-tokens", type=int, default=64)
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3, help="loads against each server (medians printed)")
+    parser.add_argument("--parts", default="speed,meter", help="speed, meter, or both")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     if not VLLM_PYTHON.is_file():
         sys.exit(f"vLLM's environment is missing ({VLLM_PYTHON}): run `make vllm-env` first")
     model = build_tiny_model("tiny-llama")
@@ -182,6 +189,8 @@ def main() -> None:
         work = Path(folder)
         for layout in args.layouts.split(","):
             for engine, start in (("distinfer", start_distinfer), ("vllm", start_vllm)):
+                if "speed" not in parts and (engine, layout) != ("distinfer", "pp1"):
+                    continue
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 started = time.monotonic()
@@ -191,27 +200,29 @@ def main() -> None:
                     print(f"{engine} {layout}: healthy after {time.monotonic() - started:.0f} s", flush=True)
                     name = served_model_name(url)
                     runs = []
-                    for repeat in range(args.repeats):
+                    for repeat in range(args.repeats if "speed" in parts else 0):
                         summary = load(work, f"{engine}-{layout}-{repeat}", url, name, model, "inf", args.requests,
                                        args.new_tokens, args.input_tokens)
                         runs.append((summary["output_tokens_per_s"], summary["tpot_s"]["p50"]))
                         print(f"{engine} {layout}: {runs[-1][0]:.1f} output tokens/s, TPOT p50 "
                               f"{runs[-1][1] * 1e3:.2f} ms", flush=True)
-                    speed[(layout, engine)] = (statistics.median(r[0] for r in runs),
-                                               statistics.median(r[1] for r in runs))
-                    if engine == "distinfer" and layout == "pp1":
+                    if runs:
+                        speed[(layout, engine)] = (statistics.median(r[0] for r in runs),
+                                                   statistics.median(r[1] for r in runs))
+                    if engine == "distinfer" and layout == "pp1" and "meter" in parts:
                         meter = measure_meter(work, url, name, model, args)
                 finally:
                     stop(proc)
-    print(f"\nspeed at saturation (tiny Llama, fp32, {args.requests} requests x {args.new_tokens} tokens, "
-          f"{args.input_tokens}-token prompts, rate inf; medians of {args.repeats}):")
-    for layout in args.layouts.split(","):
+    if speed:
+        print(f"\nspeed at saturation (tiny Llama, fp32, {args.requests} requests x {args.new_tokens} tokens, "
+              f"{args.input_tokens}-token prompts, rate inf; medians of {args.repeats}):")
+    for layout in args.layouts.split(",") if speed else []:
         (ours, our_tpot), (theirs, their_tpot) = speed[(layout, "distinfer")], speed[(layout, "vllm")]
         ratio = ours / theirs
         print(f"  {layout}: distinfer {ours:.1f} tok/s, TPOT p50 {our_tpot * 1e3:.2f} ms; vLLM {theirs:.1f} tok/s, "
               f"TPOT p50 {their_tpot * 1e3:.2f} ms; distinfer / vLLM tokens/s {ratio:.2f} "
               f"(goal >= 1: {'met' if ratio >= 1 else 'NOT met'})")
-    if "pp1" in args.layouts.split(","):
+    if "pp1" in args.layouts.split(",") and "meter" in parts:
         print(f"\nindependent meter (distinfer's one-stage server, {args.rate:g} requests/s, medians of {args.repeats}):")
         for metric, (ours_ms, theirs_ms) in meter.items():
             gap = ours_ms / theirs_ms - 1

@@ -181,3 +181,16 @@ def test_a_vllm_serving_job_on_slurm_serves_the_reference_tokens(slurm, tmp_path
     run_json = json.loads((served / "run.json").read_text())
     assert run_json["provenance"]["vllm"]["version"].startswith("0.32") and run_json["runtime"]["device"] == "cpu"
     assert vllm_processes() <= before_processes, "the job stopped vLLM's server"
+
+
+def test_a_missing_vllm_environment_fails_the_run_with_its_reason(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """No vLLM where the experiment says: the run fails within seconds, its summary and server.log say why and
+    what to do, and nothing is left running."""
+    config = experiment(tmp_path, "parallel: {engine: vllm}\nreference: none\nvllm: {python: /nonexistent/python}\n")
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    run = tmp_path / "out" / "vllm-study" / "vllm-pp1-b1-fp32"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "server.log" in summary["error"], summary
+    assert "make vllm-env" in (run / "server.log").read_text()
