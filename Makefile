@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo analysis test bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
+.PHONY: setup system-deps models demo demo-vllm analysis test bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ demo: models
 	@for c in $(DEMO); do $(BIN)/distinfer run configs/$$c.yaml --local || exit 1; done
 	$(BIN)/distinfer analyze $(addprefix outputs/,$(DEMO))
 	@echo "report: analysis/report.html (every plot of the demo study; each experiment's own: analysis/<exp>/report.html)"
+
+# distinfer beside vLLM (the engine users deploy) on this CPU: offline (1 and 2 stages, batch 1 and 8) and served
+# (three rates), both checked against the reference, in one report (about 25 minutes on 2 cores, vLLM's
+# environment included).
+demo-vllm: models vllm-env
+	$(BIN)/distinfer run configs/local-vllm.yaml --local
+	$(BIN)/distinfer run configs/local-vllm-serving.yaml --local
+	$(BIN)/distinfer analyze outputs/local-vllm outputs/local-vllm-serving
+	@echo "report: analysis/report.html"
 
 # Tables, plots and a report for every experiment under outputs/.
 analysis: setup
