@@ -232,14 +232,9 @@ def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file:
 
 
 def run(run_dir: Path, server_url: str | None = None) -> int:
-    """Measure the run's load; against `server_url` where the job started the server itself. An offline run of
-    engine vllm measures its batches instead (offline.py)."""
+    """Measure the run's load; against `server_url` where the job started the server itself."""
     bundle = RunBundle(run_dir)
     spec = RunSpec.from_dict((read_json(bundle.run_json) or {})["run"])
-    if not spec.serving:
-        from distinfer.serving import offline
-
-        return offline.run(run_dir, server_url)
     scenario = spec.scenario or {}
     started = time.time()
     records: list[RequestRecord] = []
@@ -291,14 +286,3 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started))
     return 1 if failed else 0
 
-
-def main() -> None:
-    """`python -m distinfer.serving RUN_DIR [--url URL]`: a serving run's load, or an offline run's batches on
-    a server (URL: the server the job started)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m distinfer.serving", description="measure a serving run")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--url", default=None, help="distinfer's server, started by the job (else started here)")
-    args = parser.parse_args()
-    raise SystemExit(run(args.run_dir, args.url))
