@@ -146,8 +146,15 @@ def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
     assert again.returncode == 0 and len(re.findall(r"^\s*skipped  ", again.stdout, re.M)) == 4, again.stdout
     summary = study / "outputs" / "t" / "reference-b4-fp32" / "summary.json"
     before = summary.stat().st_mtime_ns
-    forced = cli("run", str(config), "--local", "--force", cwd=study)
-    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    # The same experiment's reference run alone (a file that lists only it): done, yet run again when forced.
+    reference = write_config(study / "reference.yaml", "generation: {max_new_tokens: 8}
+"
+                             "parallel: {engine: reference}
+batch_size: 4
+")
+    assert re.search(r"skipped\s+reference-b4-fp32", cli("run", str(reference), "--local", cwd=study).stdout)
+    forced = cli("run", str(reference), "--local", "--force", cwd=study)
+    assert forced.returncode == 0 and "skipped" not in forced.stdout and "reference-b4-fp32" in forced.stdout
     assert summary.stat().st_mtime_ns != before
 
 
@@ -258,6 +265,13 @@ def test_out_of_memory_is_reported_with_the_numbers_and_does_not_hang(tmp_path: 
     assert "out of memory" in " ".join(proc.stdout.split())
 
 
+def terminal_signals() -> None:
+    """A command typed in a terminal starts with Ctrl-C's default action, unblocked; a child of this test process
+    would otherwise inherit whatever dispositions and mask the test process has come to hold."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def test_ctrl_c_then_again_gives_the_same_results_as_one_uninterrupted_study(study: Path, tmp_path: Path) -> None:
     """Ctrl-C in a terminal: SIGINT to the foreground process group (the CLI and torchrun) in the middle of the
     second run. The first run stays done; the same command again reruns only the rest; the completions then
@@ -267,14 +281,15 @@ def test_ctrl_c_then_again_gives_the_same_results_as_one_uninterrupted_study(stu
                           "batch_size: 4\nbenchmark: {repeats: 8}\n")
     out = tmp_path / "outputs" / "t"
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=terminal_signals)
     try:
         wait_for_first_completion(out / "pipeline-pp2-b4-mb2-fp32")
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out_text, err = proc.communicate(timeout=60)
     finally:
         stop_everything(proc, out / "pipeline-pp2-b4-mb2-fp32")
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err + out_text
     assert json.loads((out / "reference-b4-fp32/summary.json").read_text())["status"] == "ok"
     assert json.loads((out / "pipeline-pp2-b4-mb2-fp32/summary.json").read_text())["status"] == "cancelled"
     again = cli("run", str(config), "--local", cwd=tmp_path)
