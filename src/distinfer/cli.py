@@ -500,7 +500,7 @@ def serve(
 
     exp = _load(config)
     _need_runtime("serve")
-    runs = [r for r in expand(exp, config) if r.engine != "endpoint"]
+    runs = [r for r in expand(exp, config) if r.engine not in ("endpoint", "vllm")]  # distinfer's own engines
     chosen = [r for r in runs if r.run_id == run_id] if run_id else [r for r in runs if r.world_size == 1][:1]
     if not chosen:
         errors.print(f"error: {config}: no run {run_id!r}; runs: {', '.join(r.run_id for r in runs)}" if run_id else
