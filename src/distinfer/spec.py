@@ -583,12 +583,7 @@ def _check_serving(path: Path, exp: Experiment) -> None:
         raise SpecError(f"{path}: field '{offline_only[0]}': not used by a serving scenario against {against} "
                         "(the server batches requests itself, up to scenario.max_batch; warm-up is "
                         "scenario.warmup_requests); remove it")
-    if exp.endpoint is None:
-        served = ("pipeline", "reference", "deepspeed", "vllm")
-        unserved = [e for e in as_list(exp.parallel.engine) if e not in served]
-        if unserved:
-            raise SpecError(f"{path}: field 'parallel.engine': distinfer's server runs the {', '.join(served)} "
-                            f"engines; got {', '.join(unserved)}")
+    if exp.endpoint is None:  # every engine serves (vllm through `vllm serve`)
         if as_list(exp.parallel.ep) != [1]:
             raise SpecError(f"{path}: field 'parallel.ep': distinfer's server runs pipeline stages of one rank "
                             "(ep 1)")
@@ -663,14 +658,13 @@ def world_sizes(exp: Experiment) -> set[int]:
     engines = as_list(exp.parallel.engine)
     explicit = layer_lists(exp.parallel)
     sizes = set()
+    stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
     if "pipeline" in engines:
-        stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
         sizes |= {pp * max(tp, ep) for pp in stages for tp in as_list(exp.parallel.tp)
                   for ep in as_list(exp.parallel.ep)}
     if "deepspeed" in engines:
         sizes |= {tp for tp in as_list(exp.parallel.tp) if tp > 1}
     if "vllm" in engines:
-        stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
         sizes |= {pp * tp for pp in stages for tp in as_list(exp.parallel.tp)}
     if "reference" in engines:
         sizes.add(1)
