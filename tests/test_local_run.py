@@ -147,11 +147,8 @@ def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
     summary = study / "outputs" / "t" / "reference-b4-fp32" / "summary.json"
     before = summary.stat().st_mtime_ns
     # The same experiment's reference run alone (a file that lists only it): done, yet run again when forced.
-    reference = write_config(study / "reference.yaml", "generation: {max_new_tokens: 8}
-"
-                             "parallel: {engine: reference}
-batch_size: 4
-")
+    reference = write_config(study / "reference.yaml", "generation: {max_new_tokens: 8}\n"
+                             "parallel: {engine: reference}\nbatch_size: 4\n")
     assert re.search(r"skipped\s+reference-b4-fp32", cli("run", str(reference), "--local", cwd=study).stdout)
     forced = cli("run", str(reference), "--local", "--force", cwd=study)
     assert forced.returncode == 0 and "skipped" not in forced.stdout and "reference-b4-fp32" in forced.stdout
