@@ -53,6 +53,18 @@ def test_explicit_layer_lists_set_the_stage_count(tmp_path: Path) -> None:
     assert len({r.config_hash() for r in runs}) == 4
 
 
+def test_tp_sweeps_pipeline_stages_and_deepspeed_alike(tmp_path: Path) -> None:
+    """tp 1 and 2 of both engines, except DeepSpeed's tp 1 (AutoTP on one rank splits nothing: the reference)."""
+    spec_file = tmp_path / "e.yaml"
+    spec_file.write_text(
+        f"name: t\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+        "parallel: {engine: [reference, pipeline, deepspeed], pp: 2, tp: [1, 2], microbatches: 2}\nbatch_size: 4\n")
+    runs = {r.run_id: r for r in expand(load_experiment(spec_file), spec_file)}
+    assert set(runs) == {"reference-b4-fp32", "pipeline-pp2-b4-mb2-fp32", "pipeline-pp2-tp2-b4-mb2-fp32",
+                         "deepspeed-tp2-b4-fp32"}
+    assert runs["pipeline-pp2-tp2-b4-mb2-fp32"].world_size == 4 and runs["deepspeed-tp2-b4-fp32"].world_size == 2
+
+
 def test_validation_does_not_import_torch() -> None:
     code = ("import sys; from distinfer.spec import load_experiment; from distinfer.plan import expand; "
             "import distinfer.cli; e = load_experiment('configs/local-tiny.yaml'); "
