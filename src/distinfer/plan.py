@@ -69,6 +69,13 @@ class RunSpec:
     def world_size(self) -> int:
         return self.pp * max(self.tp, self.ep)
 
+    def summary_fields(self) -> dict:
+        """What summary.json says of the run itself, whichever process measured it (ranks or a load generator)."""
+        return {"run_id": self.run_id, "experiment": self.experiment, "engine": self.engine,
+                "world_size": self.world_size, "pp": self.pp, "tp": self.tp, "microbatches": self.microbatches,
+                "batch_size": self.batch_size, "dtype": self.dtype, "quantization": self.quantization,
+                "precision": self.precision, "context_tokens": self.context_tokens, "num_prompts": self.num_prompts}
+
     def to_dict(self) -> dict:
         """The fields as a dict (values shared, not copied: a plan serialises thousands)."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -82,11 +82,7 @@ async def measure(target: Target, spec: RunSpec, batches: list[list[Request]], l
 def summary(spec: RunSpec, latency: LatencyReport, status: str, error: str | None, started: float,
             load_s: float | None, tokenize_s: float | None) -> dict:
     """summary.json in the offline engines' fields (no per-rank records: the server's ranks are vLLM's)."""
-    return {"status": status, "error": error, "run_id": spec.run_id, "experiment": spec.experiment,
-            "engine": spec.engine, "world_size": spec.world_size, "pp": spec.pp, "tp": spec.tp,
-            "microbatches": spec.microbatches, "batch_size": spec.batch_size, "dtype": spec.dtype,
-            "quantization": spec.quantization, "precision": spec.precision, "context_tokens": spec.context_tokens,
-            "num_prompts": spec.num_prompts, "perplexity": None, "perplexity_tokens": None,
+    return {"status": status, "error": error, **spec.summary_fields(), "perplexity": None, "perplexity_tokens": None,
             "config_hash": spec.config_hash(), **latency.summary(), "load_s": load_s, "tokenize_s": tokenize_s,
             "started_at": started, "finished_at": time.time(), "ranks": []}
 
