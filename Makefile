@@ -66,8 +66,8 @@ bench-serving: models
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.serving_overhead
 
-# The performance model against measurements: calibrated on one-stage runs, predicting 2 and 3 stages (about 15
-# minutes on 2 cores).
+# The performance model against measurements: calibrated on one-stage runs, predicting 2 and 3 stages, each run
+# the median of three rounds (about 35 minutes on 2 cores).
 bench-prediction: models
 	$(BIN)/python -m bench.prediction
 

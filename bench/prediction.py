@@ -5,15 +5,17 @@ For each model (the built-in tiny Llama; `make bench`'s ~160 M Llama), in one ru
      measured before any run starts;
   2. `distinfer run --local` of the pipeline engine over pp 1, 2, 3, micro-batches 1 and 2, batch 1, 2, 4, 8
      (micro-batches 2 from batch 2), `--new-tokens` tokens a prompt, greedy: the tiny Llama 32 prompts measured
-     3 times (its batch of 8 takes a tenth of a second, which this shared machine's noise would swamp), the
-     160 M Llama 8 prompts once;
+     3 times a run (its batch of 8 takes a tenth of a second, which this shared machine's noise would swamp), the
+     160 M Llama 8 prompts once; the whole sweep `--rounds` times, one round after the other, and each run's
+     measurement is the median of its rounds (a shared machine's speed drifts from minute to minute: one
+     measurement of a run can be 20-30 % off the next);
   3. calibration on the pp 1 runs alone (`distinfer.predict.calibrate`), then predictions of the pp 2 and pp 3
      runs from it;
 prints predicted against measured output tokens/s and TPOT (p50) of every multi-stage run with its error, the
 median and 90th percentile of the absolute errors per model and overall (goal: median <= 10 %, p90 <= 20 %), and
 writes bench/results/prediction-<time>.json.
 
-    python -m bench.prediction [--models tiny,bench] [--new-tokens 32] [--reuse DIR]
+    python -m bench.prediction [--models tiny,bench] [--new-tokens 32] [--rounds 3] [--reuse DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ METRICS = ("tokens_per_s", "tpot")
 MEASURED = {"tiny": (32, 3), "bench": (8, 1)}  # model -> (prompts, repeats)
 
 
-def write_experiments(work: Path, name: str, model: dict, new_tokens: int) -> list[Path]:
+def write_experiments(work: Path, name: str, model: dict, new_tokens: int, round_: int) -> list[Path]:
     """One experiment file per batch size, each with pp 1, 2, 3 and micro-batches 1 (and 2 from batch 2): the runs
     a prediction is checked on run right after the one-stage runs it is calibrated on, within a minute or two (this
     shared machine's speed drifts from minute to minute)."""
@@ -42,9 +44,9 @@ def write_experiments(work: Path, name: str, model: dict, new_tokens: int) -> li
     prompts.write_text("\n".join(_renamed(lines[i % len(lines)], i) for i in range(count)) + "\n")
     configs = []
     for batch in (1, 2, 4, 8):
-        config = work / f"{name}-b{batch}.yaml"
+        config = work / f"{name}-b{batch}-r{round_}.yaml"
         config.write_text(json.dumps({
-            "name": f"pred-{name}-b{batch}", "model": {**model, "dtype": "float32"}, "reference": "none",
+            "name": f"pred-{name}-b{batch}-r{round_}", "model": {**model, "dtype": "float32"}, "reference": "none",
             "prompts": str(prompts), "generation": {"max_new_tokens": new_tokens, "sampling": "greedy"},
             "parallel": {"engine": "pipeline", "pp": [1, 2, 3], "microbatches": [1, 2] if batch > 1 else 1},
             "batch_size": batch, "benchmark": {"warmup": 1, "repeats": repeats}}))
@@ -71,7 +73,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def evaluate(folders: list[Path], probe: dict) -> tuple[dict, list[dict]]:
-    from distinfer.predict.calibrate import calibrate, errors, measured_runs, one_rank
+    from distinfer.predict.calibrate import calibrate, errors, measured_runs, median_of_repeats, one_rank
     from distinfer.predict.hardware import LINKS
     from distinfer.predict.model import Efficiency, Machine
     from distinfer.profiles import HARDWARE
@@ -79,7 +81,8 @@ def evaluate(folders: list[Path], probe: dict) -> tuple[dict, list[dict]]:
     machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], probe, local=True)
     calibration = calibrate(folders, machine)
     efficiency = {e: Efficiency(**v) for e, v in calibration["efficiency"].items()}
-    split = [m for folder in folders for m in measured_runs(folder) if not one_rank(m.run)]
+    measured = median_of_repeats([m for folder in folders for m in measured_runs(folder)])
+    split = [m for m in measured if not one_rank(m.run)]
     rows = [row for row in errors(split, machine, efficiency) if row["metric"] in METRICS]
     return calibration, rows
 
@@ -94,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,bench")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="times the whole sweep is measured (median of them)")
     parser.add_argument("--reuse", type=Path, help="a folder of an earlier run of this bench: predict its runs again")
     args = parser.parse_args()
 
@@ -116,7 +120,7 @@ def main() -> None:
     models = {"tiny": {"path": str(build_tiny_model("tiny-llama"))}, "bench": {"path": str(build_model(cache_dir()))}}
     results, everything = {}, []
     for name in args.models.split(","):
-        configs = write_experiments(work, name, models[name], args.new_tokens)
+        configs = [c for r in range(args.rounds) for c in write_experiments(work, name, models[name], args.new_tokens, r)]
         folders = []
         for config in configs:
             folder = work / "outputs" / json.loads(config.read_text())["name"]
@@ -127,7 +131,7 @@ def main() -> None:
             folders.append(folder)
         calibration, rows = evaluate(folders, probe)
         fit = calibration["fit"]["pipeline"]
-        print(f"\n{name}: calibrated on {len(fit['runs'])} one-stage runs (median error "
+        print(f"\n{name}: calibrated on {len(fit['runs'])} one-stage runs, medians of {args.rounds} rounds (median error "
               f"{fit['median_abs_error']:.1%}): " + ", ".join(f"{k} {v:.3g}" for k, v in
                                                               calibration["efficiency"]["pipeline"].items()))
         print(f"{'run':30} {'metric':13} {'predicted':>10} {'measured':>10} {'error':>8}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,18 +56,26 @@ SLURM_ENV = {"SLURM_LOCAL_DIR": "/tmp/distinfer-test-slurm", "SLURM_LOCAL_PORT":
 def slurm() -> dict[str, str]:
     """A real two-node Slurm cluster on localhost, in its own state folder and ports; needs root.
 
-    Started by scripts/local-slurm.sh and stopped again by the PIDs in its PID files, also when a test fails.
+    Started by scripts/local-slurm.sh and stopped again by the PIDs in its PID files, also when a test fails;
+    its state folder in /tmp is removed once the daemons are down.
     """
+    import shutil
     import subprocess
 
     env = {**os.environ, **SLURM_ENV}
+    job_folders = set(Path("/tmp").glob("distinfer-job-*"))  # what a cancelled job leaves (its script is killed)
     up = subprocess.run(["bash", str(SLURM_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
     try:
         assert up.returncode == 0, up.stderr
         env["SLURM_CONF"] = f"{SLURM_ENV['SLURM_LOCAL_DIR']}/slurm.conf"
         yield env
     finally:
-        subprocess.run(["bash", str(SLURM_SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=300)
+        down = subprocess.run(["bash", str(SLURM_SCRIPT), "down"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        if down.returncode == 0:
+            shutil.rmtree(SLURM_ENV["SLURM_LOCAL_DIR"], ignore_errors=True)
+        for folder in set(Path("/tmp").glob("distinfer-job-*")) - job_folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_processes(run_dir: Path) -> dict[int, list[bytes]]:
@@ -92,15 +101,21 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
 
 
 def kill_run(run_dir: Path) -> None:
-    """SIGKILL whatever still works on the run: torchrun puts its ranks in their own sessions, so killing
-    the launcher's process group does not reach them."""
+    """SIGKILL whatever still works on the run (torchrun puts its ranks in their own sessions, so killing the
+    launcher's process group does not reach them), then remove the temporary folder the run's processes had
+    (the launcher, killed, could not)."""
+    import shutil
     import signal
 
-    for pid in run_processes(run_dir):
+    scratch = set()
+    for pid, environ in run_processes(run_dir).items():
+        scratch |= {v[len(b"TMPDIR="):].decode() for v in environ if v.startswith(b"TMPDIR=/tmp/distinfer-run-")}
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    for folder in scratch:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def wait_for_first_completion(run_dir: Path, timeout: float = 180) -> None:
@@ -112,3 +127,14 @@ def wait_for_first_completion(run_dir: Path, timeout: float = 180) -> None:
     while not (completions.is_file() and completions.read_text().strip()):
         assert time.monotonic() < deadline, "no completions appeared"
         time.sleep(0.1)
+
+
+UUID_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def left_in_tmp() -> set[Path]:
+    """What a run's processes could leave in /tmp: torchrun's folders, vLLM's files and sockets (named by a
+    UUID), the runs' own temporary folders. Compare before and after a run."""
+    return {p for p in Path("/tmp").iterdir()
+            if p.name.startswith(("torchelastic_", "distinfer-run-", "distinfer-job-", "vllm_dist_"))
+            or UUID_NAME.fullmatch(p.name)}

@@ -17,7 +17,7 @@ from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
 from distinfer.runtime.extensions import extensions_dir
 from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
 
-from conftest import kill_run, rank_pid, wait_for_first_completion
+from conftest import kill_run, left_in_tmp, rank_pid, wait_for_first_completion
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
@@ -49,6 +49,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     work = tmp_path_factory.mktemp("study")
     (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))
+    (work / "tmp-before.json").write_text(json.dumps(sorted(str(p) for p in left_in_tmp())))
     config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
                           "parallel: {engine: [reference, pipeline], pp: 2, microbatches: 2}\nbatch_size: 4\n")
     proc = cli("run", str(config), "--local", cwd=work)
@@ -67,6 +68,7 @@ def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
         (work / "stale-lock-left.json").write_text(json.dumps(stale_lock.exists()))
         stale_lock.unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (work / "tmp-after.json").write_text(json.dumps(sorted(str(p) for p in left_in_tmp())))
     return work
 
 
@@ -136,6 +138,9 @@ def test_deepspeed_tp2_equals_the_reference_and_shards_the_model(study: Path) ->
     # DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank) do not outlive the run
     before = set(json.loads((study / "shm-before.json").read_text()))
     assert {p.name for p in Path("/dev/shm").glob("deepspeed_*")} <= before
+    # nor does what torchrun writes to the temporary folder (the run's processes get one of their own)
+    left = set(json.loads((study / "tmp-after.json").read_text())) - set(json.loads((study / "tmp-before.json").read_text()))
+    assert not left, left
     # the stale build lock planted before the study did not stop it, and is gone: the first rank to build or
     # load an op (a pipeline rank's C++ decode ops, or DeepSpeed's all-reduce) removed it and said so, once
     assert json.loads((study / "stale-lock-left.json").read_text()) is False

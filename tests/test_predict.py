@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +77,11 @@ def _run(model: Path, prompts: Path, experiment: str, pp: int, batch: int, mb: i
                    batch_size=batch, warmup=0, repeats=1, timeout_s=60)
 
 
-def _write_bundle(outputs: Path, run: RunSpec, machine: Machine, truth: dict[str, Efficiency]) -> None:
+def _write_bundle(outputs: Path, run: RunSpec, machine: Machine, truth: dict[str, Efficiency],
+                  runtime: dict | None = None) -> None:
     p = predict_run(run, ModelFacts.from_config(CONFIG), machine, truth, prompt_lengths(run)[0])
     folder = outputs / run.experiment / run.run_id
-    atomic_write_json(folder / "run.json", {"schema": BUNDLE_SCHEMA, "run": run.to_dict()})
+    atomic_write_json(folder / "run.json", {"schema": BUNDLE_SCHEMA, "run": run.to_dict(), "runtime": runtime or {}})
     atomic_write_json(folder / "summary.json", {"status": "ok", "tpot_s": {"p50": p.tpot_s}, "ttft_s": {"mean": p.ttft_s},
                                                 "output_tokens_per_s": p.output_tokens_per_s})
 
@@ -106,6 +108,51 @@ def test_calibration_recovers_known_parameters_from_synthetic_runs(tmp_path: Pat
     held_out = predict_run(two, ModelFacts.from_config(CONFIG), machine, eff, prompt_lengths(two)[0])
     exact = predict_run(two, ModelFacts.from_config(CONFIG), machine, {"pipeline": truth}, prompt_lengths(two)[0])
     assert held_out.tpot_s == pytest.approx(exact.tpot_s, rel=0.02)
+
+
+def test_served_runs_are_predicted_with_the_fit_of_the_offline_experiment_analysed_beside_them(tmp_path: Path):
+    """A serving study has no one-rank offline runs of its engine: the analysis fits the pipeline on those of an
+    experiment analysed with it (same hardware), predicts the served runs from that fit, and says where the fit
+    came from; alone, the served runs are predicted with the defaults and say so."""
+    from distinfer.plan import expand
+    from distinfer.predict.probe import PROBE_VERSION, probe_path
+    from distinfer.predict.serving import predict_serving
+    from distinfer.predict.study import predicted_against_measured
+    from distinfer.spec import load_experiment
+
+    model, prompts = _model(tmp_path), _prompts(tmp_path)
+    probe = {**PROBE, "version": PROBE_VERSION, "handoff_s": 3e-4}
+    cache = tmp_path / "cache"
+    atomic_write_json(probe_path(cache, len(os.sched_getaffinity(0))), probe)
+    machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], probe, local=True)
+    truth = {"pipeline": Efficiency(compute=0.6, memory=1.0, step_s=8e-4, batch_s=5e-3, cycle_s=3e-4)}
+    runtime = {"device": "cpu", "hostnames": ["node"]}
+    for batch in (1, 2, 4, 8):
+        for mb in (1, 2) if batch > 1 else (1,):
+            _write_bundle(tmp_path / "outputs", _run(model, prompts, "offline", 1, batch, mb), machine, truth, runtime)
+    config = tmp_path / "served.yaml"
+    config.write_text(f"name: served\nmodel: {{builtin: tiny-llama}}\nprompts: {prompts}\nreference: none\n"
+                      "generation: {max_new_tokens: 16}\nparallel: {engine: pipeline, pp: [1, 2]}\n"
+                      "scenario: {kind: serving, rate: [2, inf], requests: 16}\n")
+    served = [dataclasses.replace(r, model_path=str(model), builtin=None)  # the synthetic model's sizes
+              for r in expand(load_experiment(config), config)]
+    assert len(served) == 4 and all(r.serving for r in served)
+    for run in served:
+        p = predict_serving(run, ModelFacts.from_config(CONFIG), machine, truth, prompt_lengths(run)[0])
+        folder = tmp_path / "outputs" / "served" / run.run_id
+        atomic_write_json(folder / "run.json", {"schema": BUNDLE_SCHEMA, "run": run.to_dict(), "runtime": runtime})
+        atomic_write_json(folder / "summary.json", {"status": "ok", "tpot_s": {"p50": p.tpot_s},
+                                                    "ttft_s": {"mean": p.ttft_s},
+                                                    "output_tokens_per_s": p.output_tokens_per_s})
+    outputs = [tmp_path / "outputs" / "offline", tmp_path / "outputs" / "served"]
+    table = predicted_against_measured(outputs[1], cache, outputs)
+    assert set(table["run_id"]) == {r.run_id for r in served} and set(table["metric"]) == {"tpot", "ttft",
+                                                                                           "tokens_per_s"}
+    assert (table["calibration"] == "the one-rank runs of offline").all() and not table["calibrated_on"].any()
+    assert table["error"].abs().max() < 0.03, table
+    alone = predicted_against_measured(outputs[1], cache)
+    assert (alone["calibration"] == "uncalibrated").all() and len(alone) == len(table)
+    assert alone["error"].abs().max() > 0.1, "the defaults are not the truth: the borrowed fit made the difference"
 
 
 def test_calibration_needs_one_rank_runs(tmp_path: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -288,6 +289,11 @@ def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path:
     assert set(correctness.index) == set(served)
     assert (correctness["exact_match_rate"] == 1.0).all() and (correctness["reference"] == "reference-b1-fp32").all()
     assert (correctness["prompts"] == 13).all(), "every prompt served once: the warm-up one and twelve more"
+    runtime = json.loads((out / served[0] / "run.json").read_text())["runtime"]
+    assert runtime["device"] == "cpu" and runtime["hostnames"] == [os.uname().nodename], runtime
+    prediction = pd.read_csv(tmp_path / "a/study/prediction.csv")
+    assert set(served) <= set(prediction["run_id"]), "served runs are set beside their predictions"
+    assert (prediction["predicted"] > 0).all()
     knee = pd.read_csv(tmp_path / "a/study/serving_knee.csv")
     assert sorted(knee["world_size"]) == [1, 2] and (knee["loads_measured"] == 2).all(), "one row per layout"
     plots = {p.stem for p in (tmp_path / "a/study/plots").glob("*.svg")}

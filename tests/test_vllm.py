@@ -17,6 +17,8 @@ from distinfer.serving.vllm import serve_command, server_env, thread_binding
 from distinfer.slurm import render_sbatch
 from distinfer.spec import SpecError, load_experiment
 
+from conftest import left_in_tmp
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "prompts" / "correctness.jsonl"
 
@@ -118,7 +120,7 @@ def test_vllm_offline_beside_the_pipeline_equals_the_reference(tmp_path: Path, v
     """`engine: [pipeline, vllm]` with the defaults of everything else (reference: auto, batch_size 4): vLLM's run
     measures the same batches through `vllm serve`, its bundle has the same contract, its tokens equal the
     reference's, and the analysis puts both engines in one table."""
-    before_processes, before_shm = vllm_processes(), shm_files()
+    before_processes, before_shm, before_tmp = vllm_processes(), shm_files(), left_in_tmp()
     config = experiment(tmp_path, "generation: {max_new_tokens: 12}\nparallel: {engine: [pipeline, vllm]}\n"
                         f"batch_size: 4\nvllm: {{python: {vllm_python}}}\n")
     proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
@@ -141,6 +143,7 @@ def test_vllm_offline_beside_the_pipeline_equals_the_reference(tmp_path: Path, v
     assert len(reference) == 20 and completions(run) == reference == completions(out / "pipeline-pp1-b4-mb1-fp32")
     assert vllm_processes() <= before_processes, "the vLLM server and its engine process are stopped"
     assert shm_files() <= before_shm
+    assert left_in_tmp() <= before_tmp, "vLLM's sockets went with the run's temporary folder"
     analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(out), "--out", str(tmp_path / "a")],
                               capture_output=True, text=True, timeout=300)
     assert analysis.returncode == 0 and "0 problem(s)" in analysis.stdout, analysis.stdout + analysis.stderr
@@ -157,7 +160,7 @@ def test_a_vllm_serving_job_on_slurm_serves_the_reference_tokens(slurm, tmp_path
     """A serving job of engine vllm on the real local cluster: vLLM's CPU backend runs on one node (it has no
     multi-node launch on CPU), the load runs beside it, the job stops the server and ends ok; the served tokens
     equal the offline reference's."""
-    before_processes = vllm_processes()
+    before_processes, before_tmp = vllm_processes(), left_in_tmp()
     config = experiment(tmp_path, "generation: {max_new_tokens: 8}\nparallel: {engine: vllm}\n"
                         "scenario: {kind: serving, rate: 8, requests: 8, warmup_requests: 1}\n"
                         f"vllm: {{python: {vllm_python}}}\n"
@@ -181,6 +184,7 @@ def test_a_vllm_serving_job_on_slurm_serves_the_reference_tokens(slurm, tmp_path
     run_json = json.loads((served / "run.json").read_text())
     assert run_json["provenance"]["vllm"]["version"].startswith("0.32") and run_json["runtime"]["device"] == "cpu"
     assert vllm_processes() <= before_processes, "the job stopped vLLM's server"
+    assert left_in_tmp() <= before_tmp, "vLLM's sockets went with the job's temporary folder"
 
 
 def test_a_missing_vllm_environment_fails_the_run_with_its_reason(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001

@@ -474,7 +474,7 @@ def analyze(
         if not folder.is_dir():
             errors.print(f"error: {folder} is not an experiment folder (expected outputs/<experiment>)")
             raise typer.Exit(2)
-        result = analyze_experiment(folder, out)
+        result = analyze_experiment(folder, out, experiments)
         results.append(result)
         console.print(f"{folder.name}: {result.runs} run(s) analysed, {len(result.problems)} problem(s) listed; "
                       f"report: {result.out / 'report.html'}", highlight=False)

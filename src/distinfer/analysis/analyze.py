@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +37,15 @@ def changed_column(runs) -> str | None:  # noqa: ANN001
     return varying[0] if len(varying) == 1 else None
 
 
-def _prediction(experiment_dir: Path, loaded) -> pd.DataFrame:  # noqa: ANN001 - a LoadedExperiment
-    """Predicted against measured for every offline run (predict/study.py); a run the model cannot predict
-    becomes a problem line, never a failed analysis."""
+def _prediction(experiment_dir: Path, loaded, others: Sequence[Path]) -> pd.DataFrame:  # noqa: ANN001
+    """Predicted against measured for every run (predict/study.py), calibrated on one-rank runs of this
+    experiment or of `others` analysed with it; a run the model cannot predict becomes a problem line, never a
+    failed analysis."""
     from distinfer.models.tiny import cache_dir
     from distinfer.predict.study import predicted_against_measured
 
     try:
-        return predicted_against_measured(experiment_dir, cache_dir())
+        return predicted_against_measured(experiment_dir, cache_dir(), others)
     except (ImportError, ValueError, OSError) as exc:
         loaded.problems.append({"run_id": "(prediction)", "problem": f"not predicted: {exc}"})
         return pd.DataFrame()
@@ -58,8 +60,9 @@ class AnalysisResult:
     study: str = "matrix"
 
 
-def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
-    """Load the bundles, write results.parquet/.csv, metrics.json, plots (PNG+SVG) and report.md/.html."""
+def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = ()) -> AnalysisResult:
+    """Load the bundles, write results.parquet/.csv, metrics.json, plots (PNG+SVG) and report.md/.html; `others`:
+    experiments analysed with this one (their one-rank runs calibrate the prediction where this has none)."""
     loaded = load_experiment_outputs(experiment_dir)
     out = analysis_root / loaded.name
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def analyze(experiment_dir: Path, analysis_root: Path) -> AnalysisResult:
         "experts": experts(loaded.ranks),
         "serving": served,
         "serving_knee": serving_knee(served),
-        "prediction": _prediction(experiment_dir, loaded),
+        "prediction": _prediction(experiment_dir, loaded, others),
     }
     # Only the tables that apply to this study's runs are written: no empty files without a header.
     tables = {name: frame for name, frame in tables.items() if name == "results" or not frame.empty}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,17 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def scratch_env(scratch: str) -> dict[str, str]:
+    """TMPDIR set to `scratch`, with PyTorch's compile cache (TORCHINDUCTOR_CACHE_DIR) left where it would be
+    without it, so that compiled kernels outlive the folder."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = str(os.getuid())
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return {"TMPDIR": scratch, "TORCHINDUCTOR_CACHE_DIR": inductor}
+
+
 def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
     """The ranks under a local torchrun; a serving run, and any run of engine vllm, is one load-generator
     process (which starts the run's server)."""
@@ -57,9 +70,12 @@ class LocalLauncher(Launcher):
     name = "local"
 
     def launch(self, run: RunSpec, bundle: RunBundle) -> str:
-        with (bundle.root / "launcher.log").open("w") as log:
+        """The run's processes see a temporary folder of their own (TMPDIR), removed when they end: what they
+        leave there (torchrun's folders, vLLM's sockets) goes with it. Compile caches keep their usual place."""
+        with (tempfile.TemporaryDirectory(prefix="distinfer-run-") as scratch,
+              (bundle.root / "launcher.log").open("w") as log):
             proc = subprocess.run(torchrun_command(run, bundle), stdout=log, stderr=subprocess.STDOUT,
-                                  env=worker_env(), check=False)
+                                  env=worker_env(scratch_env(scratch)), check=False)
         summary = finalize_run(bundle.root, proc.returncode)
         return str(summary.get("status", "failed")) if summary else "failed"
 

@@ -4,7 +4,8 @@ Only runs of one rank are used (the pipeline engine with pp 1, tp 1, ep 1, any m
 they hold no messages between stages and no collectives, so what the model predicts for a split layout rests on
 what it learnt from one device and on the link profiles. Each finished offline run gives three observations (TPOT
 p50, TTFT mean, output tokens/s); the parameters minimise the squared log ratio of predicted to measured over all
-of them. The result is stored with the observations it came from and how well it fits them.
+of them; a run measured in several folders counts once, at the median of its measurements. The result is stored
+with the observations it came from and how well it fits them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def predicted(p: Prediction, metric: str) -> float:
 
 
 def measured_runs(folder: Path) -> list[MeasuredRun]:
-    """The finished offline runs of an experiment folder (outputs/EXP), skipping anything unreadable."""
+    """The finished runs of an experiment folder (outputs/EXP), offline and served by a server of the run's own
+    (not an endpoint's), skipping anything unreadable."""
     from distinfer.plan import RunSpec
 
     runs = []
@@ -64,13 +66,36 @@ def measured_runs(folder: Path) -> list[MeasuredRun]:
             run = RunSpec.from_dict(run_json["run"])
         except (KeyError, TypeError):
             continue
-        if run.serving or run.engine == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
+        if run.engine == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
             continue
         runs.append(MeasuredRun(run_dir, run, summary, run_json.get("runtime") or {}))
     return runs
 
 
+def median_of_repeats(runs: list[MeasuredRun]) -> list[MeasuredRun]:
+    """One MeasuredRun per distinct run (the same spec measured in several folders, as a study repeated to even out
+    a shared machine's drift), at the median of its measurements of each metric; runs measured once unchanged."""
+    groups: dict[str, list[MeasuredRun]] = {}
+    for m in runs:
+        spec = {k: v for k, v in m.run.to_dict().items() if k != "experiment"}
+        groups.setdefault(json.dumps(spec, sort_keys=True, default=str), []).append(m)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        values = {k: [v for v in (m.measured(k) for m in group) if v] for k in METRICS}
+        middle = {k: statistics.median(v) if v else None for k, v in values.items()}
+        summary = {**group[0].summary, "tpot_s": {"p50": middle["tpot"]}, "ttft_s": {"mean": middle["ttft"]},
+                   "output_tokens_per_s": middle["tokens_per_s"], "measurements": len(group)}
+        out.append(MeasuredRun(group[0].folder, group[0].run, summary, group[0].runtime))
+    return out
+
+
 def one_rank(run) -> bool:  # noqa: ANN001
+    """An offline run of one rank: what calibration fits on."""
+    if run.serving:
+        return False
     return run.engine == "reference" or (run.engine in ("pipeline", "vllm") and run.pp == 1 and run.tp == 1
                                          and run.ep == 1)
 
@@ -86,9 +111,12 @@ def _facts(model_path: str) -> ModelFacts:
 
 def errors(runs: list[MeasuredRun], machine: Machine, efficiency: dict[str, Efficiency]) -> list[dict]:
     """Predicted against measured for each run and metric: {run_id, metric, measured, predicted, error}."""
+    from distinfer.predict.serving import predict_serving
+
     out = []
     for m in runs:
-        p = predict_run(m.run, facts_of(m.run), machine, efficiency, prompt_lengths(m.run)[0])
+        predict = predict_serving if m.run.serving else predict_run
+        p = predict(m.run, facts_of(m.run), machine, efficiency, prompt_lengths(m.run)[0])
         for metric in METRICS:
             value = m.measured(metric)
             if value:
@@ -175,7 +203,7 @@ def fit_engines(runs: list[MeasuredRun], machine: Machine) -> dict[str, Efficien
 
 def calibrate(folders: list[Path], machine: Machine) -> dict:
     """Fit each engine's Efficiency on the one-rank runs under `folders`; CalibrationError where there are none."""
-    runs = [m for folder in folders for m in measured_runs(folder)]
+    runs = median_of_repeats([m for folder in folders for m in measured_runs(folder)])
     usable = [m for m in runs if one_rank(m.run)]
     if not usable:
         names = ", ".join(str(f) for f in folders)

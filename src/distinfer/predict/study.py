@@ -4,13 +4,14 @@ a goal, and the assumptions to print beside them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.memory import ModelFacts
-from distinfer.predict.calibrate import load_calibration
+from distinfer.predict.calibrate import load_calibration, one_rank
 from distinfer.predict.hardware import LINKS, load_hardware_file
-from distinfer.predict.model import Efficiency, Machine, Prediction, predict_run
+from distinfer.predict.model import FALLBACK, Efficiency, Machine, Prediction, predict_run
 from distinfer.predict.workload import prompt_lengths
 from distinfer.profiles import HARDWARE, HardwareProfile
 from distinfer.spec import Experiment
@@ -126,38 +127,58 @@ def profile_of_bundle(runtime: dict) -> str | None:
     return None
 
 
-def predicted_against_measured(folder: Path, probe_cache: Path | None = None):  # noqa: ANN201 - a DataFrame
-    """Every finished offline run of an experiment folder predicted and measured (TPOT p50, TTFT mean, output
-    tokens/s), with the error of each. The model is calibrated on the folder's own one-rank runs (its references,
-    its pp 1 runs), else on its calibration.json, else left at the defaults; the `calibration` column says which.
+def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  # noqa: ANN201 - a DataFrame
+                               others: Sequence[Path] = ()):
+    """Every finished run of an experiment folder, offline and served, predicted and measured (TPOT p50, TTFT
+    mean, output tokens/s), with the error of each. The model is calibrated on the folder's own one-rank offline
+    runs (its references, its pp 1 runs); an engine without any there borrows the one-rank runs of that engine in
+    `others` (experiments analysed together, measured on the same hardware: a serving study beside an offline
+    one); without either, the folder's calibration.json, else the defaults. The `calibration` column says which.
     Empty where no run's hardware is known to the model."""
     import pandas as pd
 
-    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, measured_runs, one_rank
+    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines
 
-    runs = measured_runs(folder)
-    by_profile: dict[str, list] = {}
-    for m in runs:
-        profile = profile_of_bundle(m.runtime)
-        if profile and (profile != "cpu" or len(m.runtime.get("hostnames") or []) <= 1):
-            by_profile.setdefault(profile, []).append(m)
     rows = []
-    for profile, group in by_profile.items():
+    for profile, group in _by_profile(folder).items():
         machine = _bundle_machine(profile, probe_cache)
-        ones = [m for m in group if one_rank(m.run)]
-        if len(ones) > MAX_CALIBRATION_RUNS:
-            ones = [ones[round(i * (len(ones) - 1) / (MAX_CALIBRATION_RUNS - 1))] for i in range(MAX_CALIBRATION_RUNS)]
+        ones = _evenly([m for m in group if one_rank(m.run)])
+        missing = {m.run.engine for m in group} - {m.run.engine for m in ones}
+        borrowed = _evenly([m for other in others if other.resolve() != folder.resolve()
+                            for m in _by_profile(other).get(profile, []) if one_rank(m.run) and m.run.engine in missing])
         stored = folder / CALIBRATION_FILE
-        if ones:
-            efficiency, source = fit_engines(ones, machine), "this experiment's one-rank runs"
-        elif stored.is_file():
-            efficiency, source = load_calibration(stored), str(stored)
-        else:
-            efficiency, source = {}, "uncalibrated"
+        efficiency = {**(load_calibration(stored) if stored.is_file() else {}),
+                      **(fit_engines(ones + borrowed, machine) if ones or borrowed else {})}
+        sources = {**{e: str(stored) for e in efficiency},
+                   **{m.run.engine: "the one-rank runs of " + ", ".join(sorted({b.folder.parent.name for b in borrowed}))
+                      for m in borrowed},
+                   **{m.run.engine: "this experiment's one-rank runs" for m in ones}}
         for row in errors(group, machine, efficiency):
+            used = next((e for e in FALLBACK.get(row["engine"], (row["engine"],)) if e in efficiency), None)
+            source = "uncalibrated" if used is None else sources[used] + ("" if used == row["engine"] else
+                                                                          f" (the {used} engine's fit)")
             one = any(m.run.run_id == row["run_id"] for m in ones)
             rows.append({**row, "profile": profile, "calibration": source, "calibrated_on": one})
     return pd.DataFrame(rows)
+
+
+def _by_profile(folder: Path) -> dict[str, list]:
+    """The folder's measured runs by the hardware profile they ran on (one machine's runs only, on CPU)."""
+    from distinfer.predict.calibrate import measured_runs
+
+    out: dict[str, list] = {}
+    for m in measured_runs(folder):
+        profile = profile_of_bundle(m.runtime)
+        if profile and (profile != "cpu" or len(m.runtime.get("hostnames") or []) <= 1):
+            out.setdefault(profile, []).append(m)
+    return out
+
+
+def _evenly(runs: list) -> list:
+    """At most MAX_CALIBRATION_RUNS of the runs, evenly chosen."""
+    if len(runs) <= MAX_CALIBRATION_RUNS:
+        return runs
+    return [runs[round(i * (len(runs) - 1) / (MAX_CALIBRATION_RUNS - 1))] for i in range(MAX_CALIBRATION_RUNS)]
 
 
 def _bundle_machine(profile: str, probe_cache: Path | None) -> Machine:

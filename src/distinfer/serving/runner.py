@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -129,24 +130,41 @@ def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int |
     except EndpointError as exc:
         raise EndpointError(f"{name}: {exc}; see {run_dir / 'server.log'}") from None
     body = sampling_body(run)
+    record_server(run_dir, run, url)
     if run.engine == "vllm":
-        record_vllm(run_dir, url)
         body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
     return Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)), body)
 
 
-def record_vllm(run_dir: Path, url: str) -> None:
-    """run.json gains what ran: vLLM's version (from its server), its command and VLLM_* settings (vllm.json,
-    written by the server's start), as provenance, and the device and host as the run's runtime."""
-    from distinfer.serving.vllm import server_version
-
-    started = read_json(run_dir / "vllm.json") or {}
+def record_server(run_dir: Path, run: RunSpec, url: str) -> None:
+    """run.json gains where the run's own server ran, as its runtime: the device and host from the server's
+    GET /version (distinfer's), or from vllm.json, which vLLM's start writes, with vLLM's version, command and
+    VLLM_* settings as provenance."""
+    info = server_version(url)
+    if run.engine == "vllm":
+        started = read_json(run_dir / "vllm.json") or {}
+        runtime = {"device": started.get("device", "?"), "hostnames": [started.get("host", "?")], "engine": "vllm"}
+        provenance = {"vllm": {"version": info.get("version"), "command": started.get("command"),
+                               "env": started.get("env")}}
+    else:
+        runtime = {"device": info.get("device", "?"), "hostnames": [info.get("hostname", "?")],
+                   "engine": run.engine, **{k: v for k, v in info.items() if k not in ("device", "hostname",
+                                                                                      "version", "engine")}}
+        provenance = {}
     run_json = read_json(run_dir / "run.json") or {}
-    run_json.setdefault("provenance", {})["vllm"] = {"version": server_version(url), "command": started.get("command"),
-                                                     "env": started.get("env")}
-    run_json["runtime"] = {"device": started.get("device", "?"), "hostnames": [started.get("host", "?")],
-                           "engine": "vllm"}
+    run_json.setdefault("provenance", {}).update(provenance)
+    run_json["runtime"] = runtime
     atomic_write_json(run_dir / "run.json", run_json)
+
+
+def server_version(url: str) -> dict:
+    """The server's GET /version (vLLM's: its version; distinfer's: its version, device and host), or {}."""
+    try:
+        with urllib.request.urlopen(url + "/version", timeout=5) as response:
+            info = json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def loopback_port() -> int:

@@ -172,10 +172,14 @@ def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...
                 positions: int | None, host: str, port: int, max_batch: int) -> None:
     import uvicorn
 
+    from distinfer.runtime.monitor import gpu_facts
     from distinfer.serving.engine import ServingEngine
     from distinfer.serving.server import create_app
 
     engine = ServingEngine(stage, link, eos, max_batch, positions, peers)
+    device = stage.device
+    facts = {"device": str(device), "hostname": os.uname().nodename, "world_size": run.world_size,
+             **gpu_facts(device.index if device.type == "cuda" else None)}
 
     def run_engine() -> None:
         engine.run_forever()
@@ -189,7 +193,7 @@ def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
     try:
-        uvicorn.run(create_app(engine, tokenizer, served_name(run)), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(engine, tokenizer, served_name(run), facts), host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=5)
     finally:
         engine.stop()

@@ -64,9 +64,15 @@ class _Detokenizer:
         return piece
 
 
-def create_app(engine: ServingEngine, tokenizer, model_name: str) -> FastAPI:  # noqa: ANN001, C901
+def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN001, C901
+               facts: dict | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; `facts` (the device and host it serves from) answer GET /version
+    beside distinfer's version, as vLLM's server answers its own."""
+    from distinfer import __version__
+
     app = FastAPI(title="distinfer", docs_url=None, redoc_url=None)
     started = int(time.time())
+    version = {"version": __version__, "engine": "distinfer", **(facts or {})}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat() -> HTMLResponse:
@@ -77,6 +83,10 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str) -> FastAPI:  #
         if engine.failure is not None:
             return PlainTextResponse(f"engine stopped: {engine.failure}", status_code=503)
         return PlainTextResponse("ok")
+
+    @app.get("/version")
+    async def version_info() -> dict:
+        return version
 
     @app.get("/v1/models")
     async def models() -> dict:

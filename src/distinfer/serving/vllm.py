@@ -10,11 +10,9 @@ experiment's `vllm` section adds the rest. The server runs in its own process gr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -94,15 +92,6 @@ def server_env(run: RunSpec, environ: Mapping[str, str], cores: list[int]) -> di
         env["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, run.layers))
     env.update((run.vllm or {}).get("env", {}))
     return env
-
-
-def server_version(url: str) -> str | None:
-    """vLLM's version as its server reports it (GET /version), or None."""
-    try:
-        with urllib.request.urlopen(url + "/version", timeout=5) as response:
-            return str(json.loads(response.read()).get("version"))
-    except (OSError, ValueError):
-        return None
 
 
 def leftovers() -> set[Path]:
