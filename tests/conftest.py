@@ -107,15 +107,22 @@ def kill_run(run_dir: Path) -> None:
     import shutil
     import signal
 
-    scratch = set()
-    for pid, environ in run_processes(run_dir).items():
-        scratch |= {v[len(b"TMPDIR="):].decode() for v in environ if v.startswith(b"TMPDIR=/tmp/distinfer-run-")}
+    scratch = run_scratch(run_dir)
+    for pid in run_processes(run_dir):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     for folder in scratch:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_scratch(run_dir: Path) -> set[str]:
+    """The temporary folders (TMPDIR) of the processes working on a local run: its launcher removes it when it
+    ends, which a launcher killed by a signal cannot."""
+    prefix = b"TMPDIR=/tmp/distinfer-run-"
+    return {v[len(b"TMPDIR="):].decode() for environ in run_processes(run_dir).values() for v in environ
+            if v.startswith(prefix)}
 
 
 def wait_for_first_completion(run_dir: Path, timeout: float = 180) -> None:

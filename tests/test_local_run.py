@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
 from distinfer.runtime.extensions import extensions_dir
 from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
 
-from conftest import kill_run, left_in_tmp, rank_pid, wait_for_first_completion
+from conftest import kill_run, left_in_tmp, rank_pid, run_scratch, wait_for_first_completion
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
@@ -197,8 +198,10 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
     run_dir = tmp_path / "outputs" / "t" / "pipeline-pp2-b1-mb1-fp32"
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    scratch: set[str] = set()
     try:
         wait_for_first_completion(run_dir)
+        scratch = run_scratch(run_dir)  # the launcher, stopped by SIGTERM, leaves it
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         deadline = time.monotonic() + 30  # the ranks write on their own (torchrun gives them their own sessions)
@@ -207,6 +210,8 @@ def test_sigterm_makes_every_rank_write_its_state(tmp_path: Path, tiny_models) -
             time.sleep(0.1)
     finally:
         stop_everything(proc, run_dir)
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "cancelled" and "SIGTERM" in summary["error"]
     for rank in (0, 1):

@@ -70,8 +70,9 @@ class LocalLauncher(Launcher):
     name = "local"
 
     def launch(self, run: RunSpec, bundle: RunBundle) -> str:
-        """The run's processes see a temporary folder of their own (TMPDIR), removed when they end: what they
-        leave there (torchrun's folders, vLLM's sockets) goes with it. Compile caches keep their usual place."""
+        """The run's processes see a temporary folder of their own (TMPDIR), removed when they end (not if this
+        process is killed by a signal): what they leave there (torchrun's folders, vLLM's sockets) goes with it.
+        Compile caches keep their usual place."""
         with (tempfile.TemporaryDirectory(prefix="distinfer-run-") as scratch,
               (bundle.root / "launcher.log").open("w") as log):
             proc = subprocess.run(torchrun_command(run, bundle), stdout=log, stderr=subprocess.STDOUT,
