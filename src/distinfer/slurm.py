@@ -70,6 +70,15 @@ def profiler_prefix(run: RunSpec, run_dir: Path) -> list[str]:
     return ["nsys", "profile", "--trace=cuda,nvtx,osrt", "--force-overwrite=true", f"--output={run_dir}/nsys-%h-%p"]
 
 
+JOB_TMP_LINES = """\
+# What the processes leave in the temporary folder (torchrun's folders, vLLM's sockets) goes to a folder of this
+# job's on its first node, removed when the run ends (not when the job is cancelled; other nodes, without it, use
+# their own); PyTorch's compile cache keeps its usual place.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/torchinductor_$(id -un)}
+JOB_TMP=$(mktemp -d "${TMPDIR:-/tmp}/distinfer-job-XXXXXX")
+export TMPDIR=$JOB_TMP"""  # the job and vLLM scripts; each removes $JOB_TMP once its run's processes have ended
+
+
 def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, run_dir: Path) -> str:
     """The job script of one run (a pure function of its arguments)."""
     if run.engine == "endpoint":
@@ -116,6 +125,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "run_dir": shlex.quote(str(run_dir)),
         "python": shlex.quote(worker_python(cluster, container)),
         "ranks_per_node": str(shape.ranks_per_node),
+        "job_tmp_lines": JOB_TMP_LINES,
         "launch_prefix": " ".join(shlex.quote(part) for part in launch),
         # Quoted even where shlex would not: shellcheck reads a bare comma in an array as a mistake (SC2054).
         "profile_prefix": " ".join(f"'{part}'" if "," in part and "'" not in part else shlex.quote(part)

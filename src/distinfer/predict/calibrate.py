@@ -111,12 +111,11 @@ def _facts(model_path: str) -> ModelFacts:
 
 def errors(runs: list[MeasuredRun], machine: Machine, efficiency: dict[str, Efficiency]) -> list[dict]:
     """Predicted against measured for each run and metric: {run_id, metric, measured, predicted, error}."""
-    from distinfer.predict.serving import predict_serving
+    from distinfer.predict.serving import predict_any
 
     out = []
     for m in runs:
-        predict = predict_serving if m.run.serving else predict_run
-        p = predict(m.run, facts_of(m.run), machine, efficiency, prompt_lengths(m.run)[0])
+        p = predict_any(m.run, facts_of(m.run), machine, efficiency, prompt_lengths(m.run)[0])
         for metric in METRICS:
             value = m.measured(metric)
             if value:

@@ -47,6 +47,13 @@ FALLBACK = {  # whose calibration an engine borrows when it has none of its own:
     "reference": ("reference",),
     "deepspeed": ("deepspeed", "reference"),
 }
+
+
+def fit_used(engine: str, efficiency: dict[str, Efficiency]) -> str | None:
+    """Whose fit in `efficiency` predicts `engine`: its own, or the one it borrows (FALLBACK); None: the defaults."""
+    return next((e for e in FALLBACK.get(engine, (engine,)) if e in efficiency), None)
+
+
 NO_LINK = Link("none", math.inf, 0.0, "one stage: no message")
 
 
@@ -149,7 +156,8 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
     """Predicted TTFT (mean over requests), TPOT, output tokens/s and per-rank busy time of an offline run
     (a plan.RunSpec) over prompts of the given token lengths, every request generating max_new_tokens."""
     engine = run.engine
-    eff = next((efficiency[e] for e in FALLBACK.get(engine, (engine,)) if e in efficiency), Efficiency())
+    fitted = fit_used(engine, efficiency)
+    eff = efficiency[fitted] if fitted else Efficiency()
     pp = run.pp if engine in ("pipeline", "vllm") else 1
     tp = run.tp if engine in ("pipeline", "deepspeed", "vllm") else 1
     ep = run.ep if engine == "pipeline" else 1

@@ -74,3 +74,10 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
     wall = tokens / tokens_per_s
     share = [b / alone.wall_s for b in alone.rank_busy_s] if alone.wall_s else []
     return Prediction(run.run_id, ttft, tpot, tokens_per_s, wall, tokens, [min(1.0, s) * wall for s in share])
+
+
+def predict_any(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],  # noqa: ANN001
+                prompt_tokens: list[int]) -> Prediction:
+    """A served run's prediction (predict_serving), or an offline run's (model.predict_run)."""
+    predict = predict_serving if run.serving else predict_run
+    return predict(run, facts, machine, efficiency, prompt_tokens)

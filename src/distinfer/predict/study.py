@@ -11,7 +11,7 @@ from pathlib import Path
 from distinfer.memory import ModelFacts
 from distinfer.predict.calibrate import load_calibration, one_rank
 from distinfer.predict.hardware import LINKS, load_hardware_file
-from distinfer.predict.model import FALLBACK, Efficiency, Machine, Prediction, predict_run
+from distinfer.predict.model import Efficiency, Machine, Prediction, fit_used
 from distinfer.predict.workload import prompt_lengths
 from distinfer.profiles import HARDWARE, HardwareProfile
 from distinfer.spec import Experiment
@@ -58,7 +58,7 @@ def efficiency_for(calibration: Path | None) -> tuple[dict[str, Efficiency], str
 
 def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],
                  fits: dict[str, bool] | None = None) -> list[Predicted]:
-    from distinfer.predict.serving import predict_serving
+    from distinfer.predict.serving import predict_any
 
     out = []
     for run in runs:
@@ -66,9 +66,8 @@ def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: di
             out.append(Predicted(run, None, True))
             continue
         lengths, exact = prompt_lengths(run)
-        predict = predict_serving if run.serving else predict_run
-        out.append(Predicted(run, predict(run, facts, machine, efficiency, lengths), (fits or {}).get(run.run_id, True),
-                             exact))
+        out.append(Predicted(run, predict_any(run, facts, machine, efficiency, lengths),
+                             (fits or {}).get(run.run_id, True), exact))
     return out
 
 
@@ -145,7 +144,8 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
         ones = _evenly([m for m in group if one_rank(m.run)])
         missing = {m.run.engine for m in group} - {m.run.engine for m in ones}
         borrowed = _evenly([m for other in others if other.resolve() != folder.resolve()
-                            for m in _by_profile(other).get(profile, []) if one_rank(m.run) and m.run.engine in missing])
+                            for m in _by_profile(other).get(profile, []) if one_rank(m.run) and m.run.engine in missing]
+                           ) if missing else []  # the others' bundles are read only where an engine lacks a fit
         stored = folder / CALIBRATION_FILE
         efficiency = {**(load_calibration(stored) if stored.is_file() else {}),
                       **(fit_engines(ones + borrowed, machine) if ones or borrowed else {})}
@@ -154,7 +154,7 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
                       for m in borrowed},
                    **{m.run.engine: "this experiment's one-rank runs" for m in ones}}
         for row in errors(group, machine, efficiency):
-            used = next((e for e in FALLBACK.get(row["engine"], (row["engine"],)) if e in efficiency), None)
+            used = fit_used(row["engine"], efficiency)
             source = "uncalibrated" if used is None else sources[used] + ("" if used == row["engine"] else
                                                                           f" (the {used} engine's fit)")
             one = any(m.run.run_id == row["run_id"] for m in ones)
