@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +20,7 @@ from distinfer.plan import RunSpec, run_id_for
 from distinfer.predict.calibrate import CalibrationError, calibrate, load_calibration
 from distinfer.predict.hardware import LINKS, load_hardware_file
 from distinfer.predict.model import Efficiency, Machine, predict_run
-from distinfer.predict.schedule import decode_cycle, prefill_finish
+from distinfer.predict.schedule import decode_cycle, first_tokens, prefill_finish
 from distinfer.predict.workload import prompt_lengths
 from distinfer.profiles import HARDWARE
 
@@ -38,6 +39,19 @@ def test_prefill_fills_and_drains_the_pipeline():
     # a slow last stage: micro-batches queue in front of it
     assert prefill_finish([1.0, 3.0], [0.0, 0.0], 3) == pytest.approx([4.0, 7.0, 10.0])
     assert prefill_finish([2.0], [0.5], 2) == pytest.approx([2.5, 4.5])
+
+
+def test_first_tokens_wait_for_every_prefill_and_the_decode_forwards_before_them():
+    # one stage, two micro-batches: the stage prefills both (1 + 1), takes the first one's token at 2, runs its
+    # decode forward (0.25), then takes the second one's token at 2.25
+    assert first_tokens([1.0], [0.0], 2, 0.25) == pytest.approx([2.0, 2.25])
+    # two stages: micro-batch 0 is back at 2.1, after stage 0 finished both prefills at 2.0; micro-batch 1 is back
+    # at 3.1, later than stage 0's decode forward of micro-batch 0 (2.1 + 0.5)
+    assert first_tokens([1.0, 1.0], [0.1, 0.0], 2, 0.5) == pytest.approx([2.1, 3.1])
+    # a decode forward longer than the wait: micro-batch 1's token waits for it
+    assert first_tokens([1.0, 1.0], [0.1, 0.0], 2, 1.5) == pytest.approx([2.1, 3.6])
+    # one micro-batch: its prefill's trip
+    assert first_tokens([1.0, 1.0], [0.1, 0.0], 1, 9.0) == pytest.approx([2.1])
 
 
 def test_decode_cycle_keeps_at_most_min_m_p_stages_busy():
@@ -89,7 +103,7 @@ def _write_bundle(outputs: Path, run: RunSpec, machine: Machine, truth: dict[str
 def test_calibration_recovers_known_parameters_from_synthetic_runs(tmp_path: Path):
     model, prompts = _model(tmp_path), _prompts(tmp_path)
     machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
-    truth = Efficiency(compute=0.6, memory=1.0, step_s=8e-4, batch_s=5e-3, cycle_s=3e-4)
+    truth = Efficiency(compute=0.6, memory=1.0, step_s=8e-4, batch_s=5e-3, cycle_s=3e-4, prefill=0.9)
     for batch in (1, 2, 4, 8):
         for mb in (1, 2) if batch > 1 else (1,):
             _write_bundle(tmp_path / "outputs", _run(model, prompts, "synthetic", 1, batch, mb), machine,
@@ -148,11 +162,15 @@ def test_served_runs_are_predicted_with_the_fit_of_the_offline_experiment_analys
     table = predicted_against_measured(outputs[1], cache, outputs)
     assert set(table["run_id"]) == {r.run_id for r in served} and set(table["metric"]) == {"tpot", "ttft",
                                                                                            "tokens_per_s"}
-    assert (table["calibration"] == "the one-rank runs of offline").all() and not table["calibrated_on"].any()
+    # the forwards fitted on the offline experiment, the server's own costs on the runs served by one rank
+    server = "; server costs: this experiment's served runs of one rank"
+    assert (table["calibration"] == "the one-rank runs of offline" + server).all()
+    assert set(table[table["calibrated_on"]]["run_id"]) == {r.run_id for r in served if r.pp == 1}
     assert table["error"].abs().max() < 0.03, table
     alone = predicted_against_measured(outputs[1], cache)
-    assert (alone["calibration"] == "uncalibrated").all() and len(alone) == len(table)
-    assert alone["error"].abs().max() > 0.1, "the defaults are not the truth: the borrowed fit made the difference"
+    assert (alone["calibration"] == "the defaults" + server).all() and len(alone) == len(table)
+    held_out = alone[~alone["calibrated_on"]]
+    assert held_out["error"].abs().max() > 0.1, "the defaults are not the truth: the borrowed fit made the difference"
 
 
 def test_calibration_needs_one_rank_runs(tmp_path: Path):
@@ -204,8 +222,47 @@ def test_bad_hardware_file_and_calibration_folder_exit_2(tmp_path: Path):
     assert proc.returncode == 2 and "no usable runs to calibrate on" in proc.stderr and "Traceback" not in proc.stderr
 
 
+class _ConstantStages:
+    """Stage costs for hand-computed schedules: a decode forward 1 s and a prefill 2 s on every stage, whatever
+    the rows; no messages, no server costs; each stage on a device of its own."""
+
+    def __init__(self, pp: int) -> None:
+        self.pp, self.group = pp, 1
+        self.eff = Efficiency(serve_step_s=0.0, serve_token_s=0.0, serve_request_s=0.0)
+        self.ranks = [SimpleNamespace(cores=())] * pp
+
+    def stage_times(self, rows: int, new: int, context: float) -> tuple[list[float], list[float]]:
+        return [1.0 if new == 1 else 2.0] * self.pp, []
+
+    def hop_times(self, rows: int, new: int) -> list[float]:
+        return [0.0] * self.pp
+
+
+def test_serving_simulation_on_hand_computed_schedules():
+    from distinfer.predict.serving import _Request, simulate
+
+    # one stage: r0 prefills alone (0-2); r1, sent at 0.5, joins the next step, which decodes r0 and prefills r1
+    # (2-5); then both decode (5-6), r0 is done, r1 decodes alone (6-7)
+    requests = [_Request(prompt=10, tokens=3, arrival=0.0), _Request(prompt=10, tokens=3, arrival=0.5)]
+    busy = simulate(_ConstantStages(1), requests, groups=1, max_batch=8)
+    assert [r.times for r in requests] == [[2.0, 5.0, 6.0], [5.0, 6.0, 7.0]]
+    assert busy == [7.0]
+    # two stages, two groups, both sent at 0: each group takes one request (the requests spread evenly);
+    # group 0's prefill leaves stage 0 at 2 and stage 1 at 4, group 1's follows it through both stages (2-4, 4-6);
+    # group 0 decodes on stage 0 at 4-5 and waits for stage 1 until 6 (back at 7), group 1 decodes at 6-7 and 7-8
+    requests = [_Request(prompt=10, tokens=2, arrival=0.0), _Request(prompt=10, tokens=2, arrival=0.0)]
+    busy = simulate(_ConstantStages(2), requests, groups=2, max_batch=8)
+    assert [r.times for r in requests] == [[4.0, 7.0], [6.0, 8.0]]
+    assert busy == [6.0, 6.0]
+    # closed loop, one user: the second request is sent when the first ended
+    requests = [_Request(prompt=10, tokens=2), _Request(prompt=10, tokens=2)]
+    simulate(_ConstantStages(1), requests, groups=1, max_batch=8, users=1)
+    assert [(r.arrival, r.times) for r in requests] == [(0.0, [2.0, 3.0]), (3.0, [5.0, 6.0])]
+
+
 def test_serving_follows_the_load_up_to_saturation(tmp_path: Path):
     from distinfer.predict.serving import predict_serving
+    from distinfer.serving.schedule import arrival_offsets
 
     model, prompts = _model(tmp_path), _prompts(tmp_path)
     machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
@@ -219,10 +276,17 @@ def test_serving_follows_the_load_up_to_saturation(tmp_path: Path):
 
     saturated = served("rate", "inf")
     slow = served("rate", 0.5)
-    assert slow.output_tokens_per_s == pytest.approx(0.5 * 16)  # below capacity the server keeps up with the load
-    assert saturated.output_tokens_per_s > slow.output_tokens_per_s
-    beyond = served("rate", 10 * saturated.output_tokens_per_s / 16)  # ten times what it can carry
-    assert beyond.output_tokens_per_s == pytest.approx(saturated.output_tokens_per_s)
+    # below capacity the server keeps up: the run lasts from the first send to the last answer, a few tenths of a
+    # second after the seeded schedule's last send
+    last_send = arrival_offsets(32, 0.5, 1.0, 0)[-1]
+    assert last_send < slow.wall_s < last_send + 1.0
+    assert slow.output_tokens_per_s == pytest.approx(32 * 16 / slow.wall_s)
+    assert saturated.output_tokens_per_s > 3 * slow.output_tokens_per_s
+    # ten and twenty times what it can carry: saturated, tokens/s stop following the load (within the waves in
+    # which requests join and leave: sent all at once they join together)
+    for factor in (10, 20):
+        beyond = served("rate", factor * saturated.output_tokens_per_s / 16).output_tokens_per_s
+        assert 0.9 * saturated.output_tokens_per_s < beyond < 1.3 * saturated.output_tokens_per_s, factor
     assert served("rate", 2.0).tpot_s >= slow.tpot_s  # more requests running, longer steps
     # rate inf: 32 requests in waves of max_batch 8 queue, so the mean TTFT is several waves long
     assert saturated.ttft_s > 1.5 * saturated.tpot_s * 16

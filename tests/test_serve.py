@@ -294,6 +294,9 @@ def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path:
     prediction = pd.read_csv(tmp_path / "a/study/prediction.csv")
     assert set(served) <= set(prediction["run_id"]), "served runs are set beside their predictions"
     assert (prediction["predicted"] > 0).all()
+    rows = prediction[prediction["run_id"].isin(served)]
+    assert rows["calibration"].str.endswith("server costs: this experiment's served runs of one rank").all()
+    assert set(rows[rows["calibrated_on"]]["run_id"]) == {n for n in served if n.startswith("pipeline-pp1")}
     knee = pd.read_csv(tmp_path / "a/study/serving_knee.csv")
     assert sorted(knee["world_size"]) == [1, 2] and (knee["loads_measured"] == 2).all(), "one row per layout"
     plots = {p.stem for p in (tmp_path / "a/study/plots").glob("*.svg")}

@@ -10,6 +10,7 @@ with the observations it came from and how well it fits them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 from distinfer.bundle import BUNDLE_SCHEMA, atomic_write_json, read_json
 from distinfer.memory import ModelFacts
 from distinfer.predict.fit import nelder_mead
-from distinfer.predict.model import Efficiency, Machine, Prediction, predict_run
+from distinfer.predict.model import Efficiency, Machine, Prediction
 from distinfer.predict.workload import prompt_lengths
 
 CALIBRATION_FILE = "calibration.json"
@@ -100,6 +101,12 @@ def one_rank(run) -> bool:  # noqa: ANN001
                                          and run.ep == 1)
 
 
+def one_rank_served(run) -> bool:  # noqa: ANN001
+    """A run served by a server of one rank and one group of requests: what the server's own costs are fitted on."""
+    return (run.serving and run.engine in ("pipeline", "vllm") and run.pp == 1 and run.tp == 1 and run.ep == 1
+            and run.microbatches == 1)
+
+
 def facts_of(run) -> ModelFacts:  # noqa: ANN001
     return _facts(run.model_path)
 
@@ -125,19 +132,27 @@ def errors(runs: list[MeasuredRun], machine: Machine, efficiency: dict[str, Effi
     return out
 
 
-def fit_engine(runs: list[MeasuredRun], machine: Machine, engine: str) -> Efficiency:
-    """The Efficiency that brings predictions of these runs closest to their measurements: Nelder-Mead from a few
-    starting points over the free parameters (fixed times in log space, fractions of peak through a logistic map
-    into their bounds)."""
+OFFLINE = ("compute", "memory", "step_s", "batch_s", "cycle_s", "prefill")  # what offline runs of one rank fit
+SERVER = ("serve_step_s", "serve_token_s", "serve_request_s")  # what served runs of one rank fit, the offline ones held
+
+
+def fit_engine(runs: list[MeasuredRun], machine: Machine, engine: str, base: Efficiency | None = None,
+               names: tuple[str, ...] = OFFLINE) -> Efficiency:
+    """The Efficiency that brings predictions of these runs closest to their measurements, fitting the parameters
+    `names` (the others held at `base`'s): Nelder-Mead from a few starting points over the free parameters (fixed
+    times in log space, fractions of peak through a logistic map into their bounds)."""
+    from distinfer.predict.serving import predict_any
+
+    base = base or Efficiency()
     prepared = [(m.run, facts_of(m.run), prompt_lengths(m.run)[0], {k: m.measured(k) for k in METRICS})
                 for m in runs]
-    space = ParameterSpace(BOUNDS_GPU if machine.profile.gpu else BOUNDS_CPU)
+    space = ParameterSpace(BOUNDS_GPU if machine.profile.gpu else BOUNDS_CPU, names, base)
 
     def loss(x: list[float]) -> float:
         eff = space.efficiency(x)
         total = 0.0
         for run, facts, lengths, measured in prepared:
-            p = predict_run(run, facts, machine, {engine: eff}, lengths)
+            p = predict_any(run, facts, machine, {engine: eff}, lengths)
             for metric, value in measured.items():
                 guess = predicted(p, metric)
                 if value and guess > 0:
@@ -145,7 +160,7 @@ def fit_engine(runs: list[MeasuredRun], machine: Machine, engine: str) -> Effici
         return total
 
     best: tuple[list[float], float] | None = None
-    for start in STARTS:
+    for start in STARTS if names == OFFLINE else (base,):
         found = nelder_mead(loss, space.point(start), step=1.0, iterations=300)
         if best is None or found[1] < best[1]:
             best = found
@@ -153,33 +168,36 @@ def fit_engine(runs: list[MeasuredRun], machine: Machine, engine: str) -> Effici
     return space.efficiency(best[0])
 
 
-STARTS = (Efficiency(), Efficiency(0.1, 1.0, 1e-4, 1e-2, 1e-3), Efficiency(0.9, 1.0, 2e-3, 1e-4, 1e-5),
-          Efficiency(0.3, 1.0, 1e-5, 3e-2, 1e-2))
+STARTS = (Efficiency(), Efficiency(0.1, 1.0, 1e-4, 1e-2, 1e-3, 0.3), Efficiency(0.9, 1.0, 2e-3, 1e-4, 1e-5, 0.9),
+          Efficiency(0.3, 1.0, 1e-5, 3e-2, 1e-2, 0.6))
 # The fractions of the device's figures a fit may reach. One-rank runs alone cannot tell a forward's fixed host time
 # from its reads (both are paid once a forward, whatever the batch), and a split layout depends on which is which
 # (the fixed time is paid by every stage, the reads are split among them). So the reads are held at what the device
 # is known to do: on a CPU, the probe's read bandwidth (measured with the same library and threads), on a GPU,
 # a range around the usual 70-90 % of the datasheet's.
-BOUNDS_CPU = {"compute": (0.01, 1.5), "memory": (1.0, 1.0)}
-BOUNDS_GPU = {"compute": (0.01, 1.0), "memory": (0.5, 1.0)}
+BOUNDS_CPU = {"compute": (0.01, 1.5), "prefill": (0.01, 1.5), "memory": (1.0, 1.0)}
+BOUNDS_GPU = {"compute": (0.01, 1.0), "prefill": (0.01, 1.0), "memory": (0.5, 1.0)}
 
 
 class ParameterSpace:
-    """The minimiser's coordinates: one per free parameter (a fixed bound like the CPU's memory is no coordinate)."""
+    """The minimiser's coordinates: one per free parameter among `names` (a fixed bound like the CPU's memory is
+    no coordinate; parameters not named keep `base`'s values)."""
 
-    def __init__(self, bounds: dict[str, tuple[float, float]]) -> None:
-        self.bounds = bounds
-        self.free = [n for n in Efficiency.__dataclass_fields__ if n not in bounds or bounds[n][0] < bounds[n][1]]
+    def __init__(self, bounds: dict[str, tuple[float, float]], names: tuple[str, ...] = OFFLINE,
+                 base: Efficiency | None = None) -> None:
+        self.bounds, self.base = bounds, base or Efficiency()
+        self.free = [n for n in names if n not in bounds or bounds[n][0] < bounds[n][1]]
+        self.fixed = {n: low for n, (low, high) in bounds.items() if n in names and low == high}
 
     def efficiency(self, x: list[float]) -> Efficiency:
-        values = {n: low for n, (low, high) in self.bounds.items() if low == high}
+        values = dict(self.fixed)
         for name, v in zip(self.free, x):
             if name in self.bounds:
                 low, high = self.bounds[name]
                 values[name] = low * (high / low) ** (1 / (1 + math.exp(-v)))
             else:
-                values[name] = math.exp(v)
-        return Efficiency(**values)
+                values[name] = math.exp(max(-50.0, min(5.0, v)))
+        return dataclasses.replace(self.base, **values)
 
     def point(self, eff: Efficiency) -> list[float]:
         out = []
@@ -190,26 +208,39 @@ class ParameterSpace:
                 share = min(0.999, max(0.001, math.log(value / low) / math.log(high / low)))
                 out.append(math.log(share / (1 - share)))
             else:
-                out.append(math.log(value))
+                out.append(math.log(max(value, 1e-12)))
         return out
 
 
-def fit_engines(runs: list[MeasuredRun], machine: Machine) -> dict[str, Efficiency]:
-    """One Efficiency per engine among the runs, each fitted on that engine's runs."""
-    engines = sorted({m.run.engine for m in runs})
-    return {e: fit_engine([m for m in runs if m.run.engine == e], machine, e) for e in engines}
+def fit_engines(runs: list[MeasuredRun], machine: Machine, base: dict[str, Efficiency] | None = None
+                ) -> dict[str, Efficiency]:
+    """One Efficiency per engine among the runs: the forward's parameters fitted on its offline runs of one rank
+    (else `base`'s, else the defaults), then the server's on its served runs of one rank, if any."""
+    out = {}
+    for engine in sorted({m.run.engine for m in runs}):
+        offline = [m for m in runs if m.run.engine == engine and one_rank(m.run)]
+        served = [m for m in runs if m.run.engine == engine and one_rank_served(m.run)]
+        eff = (base or {}).get(engine, Efficiency())
+        if offline:
+            eff = fit_engine(offline, machine, engine, eff)
+        if served:
+            eff = fit_engine(served, machine, engine, eff, SERVER)
+        if offline or served:
+            out[engine] = eff
+    return out
 
 
 def calibrate(folders: list[Path], machine: Machine) -> dict:
-    """Fit each engine's Efficiency on the one-rank runs under `folders`; CalibrationError where there are none."""
+    """Fit each engine's Efficiency on the one-rank runs under `folders` (offline: the forwards; served: the
+    server's own costs); CalibrationError where there are none."""
     runs = median_of_repeats([m for folder in folders for m in measured_runs(folder)])
-    usable = [m for m in runs if one_rank(m.run)]
+    usable = [m for m in runs if one_rank(m.run) or one_rank_served(m.run)]
     if not usable:
         names = ", ".join(str(f) for f in folders)
         raise CalibrationError(
             f"{names}: no usable runs to calibrate on: it needs finished offline runs of one rank (engine pipeline "
-            f"with pp 1, tp 1, ep 1, or reference runs) whose model folder is here; found {len(runs)} finished "
-            "offline run(s) with a model folder, none of one rank")
+            f"with pp 1, tp 1, ep 1, or reference runs), or runs served by one rank, whose model folder is here; "
+            f"found {len(runs)} finished run(s) with a model folder, none of one rank")
     efficiency = fit_engines(usable, machine)
     engines = sorted(efficiency)
     observations = errors(usable, machine, efficiency)

@@ -24,6 +24,7 @@ class Work:
     flops: float
     bytes: float
     layers: int
+    prefill: bool = False  # a forward of whole prompts (its products run at the prefill efficiency)
 
 
 def forward_work(facts: ModelFacts, stage: StageLayout, rows: int, new: int, context: float, dtype: str,
@@ -49,4 +50,4 @@ def forward_work(facts: ModelFacts, stage: StageLayout, rows: int, new: int, con
     if stage.is_last:
         flops += 2 * facts.vocab * facts.hidden * rows
         nbytes += facts.vocab * facts.hidden * weight_size
-    return Work(flops, nbytes, layers)
+    return Work(flops, nbytes, layers, new > 1)

@@ -17,24 +17,30 @@ from distinfer.layout import place_engine, split_layers
 from distinfer.memory import DTYPE_BYTES, ModelFacts
 from distinfer.predict.costs import FUSED_OPS_PER_LAYER, OPS_PER_LAYER, Work, forward_work
 from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed, read_bandwidth
-from distinfer.predict.schedule import decode_cycle, prefill_finish
+from distinfer.predict.schedule import decode_cycle, first_tokens
 from distinfer.profiles import HardwareProfile
 
 
 @dataclass(frozen=True)
 class Efficiency:
-    """The calibrated parameters of one engine on one kind of device: the fraction of peak FLOP/s its products
-    reach, the fraction of the memory bandwidth its reads reach (above 1 where the weights stay in a CPU's
-    caches), the fixed host time of one stage forward beyond its launched operations, the host time of setting
-    up one batch (stages set up at the same time, so a batch pays it once), and the host time of one decode step
-    of the whole batch beyond its micro-batches' forwards (one stage with two micro-batches of one row measured
-    1.5 x, not 2 x, the time of one micro-batch of one row)."""
+    """The calibrated parameters of one engine on one kind of device: the fraction of peak FLOP/s its decode
+    products reach (a few rows against each weight matrix) and its prefill products reach (whole prompts against
+    it, closer to the kernels' peak), the fraction of the memory bandwidth its reads reach (above 1 where the
+    weights stay in a CPU's caches), the fixed host time of one stage forward beyond its launched operations, the
+    host time of setting up one batch (stages set up at the same time, so a batch pays it once), and the host time
+    of one decode step of the whole batch beyond its micro-batches' forwards (one stage with two micro-batches of
+    one row measured 1.5 x, not 2 x, the time of one micro-batch of one row). A server adds its own time a step
+    (scheduling, joining requests' caches) and a time per token it streams (predict/serving.py)."""
 
     compute: float = 0.5
     memory: float = 0.7
     step_s: float = 5e-4
     batch_s: float = 2e-3
     cycle_s: float = 1e-4
+    prefill: float = 0.5
+    serve_step_s: float = 1e-3
+    serve_token_s: float = 5e-5
+    serve_request_s: float = 1e-3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +134,7 @@ def forward_time(work: Work, device: DeviceSpeed, dtype: str, eff: Efficiency, g
     so the three add up (measured: batch 8 decode of the 160 M Llama on 2 cores takes the batch-1 read time plus
     the products, not the larger of the two)."""
     flops = device.flops.get(dtype) or device.flops["float32"]
-    compute = work.flops / (flops * eff.compute)
+    compute = work.flops / (flops * (eff.prefill if work.prefill else eff.compute))
     reads = work.bytes / (device.bandwidth(working_set) * eff.memory)
     host = eff.step_s + work.layers * ops_per_layer * device.launch_s
     return max(compute, reads, host) if gpu else compute + reads + host
@@ -151,57 +157,78 @@ def _collectives(facts: ModelFacts, layers: int, tokens: int, size: int, tp: int
     return total
 
 
+class StageCosts:
+    """The cost of one run's stages: each stage's time for a forward of a micro-batch, the messages between stages
+    and the cores and memory the stages share; what the offline schedule (predict_run) and the serving simulation
+    (serving.py) put in order."""
+
+    def __init__(self, run, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],  # noqa: ANN001
+                 together: bool | None = None, stock_kernels: bool = False) -> None:
+        engine = run.engine
+        fitted = fit_used(engine, efficiency)
+        self.eff = efficiency[fitted] if fitted else Efficiency()
+        self.facts, self.dtype, self.quantization = facts, run.dtype, run.quantization
+        self.pp = run.pp if engine in ("pipeline", "vllm") else 1
+        self.tp = run.tp if engine in ("pipeline", "deepspeed", "vllm") else 1
+        self.ep = run.ep if engine == "pipeline" else 1
+        self.group = max(self.tp, self.ep)
+        self.microbatches = run.microbatches if engine == "pipeline" else 1
+        self.together = self.group > 1 or self.microbatches > 1 if together is None else together
+        self.ranks = _ranks(engine, self.pp, self.group, self.together, machine)
+        self.stages = split_layers(facts.layers, self.pp, run.layers)
+        self.gpu = machine.profile.gpu
+        self.size = DTYPE_BYTES[run.dtype]
+        self.lead = [self.ranks[s * self.group] for s in range(self.pp)]  # each stage's first rank
+        self.links = [_link(machine, self.lead[s], self.lead[(s + 1) % self.pp]) if self.pp > 1 else NO_LINK
+                      for s in range(self.pp)]
+        self.inner = _link(machine, self.ranks[0], self.ranks[min(1, len(self.ranks) - 1)])
+        self.shared_machine = not self.gpu and machine.local  # every rank reads through one machine's memory
+        # a Llama stage of the pipeline engine on CPU decodes through runtime/cpu's fused layers (prefill stays
+        # eager); the server runs transformers' own forward
+        self.fused = (not self.gpu and engine == "pipeline" and run.cpu_kernels == "fast" and not stock_kernels
+                      and facts.gated_mlp and not facts.experts and self.group == 1)
+
+    def stage_times(self, rows: int, new: int, context: float) -> tuple[list[float], list[float]]:
+        """Each stage's time for one micro-batch of `rows` with `new` positions each, and the bytes each of its
+        ranks reads."""
+        works = [forward_work(self.facts, st, rows, new, context, self.dtype, self.quantization, self.tp, self.ep)
+                 for st in self.stages]
+        everything = sum(w.bytes for w in works) * self.group
+        ops = FUSED_OPS_PER_LAYER if self.fused and new == 1 else OPS_PER_LAYER
+        times = [forward_time(w, self.lead[s].device, self.dtype, self.eff, self.gpu,
+                              everything if self.shared_machine else w.bytes, ops)
+                 + _collectives(self.facts, w.layers, rows * new, self.size, self.tp, self.ep, self.inner, 2)
+                 for s, w in enumerate(works)]
+        return times, [w.bytes for w in works]
+
+    def hop_times(self, rows: int, new: int) -> list[float]:
+        """The messages of one micro-batch: hidden states to the next stage, the sampled tokens back to the first."""
+        return [h.transfer_s(rows * new * self.facts.hidden * self.size if s < self.pp - 1 else rows * 8)
+                for s, h in enumerate(self.links)]
+
+    def shared(self, times: list[float], reads: list[float]) -> list[float]:
+        """Per-micro-batch busy time of each CPU core the stages share, and of the machine's memory."""
+        if not self.shared_machine or not self.together:
+            return []
+        per_core: dict[int, float] = {}
+        for s, t in enumerate(times):
+            for r in range(s * self.group, (s + 1) * self.group):
+                for core in self.ranks[r].cores:
+                    per_core[core] = per_core.get(core, 0.0) + t
+        total = sum(reads) * self.group
+        return list(per_core.values()) + [total / (self.lead[0].device.machine_bandwidth(total) * self.eff.memory)]
+
+
 def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],  # noqa: ANN001
                 prompt_tokens: list[int]) -> Prediction:
     """Predicted TTFT (mean over requests), TPOT, output tokens/s and per-rank busy time of an offline run
     (a plan.RunSpec) over prompts of the given token lengths, every request generating max_new_tokens."""
-    engine = run.engine
-    fitted = fit_used(engine, efficiency)
-    eff = efficiency[fitted] if fitted else Efficiency()
-    pp = run.pp if engine in ("pipeline", "vllm") else 1
-    tp = run.tp if engine in ("pipeline", "deepspeed", "vllm") else 1
-    ep = run.ep if engine == "pipeline" else 1
-    group = max(tp, ep)
-    m = run.microbatches if engine == "pipeline" else 1
-    together = group > 1 or m > 1
-    ranks = _ranks(engine, pp, group, together, machine)
-    stages = split_layers(facts.layers, pp, run.layers)
-    gpu = machine.profile.gpu
-    size = DTYPE_BYTES[run.dtype]
+    costs = StageCosts(run, facts, machine, efficiency)
+    eff, pp, m = costs.eff, costs.pp, costs.microbatches
     n = int(run.generation["max_new_tokens"])
     cap = run.generation.get("max_prompt_tokens")
     count = run.num_prompts or len(prompt_tokens)
     lengths = [min(prompt_tokens[i % len(prompt_tokens)], cap or 10**9) for i in range(count)]
-    lead = [ranks[s * group] for s in range(pp)]  # each stage's first rank
-    hops = [_link(machine, lead[s], lead[(s + 1) % pp]) if pp > 1 else NO_LINK for s in range(pp)]
-    inner = _link(machine, ranks[0], ranks[min(1, len(ranks) - 1)])
-
-    shared_machine = not gpu and machine.local  # every rank's reads pass through one machine's caches and memory
-    # a Llama stage of the pipeline engine on CPU decodes through runtime/cpu's fused layers (prefill stays eager)
-    fused = (not gpu and engine == "pipeline" and run.cpu_kernels == "fast" and facts.gated_mlp and not facts.experts
-             and group == 1)
-
-    def stage_times(rows: int, new: int, context: float) -> tuple[list[float], list[float]]:
-        """Each stage's time for one micro-batch of `rows`, and the bytes each of its ranks reads."""
-        works = [forward_work(facts, st, rows, new, context, run.dtype, run.quantization, tp, ep) for st in stages]
-        everything = sum(w.bytes for w in works) * group
-        ops = FUSED_OPS_PER_LAYER if fused and new == 1 else OPS_PER_LAYER
-        times = [forward_time(w, lead[s].device, run.dtype, eff, gpu, everything if shared_machine else w.bytes, ops)
-                 + _collectives(facts, w.layers, rows * new, size, tp, ep, inner, 2) for s, w in enumerate(works)]
-        return times, [w.bytes for w in works]
-
-    def shared(times: list[float], reads: list[float]) -> list[float]:
-        """Per-micro-batch busy time of each CPU core the stages share, and of the machine's memory."""
-        if not shared_machine or not together:
-            return []
-        per_core: dict[int, float] = {}
-        for s, t in enumerate(times):
-            for r in range(s * group, (s + 1) * group):
-                for core in ranks[r].cores:
-                    per_core[core] = per_core.get(core, 0.0) + t
-        total = sum(reads) * group
-        return list(per_core.values()) + [total / (lead[0].device.machine_bandwidth(total) * eff.memory)]
-
     wall = ttft_sum = tpot_sum = 0.0
     busy = [0.0] * pp
     tokens = 0
@@ -210,14 +237,10 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
         rows, prompt = len(batch), max(batch)
         per_mb = [len(range(j, rows, m)) for j in range(min(m, rows))] if m > 1 else [rows]
         r = max(per_mb)
-        pre = stage_times(r, prompt, prompt)[0]
-        pre_hops = [h.transfer_s(r * prompt * facts.hidden * size if s < pp - 1 else r * 8)
-                    for s, h in enumerate(hops)]
-        finish = [eff.batch_s + f for f in prefill_finish(pre, pre_hops, len(per_mb))]
-        context = prompt + n / 2
-        dec, reads = stage_times(r, 1, context)
-        dec_hops = [h.transfer_s(r * facts.hidden * size if s < pp - 1 else r * 8) for s, h in enumerate(hops)]
-        cycle = decode_cycle(dec, dec_hops, len(per_mb), shared(dec, reads)) + eff.cycle_s
+        pre = costs.stage_times(r, prompt, prompt)[0]
+        dec, reads = costs.stage_times(r, 1, prompt + n / 2)
+        finish = [eff.batch_s + f for f in first_tokens(pre, costs.hop_times(r, prompt), len(per_mb), dec[0])]
+        cycle = decode_cycle(dec, costs.hop_times(r, 1), len(per_mb), costs.shared(dec, reads)) + eff.cycle_s
         wall += max(finish) + (n - 1) * cycle
         ttft_sum += sum(f * k for f, k in zip(finish, per_mb))
         tpot_sum += cycle * rows
@@ -226,4 +249,4 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
             busy[s] += len(per_mb) * (pre[s] + (n - 1) * dec[s])
     requests = max(1, count)
     return Prediction(run.run_id, ttft_sum / requests, tpot_sum / requests, tokens / wall if wall else math.nan,
-                      wall, tokens, [busy[r // group] for r in range(pp * group)])
+                      wall, tokens, [busy[r // costs.group] for r in range(pp * costs.group)])

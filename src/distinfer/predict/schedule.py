@@ -25,6 +25,22 @@ def prefill_finish(stage_s: Sequence[float], hop_s: Sequence[float], microbatche
     return finish
 
 
+def first_tokens(stage_s: Sequence[float], hop_s: Sequence[float], microbatches: int,
+                 first_decode_s: float) -> list[float]:
+    """When the first stage takes each micro-batch's first token, as the engine runs it: the first stage starts
+    every micro-batch's prefill before it takes any token, and after taking a micro-batch's token it runs that
+    micro-batch's next forward (`first_decode_s`) before it takes the next micro-batch's token. So on one stage
+    with 2 micro-batches the second waits for both prefills and the first one's decode forward."""
+    arrived = prefill_finish(stage_s, hop_s, microbatches)
+    free = microbatches * stage_s[0]  # the first stage's prefills, back to back from 0
+    taken = []
+    for at in arrived:
+        free = max(at, free)
+        taken.append(free)
+        free += first_decode_s
+    return taken
+
+
 def decode_cycle(stage_s: Sequence[float], hop_s: Sequence[float], microbatches: int,
                  shared_s: Sequence[float] = ()) -> float:
     """Steady-state time between two tokens of one micro-batch. A micro-batch must come back from the last stage

@@ -52,7 +52,8 @@ def efficiency_for(calibration: Path | None) -> tuple[dict[str, Efficiency], str
     if calibration is not None:
         return load_calibration(calibration), f"calibration file {calibration}"
     d = Efficiency()
-    return {}, (f"uncalibrated: default efficiencies (compute {d.compute:g}, memory {d.memory:g} of peak; "
+    return {}, (f"uncalibrated: default efficiencies (compute {d.compute:g} in decode, {d.prefill:g} in "
+                f"prefill, memory {d.memory:g} of peak; "
                 f"{d.step_s * 1e3:g} ms a forward, {d.batch_s * 1e3:g} ms a batch, {d.cycle_s * 1e3:g} ms a step)")
 
 
@@ -104,8 +105,10 @@ def assumptions(machine: Machine, source: str, items: list[Predicted]) -> list[s
     if not all(i.exact_prompts for i in items if i.prediction is not None):
         lines.append("prompt lengths estimated from characters (no tokenizer here)")
     if any(i.run.serving for i in items):
-        lines.append("serving: continuous batching at the load's running batch (Little's law; saturation at "
-                     "max_batch), the server's stock transformers kernels")
+        lines.append("serving: the server simulated step by step on the load's seeded schedule (continuous "
+                     "batching in groups, at most max_batch running), with its stock transformers kernels and its "
+                     "own time a step, a streamed token and a request taken in (fitted on served runs of one rank, "
+                     "else the defaults)")
     if any(i.prediction is None for i in items):
         lines.append("endpoint runs (another server) are not predicted")
     return lines
@@ -136,28 +139,35 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
     Empty where no run's hardware is known to the model."""
     import pandas as pd
 
-    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines
+    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, one_rank_served
 
     rows = []
     for profile, group in _by_profile(folder).items():
         machine = _bundle_machine(profile, probe_cache)
         ones = _evenly([m for m in group if one_rank(m.run)])
+        served_ones = _evenly([m for m in group if one_rank_served(m.run)])
         missing = {m.run.engine for m in group} - {m.run.engine for m in ones}
         borrowed = _evenly([m for other in others if other.resolve() != folder.resolve()
                             for m in _by_profile(other).get(profile, []) if one_rank(m.run) and m.run.engine in missing]
                            ) if missing else []  # the others' bundles are read only where an engine lacks a fit
         stored = folder / CALIBRATION_FILE
-        efficiency = {**(load_calibration(stored) if stored.is_file() else {}),
-                      **(fit_engines(ones + borrowed, machine) if ones or borrowed else {})}
-        sources = {**{e: str(stored) for e in efficiency},
+        base = load_calibration(stored) if stored.is_file() else {}
+        fitted = ones + borrowed + served_ones
+        efficiency = {**base, **(fit_engines(fitted, machine, base) if fitted else {})}
+        sources = {**{e: str(stored) for e in base},
                    **{m.run.engine: "the one-rank runs of " + ", ".join(sorted({b.folder.parent.name for b in borrowed}))
                       for m in borrowed},
                    **{m.run.engine: "this experiment's one-rank runs" for m in ones}}
+        server = {m.run.engine for m in served_ones}
+        served_ids = {m.run.run_id for m in group if m.run.serving}
         for row in errors(group, machine, efficiency):
             used = fit_used(row["engine"], efficiency)
-            source = "uncalibrated" if used is None else sources[used] + ("" if used == row["engine"] else
-                                                                          f" (the {used} engine's fit)")
-            one = any(m.run.run_id == row["run_id"] for m in ones)
+            source = "uncalibrated" if used is None else sources.get(used, "the defaults") + (
+                "" if used == row["engine"] else f" (the {used} engine's fit)")
+            if row["run_id"] in served_ids:
+                source += ("; server costs: this experiment's served runs of one rank" if used in server
+                           else "; server costs: the defaults")
+            one = any(m.run.run_id == row["run_id"] for m in ones + served_ones)
             rows.append({**row, "profile": profile, "calibration": source, "calibrated_on": one})
     return pd.DataFrame(rows)
 
