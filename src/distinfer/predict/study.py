@@ -54,7 +54,9 @@ def efficiency_for(calibration: Path | None) -> tuple[dict[str, Efficiency], str
     d = Efficiency()
     return {}, (f"uncalibrated: default efficiencies (compute {d.compute:g} in decode, {d.prefill:g} in "
                 f"prefill, memory {d.memory:g} of peak; "
-                f"{d.step_s * 1e3:g} ms a forward, {d.batch_s * 1e3:g} ms a batch, {d.cycle_s * 1e3:g} ms a step)")
+                f"{d.step_s * 1e3:g} ms a forward, {d.batch_s * 1e3:g} ms a batch, {d.cycle_s * 1e3:g} ms a step; "
+                f"a server's {d.serve_step_s * 1e3:g} ms a step, {d.serve_token_s * 1e6:g} us a token, "
+                f"{d.serve_request_s * 1e3:g} ms a request)")
 
 
 def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],
