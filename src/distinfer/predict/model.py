@@ -30,7 +30,8 @@ class Efficiency:
     host time of setting up one batch (stages set up at the same time, so a batch pays it once), and the host time
     of one decode step of the whole batch beyond its micro-batches' forwards (one stage with two micro-batches of
     one row measured 1.5 x, not 2 x, the time of one micro-batch of one row). A server adds its own time a step
-    (scheduling, joining requests' caches) and a time per token it streams (predict/serving.py)."""
+    (scheduling, joining requests' caches), a time per token it streams and a time per request it takes in
+    (predict/serving.py)."""
 
     compute: float = 0.5
     memory: float = 0.7
