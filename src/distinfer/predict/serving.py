@@ -21,13 +21,15 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distinfer.memory import ModelFacts
 from distinfer.predict.model import Efficiency, Machine, Prediction, StageCosts, predict_run
+from distinfer.serving.metrics import summarize
+from distinfer.serving.records import RequestRecord
 from distinfer.serving.schedule import arrival_offsets
+from distinfer.serving.serve import groups_of
 from distinfer.serving.workload import build_requests, request_count
 
 MAX_SIMULATED = 2000  # requests a prediction simulates (a duration-bound load: the first ones)
@@ -158,7 +160,7 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
     """A served run's TTFT (mean), TPOT (median, as its p50 is compared), output tokens/s and per-rank busy time,
     from a simulation of the server on the run's load."""
     scenario = run.scenario or {}
-    groups = max(run.pp, run.microbatches) if run.engine == "pipeline" else run.pp if run.engine == "vllm" else 1
+    groups = groups_of(run) if run.engine == "pipeline" else run.pp if run.engine == "vllm" else 1
     costs = StageCosts(run, facts, machine, efficiency, together=groups > 1, stock_kernels=True)
     requests = workload(run, prompt_tokens, facts.vocab)
     kind, value = scenario.get("load"), scenario.get("value")
@@ -170,14 +172,16 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
         for request, offset in zip(requests, offsets):
             request.arrival = offset
     busy = simulate(costs, requests, groups, int(scenario.get("max_batch", 32)), users, scenario.get("duration_s"))
-    served = [r for r in requests if r.times]
-    ttft = [r.times[0] - r.arrival for r in served]
-    tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in served if len(r.times) > 1]
-    tokens = sum(len(r.times) for r in served)
-    wall = max(r.times[-1] for r in served) - min(r.arrival for r in served) if served else 0.0
-    return Prediction(run.run_id, statistics.mean(ttft) if ttft else math.nan,
-                      statistics.median(tpot) if tpot else math.nan, tokens / wall if wall else math.nan, wall,
-                      tokens, [busy[r // costs.group] for r in range(costs.pp * costs.group)])
+    records = [RequestRecord(i, str(i), r.arrival, sent_s=r.arrival, token_times_s=r.times, end_s=r.times[-1],
+                             output_tokens=len(r.times), status=200) for i, r in enumerate(requests) if r.times]
+    measured = summarize(records)  # as the client's records are summarized
+
+    def value(v: float | None) -> float:
+        return math.nan if v is None else v
+
+    return Prediction(run.run_id, value(measured["ttft_s"]["mean"]), value(measured["tpot_s"]["p50"]),
+                      value(measured["output_tokens_per_s"]), measured["duration_s"] or 0.0, measured["output_tokens"],
+                      [busy[r // costs.group] for r in range(costs.pp * costs.group)])
 
 
 def predict_any(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, Efficiency],  # noqa: ANN001

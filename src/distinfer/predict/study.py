@@ -162,6 +162,7 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
                    **{m.run.engine: "this experiment's one-rank runs" for m in ones}}
         server = {m.run.engine for m in served_ones}
         served_ids = {m.run.run_id for m in group if m.run.serving}
+        calibrated_on = {m.run.run_id for m in ones + served_ones}
         for row in errors(group, machine, efficiency):
             used = fit_used(row["engine"], efficiency)
             source = "uncalibrated" if used is None else sources.get(used, "the defaults") + (
@@ -169,8 +170,8 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
             if row["run_id"] in served_ids:
                 source += ("; server costs: this experiment's served runs of one rank" if used in server
                            else "; server costs: the defaults")
-            one = any(m.run.run_id == row["run_id"] for m in ones + served_ones)
-            rows.append({**row, "profile": profile, "calibration": source, "calibrated_on": one})
+            rows.append({**row, "profile": profile, "calibration": source,
+                         "calibrated_on": row["run_id"] in calibrated_on})
     return pd.DataFrame(rows)
 
 
