@@ -103,7 +103,7 @@ def main() -> None:
 
     from bench.model import build_model
     from distinfer.models.tiny import build_tiny_model, cache_dir
-    from distinfer.predict.probe import measure_cpu
+    from distinfer.probes.cpu import measure_cpu
 
     work = args.reuse or Path(tempfile.mkdtemp(prefix="distinfer-prediction-"))
     probe_file = work / "probe.json"

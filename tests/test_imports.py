@@ -90,3 +90,38 @@ def test_a_cuda_rank_imports_nothing_of_the_cpu_package() -> None:
     for module, imported in top.items():
         if not module.startswith("distinfer.runtime.cpu"):
             assert not {m for m in imported if m.startswith("distinfer.runtime.cpu")}, module
+
+
+def test_the_login_node_commands_import_no_torch(tmp_path: Path) -> None:
+    """validate, plan, predict and analyze of a study (T4 configs, OpenLLaMA's config file; local-tiny with the
+    built-in tokenizer) run without torch or transformers in sys.modules, checked after each command."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "outputs"
+    commands = [["validate", "configs/local-tiny.yaml"],
+                ["plan", "configs/openllama3b-t4-strong.yaml", "--outputs", str(out)],
+                ["predict", "configs/openllama3b-t4-serving.yaml", "--outputs", str(out)],
+                ["predict", "configs/local-serving.yaml", "--outputs", str(out)],
+                ["analyze", str(out / "openllama3b-t4-strong"), "--out", str(tmp_path / "analysis")]]
+    script = ("import sys\nfrom distinfer.cli import app\n"
+              f"for command in {commands!r}:\n"
+              "    try:\n        app(command, prog_name='distinfer', standalone_mode=False)\n"
+              "    except SystemExit:\n        pass\n"
+              "    heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules)\n"
+              "    print(command[0], 'imported', heavy or 'nothing heavy', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if " imported " in line]
+    assert lines == [f"{c[0]} imported nothing heavy" for c in commands], proc.stdout[-3000:]
+
+
+def test_the_performance_model_runs_no_probe_and_no_torch() -> None:
+    """predict/ reads the probes' results only: it imports neither torch nor the probes (nor the runtime)."""
+    graph = import_graph(REPO / "src" / "distinfer")
+    for module in (m for m in graph if m.startswith("distinfer.predict")):
+        assert not {m for m in graph[module] if m.startswith(("distinfer.probes", "distinfer.runtime"))}, module
+        source = (REPO / "src" / Path(*module.split("."))).with_suffix(".py")
+        if not source.exists():
+            source = source.with_suffix("") / "__init__.py"
+        assert "import torch" not in source.read_text(), module

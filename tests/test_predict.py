@@ -114,6 +114,7 @@ def test_calibration_recovers_known_parameters_from_synthetic_runs(tmp_path: Pat
     for name, value in truth.to_dict().items():
         assert fitted[name] == pytest.approx(value, rel=0.05), name
     assert data["fit"]["pipeline"]["max_abs_error"] < 0.01
+    assert data["fit"]["pipeline"]["trusted"] and data["fit"]["pipeline"]["warnings"] == []
     assert "pipeline-pp2-b4-mb2-fp32" not in data["fit"]["pipeline"]["runs"]  # only one-rank runs calibrate
     assert len(data["fit"]["pipeline"]["runs"]) == 7
     # and the held-out two-stage run is predicted from them
@@ -124,20 +125,76 @@ def test_calibration_recovers_known_parameters_from_synthetic_runs(tmp_path: Pat
     assert held_out.tpot_s == pytest.approx(exact.tpot_s, rel=0.02)
 
 
+def test_a_fit_that_ends_on_a_bound_says_so_and_is_not_called_calibrated(tmp_path: Path):
+    """Runs faster than the probe allows (compute five times the measured peak): the fit ends on its bound and
+    misses its own runs; calibrate() marks it untrusted with the reasons, the analysis's prediction table carries
+    them in `fit_warning`, and a prediction from the stored file says so in its source."""
+    from distinfer.predict.study import efficiency_for, predicted_against_measured
+
+    model, prompts = _model(tmp_path), _prompts(tmp_path)
+    machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], PROBE, local=True)
+    impossible = Efficiency(compute=5.0, memory=1.0, step_s=1e-6, batch_s=1e-6, cycle_s=1e-6, prefill=5.0)
+    runtime = {"device": "cpu", "hostnames": ["node"]}
+    for batch in (1, 4, 16):
+        _write_bundle(tmp_path / "outputs", _run(model, prompts, "fast", 1, batch, 1), machine,
+                      {"pipeline": dataclasses.replace(impossible, memory=8.0)}, runtime)
+    data = calibrate([tmp_path / "outputs" / "fast"], machine)
+    fit = data["fit"]["pipeline"]
+    assert fit["trusted"] is False
+    assert any("compute at its upper bound" in w for w in fit["warnings"]), fit["warnings"]
+    table = predicted_against_measured(tmp_path / "outputs" / "fast", lambda: PROBE)
+    assert table["fit_warning"].str.startswith("fit not trusted: ").all(), table["fit_warning"].tolist()
+    stored = tmp_path / "calibration.json"
+    atomic_write_json(stored, data)
+    assert "WARNING, fit not trusted" in efficiency_for(stored)[1]
+
+
+def test_a_probe_taken_while_the_machine_is_busy_is_retaken_then_kept_with_a_warning(tmp_path: Path, monkeypatch):
+    """Two processes spinning on the two cores while the CPU probe measures: it notices (other processes' CPU
+    time), measures again up to three times, and keeps the figures marked disturbed with the reason; the
+    prediction's assumptions then say so. (The hand-off probe, which starts processes of its own, is left out.)"""
+    from distinfer.predict.study import assumptions
+    from distinfer.probes import cpu
+
+    monkeypatch.setattr(cpu, "_handoff_s", lambda: None)
+    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        data = cpu.measure_cpu(tmp_path, fresh=True)
+    finally:
+        for proc in spinning:
+            proc.kill()
+            proc.wait()
+    assert data["conditions"]["attempts"] == cpu.ATTEMPTS
+    assert "other processes took" in data["disturbed"], data["disturbed"]
+    assert cpu.read_probe(tmp_path)["disturbed"] == data["disturbed"], "kept with its warning"
+    lines = assumptions(Machine(HARDWARE["cpu"], LINKS["10gbe"], data, local=True), "defaults", [])
+    assert any(line.startswith("WARNING: the CPU probe was taken while the machine was busy") for line in lines)
+
+
+def test_the_probe_finds_fault_with_all_cores_slower_than_one_and_with_noisy_repeats():
+    from distinfer.probes.cpu import probe_problems
+
+    figures = {"flops_1": {"float32": 100e9, "bfloat16": 490e9}, "flops_all": {"float32": 190e9, "bfloat16": 33e9}}
+    quiet = {"other_processes_cores": 0.01, "spread": {"1": {"float32": 0.05}, "all": {"float32": 0.1}}}
+    assert probe_problems(figures, quiet, 2) == ["bfloat16 on all 2 cores measured slower than on one"]
+    assert probe_problems(figures, quiet, 1) == [], "one core: nothing to compare"
+    noisy = {"other_processes_cores": 0.6, "spread": {"1": {"float32": 0.9}, "all": {}}}
+    clean = {"flops_1": {"float32": 100e9}, "flops_all": {"float32": 190e9}}
+    assert probe_problems(clean, noisy, 2) == ["other processes took 0.60 cores meanwhile",
+                                               "the float32 repeats spread beyond 50%"]
+
+
 def test_served_runs_are_predicted_with_the_fit_of_the_offline_experiment_analysed_beside_them(tmp_path: Path):
     """A serving study has no one-rank offline runs of its engine: the analysis fits the pipeline on those of an
     experiment analysed with it (same hardware), predicts the served runs from that fit, and says where the fit
     came from; alone, the served runs are predicted with the defaults and say so."""
     from distinfer.plan import expand
-    from distinfer.predict.probe import PROBE_VERSION, probe_path
     from distinfer.predict.serving import predict_serving
     from distinfer.predict.study import predicted_against_measured
     from distinfer.spec import load_experiment
 
     model, prompts = _model(tmp_path), _prompts(tmp_path)
-    probe = {**PROBE, "version": PROBE_VERSION, "handoff_s": 3e-4}
-    cache = tmp_path / "cache"
-    atomic_write_json(probe_path(cache, len(os.sched_getaffinity(0))), probe)
+    probe = {**PROBE, "handoff_s": 3e-4}
     machine = Machine(HARDWARE["cpu"], LINKS["10gbe"], probe, local=True)
     truth = {"pipeline": Efficiency(compute=0.6, memory=1.0, step_s=8e-4, batch_s=5e-3, cycle_s=3e-4)}
     runtime = {"device": "cpu", "hostnames": ["node"]}
@@ -159,7 +216,7 @@ def test_served_runs_are_predicted_with_the_fit_of_the_offline_experiment_analys
                                                     "ttft_s": {"mean": p.ttft_s},
                                                     "output_tokens_per_s": p.output_tokens_per_s})
     outputs = [tmp_path / "outputs" / "offline", tmp_path / "outputs" / "served"]
-    table = predicted_against_measured(outputs[1], cache, outputs)
+    table = predicted_against_measured(outputs[1], lambda: probe, outputs)
     assert set(table["run_id"]) == {r.run_id for r in served} and set(table["metric"]) == {"tpot", "ttft",
                                                                                            "tokens_per_s"}
     # the forwards fitted on the offline experiment, the server's own costs on the runs served by one rank
@@ -167,7 +224,7 @@ def test_served_runs_are_predicted_with_the_fit_of_the_offline_experiment_analys
     assert (table["calibration"] == "the one-rank runs of offline" + server).all()
     assert set(table[table["calibrated_on"]]["run_id"]) == {r.run_id for r in served if r.pp == 1}
     assert table["error"].abs().max() < 0.03, table
-    alone = predicted_against_measured(outputs[1], cache)
+    alone = predicted_against_measured(outputs[1], lambda: probe)
     assert (alone["calibration"] == "the defaults" + server).all() and len(alone) == len(table)
     held_out = alone[~alone["calibrated_on"]]
     assert held_out["error"].abs().max() > 0.1, "the defaults are not the truth: the borrowed fit made the difference"
@@ -295,7 +352,7 @@ def test_serving_follows_the_load_up_to_saturation(tmp_path: Path):
 
 
 def test_the_cpu_probe_without_torch_says_what_to_install(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from distinfer.predict.probe import measure_cpu
+    from distinfer.probes.cpu import measure_cpu
 
     monkeypatch.setitem(sys.modules, "torch", None)  # a base install (a login node): no PyTorch
     with pytest.raises(ValueError, match=r"distinfer\[runtime\].*--hardware"):

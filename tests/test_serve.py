@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,14 +103,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, extra: list[str] | None = None, config: Path = REPO / "configs/local-tiny.yaml"
-                   ) -> Iterator[str]:
+def running_server(tmp_path: Path, extra: list[str] | None = None, config: Path = REPO / "configs/local-tiny.yaml",
+                   env: dict[str, str] | None = None) -> Iterator[str]:
     """`distinfer serve CONFIG` in its own process on a free loopback port; stopped by PID (a multi-rank layout:
     its torchrun and ranks with it)."""
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "serve", str(config),
-                             "--port", str(port), *(extra or [])], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                             "--port", str(port), *(extra or [])], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -262,7 +264,8 @@ def test_the_chat_page_streams_an_answer_in_a_browser(tmp_path: Path, tiny_model
 
 def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """`distinfer run --local` of a serving scenario without an endpoint, one and two stages: each load starts
-    distinfer's server for the layout (two stages: two ranks), measures it, stops it; the served tokens equal the offline reference's; the analysis draws the
+    distinfer's server for the layout (two stages: two ranks) with an API key that no bundle file holds, measures
+    it, stops it; the served tokens equal the offline reference's; the analysis draws the
     curves and tables the knee."""
     config = tmp_path / "e.yaml"
     config.write_text(f"name: study\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
@@ -270,9 +273,11 @@ def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path:
                       "scenario: {kind: serving, rate: [8, inf], requests: 12, warmup_requests: 1, "
                       "slo: {ttft: 2s, tpot: 500ms}}\n")
     proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DISTINFER_API_KEY": KEY})  # the servers' key, in no file
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out" / "study"
+    assert not [p for p in out.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()], "the key leaked"
     served = [f"pipeline-pp{pp}-fp32-rate{rate}" for pp in (1, 2) for rate in ("8", "inf")]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([*served, "reference-b1-fp32"])
     for name in served:
@@ -301,3 +306,98 @@ def test_a_local_serving_study_starts_the_server_and_checks_its_tokens(tmp_path:
     assert sorted(knee["world_size"]) == [1, 2] and (knee["loads_measured"] == 2).all(), "one row per layout"
     plots = {p.stem for p in (tmp_path / "a/study/plots").glob("*.svg")}
     assert {"latency_throughput", "goodput"} <= plots
+
+
+KEY = "test-key-5f0c1e9a7d"
+TOO_BIG = 2**80
+# (what a client sends, the status it gets, a word the answer names): each must leave the server healthy.
+HOSTILE = [
+    ({"seed": TOO_BIG, "temperature": 1}, 400, "seed"),
+    ({"seed": -(10**30), "temperature": 1}, 400, "seed"),
+    ({"seed": 2**63 - 1, "temperature": 1, "top_k": 5}, 200, ""),
+    ({"seed": -(2**63), "temperature": 0.7, "top_p": 0.9}, 200, ""),
+    ({"temperature": 1e-30}, 200, ""),
+    ({"temperature": 1e300}, 400, "temperature"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"temperature": "hot"}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"top_p": 1e-300, "temperature": 1}, 200, ""),
+    ({"top_k": TOO_BIG}, 400, "top_k"),
+    ({"top_k": 10**9, "temperature": 1}, 200, ""),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": TOO_BIG}, 400, "max_tokens"),
+    ({"max_tokens": 10**9}, 400, "positions"),
+    ({"max_tokens": 4, "max_completion_tokens": 5}, 400, "max_completion_tokens"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [-1]}, 400, "prompt"),
+    ({"prompt": [TOO_BIG]}, 400, "prompt"),
+    ({"prompt": [[1, 2]]}, 400, "prompt"),
+    ({"prompt": None}, 400, "prompt"),
+    ({"prompt": "x" * 200_000}, 400, "positions"),
+    ({"n": 2}, 400, "n > 1"),
+    ({"n": TOO_BIG}, 400, "n"),
+    ({"model": 123}, 400, "model"),
+    ({"model": "other"}, 404, "other"),
+    ({"stream_options": "yes"}, 400, "stream_options"),
+    ({"logprobs": 5}, 400, "logprobs"),
+    ({"echo": True}, 400, "echo"),
+    ({"stop": ["\n"]}, 400, "stop"),
+    ({"frobnicate": 1}, 400, "frobnicate"),
+    ({"user": "someone", "frequency_penalty": 0, "logprobs": None}, 200, ""),
+    ({"stream": True, "temperature": 0.8, "seed": 7, "stream_options": {"include_usage": True}}, 200, ""),
+    ({"ignore_eos": {"a": 1}}, 400, "ignore_eos"),
+]
+RAW_BODIES = [b"not json", b"[1, 2]", b"null", b'{"model": "tiny-llama", "prompt": "x", "temperature": NaN}',
+              b"[" * 100_000 + b"]" * 100_000, b'{"model": "tiny-llama", "prompt": "x", "max_tokens": 1e999}']
+
+
+def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + "/v1/completions", body, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _healthy(url: str) -> bool:
+    with urllib.request.urlopen(url + "/health", timeout=10) as response:
+        return response.status == 200
+
+
+@pytest.mark.parametrize("parallel", ["{engine: pipeline, pp: 1}", "{engine: pipeline, pp: 2}"])
+def test_hostile_requests_get_an_answer_and_never_stop_the_server(tmp_path: Path, tiny_models, parallel: str) -> None:  # noqa: ANN001
+    """A table of hostile and odd requests against one rank and two stages, with an API key: each gets its
+    status (a 400 names the field), /health stays 200 after each, a greedy request gives the same tokens at the
+    end as at the start, a request without the key gets 401, and the key is in no log line."""
+    config = tmp_path / "layout.yaml"
+    config.write_text("name: layout\nmodel: {builtin: tiny-llama}\nprompts: prompts/correctness.jsonl\n"
+                      f"parallel: {parallel}\nreference: none\n")
+    run_id = f"pipeline-pp{2 if 'pp: 2' in parallel else 1}-b1-mb1-fp32"
+    greedy = json.dumps({"model": "tiny-llama", "prompt": "Once upon a time", "max_tokens": 12,
+                         "temperature": 0}).encode()
+    with running_server(tmp_path, ["--run", run_id, "--log-requests"], config=config,
+                        env={"DISTINFER_API_KEY": KEY}) as url:
+        status, before = _post(url, greedy)
+        assert status == 200, before
+        for fields, expected, word in HOSTILE:
+            body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, **fields}
+            status, answer = _post(url, json.dumps(body).encode())
+            assert (status, word in answer) == (expected, True), (fields, status, answer[:300])
+            assert _healthy(url), fields
+        for raw in RAW_BODIES:
+            status, answer = _post(url, raw)
+            assert status == 400, (raw[:60], status, answer[:300])
+            assert _healthy(url), raw[:60]
+        assert _post(url, greedy, key=None)[0] == 401
+        assert _post(url, greedy, key="wrong")[0] == 401
+        with urllib.request.urlopen(url + "/version", timeout=10) as response:
+            assert json.loads(response.read())["tokenizer"] == str(tiny_models["tiny-llama"].resolve())
+        status, after = _post(url, greedy)
+        assert status == 200 and json.loads(after)["choices"][0]["token_ids"] == json.loads(before)["choices"][0][
+            "token_ids"]
+    log = (tmp_path / "serve.log").read_text()
+    assert KEY not in log
+    assert "401 (no valid API key)" in log and "400 " in log and "unknown field(s) 'frobnicate'" in log, log[-2000:]
+    assert log.count("POST /v1/completions 200") >= 2 and "shutting down:" in log, log[-2000:]

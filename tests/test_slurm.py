@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,7 +193,7 @@ def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, tmp_pa
 def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """One job per load on the real local cluster: distinfer's server starts on the allocation (two stages: one rank
     on each node), the load runs from the first node, the server stops, and the bundle is finalized; the served
-    tokens equal the offline reference's."""
+    tokens equal the offline reference's; the server asks for the job's API key, which no file holds."""
     config = tmp_path / "e.yaml"
     config.write_text(
         f"name: slurm-serving\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
@@ -213,3 +214,8 @@ def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_pa
         assert len((served / "requests.jsonl").read_text().splitlines()) == 7 and (served / "server.log").exists()
         assert completions(served) == reference[: len(completions(served))] and len(completions(served)) == 7
     assert json.loads((out / "pipeline-pp2-fp32-rateinf" / "summary.json").read_text())["world_size"] == 2
+    # the job's API key (48 hex digits, new per job) asked of the load by the server is in no file of the bundle
+    server_log = (out / "pipeline-pp1-fp32-rateinf" / "server.log").read_text()
+    assert "API key required" in server_log, server_log
+    key_like = re.compile(rb"\b[0-9a-f]{48}\b")
+    assert not [p for p in out.rglob("*") if p.is_file() and key_like.search(p.read_bytes())], "a key in the bundle"

@@ -258,6 +258,7 @@ def _predictions(exp, config: Path, planned: list, calibration: Path | None,
     from distinfer.memory import ModelFacts
     from distinfer.models.tiny import cache_dir
     from distinfer.predict.study import assumptions, efficiency_for, machine_for, predict_runs
+    from distinfer.probes.cpu import cpu_probe
     from distinfer.spec import resolve_path
 
     runs = [item.run for item in planned]
@@ -266,7 +267,7 @@ def _predictions(exp, config: Path, planned: list, calibration: Path | None,
         config_json = read_json(resolve_path(exp.model.config, config))
     if config_json is None:
         return [], ["no prediction: the model's config.json is not readable here (give model.config)"]
-    machine = machine_for(exp, hardware, probe_cache=cache_dir())
+    machine = machine_for(exp, hardware, cpu_probe(cache_dir()))
     efficiency, source = efficiency_for(calibration)
     items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
                          {i.run.run_id: i.fits for i in planned})
@@ -278,14 +279,18 @@ def _calibrate(exp, folders: list[Path], hardware: Path | None) -> Path:  # noqa
     from distinfer.models.tiny import cache_dir
     from distinfer.predict.calibrate import CALIBRATION_FILE, calibrate, save_calibration
     from distinfer.predict.study import machine_for
+    from distinfer.probes.cpu import cpu_probe
 
-    data = calibrate(folders, machine_for(exp, hardware, probe_cache=cache_dir()))
+    data = calibrate(folders, machine_for(exp, hardware, cpu_probe(cache_dir())))
     for folder in folders:
         save_calibration(data, folder / CALIBRATION_FILE)
     for engine, fit in data["fit"].items():
-        console.print(f"calibrated {engine} on {len(fit['runs'])} run(s): median error "
+        console.print(f"{'calibrated' if fit['trusted'] else '[yellow]not calibrated (fit not trusted)[/]:'} "
+                      f"{engine} on {len(fit['runs'])} run(s): median error "
                       f"{fit['median_abs_error']:.1%}, worst {fit['max_abs_error']:.1%} "
-                      f"({', '.join(f'{k} {v:.3g}' for k, v in data['efficiency'][engine].items())})")
+                      f"({', '.join(f'{k} {v:.3g}' for k, v in data['efficiency'][engine].items())})", highlight=False)
+        for warning in fit["warnings"]:
+            console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
     return folders[0] / CALIBRATION_FILE
 
 
@@ -323,9 +328,9 @@ def predict(
     with _exit_on(ValueError, 2):  # a bad hardware file, calibration file or folder: one message, exit 2
         if probe and exp.cluster.profile == "cpu" and hardware is None:
             from distinfer.models.tiny import cache_dir
-            from distinfer.predict.probe import measure_cpu
+            from distinfer.probes.cpu import probe_in_child
 
-            measure_cpu(cache_dir(), fresh=True)
+            probe_in_child(cache_dir(), fresh=True)
         if calibrate_on:
             calibration = _calibrate(exp, calibrate_on, hardware)
         items, notes = _predictions(exp, config, planned, calibration, hardware)
@@ -480,6 +485,8 @@ def analyze(
                       f"report: {result.out / 'report.html'}", highlight=False)
         for problem in result.problems:
             console.print(f"  [yellow]problem:[/] {problem['run_id']}: {problem['problem']}", highlight=False)
+        for warning in result.warnings:
+            console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
     if len(results) > 1:
         console.print(f"every plot of the {len(results)} experiments: {write_overview(results, out)}", highlight=False)
 
@@ -491,12 +498,18 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_batch: int = typer.Option(32, help="Requests decoded together at most.", min=1),
+    api_key: str = typer.Option(None, envvar="DISTINFER_API_KEY", show_default=False, show_envvar=True,
+                                help="Ask clients of /v1 for this key (Authorization: Bearer KEY); 401 without it."),
+    log_requests: bool = typer.Option(False, "--log-requests", help="Log one line per request (status, tokens, "
+                                      "latency); refused and failed requests are always logged."),
 ) -> None:
     """Serve one run's model behind an OpenAI-compatible API (/v1/completions, /v1/models, /health, /metrics)
     with continuous batching, until Ctrl-C or SIGTERM."""
+    import os
+
     from distinfer.plan import expand, resolve_builtin_models
+    from distinfer.serving.serve import API_KEY_ENV, served_name
     from distinfer.serving.serve import serve as serve_run
-    from distinfer.serving.serve import served_name
 
     exp = _load(config)
     _need_runtime("serve")
@@ -507,10 +520,12 @@ def serve(
                      f"error: {config}: no one-rank run to serve; runs: {', '.join(r.run_id for r in runs)}")
         raise typer.Exit(2)
     run = resolve_builtin_models(chosen)[0]
-    console.print(f"serving {run.run_id} as model {served_name(run)!r} on http://{host}:{port} (Ctrl-C stops)",
-                  highlight=False)
+    if api_key:  # the ranks read it from their environment: never on a command line, never logged
+        os.environ[API_KEY_ENV] = api_key
+    console.print(f"serving {run.run_id} as model {served_name(run)!r} on http://{host}:{port} (Ctrl-C stops)"
+                  + ("; clients need the API key" if api_key else ""), highlight=False)
     with _exit_on(ValueError, 2):
-        serve_run(run, host, port, max_batch)
+        serve_run(run, host, port, max_batch, log_requests=log_requests)
 
 
 @models_app.command("build-tiny")

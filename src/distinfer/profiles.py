@@ -1,7 +1,7 @@
 """Hardware profiles: usable memory per device, the dtypes it computes in, and the datasheet figures the
 performance model (predict/) starts from: peak FLOP/s per dtype, memory bandwidth, the link between the
 devices of one node, and a fixed cost per launched operation. The CPU profile has no datasheet: its speed is
-measured on the machine (predict/probe.py)."""
+measured on the machine (probes/cpu.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,6 @@ HARDWARE = {
                         source="NVIDIA H100 datasheet (SXM): 67 TFLOPS FP32, 989 TFLOPS FP16/BF16 (tensor, dense), "
                                "3.35 TB/s HBM3; NVLink 900 GB/s"),
         HardwareProfile("cpu", 8 * GIB, ("float32", "float16", "bfloat16"), False, "CPU ranks over gloo",
-                        source="measured on the machine (predict/probe.py)"),
+                        source="measured on the machine (probes/cpu.py)"),
     )
 }

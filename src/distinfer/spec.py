@@ -66,12 +66,12 @@ class GenerationSpec(_Strict):
 
     max_new_tokens: PositiveInt = 32
     sampling: Literal["greedy", "sample"] = "greedy"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)
     """0 disables top-k."""
     top_p: float = Field(1.0, gt=0, le=1)
     """1.0 disables top-p."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     max_prompt_tokens: PositiveInt | None = None
     """Longest prompt in tokens: longer prompts are cut from the left; the memory plan uses it too."""
 

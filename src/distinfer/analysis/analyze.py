@@ -43,12 +43,17 @@ def _prediction(experiment_dir: Path, loaded, others: Sequence[Path]) -> pd.Data
     failed analysis."""
     from distinfer.models.tiny import cache_dir
     from distinfer.predict.study import predicted_against_measured
+    from distinfer.probes.cpu import cpu_probe
 
     try:
-        return predicted_against_measured(experiment_dir, cache_dir(), others)
+        table = predicted_against_measured(experiment_dir, cpu_probe(cache_dir()), others)
     except (ImportError, ValueError, OSError) as exc:
         loaded.problems.append({"run_id": "(prediction)", "problem": f"not predicted: {exc}"})
         return pd.DataFrame()
+    for engine, warning in sorted(set(zip(table.get("engine", []), table.get("fit_warning", [])))):
+        if warning:  # a fit that ended on a bound or misses its own runs is no calibration: said where users look
+            loaded.warnings.append(f"prediction of {engine}: {warning}")
+    return table
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class AnalysisResult:
     problems: list[dict]
     plots: list[str]
     study: str = "matrix"
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = ()) -> AnalysisResult:
@@ -73,7 +79,7 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
     # distinfer's served tokens are checked against the offline reference at batch 1 (a request decodes as if
     # alone); a served reference run is a subject there, not a reference
     local = runs[(runs["scenario"] == "serving") & (runs["engine"] != "endpoint")] if "scenario" in runs else runs[:0]
-    checked = dataclasses.replace(loaded, runs=pd.concat([offline, local.assign(
+    checked = offline_loaded if local.empty else dataclasses.replace(loaded, runs=pd.concat([offline, local.assign(
         batch_size=1, engine=local["engine"].replace("reference", "reference (served)"))], ignore_index=True))
     tables = {
         "results": runs,
@@ -102,7 +108,7 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
             frame.to_csv(out / f"{name}.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(
         {"experiment": loaded.name, "model": loaded.model, "hardware": loaded.hardware, "problems": loaded.problems,
-         "study": loaded.study,
+         "warnings": loaded.warnings, "study": loaded.study,
          **{name: json.loads(frame.to_json(orient="records")) for name, frame in tables.items()}}) + "\n")
     subject = f"{loaded.model} on {loaded.hardware}"
     plot_dir = out / "plots"
@@ -129,4 +135,4 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
             draw()
             made.append(name)
     write_report(loaded, tables, made, out)
-    return AnalysisResult(out, len(runs), loaded.problems, made, loaded.study)
+    return AnalysisResult(out, len(runs), loaded.problems, made, loaded.study, loaded.warnings)

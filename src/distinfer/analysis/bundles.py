@@ -26,6 +26,7 @@ class LoadedExperiment:
     model: str = "?"
     hardware: str = "?"
     study: str = "matrix"
+    warnings: list[str] = field(default_factory=list)  # what the figures rest on that is not to be trusted
 
 
 def _read(path: Path) -> tuple[dict | None, str | None]:

@@ -90,6 +90,8 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
     md = [f"# {title}\n"]
     if loaded.problems:
         md.append("**Problems:** " + "; ".join(f"`{p['run_id']}`: {p['problem']}" for p in loaded.problems) + "\n")
+    if loaded.warnings:
+        md.append("**Warnings:** " + "; ".join(loaded.warnings) + "\n")
     md += [f"![{name}](plots/{name}.svg)\n" for name in plots]
     for heading, frame in sections:
         frame, note = _shown(frame)
@@ -100,6 +102,9 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         body.append("<h2>Problems</h2><ul>" + "".join(
             f"<li><code>{html.escape(p['run_id'])}</code>: {html.escape(p['problem'])}</li>" for p in loaded.problems)
             + "</ul>")
+    if loaded.warnings:
+        body.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in loaded.warnings)
+                    + "</ul>")
     body += [f'<figure><img src="plots/{name}.svg" alt="{name}"></figure>' for name in plots]
     for heading, frame in sections:
         frame, note = _shown(frame)

@@ -179,6 +179,10 @@ BOUNDS_CPU = {"compute": (0.01, 1.5), "prefill": (0.01, 1.5), "memory": (1.0, 1.
 BOUNDS_GPU = {"compute": (0.01, 1.0), "prefill": (0.01, 1.0), "memory": (0.5, 1.0)}
 
 
+TIME_FLOOR_S = 1e-12  # a fitted fixed time below this sits at the floor of its log coordinate (e^-50)
+FIT_ERROR_LIMIT = 0.15  # a fit whose median error on its own runs is above this does not describe them
+
+
 class ParameterSpace:
     """The minimiser's coordinates: one per free parameter among `names` (a fixed bound like the CPU's memory is
     no coordinate; parameters not named keep `base`'s values)."""
@@ -198,6 +202,23 @@ class ParameterSpace:
             else:
                 values[name] = math.exp(max(-50.0, min(5.0, v)))
         return dataclasses.replace(self.base, **values)
+
+    def at_bounds(self, eff: Efficiency) -> list[str]:
+        """The free parameters that ended on a bound of the fit: a fraction of peak within 1 % (in log space) of
+        its range's end, a fixed time at the floor of its log coordinate (zero in effect) or its ceiling."""
+        found = []
+        for name in self.free:
+            value = getattr(eff, name)
+            if name in self.bounds:
+                low, high = self.bounds[name]
+                share = math.log(value / low) / math.log(high / low)
+                if share < 0.01 or share > 0.99:
+                    found.append(f"{name} at its {'lower' if share < 0.5 else 'upper'} bound ({value:.3g})")
+            elif value < TIME_FLOOR_S:
+                found.append(f"{name} at its floor ({value:.1e} s, nothing left for it to explain)")
+            elif value > 0.99 * math.exp(5.0):
+                found.append(f"{name} at its ceiling ({value:.3g} s)")
+        return found
 
     def point(self, eff: Efficiency) -> list[float]:
         out = []
@@ -230,6 +251,27 @@ def fit_engines(runs: list[MeasuredRun], machine: Machine, base: dict[str, Effic
     return out
 
 
+def fit_warnings(runs: list[MeasuredRun], machine: Machine, efficiency: dict[str, Efficiency],
+                 observations: list[dict] | None = None) -> dict[str, list[str]]:
+    """Per fitted engine, why its fit is not to be trusted (empty: nothing found): parameters that ended on a
+    bound, or a median error above FIT_ERROR_LIMIT on the very runs it was fitted on (`runs`, those of one rank)."""
+    observations = errors(runs, machine, efficiency) if observations is None else observations
+    bounds = BOUNDS_GPU if machine.profile.gpu else BOUNDS_CPU
+    out = {}
+    for engine, eff in efficiency.items():
+        found = []
+        if any(m.run.engine == engine and one_rank(m.run) for m in runs):
+            found += ParameterSpace(bounds, OFFLINE).at_bounds(eff)
+        if any(m.run.engine == engine and one_rank_served(m.run) for m in runs):
+            found += ParameterSpace(bounds, SERVER).at_bounds(eff)
+        errs = [abs(o["error"]) for o in observations if o["engine"] == engine]
+        if errs and statistics.median(errs) > FIT_ERROR_LIMIT:
+            found.append(f"median error {statistics.median(errs):.0%} on its own calibration runs "
+                         f"(above {FIT_ERROR_LIMIT:.0%})")
+        out[engine] = found
+    return out
+
+
 def calibrate(folders: list[Path], machine: Machine) -> dict:
     """Fit each engine's Efficiency on the one-rank runs under `folders` (offline: the forwards; served: the
     server's own costs); CalibrationError where there are none."""
@@ -244,11 +286,13 @@ def calibrate(folders: list[Path], machine: Machine) -> dict:
     efficiency = fit_engines(usable, machine)
     engines = sorted(efficiency)
     observations = errors(usable, machine, efficiency)
+    warnings = fit_warnings(usable, machine, efficiency, observations)
     fit = {}
     for engine in engines:
         errs = [abs(o["error"]) for o in observations if o["engine"] == engine]
         fit[engine] = {"runs": sorted({o["run_id"] for o in observations if o["engine"] == engine}),
-                       "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+                       "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
+                       "trusted": not warnings[engine], "warnings": warnings[engine]}
     return {"version": CALIBRATION_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device": machine.profile.name, "probe": machine.probe, "local": machine.local,
             "folders": [str(f) for f in folders], "efficiency": {e: v.to_dict() for e, v in efficiency.items()},

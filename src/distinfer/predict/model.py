@@ -105,7 +105,7 @@ def _ranks(run_engine: str, pp: int, group: int, together: bool, machine: Machin
                               nodes=machine.nodes)
         return [_Rank(gpu_speed(machine.profile), (), layout.coordinates(r).node) for r in range(pp * group)]
     if machine.probe is None:
-        raise ValueError("a CPU prediction needs the machine's probe (predict/probe.py)")
+        raise ValueError("a CPU prediction needs the machine's probe (probes/cpu.py)")
     world, cores = pp * group, machine.cores
     if not machine.local:  # a CPU cluster: one rank per node, each with the node's cores
         return [_Rank(cpu_speed(machine.probe, cores), tuple(range(cores)), r) for r in range(world)]

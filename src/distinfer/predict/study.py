@@ -4,10 +4,11 @@ a goal, and the assumptions to print beside them."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from distinfer.bundle import read_json
 from distinfer.memory import ModelFacts
 from distinfer.predict.calibrate import load_calibration, one_rank
 from distinfer.predict.hardware import LINKS, load_hardware_file
@@ -34,15 +35,20 @@ class Predicted:
         return self.run.world_size / p.output_tokens_per_s / 3600 * 1e6
 
 
-def machine_for(exp: Experiment, hardware: Path | None = None, probe_cache: Path | None = None) -> Machine:
-    """The experiment's cluster as the model sees it. The CPU profile measures this machine (cached) and places the
+CpuProbe = Callable[[], dict]  # this machine's CPU figures (probes/cpu.py), measured by the caller's probe
+
+
+def _probed(cpu_probe: CpuProbe | None) -> dict:
+    if cpu_probe is None:
+        raise ValueError("a CPU prediction needs the machine's probe (probes/cpu.py), which was not given")
+    return cpu_probe()
+
+
+def machine_for(exp: Experiment, hardware: Path | None = None, cpu_probe: CpuProbe | None = None) -> Machine:
+    """The experiment's cluster as the model sees it. The CPU profile takes this machine's probe and places the
     ranks as `run --local` does: all on this machine."""
     profile: HardwareProfile = load_hardware_file(hardware) if hardware else HARDWARE[exp.cluster.profile]
-    probe = None
-    if not profile.gpu:
-        from distinfer.predict.probe import measure_cpu
-
-        probe = measure_cpu(probe_cache)
+    probe = None if profile.gpu else _probed(cpu_probe)
     return Machine(profile, LINKS[exp.cluster.network], probe, local=not profile.gpu,
                    gpus_per_node=max(1, exp.cluster.gpus_per_node), nodes=exp.cluster.nodes)
 
@@ -50,7 +56,11 @@ def machine_for(exp: Experiment, hardware: Path | None = None, probe_cache: Path
 def efficiency_for(calibration: Path | None) -> tuple[dict[str, Efficiency], str]:
     """The efficiencies to predict with, and where they came from: a calibration file, or the defaults."""
     if calibration is not None:
-        return load_calibration(calibration), f"calibration file {calibration}"
+        fits = (read_json(calibration) or {}).get("fit") or {}
+        untrusted = [f"{engine}: {'; '.join(fit.get('warnings') or [])}" for engine, fit in fits.items()
+                     if isinstance(fit, dict) and fit.get("trusted") is False]
+        note = f" (WARNING, fit not trusted: {' | '.join(untrusted)})" if untrusted else ""
+        return load_calibration(calibration), f"calibration file {calibration}{note}"
     d = Efficiency()
     return {}, (f"uncalibrated: default efficiencies (compute {d.compute:g} in decode, {d.prefill:g} in "
                 f"prefill, memory {d.memory:g} of peak; "
@@ -95,6 +105,10 @@ def assumptions(machine: Machine, source: str, items: list[Predicted]) -> list[s
                      f"{p['read_all'][-1][1] / 1e9:.0f} GB/s (memory), "
                      f"{p['launch_s'] * 1e6:.1f} us an operation, {p.get('wake_s', 0) * 1e6:.0f} us a wake-up")
         lines.append("ranks: all on this machine, sharing its cores as `run --local` places them")
+        if p.get("disturbed"):
+            lines.append(f"WARNING: the CPU probe was taken while the machine was busy ({p['disturbed']}); its figures "
+                         "and every prediction from them may be off: `distinfer predict CONFIG --probe` on a quiet "
+                         "machine measures again")
     else:
         flops = ", ".join(f"{d} {v / 1e12:g} TFLOP/s" for d, v in profile.peak_flops)
         lines.append(f"device: {profile.name}: {flops}, {profile.memory_bandwidth / 1e9:g} GB/s, "
@@ -131,21 +145,23 @@ def profile_of_bundle(runtime: dict) -> str | None:
     return None
 
 
-def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  # noqa: ANN201 - a DataFrame
+def predicted_against_measured(folder: Path, cpu_probe: CpuProbe | None = None,  # noqa: ANN201 - a DataFrame
                                others: Sequence[Path] = ()):
     """Every finished run of an experiment folder, offline and served, predicted and measured (TPOT p50, TTFT
     mean, output tokens/s), with the error of each. The model is calibrated on the folder's own one-rank offline
     runs (its references, its pp 1 runs); an engine without any there borrows the one-rank runs of that engine in
     `others` (experiments analysed together, measured on the same hardware: a serving study beside an offline
-    one); without either, the folder's calibration.json, else the defaults. The `calibration` column says which.
+    one); without either, the folder's calibration.json, else the defaults. The `calibration` column says which,
+    and `fit_warning` why a fit is not to be trusted (it ended on a bound, it misses its own runs, or the CPU
+    probe it rests on was disturbed); empty where nothing was found.
     Empty where no run's hardware is known to the model."""
     import pandas as pd
 
-    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, one_rank_served
+    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, fit_warnings, one_rank_served
 
     rows = []
     for profile, group in _by_profile(folder).items():
-        machine = _bundle_machine(profile, probe_cache)
+        machine = _bundle_machine(profile, cpu_probe)
         ones = _evenly([m for m in group if one_rank(m.run)])
         served_ones = _evenly([m for m in group if one_rank_served(m.run)])
         missing = {m.run.engine for m in group} - {m.run.engine for m in ones}
@@ -155,7 +171,12 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
         stored = folder / CALIBRATION_FILE
         base = load_calibration(stored) if stored.is_file() else {}
         fitted = ones + borrowed + served_ones
-        efficiency = {**base, **(fit_engines(fitted, machine, base) if fitted else {})}
+        fits = fit_engines(fitted, machine, base) if fitted else {}
+        efficiency = {**base, **fits}
+        warnings = {e: "fit not trusted: " + "; ".join(w) for e, w in fit_warnings(fitted, machine, fits).items() if w}
+        if machine.probe and machine.probe.get("disturbed"):
+            warnings = {e: "; ".join(filter(None, [warnings.get(e), f"CPU probe disturbed: {machine.probe['disturbed']}"]))
+                        for e in {m.run.engine for m in group} | set(efficiency)}
         sources = {**{e: str(stored) for e in base},
                    **{m.run.engine: "the one-rank runs of " + ", ".join(sorted({b.folder.parent.name for b in borrowed}))
                       for m in borrowed},
@@ -171,7 +192,8 @@ def predicted_against_measured(folder: Path, probe_cache: Path | None = None,  #
                 source += ("; server costs: this experiment's served runs of one rank" if used in server
                            else "; server costs: the defaults")
             rows.append({**row, "profile": profile, "calibration": source,
-                         "calibrated_on": row["run_id"] in calibrated_on})
+                         "calibrated_on": row["run_id"] in calibrated_on,
+                         "fit_warning": warnings.get(used or row["engine"], "")})
     return pd.DataFrame(rows)
 
 
@@ -194,11 +216,7 @@ def _evenly(runs: list) -> list:
     return [runs[round(i * (len(runs) - 1) / (MAX_CALIBRATION_RUNS - 1))] for i in range(MAX_CALIBRATION_RUNS)]
 
 
-def _bundle_machine(profile: str, probe_cache: Path | None) -> Machine:
-    probe = None
-    if profile == "cpu":
-        from distinfer.predict.probe import measure_cpu
-
-        probe = measure_cpu(probe_cache)
+def _bundle_machine(profile: str, cpu_probe: CpuProbe | None) -> Machine:
+    probe = _probed(cpu_probe) if profile == "cpu" else None
     return Machine(HARDWARE[profile], LINKS["10gbe"], probe, local=profile == "cpu")
 

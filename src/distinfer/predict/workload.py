@@ -1,24 +1,45 @@
-"""The prompt lengths a run's batches have, in tokens: with the model's tokenizer where it can be loaded, else
+"""The prompt lengths a run's batches have, in tokens: with the model's tokenizer files where they can be read, else
 estimated from the text (prompts.CHARS_PER_TOKEN, as the memory plan does; the prediction lists it)."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
+from distinfer.bundle import read_json
+from distinfer.models.profiles import profile_for
 from distinfer.prompts import CHARS_PER_TOKEN, build_prompt_set, load_prompts, take_prompts
 
 
-@functools.lru_cache(maxsize=32)
-def _tokenizer(model_path: str):  # noqa: ANN202 - a transformers tokenizer, or None
-    if not model_path or not (Path(model_path) / "config.json").is_file():
-        return None
-    try:
-        from distinfer.models.loading import load_tokenizer
+Counter = Callable[[list[str]], list[int]]
 
-        return load_tokenizer(Path(model_path))
-    except Exception:  # noqa: BLE001 - no transformers, or no tokenizer files: the estimate stands in
+
+@functools.lru_cache(maxsize=32)
+def _counter(model_path: str) -> Counter | None:
+    """Token counts of texts with the model's own tokenizer files, read by the tokenizer libraries themselves
+    (`tokenizers` for tokenizer.json, `sentencepiece` for tokenizer.model, as the slow Llama tokenizer reads
+    it), never through transformers or torch: planning and prediction stay light. None where neither can."""
+    folder = Path(model_path) if model_path else None
+    if folder is None or not (folder / "config.json").is_file():
         return None
+    settings = read_json(folder / "tokenizer_config.json") or {}
+    try:
+        if (folder / "tokenizer.model").is_file() and (profile_for(folder).tokenizer_use_fast is False
+                                                       or not (folder / "tokenizer.json").is_file()):
+            import sentencepiece
+
+            model = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            extra = int(settings.get("add_bos_token", True)) + int(settings.get("add_eos_token", False))
+            return lambda texts: [len(ids) + extra for ids in model.encode(texts)]
+        if (folder / "tokenizer.json").is_file():
+            import tokenizers
+
+            fast = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+            return lambda texts: [len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=True)]
+    except (ImportError, OSError, ValueError, RuntimeError, TypeError):  # no library, or files it cannot read
+        return None
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -30,10 +51,10 @@ def _lengths(model_path: str, prompts: str, prompt_set: tuple | None,
     else:
         chosen = load_prompts(Path(prompts))
     texts = [p.prompt for p in (take_prompts(chosen, num_prompts) if num_prompts else chosen)]
-    tokenizer = _tokenizer(model_path)
-    if tokenizer is None:
+    counter = _counter(model_path)
+    if counter is None:
         return tuple(max(1, len(t) // CHARS_PER_TOKEN) for t in texts), False
-    return tuple(len(ids) for ids in tokenizer(texts)["input_ids"]), True
+    return tuple(counter(texts)), True
 
 
 def prompt_lengths(run) -> tuple[list[int], bool]:  # noqa: ANN001 - a plan.RunSpec

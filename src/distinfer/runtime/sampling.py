@@ -11,6 +11,14 @@ from dataclasses import dataclass
 import torch
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer, as in vLLM's API
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from any integer: torch takes 64 bits, so the seed is taken modulo 2^64."""
+    return torch.Generator(device=device).manual_seed(seed % 2**64)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     greedy: bool = True
@@ -48,8 +56,7 @@ class Sampler:
     def _generator(self, prompt_index: int) -> torch.Generator:
         gen = self._generators.get(prompt_index)
         if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.params.seed * 1_000_003 + prompt_index)
+            gen = seeded_generator(self.params.seed * 1_000_003 + prompt_index, self.device)
             self._generators[prompt_index] = gen
         return gen
 

@@ -103,10 +103,13 @@ class ServingEngine:
         if self.max_positions is not None and len(prompt_ids) + max_tokens > self.max_positions:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
                              f"{self.max_positions} positions")
+        sampling = sampling or SamplingParams()
+        if not sampling.greedy and not (0 < sampling.temperature < math.inf and 0 < sampling.top_p <= 1
+                                        and sampling.top_k >= 0):
+            raise ValueError(f"sampling out of range: {sampling}")
         if self.failure is not None:
             raise RuntimeError(f"the engine stopped: {self.failure}")
-        sequence = Sequence(next(self._ids), list(prompt_ids), max_tokens, emit, ignore_eos,
-                            sampling or SamplingParams())
+        sequence = Sequence(next(self._ids), list(prompt_ids), max_tokens, emit, ignore_eos, sampling)
         with self._wake:
             self._waiting.append(sequence)
             self.stats.requests_total += 1

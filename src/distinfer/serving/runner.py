@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from distinfer.plan import RunSpec
 from distinfer.serving.client import Target, run_load
 from distinfer.serving.metrics import summarize
 from distinfer.serving.records import RequestRecord
+from distinfer.serving.serve import API_KEY_ENV
 from distinfer.serving.workload import build_requests
 
 PROBE_TIMEOUT_S = 10.0
@@ -118,7 +120,13 @@ def wait_healthy(url: str, ended: Callable[[], int | None], timeout_s: float) ->
 VLLM_HEALTH_TIMEOUT_S = 900.0  # an offline vLLM run: loading, and compiling where it compiles
 
 
-def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int | None]) -> Target:
+def api_key(environ: dict[str, str] | os._Environ) -> str:
+    """The key of the run's own server: $DISTINFER_API_KEY where set (a job script sets one for its server and
+    load), else a new random one. It is handed over in environments only, never written to the bundle."""
+    return environ.get(API_KEY_ENV) or secrets.token_urlsafe(24)
+
+
+def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int | None], key: str) -> Target:
     """The run's server (distinfer's, or vLLM's for engine vllm) at `url` as the load's target, once /health
     answers (else EndpointError naming its log); vLLM's version and command go into run.json."""
     from distinfer.serving.serve import served_name
@@ -133,7 +141,7 @@ def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int |
     record_server(run_dir, run, url)
     if run.engine == "vllm":
         body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
-    return Target(url, served_name(run), None, float((run.scenario or {}).get("timeout_s", 600.0)), body)
+    return Target(url, served_name(run), key, float((run.scenario or {}).get("timeout_s", 600.0)), body)
 
 
 def record_server(run_dir: Path, run: RunSpec, url: str) -> None:
@@ -181,13 +189,14 @@ def vllm_target(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     then stops the group (SIGTERM, then SIGKILL) and removes the shared-memory files it left."""
     from distinfer.serving.vllm import leftovers, remove, stop_group
 
-    port = loopback_port()
+    port, key = loopback_port(), api_key(os.environ)
     before = leftovers()
     with (run_dir / "server.log").open("w") as log:
         server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.vllm", str(run_dir), "--port", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, API_KEY_ENV: key})
         try:
-            yield _own_target(run_dir, run, f"http://127.0.0.1:{port}", server.poll)
+            yield _own_target(run_dir, run, f"http://127.0.0.1:{port}", server.poll, key)
         finally:
             stop_group(server)
             remove(leftovers() - before)
@@ -202,13 +211,13 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
         with vllm_target(run_dir, run) as target:
             yield target
         return
-    port = loopback_port()
+    port, key = loopback_port(), api_key(os.environ)
     log = (run_dir / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.serve", str(run_dir), "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, API_KEY_ENV: key})
     url = f"http://127.0.0.1:{port}"
     try:
-        yield _own_target(run_dir, run, url, server.poll)
+        yield _own_target(run_dir, run, url, server.poll, key)
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -222,11 +231,12 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
 
 def started_server(run_dir: Path, run: RunSpec, url: str) -> Target:
     """distinfer's server that the job started beside this process (on Slurm, its ranks on the allocation): the
-    target once /health answers; the job script touches SERVER_ENDED in the run folder if the server ends."""
+    target once /health answers; the job script touches SERVER_ENDED in the run folder if the server ends, and
+    gives the server and this process the same key in $DISTINFER_API_KEY."""
     def ended() -> int | None:
         return -1 if (run_dir / SERVER_ENDED).exists() else None
 
-    return _own_target(run_dir, run, url, ended)
+    return _own_target(run_dir, run, url, ended, os.environ.get(API_KEY_ENV, ""))
 
 
 def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file: Path) -> None:

@@ -13,6 +13,7 @@ their own if rank 0 goes away.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from distinfer.serving.stages import StageState
 
 SERVED_ENGINES = ("pipeline", "reference", "deepspeed")  # pipeline stages, one rank, or DeepSpeed AutoTP shards
+API_KEY_ENV = "DISTINFER_API_KEY"  # the server's key travels in the environment, never on a command line or in a file
 
 
 def served_name(run: RunSpec) -> str:
@@ -43,7 +45,7 @@ def groups_of(run: RunSpec) -> int:
 
 
 def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_node: int | None = None,
-          rendezvous: str | None = None, run_json: Path | None = None) -> None:
+          rendezvous: str | None = None, run_json: Path | None = None, log_requests: bool = False) -> None:
     """Serve `run` from this process: in place for one rank (or a rank this module started), else as the parent
     of this node's ranks: all of them on one machine, or on a Slurm node `ranks_per_node` of them (global ranks
     from SLURM_NODEID), meeting at `rendezvous` (HOST:PORT, the first node's). The ranks read the run from
@@ -52,24 +54,24 @@ def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_nod
         raise ValueError(f"{run.run_id}: distinfer's server runs the {', '.join(SERVED_ENGINES)} engines; "
                          f"got {run.engine}")
     if run.world_size == 1 or "RANK" in os.environ:
-        serve_rank(run, host, port, max_batch)
+        serve_rank(run, host, port, max_batch, log_requests)
         return
     per_node = ranks_per_node or run.world_size
     first = int(os.environ.get("SLURM_NODEID", 0)) * per_node
     ranks = range(first, first + per_node)
     if run_json is not None:  # the run's bundle: the ranks read its run.json
-        code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch)
+        code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch, log_requests)
     else:
         with tempfile.TemporaryDirectory(prefix="distinfer-serve-") as folder:
             run_json = Path(folder) / "run.json"
             run_json.write_text(json.dumps({"run": run.to_dict()}))
-            code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch)
+            code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch, log_requests)
     if code:
         raise RuntimeError(f"the server's ranks exited with {code}")
 
 
 def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str | None, host: str, port: int,
-                 max_batch: int) -> int:
+                 max_batch: int, log_requests: bool) -> int:
     """This node's ranks as processes, in the foreground (rendezvous: the loopback address when all ranks run
     here). SIGINT and SIGTERM go to the first of them, which is rank 0 on the first node and stops the others
     (a later rank ignores them); if a rank fails, this node's others are stopped. Returns the first non-zero
@@ -84,7 +86,7 @@ def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str 
                 MASTER_ADDR=master, MASTER_PORT=master_port, WORLD_SIZE=str(world_size),
                 LOCAL_WORLD_SIZE=str(len(ranks)))
     command = [sys.executable, "-m", "distinfer.serving.serve", str(run_json), "--host", host, "--port", str(port),
-               "--max-batch", str(max_batch)]
+               "--max-batch", str(max_batch), *(["--log-requests"] if log_requests else [])]
     procs = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(local)})
              for local, rank in enumerate(ranks)]
     forward = lambda signum, _frame: procs[0].poll() is None and procs[0].send_signal(signum)  # noqa: E731
@@ -108,7 +110,7 @@ def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str 
             signal.signal(signum, handler)
 
 
-def serve_rank(run: RunSpec, host: str, port: int, max_batch: int) -> None:
+def serve_rank(run: RunSpec, host: str, port: int, max_batch: int, log_requests: bool = False) -> None:
     """One rank of the server: load the stage; rank 0 serves HTTP, the others run their stage's loop."""
     import torch
 
@@ -141,7 +143,7 @@ def serve_rank(run: RunSpec, host: str, port: int, max_batch: int) -> None:
         tokenizer = load_tokenizer(model_dir, run.trust_remote_code)
         stop = stop_rule(model_dir, tokenizer, 1)
         _serve_http(run, stage, link, peers, tokenizer, stop.eos_token_ids,
-                    max_positions(read_json(model_dir / "config.json") or {}), host, port, max_batch)
+                    max_positions(read_json(model_dir / "config.json") or {}), host, port, max_batch, log_requests)
     finally:
         shutdown_distributed()
 
@@ -169,7 +171,7 @@ def load_stage(run: RunSpec, env: DistEnv, device: torch.device) -> StageState:
 
 
 def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...],  # noqa: ANN001
-                positions: int | None, host: str, port: int, max_batch: int) -> None:
+                positions: int | None, host: str, port: int, max_batch: int, log_requests: bool) -> None:
     import uvicorn
 
     from distinfer.runtime.monitor import gpu_facts
@@ -179,7 +181,9 @@ def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...
     engine = ServingEngine(stage, link, eos, max_batch, positions, peers)
     device = stage.device
     facts = {"device": str(device), "hostname": os.uname().nodename, "world_size": run.world_size,
+             "tokenizer": str(Path(run.model_path).resolve()),
              **gpu_facts(device.index if device.type == "cuda" else None)}
+    _log_to_stderr()
 
     def run_engine() -> None:
         engine.run_forever()
@@ -193,13 +197,28 @@ def _serve_http(run: RunSpec, stage, link, peers, tokenizer, eos: tuple[int, ...
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
     try:
-        uvicorn.run(create_app(engine, tokenizer, served_name(run), facts), host=host, port=port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        app = create_app(engine, tokenizer, served_name(run), facts, os.environ.get(API_KEY_ENV) or None,
+                         log_requests)
+        logging.getLogger("distinfer.server").info(
+            "serving %s as %r on http://%s:%d (%s, %d rank(s)%s)", run.run_id, served_name(run), host, port, device,
+            run.world_size, ", API key required" if os.environ.get(API_KEY_ENV) else "")
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     finally:
         engine.stop()
         worker.join(timeout=30)
     if engine.failure is not None:
         raise RuntimeError(f"the serving engine stopped: {engine.failure}")
+
+
+def _log_to_stderr() -> None:
+    """The server's own lines (start, refused or failed requests, throughput while busy, shutdown) on stderr."""
+    logger = logging.getLogger("distinfer.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def main() -> None:
@@ -217,12 +236,13 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks this node starts (Slurm)")
     parser.add_argument("--rendezvous", default=None, help="HOST:PORT where the ranks meet (Slurm)")
+    parser.add_argument("--log-requests", action="store_true", help="one log line per request")
     args = parser.parse_args()
     route_third_party_logs()
     run_json = args.run if args.run.is_file() else RunBundle(args.run).run_json
     run = RunSpec.from_dict((read_json(run_json) or {})["run"])
     serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)),
-          args.ranks_per_node, args.rendezvous, run_json.resolve())
+          args.ranks_per_node, args.rendezvous, run_json.resolve(), args.log_requests)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Streamed chunks carry the token ids too (`token_ids`, as vLLM's `return_token_id
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,60 +22,65 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from distinfer.runtime.sampling import SamplingParams
+from distinfer.serving.detokenize import IncrementalDetokenizer
 from distinfer.serving.engine import ServingEngine
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1)
-    stream: bool = False
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    seed: int | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    stream_options: dict | None = None
+from distinfer.serving.protocol import RequestError, parse_request
 
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # the quick look: plain HTML and JavaScript
-UNSUPPORTED = ("echo", "logprobs", "best_of", "suffix", "logit_bias")
+STATS_EVERY_S = 10.0  # a busy server logs its throughput this often
+log = logging.getLogger("distinfer.server")
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-class _Detokenizer:
-    """Text of each new token: the decoded whole minus what was already sent (multi-byte characters whole)."""
-
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete character: wait for its next byte
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-
 def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN001, C901
-               facts: dict | None = None) -> FastAPI:
-    """The OpenAI-compatible app over `engine`; `facts` (the device and host it serves from) answer GET /version
-    beside distinfer's version, as vLLM's server answers its own."""
+               facts: dict | None = None, api_key: str | None = None, log_requests: bool = False) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; `facts` (the device and host it serves from, the tokenizer's
+    folder) answer GET /version beside distinfer's version, as vLLM's server answers its own. With `api_key`,
+    every /v1 path asks for `Authorization: Bearer KEY` (401 without it), as `vllm serve --api-key` does; the
+    health, version and metrics paths stay open. Refused and failed requests are logged, each as one line;
+    with `log_requests` every request is."""
     from distinfer import __version__
 
-    app = FastAPI(title="distinfer", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        stats = asyncio.get_running_loop().create_task(_log_stats(engine))
+        try:
+            yield
+        finally:
+            stats.cancel()
+            s = engine.stats
+            log.info("shutting down: %d requests (%d finished, %d cancelled), %d tokens generated, %d waiting or "
+                     "running", s.requests_total, s.requests_finished, s.requests_cancelled,
+                     s.generated_tokens_total, s.waiting + s.running)
+
+    app = FastAPI(title="distinfer", docs_url=None, redoc_url=None, lifespan=lifespan)
     started = int(time.time())
     version = {"version": __version__, "engine": "distinfer", **(facts or {})}
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def guard_and_log(request: Request, call_next):  # noqa: ANN001, ANN202
+        begun = time.perf_counter()
+        path = request.url.path
+        if expected is not None and path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                log.warning("%s %s 401 (no valid API key) from %s", request.method, path, _peer(request))
+                return _error(401, "a valid API key is needed (Authorization: Bearer KEY)", "authentication_error")
+        response = await call_next(request)
+        elapsed_ms = (time.perf_counter() - begun) * 1e3
+        if response.status_code >= 400:
+            reason = getattr(request.state, "refusal", "")
+            log.warning("%s %s %d %.1f ms from %s%s", request.method, path, response.status_code, elapsed_ms,
+                        _peer(request), f": {reason}" if reason else "")
+        elif log_requests and path != "/v1/completions":  # a completion logs itself when its answer ends
+            log.info("%s %s %d %.1f ms", request.method, path, response.status_code, elapsed_ms)
+        return response
 
     @app.get("/", response_class=HTMLResponse)
     async def chat() -> HTMLResponse:
@@ -95,44 +103,31 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        s = engine.stats
-        lines = []
-        for name, value, kind, about in (
-            ("requests_total", s.requests_total, "counter", "requests received"),
-            ("requests_finished_total", s.requests_finished, "counter", "requests that ended normally"),
-            ("requests_cancelled_total", s.requests_cancelled, "counter", "requests whose client went away"),
-            ("generated_tokens_total", s.generated_tokens_total, "counter", "tokens generated"),
-            ("prompt_tokens_total", s.prompt_tokens_total, "counter", "prompt tokens received"),
-            ("engine_steps_total", s.steps_total, "counter", "group steps (one decode for its rows, prefills joining)"),
-            ("groups_in_flight_max", s.groups_in_flight_max, "gauge", "most groups in the pipeline at once"),
-            ("requests_running", s.running, "gauge", "requests in the running batch"),
-            ("requests_waiting", s.waiting, "gauge", "requests waiting to join"),
-        ):
-            lines += [f"# HELP distinfer_{name} {about}", f"# TYPE distinfer_{name} {kind}",
-                      f"distinfer_{name} {value}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(_prometheus(engine), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(raw: Request) -> JSONResponse | StreamingResponse:
+        begun = time.perf_counter()
+
+        def refuse(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+            raw.state.refusal = message[:300]  # the log line of the refused request says why
+            return _error(status, message, kind)
+
         try:
-            body = CompletionRequest.model_validate(await raw.json())
-        except Exception as exc:  # noqa: BLE001 - any malformed body is the client's
-            return _error(400, f"malformed request: {exc}".splitlines()[0][:500])
+            body = parse_request(await raw.json())
+        except RequestError as exc:
+            return refuse(400, str(exc)[:1000])
+        except (ValueError, RecursionError) as exc:  # not JSON, or nested past the parser's depth
+            return refuse(400, f"the request body is not JSON: {exc}"[:500])
         if body.model != model_name:
-            return _error(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}",
+            return refuse(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}",
                           "not_found_error")
-        unsupported = [name for name in UNSUPPORTED if (body.model_extra or {}).get(name)]
-        if body.n != 1 or unsupported:
-            return _error(400, f"not supported by distinfer's server: {', '.join(unsupported) or 'n > 1'}")
         if isinstance(body.prompt, str):
             prompt_ids = tokenizer(body.prompt)["input_ids"]
         else:
             prompt_ids = body.prompt
             if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
-                return _error(400, f"token ids must lie in 0..{len(tokenizer) - 1}")
-        sampling = SamplingParams(greedy=body.temperature == 0, temperature=body.temperature or 1.0,
-                                  top_k=max(0, body.top_k), top_p=body.top_p,
-                                  seed=body.seed if body.seed is not None else int(uuid.uuid4().int % 2**31))
+                return refuse(400, f"field 'prompt': token ids must lie in 0..{len(tokenizer) - 1}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -140,11 +135,12 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
             loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
 
         try:
-            request_id = engine.submit(prompt_ids, body.max_tokens, emit, body.ignore_eos, sampling)
+            request_id = engine.submit(prompt_ids, body.new_tokens, emit, body.ignore_eos,
+                                       body.sampling(uuid.uuid4().int % 2**31))
         except ValueError as exc:
-            return _error(400, str(exc))
+            return refuse(400, str(exc))
         except RuntimeError as exc:  # the engine stopped (a stage went away)
-            return _error(503, str(exc), "server_error")
+            return refuse(503, str(exc), "server_error")
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, ids: list[int], reason: str | None, usage: dict | None = None) -> dict:
@@ -157,38 +153,85 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": generated,
                     "total_tokens": len(prompt_ids) + generated}
 
+        def ended(generated: int, reason: str | None) -> None:
+            if reason == "error":
+                log.error("POST /v1/completions: the engine stopped while generating: %s", engine.failure)
+            elif log_requests:
+                log.info("POST /v1/completions 200 %s prompt %d tokens, generated %d, %s, %.1f ms",
+                         "stream" if body.stream else "whole", len(prompt_ids), generated, reason or "client gone",
+                         (time.perf_counter() - begun) * 1e3)
+
         if not body.stream:
-            detok, reason = _Detokenizer(tokenizer), None
+            ids: list[int] = []
+            reason = None
             try:
                 while reason is None:
                     token, reason = await queue.get()
                     if token is not None:
-                        detok.add(token)
+                        ids.append(token)
             finally:
                 if reason is None:
                     engine.cancel(request_id)
+                ended(len(ids), reason)
             if reason == "error":
-                return _error(500, f"the engine stopped while generating: {engine.failure}", "server_error")
-            whole = chunk(tokenizer.decode(detok.ids, skip_special_tokens=True), detok.ids, reason)
-            return JSONResponse({**whole, "usage": usage(len(detok.ids))})
+                return refuse(500, f"the engine stopped while generating: {engine.failure}", "server_error")
+            whole = chunk(tokenizer.decode(ids, skip_special_tokens=True), ids, reason)
+            return JSONResponse({**whole, "usage": usage(len(ids))})
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[bytes]:
-            detok, reason = _Detokenizer(tokenizer), None
+            detok, reason = IncrementalDetokenizer.of(tokenizer), None
             try:
                 while reason is None:
                     token, reason = await queue.get()
                     if token is not None:
                         yield b"data: " + json.dumps(chunk(detok.add(token), [token], None)).encode() + b"\n\n"
-                yield b"data: " + json.dumps(chunk("", [], reason)).encode() + b"\n\n"
+                yield b"data: " + json.dumps(chunk(detok.flush(), [], reason)).encode() + b"\n\n"
                 if include_usage:
                     yield b"data: " + json.dumps(chunk("", [], None, usage(len(detok.ids)))).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
             finally:
                 if reason is None:  # the client went away: free the slot
                     engine.cancel(request_id)
+                ended(len(detok.ids), reason)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+def _prometheus(engine: ServingEngine) -> str:
+    s = engine.stats
+    lines = []
+    for name, value, kind, about in (
+        ("requests_total", s.requests_total, "counter", "requests received"),
+        ("requests_finished_total", s.requests_finished, "counter", "requests that ended normally"),
+        ("requests_cancelled_total", s.requests_cancelled, "counter", "requests whose client went away"),
+        ("generated_tokens_total", s.generated_tokens_total, "counter", "tokens generated"),
+        ("prompt_tokens_total", s.prompt_tokens_total, "counter", "prompt tokens received"),
+        ("engine_steps_total", s.steps_total, "counter", "group steps (one decode for its rows, prefills joining)"),
+        ("groups_in_flight_max", s.groups_in_flight_max, "gauge", "most groups in the pipeline at once"),
+        ("requests_running", s.running, "gauge", "requests in the running batch"),
+        ("requests_waiting", s.waiting, "gauge", "requests waiting to join"),
+    ):
+        lines += [f"# HELP distinfer_{name} {about}", f"# TYPE distinfer_{name} {kind}", f"distinfer_{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+async def _log_stats(engine: ServingEngine) -> None:
+    """Every STATS_EVERY_S while the server is busy: requests and tokens per second, running and waiting."""
+    s = engine.stats
+    last = (s.requests_total, s.prompt_tokens_total, s.generated_tokens_total)
+    while True:
+        await asyncio.sleep(STATS_EVERY_S)
+        now = (s.requests_total, s.prompt_tokens_total, s.generated_tokens_total)
+        if now != last or s.running or s.waiting:
+            log.info("last %.0f s: %.1f requests/s, prompt %.1f tokens/s, generated %.1f tokens/s; running %d, "
+                     "waiting %d", STATS_EVERY_S, *((b - a) / STATS_EVERY_S for a, b in zip(last, now)), s.running,
+                     s.waiting)
+        last = now

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from distinfer.models.families import Family
-from distinfer.runtime.sampling import SamplingParams, filter_logits
+from distinfer.runtime.sampling import SamplingParams, filter_logits, seeded_generator
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class StageState:
             if params.greedy:
                 continue
             if generator is None:
-                generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+                generator = seeded_generator(params.seed, logits.device)
                 g.sampling[row] = (params, generator)
             probs = filter_logits(logits[i : i + 1], params).softmax(dim=-1)
             picks[i] = int(torch.multinomial(probs[0], 1, generator=generator))

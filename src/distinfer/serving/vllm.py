@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from distinfer.plan import RunSpec
+from distinfer.serving.serve import API_KEY_ENV
 
 PYTHON_ENV = "DISTINFER_VLLM_PYTHON"
 LOCAL_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"  # `make vllm-env`
@@ -91,6 +92,8 @@ def server_env(run: RunSpec, environ: Mapping[str, str], cores: list[int]) -> di
     if run.layers:
         env["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, run.layers))
     env.update((run.vllm or {}).get("env", {}))
+    if environ.get(API_KEY_ENV):  # vllm serve asks clients of /v1 for $VLLM_API_KEY
+        env["VLLM_API_KEY"] = environ[API_KEY_ENV]
     return env
 
 
@@ -137,7 +140,7 @@ def exec_server(run_dir: Path, port: int, host: str, nodes: int = 1, node_rank: 
         command += ["--headless"] if node_rank > 0 else []
     env = server_env(run, os.environ, sorted(os.sched_getaffinity(0)))
     if node_rank == 0:
-        settings = {k: v for k, v in env.items() if k.startswith("VLLM_")}
+        settings = {k: v for k, v in env.items() if k.startswith("VLLM_") and k != "VLLM_API_KEY"}
         atomic_write_json(run_dir / "vllm.json", {"command": command, "env": settings, "device": "cpu" if cpu else
                                                   "cuda", "host": os.uname().nodename})
     try:

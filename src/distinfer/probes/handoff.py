@@ -6,8 +6,8 @@ hand-off: the copy, the futex wake-up, the woken process's way back onto the cor
 Both processes start with OpenMP's spin count as ranks that share a node have it (runtime/cpu/openmp.py), so that
 the waiting one's threads leave the cores to the other as the stages' do.
 
-    python -m distinfer.predict.handoff                               prints one hand-off's seconds
-    python -m distinfer.predict.handoff RING_IN RING_OUT PARENT_PID   (the second process, which the first starts)
+    python -m distinfer.probes.handoff                               prints one hand-off's seconds
+    python -m distinfer.probes.handoff RING_IN RING_OUT PARENT_PID   (the second process, which the first starts)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def handoff_s(timeout_s: float = 120) -> float | None:
 
     env = {**os.environ, "GOMP_SPINCOUNT": SHARED_NODE_SPINCOUNT}
     try:
-        proc = subprocess.run([sys.executable, "-m", "distinfer.predict.handoff"], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "distinfer.probes.handoff"], capture_output=True, text=True,
                               env=env, timeout=timeout_s)
         return float(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() != "none" else None
     except (subprocess.TimeoutExpired, ValueError):
@@ -61,7 +61,7 @@ def _lead(rounds: int = 200) -> float | None:
     paths = (SHM_DIR / f"{stem}-there", SHM_DIR / f"{stem}-back")
     there = SharedRing(paths[0], 4, SLOT_BYTES, True, 60.0)
     back = SharedRing(paths[1], 4, SLOT_BYTES, True, 60.0)
-    child = subprocess.Popen([sys.executable, "-m", "distinfer.predict.handoff", str(paths[0]), str(paths[1]),
+    child = subprocess.Popen([sys.executable, "-m", "distinfer.probes.handoff", str(paths[0]), str(paths[1]),
                               str(os.getpid())])
     try:
         back.peer_pid = there.peer_pid = child.pid
