@@ -507,13 +507,14 @@ def serve(
     with continuous batching, until Ctrl-C or SIGTERM."""
     import os
 
+    from distinfer.engines import capabilities
     from distinfer.plan import expand, resolve_builtin_models
     from distinfer.serving.serve import API_KEY_ENV, served_name
     from distinfer.serving.serve import serve as serve_run
 
     exp = _load(config)
     _need_runtime("serve")
-    runs = [r for r in expand(exp, config) if r.engine not in ("endpoint", "vllm")]  # distinfer's own engines
+    runs = [r for r in expand(exp, config) if capabilities(r.engine).served_by_distinfer]
     chosen = [r for r in runs if r.run_id == run_id] if run_id else [r for r in runs if r.world_size == 1][:1]
     if not chosen:
         errors.print(f"error: {config}: no run {run_id!r}; runs: {', '.join(r.run_id for r in runs)}" if run_id else
@@ -524,7 +525,7 @@ def serve(
         os.environ[API_KEY_ENV] = api_key
     console.print(f"serving {run.run_id} as model {served_name(run)!r} on http://{host}:{port} (Ctrl-C stops)"
                   + ("; clients need the API key" if api_key else ""), highlight=False)
-    with _exit_on(ValueError, 2):
+    with _exit_on(ValueError, 2), _exit_on(RuntimeError, 1):  # a bad run; ranks that failed (their log above)
         serve_run(run, host, port, max_batch, log_requests=log_requests)
 
 

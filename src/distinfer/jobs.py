@@ -46,7 +46,7 @@ def context_tokens(run: RunSpec) -> int:
 
 def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[MemoryEstimate]:
     profile = HARDWARE[exp.cluster.profile]
-    stages = split_layers(facts.layers, run.pp, run.layers) if run.engine != "reference" else split_layers(facts.layers, 1)
+    stages = split_layers(facts.layers, run.pp, run.layers)  # the engines that take no stages have pp 1
     ctx = context_tokens(run)
     batch = int((run.scenario or {}).get("max_batch", 32)) if run.serving else run.batch_size  # a server's running batch
     per_stage = [estimate_stage_memory(facts, s, run.dtype, batch, ctx, profile.memory_bytes, profile.gpu,

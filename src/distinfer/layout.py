@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distinfer.engines import capabilities
+
 
 class LayoutError(ValueError):
     """A layout that cannot be placed; `field` names the experiment-file field at fault."""
@@ -105,7 +107,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.ranks_per_stage
+        return world_size(self.pp, self.tp, self.ep)
 
     @property
     def ranks_per_node(self) -> int:
@@ -131,9 +133,17 @@ class Layout:
 
 def place_engine(engine: str, pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int,
                  nodes: int | None) -> Layout:
-    """`place` for a run of `engine`: the reference on one device, vLLM on CPU on one node."""
-    return place(pp, tp, ep, gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes, single_device=engine == "reference",
-                 one_node=engine == "vllm" and not gpu)
+    """`place` for a run of `engine`, as its capabilities say (engines.py): e.g. the reference on one device,
+    vLLM on CPU on one node."""
+    caps = capabilities(engine)
+    return place(pp, tp, ep, gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes, single_device=caps.single_device,
+                 one_node=caps.one_node_on_cpu and not gpu)
+
+
+def world_size(pp: int, tp: int = 1, ep: int = 1) -> int:
+    """Ranks of a layout: each of the pp stages has max(tp, ep) ranks (experts are spread over the same ranks
+    that split the attention)."""
+    return pp * max(tp, ep)
 
 
 def place(pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int, nodes: int | None,
@@ -143,7 +153,7 @@ def place(pp: int, tp: int = 1, ep: int = 1, *, gpu: bool, gpus_per_node: int, n
     all-reduce then goes over gloo); a single-device run (the reference) takes one node whatever `nodes` says,
     and so does a `one_node` run (vLLM's CPU backend, which runs its ranks on one machine only)."""
     nodes = None if single_device else (1 if one_node else nodes)
-    world = pp * max(tp, ep)
+    world = world_size(pp, tp, ep)
     per_node = gpus_per_node if gpu else (world if nodes is not None else 1)
     return Layout(pp=pp, tp=tp, ep=ep, gpus_per_node=max(1, per_node), nodes=nodes, groups_within_node=gpu)
 

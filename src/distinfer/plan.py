@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import functools
 import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from distinfer.engines import capabilities
+from distinfer.layout import world_size
 from distinfer.profiles import HARDWARE
 from distinfer.spec import Experiment, as_list, layer_lists, resolve_path
 
@@ -67,7 +69,7 @@ class RunSpec:
 
     @property
     def world_size(self) -> int:
-        return self.pp * max(self.tp, self.ep)
+        return world_size(self.pp, self.tp, self.ep)
 
     def summary_fields(self) -> dict:
         """What summary.json says of the run itself, whichever process measured it (ranks or a load generator)."""
@@ -100,15 +102,9 @@ def run_id_for(engine: str, pp: int, layers: list[int] | None, microbatches: int
     """Readable, unique within an experiment: e.g. pipeline-pp2-L3.5-b4-mb2-fp32, pipeline-pp2-tp2-b4-mb1-fp16,
     reference-b4-int8-ctx2048."""
     suffix = PRECISION_TAGS[precision] + (f"-ctx{context}" if context else "") + (f"-n{num_prompts}" if num_prompts else "")
-    if engine == "reference":
-        return f"reference-b{batch}-{suffix}"
-    if engine == "deepspeed":
-        return f"deepspeed-tp{tp}-b{batch}-{suffix}"
-    tag = ((f"-L{'.'.join(map(str, layers))}" if layers else "") + (f"-tp{tp}" if tp > 1 else "")
-           + (f"-ep{ep}" if ep > 1 else ""))
-    if engine == "vllm":  # vLLM schedules its own batches: no micro-batches
-        return f"vllm-pp{pp}{tag}-b{batch}-{suffix}"
-    return f"{engine}-pp{pp}{tag}-b{batch}-mb{microbatches}-{suffix}"
+    caps = capabilities(engine)
+    groups = f"-mb{microbatches}" if caps.microbatches else ""
+    return f"{engine}{caps.layout_tag(pp, layers, tp, ep)}-b{batch}{groups}-{suffix}"
 
 
 def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
@@ -169,7 +165,7 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             prompt_set=None if context is None else {"context_tokens": context, "count": prompt_set.count,
                                                      "question": prompt_set.question},
             num_prompts=num_prompts,
-            vllm=exp.vllm.model_dump() if engine == "vllm" else None,
+            vllm=exp.vllm.model_dump() if capabilities(engine).program == "vllm" else None,
         )
 
     runs: dict[str, RunSpec] = {}
@@ -177,26 +173,22 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
         as_list(par.engine), layouts, as_list(par.microbatches), as_list(par.tp), as_list(par.ep),
         as_list(exp.batch_size), as_list(exp.model.dtype), contexts,
     ):
-        if engine == "vllm":  # vLLM's pipeline and tensor parallel sizes; it forms its batches itself
-            mb, ep = 1, 1
-        elif engine != "pipeline":  # the layout axes belong to the pipeline engine
-            pp, layers, mb, ep = 1, None, 1, 1
-        if engine not in ("deepspeed", "pipeline", "vllm"):
-            tp = 1
-        if engine == "deepspeed" and tp == 1:  # AutoTP on one rank splits nothing: that run is the reference
+        axes = capabilities(engine).axes(pp, layers, mb, tp, ep)  # the axes the engine does not take are 1
+        if axes is None:  # e.g. DeepSpeed's AutoTP on one rank splits nothing: that run is the reference
             continue
+        pp, layers, mb, tp, ep = axes
         num_prompts = exp.prompts_per_rank * pp * max(tp, ep) if exp.prompts_per_rank else None
         run = make(engine, pp, layers, mb, tp, batch, precision, context, num_prompts, ep)
         runs.setdefault(run.run_id, run)
     if exp.reference == "auto":
         wanted: dict[tuple, list[int | None]] = {}
         for run in runs.values():
-            if run.engine != "reference":
+            if not capabilities(run.engine).single_device:
                 wanted.setdefault((run.batch_size, run.precision, run.context_tokens), []).append(run.num_prompts)
         for (batch, precision, context), counts in wanted.items():
             num_prompts = None if None in counts else max(counts)  # type: ignore[type-var]
             reference = make("reference", 1, None, 1, 1, batch, precision, context, num_prompts)
-            covered = any(r.engine == "reference" and r.batch_size == batch and r.precision == precision
+            covered = any(r.engine == reference.engine and r.batch_size == batch and r.precision == precision
                           and r.context_tokens == context
                           and (r.num_prompts is None or (num_prompts is not None and r.num_prompts >= num_prompts))
                           for r in runs.values())
@@ -220,18 +212,13 @@ def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
     from distinfer.scenario import load_tag
 
     listed = set(as_list(exp.parallel.engine))
-    runs = [r for r in offline if r.engine == "reference" and exp.reference == "auto"]
+    runs = [r for r in offline if capabilities(r.engine).single_device and exp.reference == "auto"]
     for run in offline:
         if run.engine not in listed:
             continue
-        layout = f"{run.engine}-{PRECISION_TAGS[run.precision]}"
-        if run.engine == "deepspeed":
-            layout = f"deepspeed-tp{run.tp}-{PRECISION_TAGS[run.precision]}"
-        if run.engine in ("pipeline", "vllm"):
-            layers = f"-L{'.'.join(map(str, run.layers))}" if run.layers else ""
-            split = f"-tp{run.tp}" if run.tp > 1 else ""
-            groups = f"-mb{run.microbatches}" if run.microbatches > 1 else ""
-            layout = f"{run.engine}-pp{run.pp}{layers}{split}{groups}-{PRECISION_TAGS[run.precision]}"
+        groups = f"-mb{run.microbatches}" if run.microbatches > 1 else ""
+        layout = (f"{run.engine}{capabilities(run.engine).layout_tag(run.pp, run.layers, run.tp, run.ep)}{groups}-"
+                  f"{PRECISION_TAGS[run.precision]}")
         for kind, value in exp.scenario.loads():
             runs.append(dataclasses.replace(run, run_id=f"{layout}-{load_tag(kind, value)}", batch_size=1,
                                             warmup=0, scenario=serving_scenario(exp, kind, value)))

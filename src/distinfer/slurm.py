@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from distinfer.engines import capabilities
 from distinfer.layout import LayoutError, place_engine
 from distinfer.memory import GPU_ALLOCATOR
 from distinfer.plan import RunSpec
@@ -81,7 +82,7 @@ export TMPDIR=$JOB_TMP"""  # the job and vLLM scripts; each removes $JOB_TMP onc
 
 def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, run_dir: Path) -> str:
     """The job script of one run (a pure function of its arguments)."""
-    if run.engine == "endpoint":
+    if capabilities(run.engine).program == "endpoint":
         raise RenderError(f"{run.run_id}: a serving run against an endpoint needs no job: run the load from a "
                           "machine that reaches the endpoint, with `distinfer run FILE --local`")
     run_dir = run_dir.resolve() if not run_dir.is_absolute() else run_dir
@@ -131,7 +132,8 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "profile_prefix": " ".join(f"'{part}'" if "," in part and "'" not in part else shlex.quote(part)
                                    for part in profiler_prefix(run, run_dir)),
     }
-    template = VLLM_TEMPLATE if run.engine == "vllm" else SERVING_TEMPLATE if run.serving else TEMPLATE
+    program = capabilities(run.engine).program
+    template = VLLM_TEMPLATE if program == "vllm" else SERVING_TEMPLATE if run.serving else TEMPLATE
     return _fill(template.read_text(), values)
 
 

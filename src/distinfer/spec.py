@@ -6,6 +6,7 @@ Nothing here imports torch or transformers: validation runs on a login node in m
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import typing
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distinfer.layout import Layout, LayoutError, place_engine, tensor_split_problem
+from distinfer.engines import SELECTABLE, capabilities, named, taking
+from distinfer.layout import Layout, LayoutError, place_engine, tensor_split_problem, world_size
 from distinfer.models.profiles import config_layer_count, max_positions, read_json_file, read_model_config
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.profiles import HARDWARE
@@ -443,19 +445,21 @@ def _check_layout(path: Path, exp: Experiment, num_layers: int) -> None:
                 f"allowed: 1..{num_layers}"
             )
     engines = as_list(exp.parallel.engine)
-    if not {"pipeline", "vllm"} & set(engines) and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
-        raise SpecError(f"{path}: field 'parallel.pp': pipeline stages need engine pipeline or vllm; "
+    if not taking(engines, "pp") and (as_list(exp.parallel.pp) != [1] or layers != "auto"):
+        raise SpecError(f"{path}: field 'parallel.pp': pipeline stages need engine {named(taking(SELECTABLE, 'pp'))}; "
                         f"engines here: {', '.join(engines)}")
-    if not {"deepspeed", "pipeline", "vllm"} & set(engines) and as_list(exp.parallel.tp) != [1]:
-        raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine pipeline (tp inside each "
-                        f"stage), deepspeed or vllm; engines here: {', '.join(engines)}")
-    if "deepspeed" in engines and max(as_list(exp.parallel.tp)) == 1:
-        raise SpecError(f"{path}: field 'parallel.tp': engine deepspeed splits the model over tp >= 2 ranks (with "
-                        "tp 1 it is the reference); set parallel.tp, e.g. 2")
+    if not taking(engines, "tp") and as_list(exp.parallel.tp) != [1]:
+        raise SpecError(f"{path}: field 'parallel.tp': tensor parallelism needs engine "
+                        f"{named(taking(SELECTABLE, 'tp'))}; engines here: {', '.join(engines)}")
+    for engine in engines:
+        least = capabilities(engine).min_tp
+        if max(as_list(exp.parallel.tp)) < least:
+            raise SpecError(f"{path}: field 'parallel.tp': engine {engine} splits the model over tp >= {least} ranks "
+                            f"(with tp 1 it is the reference); set parallel.tp, e.g. {least}")
     if as_list(exp.parallel.ep) != [1]:
-        if "pipeline" not in engines:
-            raise SpecError(f"{path}: field 'parallel.ep': expert parallelism needs engine pipeline; "
-                            f"engines here: {', '.join(engines)}")
+        if not taking(engines, "ep"):
+            raise SpecError(f"{path}: field 'parallel.ep': expert parallelism needs engine "
+                            f"{named(taking(SELECTABLE, 'ep'))}; engines here: {', '.join(engines)}")
         if as_list(exp.parallel.tp) != [1]:
             raise SpecError(f"{path}: field 'parallel.ep': expert parallel stages run with tp 1; got tp "
                             f"{as_list(exp.parallel.tp)}")
@@ -477,22 +481,22 @@ def run_layouts(exp: Experiment) -> list[tuple[str, Layout]]:
     """Every (engine, layout) the matrix runs, once each, placed on the experiment's cluster; LayoutError for
     the first that cannot be placed. Single-device reference runs take one node whatever `cluster.nodes` says."""
     profile = HARDWARE[exp.cluster.profile]
+    return [(engine, place_engine(engine, pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
+                                  nodes=exp.cluster.nodes))
+            for engine, pp, tp, ep in _shapes(exp)]
+
+
+def _shapes(exp: Experiment) -> list[tuple[str, int, int, int]]:
+    """Every (engine, pp, tp, ep) of the matrix once, each engine's axes as engines.py says."""
     explicit = layer_lists(exp.parallel)
     stage_counts = sorted({len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp)))
     shapes: dict[tuple[str, int, int, int], None] = {}
-    for engine in as_list(exp.parallel.engine):
-        if engine == "pipeline":
-            shapes.update(dict.fromkeys(("pipeline", pp, tp, ep) for pp in stage_counts
-                                        for tp in as_list(exp.parallel.tp) for ep in as_list(exp.parallel.ep)))
-        elif engine == "deepspeed":
-            shapes.update(dict.fromkeys(("deepspeed", 1, tp, 1) for tp in as_list(exp.parallel.tp) if tp > 1))
-        elif engine == "vllm":
-            shapes.update(dict.fromkeys(("vllm", pp, tp, 1) for pp in stage_counts for tp in as_list(exp.parallel.tp)))
-        else:
-            shapes[(engine, 1, 1, 1)] = None
-    return [(engine, place_engine(engine, pp, tp, ep, gpu=profile.gpu, gpus_per_node=exp.cluster.gpus_per_node,
-                                  nodes=exp.cluster.nodes))
-            for engine, pp, tp, ep in shapes]
+    for engine, pp, tp, ep in itertools.product(as_list(exp.parallel.engine), stage_counts, as_list(exp.parallel.tp),
+                                                as_list(exp.parallel.ep)):
+        axes = capabilities(engine).axes(pp, None, 1, tp, ep)  # the axes the engine does not take are 1
+        if axes is not None:
+            shapes[(engine, axes[0], axes[3], axes[4])] = None
+    return list(shapes)
 
 
 def _check_cluster(path: Path, exp: Experiment) -> None:
@@ -587,15 +591,15 @@ def _check_serving(path: Path, exp: Experiment) -> None:
         if as_list(exp.parallel.ep) != [1]:
             raise SpecError(f"{path}: field 'parallel.ep': distinfer's server runs pipeline stages of one rank "
                             "(ep 1)")
-        if "pipeline" in as_list(exp.parallel.engine) and as_list(exp.parallel.tp) != [1]:
-            raise SpecError(f"{path}: field 'parallel.tp': distinfer's server runs pipeline stages of one rank "
-                            "(tp 1); serve tensor parallel with engine deepspeed")
+        unsplit = [e for e in taking(as_list(exp.parallel.engine), "tp") if not capabilities(e).serves_tp]
+        if unsplit and as_list(exp.parallel.tp) != [1]:
+            raise SpecError(f"{path}: field 'parallel.tp': distinfer's server runs {unsplit[0]} stages of one rank "
+                            f"(tp 1); serve tensor parallel with engine {named(taking(SELECTABLE, 'serves_tp'))}")
 
 
 def _check_tensor_parallel(path: Path, exp: Experiment, config: dict) -> None:
     """Every tp of the sweep splits the model's heads, its key/value heads and its MLP."""
-    engines = set(as_list(exp.parallel.engine))
-    if not {"pipeline", "deepspeed", "vllm"} & engines:
+    if not taking(as_list(exp.parallel.engine), "tp"):
         return
     for tp in as_list(exp.parallel.tp):
         if tp > 1:
@@ -654,21 +658,8 @@ def _check_prompts(path: Path, exp: Experiment) -> None:
 
 
 def world_sizes(exp: Experiment) -> set[int]:
-    """The rank counts the matrix covers (pipeline stages, TP ranks, 1 for the reference engine)."""
-    engines = as_list(exp.parallel.engine)
-    explicit = layer_lists(exp.parallel)
-    sizes = set()
-    stages = {len(s) for s in explicit} if explicit else set(as_list(exp.parallel.pp))
-    if "pipeline" in engines:
-        sizes |= {pp * max(tp, ep) for pp in stages for tp in as_list(exp.parallel.tp)
-                  for ep in as_list(exp.parallel.ep)}
-    if "deepspeed" in engines:
-        sizes |= {tp for tp in as_list(exp.parallel.tp) if tp > 1}
-    if "vllm" in engines:
-        sizes |= {pp * tp for pp in stages for tp in as_list(exp.parallel.tp)}
-    if "reference" in engines:
-        sizes.add(1)
-    return sizes
+    """The rank counts the matrix covers (each engine's layouts: its axes as engines.py says)."""
+    return {world_size(pp, tp, ep) for _, pp, tp, ep in _shapes(exp)}
 
 
 def swept_axes(exp: Experiment) -> list[str]:
@@ -703,12 +694,14 @@ def _check_study(path: Path, exp: Experiment) -> None:
                         "so that the work grows with the ranks)")
     if exp.prompts_per_rank is not None and exp.study != "weak-scaling":
         raise SpecError(f"{path}: field 'prompts_per_rank': only used by study: weak-scaling (here: {exp.study})")
-    for engine in {"deepspeed", "vllm"} & set(as_list(exp.parallel.engine)):
+    engines = as_list(exp.parallel.engine)
+    for engine in sorted(set(engines) - set(taking(engines, "int8"))):
         if "int8" in as_list(exp.model.dtype):
-            raise SpecError(f"{path}: field 'model.dtype': int8 (torchao weight-only) runs on the pipeline and "
-                            f"reference engines, not {engine}; drop one of them")
-    if "vllm" not in as_list(exp.parallel.engine) and "vllm" in exp.model_fields_set:
+            raise SpecError(f"{path}: field 'model.dtype': int8 (torchao weight-only) runs on the "
+                            f"{' and '.join(taking(SELECTABLE, 'int8'))} engines, not {engine}; drop one of them")
+    vllm = [e for e in engines if capabilities(e).program == "vllm"]
+    if not vllm and "vllm" in exp.model_fields_set:
         raise SpecError(f"{path}: field 'vllm': only used by engine vllm (parallel.engine); remove it or add vllm")
-    if "vllm" in as_list(exp.parallel.engine) and exp.model.trust_remote_code:
+    if vllm and exp.model.trust_remote_code:
         raise SpecError(f"{path}: field 'model.trust_remote_code': engine vllm loads the model with vLLM's own "
                         "model code; add --trust-remote-code to vllm.args if vLLM should run the checkpoint's")

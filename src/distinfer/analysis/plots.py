@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from distinfer.analysis.tables import SERVING_LAYOUT, with_layout_columns  # noqa: E402
+from distinfer.engines import capabilities  # noqa: E402
 
 FORMATS = ("png", "svg")
 LAYOUT = ["engine", "world_size", "layout", "microbatches", "batch_size", "precision"]  # runs of the same layout
@@ -202,7 +203,7 @@ def precision_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
 
 def _serving_label(key: tuple) -> str:
     engine, model, world, microbatches, load = key
-    what = f"{model}" if engine == "endpoint" else f"{engine} n={world} mb={microbatches}"
+    what = f"{model}" if capabilities(engine).program == "endpoint" else f"{engine} n={world} mb={microbatches}"
     return f"{what} ({'closed loop' if load == 'concurrency' else 'open loop'})"
 
 

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from distinfer.bundle import BUNDLE_SCHEMA, RunBundle, atomic_write_json
+from distinfer.engines import capabilities
 from distinfer.plan import RunSpec, deepspeed_config
 from distinfer.provenance import provenance
 
@@ -19,7 +20,7 @@ def write_run_json(run: RunSpec, outputs: Path, origin: dict | None = None) -> R
         bundle.run_json, {"schema": BUNDLE_SCHEMA, "run": run.to_dict(), "config_hash": run.config_hash(),
                           "provenance": origin or provenance(os.environ)}, durable=False, indent=None,
     )
-    if run.engine == "deepspeed":
+    if capabilities(run.engine).deepspeed_config:
         atomic_write_json(bundle.root / "ds_config.json", deepspeed_config(run), durable=False)
     return bundle
 

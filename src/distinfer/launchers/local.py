@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.bundle import RunBundle
+from distinfer.engines import capabilities
 from distinfer.finalize import finalize_run
 from distinfer.launchers.base import Launcher
 from distinfer.plan import RunSpec, resolve_builtin_models
@@ -55,7 +56,7 @@ def scratch_env(scratch: str) -> dict[str, str]:
 def torchrun_command(run: RunSpec, bundle: RunBundle) -> list[str]:
     """The ranks under a local torchrun; a serving run, and any run of engine vllm, is one load-generator
     process (which starts the run's server)."""
-    if run.serving or run.engine == "vllm":
+    if run.serving or capabilities(run.engine).program != "ranks":
         return [sys.executable, "-m", "distinfer.serving", str(bundle.root)]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.bundle import BUNDLE_SCHEMA, atomic_write_json, read_json
+from distinfer.engines import capabilities
 from distinfer.memory import ModelFacts
 from distinfer.predict.fit import nelder_mead
 from distinfer.predict.model import Efficiency, Machine, Prediction
@@ -67,7 +68,7 @@ def measured_runs(folder: Path) -> list[MeasuredRun]:
             run = RunSpec.from_dict(run_json["run"])
         except (KeyError, TypeError):
             continue
-        if run.engine == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
+        if capabilities(run.engine).program == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
             continue
         runs.append(MeasuredRun(run_dir, run, summary, run_json.get("runtime") or {}))
     return runs
@@ -95,16 +96,14 @@ def median_of_repeats(runs: list[MeasuredRun]) -> list[MeasuredRun]:
 
 def one_rank(run) -> bool:  # noqa: ANN001
     """An offline run of one rank: what calibration fits on."""
-    if run.serving:
-        return False
-    return run.engine == "reference" or (run.engine in ("pipeline", "vllm") and run.pp == 1 and run.tp == 1
-                                         and run.ep == 1)
+    return not run.serving and capabilities(run.engine).one_rank(run.pp, run.tp, run.ep)
 
 
 def one_rank_served(run) -> bool:  # noqa: ANN001
     """A run served by a server of one rank and one group of requests: what the server's own costs are fitted on."""
-    return (run.serving and run.engine in ("pipeline", "vllm") and run.pp == 1 and run.tp == 1 and run.ep == 1
-            and run.microbatches == 1)
+    caps = capabilities(run.engine)
+    return (run.serving and caps.pp and caps.one_rank(run.pp, run.tp, run.ep)
+            and caps.groups(run.pp, run.microbatches) == 1)
 
 
 def facts_of(run) -> ModelFacts:  # noqa: ANN001

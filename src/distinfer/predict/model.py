@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from distinfer.engines import capabilities
 from distinfer.layout import place_engine, split_layers
 from distinfer.memory import DTYPE_BYTES, ModelFacts
 from distinfer.predict.costs import FUSED_OPS_PER_LAYER, OPS_PER_LAYER, Work, forward_work
@@ -169,11 +170,9 @@ class StageCosts:
         fitted = fit_used(engine, efficiency)
         self.eff = efficiency[fitted] if fitted else Efficiency()
         self.facts, self.dtype, self.quantization = facts, run.dtype, run.quantization
-        self.pp = run.pp if engine in ("pipeline", "vllm") else 1
-        self.tp = run.tp if engine in ("pipeline", "deepspeed", "vllm") else 1
-        self.ep = run.ep if engine == "pipeline" else 1
+        self.pp, _, self.microbatches, self.tp, self.ep = capabilities(engine).axes(
+            run.pp, None, run.microbatches, max(run.tp, capabilities(engine).min_tp), run.ep)
         self.group = max(self.tp, self.ep)
-        self.microbatches = run.microbatches if engine == "pipeline" else 1
         self.together = self.group > 1 or self.microbatches > 1 if together is None else together
         self.ranks = _ranks(engine, self.pp, self.group, self.together, machine)
         self.stages = split_layers(facts.layers, self.pp, run.layers)
@@ -186,7 +185,8 @@ class StageCosts:
         self.shared_machine = not self.gpu and machine.local  # every rank reads through one machine's memory
         # a Llama stage of the pipeline engine on CPU decodes through runtime/cpu's fused layers (prefill stays
         # eager); the server runs transformers' own forward
-        self.fused = (not self.gpu and engine == "pipeline" and run.cpu_kernels == "fast" and not stock_kernels
+        self.fused = (not self.gpu and capabilities(engine).fast_cpu_kernels and run.cpu_kernels == "fast"
+                      and not stock_kernels
                       and facts.gated_mlp and not facts.experts and self.group == 1)
 
     def stage_times(self, rows: int, new: int, context: float) -> tuple[list[float], list[float]]:

@@ -160,7 +160,7 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
     """A served run's TTFT (mean), TPOT (median, as its p50 is compared), output tokens/s and per-rank busy time,
     from a simulation of the server on the run's load."""
     scenario = run.scenario or {}
-    groups = groups_of(run) if run.engine == "pipeline" else run.pp if run.engine == "vllm" else 1
+    groups = groups_of(run)
     costs = StageCosts(run, facts, machine, efficiency, together=groups > 1, stock_kernels=True)
     requests = workload(run, prompt_tokens, facts.vocab)
     kind, value = scenario.get("load"), scenario.get("value")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.bundle import read_json
+from distinfer.engines import capabilities
 from distinfer.memory import ModelFacts
 from distinfer.predict.calibrate import load_calibration, one_rank
 from distinfer.predict.hardware import LINKS, load_hardware_file
@@ -75,7 +76,7 @@ def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: di
 
     out = []
     for run in runs:
-        if run.engine == "endpoint":  # someone else's server
+        if capabilities(run.engine).program == "endpoint":  # someone else's server
             out.append(Predicted(run, None, True))
             continue
         lengths, exact = prompt_lengths(run)
@@ -86,7 +87,7 @@ def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: di
 
 def best(items: list[Predicted], goal: str) -> Predicted | None:
     """The run that fits and does best on the goal: most tokens/s, least TPOT, least GPU-hours per 1M tokens."""
-    usable = [i for i in items if i.prediction is not None and i.fits and i.run.engine != "reference"] or \
+    usable = [i for i in items if i.prediction is not None and i.fits and not capabilities(i.run.engine).single_device] or \
              [i for i in items if i.prediction is not None and i.fits]
     if not usable:
         return None

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.engines import capabilities
 from distinfer.finalize import stop_status
 from distinfer.metrics import LatencyReport, rank_totals
 from distinfer.models.loading import load_tokenizer
@@ -323,7 +324,8 @@ def run(run_dir: Path) -> int:
         try:
             # Without micro-batches one pipeline stage computes at a time: each may use every core. The ranks of
             # a stage split by tp or ep compute at the same time, as DeepSpeed's do: an even share each.
-            together = not (spec.engine == "pipeline" and spec.microbatches == 1 and max(spec.tp, spec.ep) == 1)
+            together = not (capabilities(spec.engine).microbatches and spec.microbatches == 1
+                            and max(spec.tp, spec.ep) == 1)
             device = init_distributed(env, spec.timeout_s, together)
             state["memory_limit"] = apply_memory_limit(device, os.environ)
             generate_all(spec, env, device, bundle, state)

@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
+from distinfer.engines import capabilities
 from distinfer.finalize import stop_status
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Target, run_load
@@ -131,15 +132,15 @@ def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int |
     answers (else EndpointError naming its log); vLLM's version and command go into run.json."""
     from distinfer.serving.serve import served_name
 
-    name = "vLLM's server" if run.engine == "vllm" else "distinfer's server"
-    default = VLLM_HEALTH_TIMEOUT_S if run.engine == "vllm" else 300.0
+    name = "vLLM's server" if capabilities(run.engine).program == "vllm" else "distinfer's server"
+    default = VLLM_HEALTH_TIMEOUT_S if capabilities(run.engine).program == "vllm" else 300.0
     try:
         wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", default)))
     except EndpointError as exc:
         raise EndpointError(f"{name}: {exc}; see {run_dir / 'server.log'}") from None
     body = sampling_body(run)
     record_server(run_dir, run, url)
-    if run.engine == "vllm":
+    if capabilities(run.engine).program == "vllm":
         body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
     return Target(url, served_name(run), key, float((run.scenario or {}).get("timeout_s", 600.0)), body)
 
@@ -149,7 +150,7 @@ def record_server(run_dir: Path, run: RunSpec, url: str) -> None:
     GET /version (distinfer's), or from vllm.json, which vLLM's start writes, with vLLM's version, command and
     VLLM_* settings as provenance."""
     info = server_version(url)
-    if run.engine == "vllm":
+    if capabilities(run.engine).program == "vllm":
         started = read_json(run_dir / "vllm.json") or {}
         runtime = {"device": started.get("device", "?"), "hostnames": [started.get("host", "?")], "engine": "vllm"}
         provenance = {"vllm": {"version": info.get("version"), "command": started.get("command"),
@@ -207,7 +208,7 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     """distinfer's server for this run (`python -m distinfer.serving.serve`, which starts a multi-rank layout's
     ranks) on a free loopback port, its output in server.log; yields the target once /health answers; stopped
     by its PID (SIGTERM, then SIGKILL)."""
-    if run.engine == "vllm":
+    if capabilities(run.engine).program == "vllm":
         with vllm_target(run_dir, run) as target:
             yield target
         return

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distinfer.engines import SERVED_BY_DISTINFER, capabilities
 from distinfer.plan import RunSpec
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from distinfer.runtime.ranks import DistEnv
     from distinfer.serving.stages import StageState
 
-SERVED_ENGINES = ("pipeline", "reference", "deepspeed")  # pipeline stages, one rank, or DeepSpeed AutoTP shards
 API_KEY_ENV = "DISTINFER_API_KEY"  # the server's key travels in the environment, never on a command line or in a file
 
 
@@ -40,8 +40,9 @@ def served_name(run: RunSpec) -> str:
 
 
 def groups_of(run: RunSpec) -> int:
-    """Groups of requests in flight: the run's micro-batches, at least one per stage."""
-    return max(run.pp, run.microbatches)
+    """Groups of requests the run's server keeps in flight (engines.py: for distinfer's pipeline the run's
+    micro-batches, at least one per stage)."""
+    return capabilities(run.engine).groups(run.pp, run.microbatches)
 
 
 def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_node: int | None = None,
@@ -50,8 +51,8 @@ def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_nod
     of this node's ranks: all of them on one machine, or on a Slurm node `ranks_per_node` of them (global ranks
     from SLURM_NODEID), meeting at `rendezvous` (HOST:PORT, the first node's). The ranks read the run from
     `run_json` (a bundle's), else from a temporary copy."""
-    if run.engine not in SERVED_ENGINES:
-        raise ValueError(f"{run.run_id}: distinfer's server runs the {', '.join(SERVED_ENGINES)} engines; "
+    if not capabilities(run.engine).served_by_distinfer:
+        raise ValueError(f"{run.run_id}: distinfer's server runs the {', '.join(SERVED_BY_DISTINFER)} engines; "
                          f"got {run.engine}")
     if run.world_size == 1 or "RANK" in os.environ:
         serve_rank(run, host, port, max_batch, log_requests)
@@ -60,22 +61,24 @@ def serve(run: RunSpec, host: str, port: int, max_batch: int = 32, ranks_per_nod
     first = int(os.environ.get("SLURM_NODEID", 0)) * per_node
     ranks = range(first, first + per_node)
     if run_json is not None:  # the run's bundle: the ranks read its run.json
-        code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch, log_requests)
+        failed = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch, log_requests)
     else:
         with tempfile.TemporaryDirectory(prefix="distinfer-serve-") as folder:
             run_json = Path(folder) / "run.json"
             run_json.write_text(json.dumps({"run": run.to_dict()}))
-            code = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch, log_requests)
-    if code:
-        raise RuntimeError(f"the server's ranks exited with {code}")
+            failed = _spawn_ranks(run_json, ranks, run.world_size, rendezvous, host, port, max_batch, log_requests)
+    if failed:
+        raise RuntimeError("the server's ranks failed: " + ", ".join(
+            f"rank {rank} exited with {code}" + (f" ({signal.Signals(-code).name})" if code < 0 else "")
+            for rank, code in failed))
 
 
 def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str | None, host: str, port: int,
-                 max_batch: int, log_requests: bool) -> int:
+                 max_batch: int, log_requests: bool) -> list[tuple[int, int]]:
     """This node's ranks as processes, in the foreground (rendezvous: the loopback address when all ranks run
     here). SIGINT and SIGTERM go to the first of them, which is rank 0 on the first node and stops the others
-    (a later rank ignores them); if a rank fails, this node's others are stopped. Returns the first non-zero
-    exit status, else 0."""
+    (a later rank ignores them); if a rank fails, this node's others are stopped. Returns (rank, exit status) of
+    every rank that did not end cleanly, once all have ended."""
     import subprocess
     import time
 
@@ -94,17 +97,17 @@ def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str 
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
-        failed = [p for p in procs if p.poll() not in (None, 0, -signal.SIGTERM)]
+        failing = any(p.poll() not in (None, 0, -signal.SIGTERM) for p in procs)
         deadline = time.monotonic() + 30
         for proc in procs:  # the others end by themselves when rank 0 stops them; else they are stopped here
-            if failed and proc.poll() is None:
+            if failing and proc.poll() is None:
                 proc.terminate()
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        return next((p.returncode for p in failed), 0)
+        return [(rank, p.returncode) for rank, p in zip(ranks, procs) if p.returncode not in (0, -signal.SIGTERM)]
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -159,7 +162,7 @@ def load_stage(run: RunSpec, env: DistEnv, device: torch.device) -> StageState:
     from distinfer.serving.stages import StageState
 
     model_dir = Path(run.model_path)
-    if run.engine == "deepspeed":
+    if capabilities(run.engine).deepspeed_config:
         from distinfer.plan import deepspeed_config
         from distinfer.runtime.tensor import deepspeed_model
 
@@ -243,6 +246,19 @@ def main() -> None:
     run = RunSpec.from_dict((read_json(run_json) or {})["run"])
     serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)),
           args.ranks_per_node, args.rendezvous, run_json.resolve(), args.log_requests)
+    if "RANK" in os.environ and run.world_size > 1:
+        _leave_cleanly()
+
+
+def _leave_cleanly() -> None:
+    """End a rank of a multi-rank server that has stopped cleanly (its requests answered, its process group
+    destroyed) without running C++ static destructors: a joinable thread of a communication library destroyed
+    there ends the process with SIGABRT ("terminate called without an active exception"), in about one of
+    seven DeepSpeed tensor-parallel shutdowns on CPU, which would report a clean stop as a failed one."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
