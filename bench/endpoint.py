@@ -14,14 +14,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-from distinfer.serving.runner import wait_healthy
 from pathlib import Path
+
+from distinfer.net import free_port
+from distinfer.serving.runner import wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,12 +57,6 @@ def app():  # noqa: ANN201 - aiohttp's Application
     application.router.add_get("/health", health)
     application.router.add_post("/v1/completions", completions)
     return application
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,9 @@ batch 1 it also times, each round, one pass of one-row products through the one-
 generate's tokens/s) is the most one stage / HF generate can reach on this machine.
 
 Like a run's ranks, the two ranks start with the OpenMP spin count a run's ranks sharing a node get
-(runtime/cpu/openmp.py). `--spin-ab 2000,20000,default` starts one pair per spin count; the pairs take turns
-round by round (the others sleep meanwhile): the settings side by side, each pair's figures on their own.
+(runtime/cpu/openmp.py).
 
     python -m bench.paired [--rounds 16] [--batches 1,8] [--microbatches 2] [--new-tokens 32]
-                           [--spin-ab 2000,default]
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,22 +41,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.bandwidth import CopyBandwidth, decode_read_bytes
-from distinfer.runtime.dist import free_port
+from distinfer.net import free_port
 from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_BATCH_1 = 4  # batch 1 cycles through this many one-prompt batches, as bench.py does
-
-
-@dataclass(frozen=True)
-class PairSetting:
-    """How one pair of ranks starts: its GOMP_SPINCOUNT (None: OpenMP's default)."""
-
-    spin: str | None = SHARED_NODE_SPINCOUNT  # two ranks on one node (runtime/cpu/openmp.py)
-
-    @property
-    def label(self) -> str:
-        return f"spin {self.spin or 'default'}"
 
 
 class _HfGenerate:
@@ -91,13 +77,13 @@ def _rank(rank: int, options: dict) -> None:
     from distinfer.models.loading import load_stage_model, load_tokenizer
     from distinfer.models.profiles import model_layer_count
     from distinfer.prompts import load_prompts
-    from distinfer.runtime.dist import init_distributed, shutdown_distributed
+    from distinfer.runtime.cpu import speed_up_stage
     from distinfer.runtime.cpu.kernels import one_row_products_s
+    from distinfer.runtime.cpu.threads import rank_cores
+    from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.pipeline import PipelineEngine
     from distinfer.runtime.ranks import DistEnv
     from distinfer.runtime.sampling import Sampler, SamplingParams
-    from distinfer.runtime.cpu.threads import rank_cores
-    from distinfer.runtime.cpu import speed_up_stage
     from distinfer.runtime.worker import make_batches, stop_rule
 
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, master_port=options["port"])
@@ -140,11 +126,6 @@ def _rank(rank: int, options: dict) -> None:
         floors: list[float] = []  # batch 1: one pass of the one-stage model's linear products, round by round
         for round_ in range(options["rounds"] + 1):  # round 0 warms up
             batch = batches[round_ % len(batches)]
-            # pairs taking turns: n + 1 barriers a round, this pair runs between its slot's two; slots rotate
-            turn, pairs = options["turn"], options["pairs"]
-            slot = (options["pair"] + round_) % pairs
-            for _ in range(slot + 1 if turn is not None else 0):
-                turn.wait()
             order = names if round_ % 2 == 0 else names[::-1]
             speeds, tokens = {}, {}
             # before the round's first engine, whichever it is (the order alternates), while rank 1 waits
@@ -164,8 +145,6 @@ def _rank(rank: int, options: dict) -> None:
                         if name == "pp1" and bandwidth and round_ > 0 and len(times) > 1:
                             weight_read.append(read_bytes * (len(times) - 1) / (times[-1] - times[0]) / bandwidth)
                 dist.barrier()
-            for _ in range(pairs - slot if turn is not None else 0):
-                turn.wait()
             if rank == 0:
                 differs = [n for n in tokens if tokens[n] != tokens["pp1"]]
                 if differs:
@@ -175,9 +154,7 @@ def _rank(rank: int, options: dict) -> None:
                     if floor:
                         floors.append(floor)
         if rank == 0:
-            started_with = {"spin": os.environ.get("GOMP_SPINCOUNT")}
-            results[batch_size] = {"speeds": per_round, "weight_read": weight_read, "linear_floor_s": floors,
-                                   "started_with": started_with}
+            results[batch_size] = {"speeds": per_round, "weight_read": weight_read, "linear_floor_s": floors}
     if rank == 0:
         Path(options["out"]).write_text(json.dumps(results))
     shutdown_distributed()
@@ -200,8 +177,6 @@ def summarize(rounds: dict[str, list]) -> dict:
         "ratio_quartiles": _quartiles(ratios),
         "ratios": ratios,
     }
-    if "started_with" in rounds:
-        summary["started_with"] = rounds["started_with"]
     if "hf-generate" in per_round[0]:
         vs_hf = [speeds["pp1"] / speeds["hf-generate"] for speeds in per_round]
         summary.update(vs_hf_median=statistics.median(vs_hf), vs_hf_quartiles=_quartiles(vs_hf), vs_hf=vs_hf)
@@ -226,8 +201,7 @@ def describe(summary: dict) -> list[str]:
     lines = [f"{speeds} tok/s; best two stages / one stage {median_and_quartiles('ratio')}, "
              f"{summary['rounds']} rounds"]
     if "vs_hf_median" in summary:
-        spin = (summary.get("started_with") or {}).get("spin") or "default"
-        lines.append(f"one stage / HF generate (ranks' spin count {spin}) {median_and_quartiles('vs_hf')}")
+        lines.append(f"one stage / HF generate {median_and_quartiles('vs_hf')}")
     if "vs_hf_bound_median" in summary:
         lines.append(f"the one-stage model's linear products alone take {summary['linear_floor_s_median'] * 1e3:.1f} "
                      f"ms a token: one stage / HF generate could reach {summary['vs_hf_bound_median']:.3f} at most")
@@ -237,45 +211,30 @@ def describe(summary: dict) -> list[str]:
 
 
 def measure(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int]) -> dict[int, dict]:
-    """Run the two ranks; returns, per batch size, `summarize`'s figures."""
-    setting = PairSetting()
-    return measure_pairs(model, batches, rounds, new_tokens, microbatches, (setting,))[setting.label]
-
-
-def measure_pairs(model: Path, batches: list[int], rounds: int, new_tokens: int, microbatches: list[int],
-                  settings: tuple[PairSetting, ...]) -> dict[str, dict[int, dict]]:
-    """One pair of ranks per setting, taking turns round by round; returns, per setting's label and batch size,
-    `summarize`'s figures."""
+    """Run the two ranks (with the spin count of ranks sharing a node); returns, per batch size, `summarize`'s
+    figures."""
     spin = os.environ.get("GOMP_SPINCOUNT")
-    turn = mp.get_context("spawn").Barrier(2 * len(settings)) if len(settings) > 1 else None
-    pairs = []
+    os.environ["GOMP_SPINCOUNT"] = SHARED_NODE_SPINCOUNT
+    ranks = None
     try:
         with tempfile.TemporaryDirectory(prefix="distinfer-paired-") as tmp:
-            for pair, setting in enumerate(settings):
-                if setting.spin is None:
-                    os.environ.pop("GOMP_SPINCOUNT", None)
-                else:
-                    os.environ["GOMP_SPINCOUNT"] = setting.spin
-                options = {"port": free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
-                           "batches": batches, "microbatches": microbatches, "out": str(Path(tmp) / f"{pair}.json"),
-                           "prompts": str(REPO / "prompts" / "correctness.jsonl"), "pair": pair,
-                           "pairs": len(settings), "turn": turn}
-                pairs.append(mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False))
-            for ranks in pairs:
-                while not ranks.join():  # raises, naming the rank, when one fails
-                    pass
-            raw = {s.label: json.loads((Path(tmp) / f"{pair}.json").read_text()) for pair, s in enumerate(settings)}
+            options = {"port": free_port(), "model": str(model), "new_tokens": new_tokens, "rounds": rounds,
+                       "batches": batches, "microbatches": microbatches, "out": str(Path(tmp) / "pair.json"),
+                       "prompts": str(REPO / "prompts" / "correctness.jsonl")}
+            ranks = mp.start_processes(_rank, args=(options,), nprocs=2, start_method="spawn", join=False)
+            while not ranks.join():  # raises, naming the rank, when one fails
+                pass
+            raw = json.loads((Path(tmp) / "pair.json").read_text())
     finally:
-        for ranks in pairs:
-            for process in ranks.processes:  # stopped by PID, also when this process is interrupted
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+        for process in ranks.processes if ranks else []:  # stopped by PID, also when this process is interrupted
+            if process.is_alive():
+                process.kill()
+                process.join()
         if spin is None:
             os.environ.pop("GOMP_SPINCOUNT", None)
         else:
             os.environ["GOMP_SPINCOUNT"] = spin
-    return {setting: {int(b): summarize(rounds) for b, rounds in r.items()} for setting, r in raw.items()}
+    return {int(b): summarize(rounds) for b, rounds in raw.items()}
 
 
 def main() -> None:
@@ -288,18 +247,12 @@ def main() -> None:
     parser.add_argument("--microbatches", default="2", help="micro-batch counts > 1 to try at batch > 1")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=cache_dir())
-    parser.add_argument("--spin-ab", default="", help="GOMP_SPINCOUNT values, one pair of ranks each, taking "
-                        "turns ('default': OpenMP's own; ranks sharing a node get "
-                        f"{SHARED_NODE_SPINCOUNT}: runtime/cpu/openmp.py)")
     args = parser.parse_args()
-    spins = [None if v == "default" else v for v in args.spin_ab.split(",") if v] or [SHARED_NODE_SPINCOUNT]
-    settings = tuple(PairSetting(spin) for spin in spins)
-    results = measure_pairs(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
-                            args.new_tokens, [int(k) for k in args.microbatches.split(",") if k], settings)
-    for label, per_batch in results.items():
-        for batch, r in per_batch.items():
-            for line in describe(r):
-                print(f"{label}, batch {batch}: {line}")
+    results = measure(build_model(args.cache), [int(b) for b in args.batches.split(",")], args.rounds,
+                      args.new_tokens, [int(k) for k in args.microbatches.split(",") if k])
+    for batch, r in results.items():
+        for line in describe(r):
+            print(f"batch {batch}: {line}")
 
 if __name__ == "__main__":
     main()

@@ -30,16 +30,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from distinfer.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 SERVER_TIMEOUT_S = 600
 MAX_BATCH = 16
-
-
-def free_port() -> int:
-    from distinfer.runtime.dist import free_port as port
-
-    return port()
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
-import json
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distinfer.net import free_port
 
 
 async def _evaluate(ws_url: str, until: str, result: str, timeout_s: float) -> object:
@@ -47,7 +42,7 @@ async def _evaluate(ws_url: str, until: str, result: str, timeout_s: float) -> o
 
 def evaluate_when(url: str, until: str, result: str, timeout_s: float = 60) -> object:
     """Open `url`, wait until the JavaScript `until` is true, and return the JavaScript `result`'s value."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="distinfer-chromium-", ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
                                     f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"],

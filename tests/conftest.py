@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distinfer.runtime.dist import free_port
+from distinfer.net import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,7 +29,6 @@ def spawn_ranks(model_dir: Path, cases: dict[int, list], max_new: int, timeout: 
     """Run {world: cases} on max(world) spawned gloo ranks (pp_harness.py); {world: {case index: result}}.
     Always joins or kills the children."""
     import torch.multiprocessing as mp
-
     from pp_harness import rank_main
 
     ctx = mp.get_context("spawn")

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from distinfer.engines import ENGINES, SELECTABLE, capabilities
-from distinfer.spec import Engine
+from distinfer.spec_schema import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 AXES = ("pp", "tp", "ep", "microbatches", "int8", "serves_tp")
@@ -40,7 +40,7 @@ def test_the_axes_an_engine_does_not_take_are_one() -> None:
 def test_no_module_decides_by_an_engines_name() -> None:
     """Outside the table, code asks the capabilities; only the runners (the registry of the ranks' engines and
     vLLM's program) name an engine, and the planner names the reference it adds."""
-    by_name = re.compile(r"""engine\s*(==|!=|in|not in)\s*[("']""")
+    by_name = re.compile(r"""engine(?:"\]|"\))?\s*(==|!=|in|not in)\s*[("']""")
     allowed = {"engines.py", "runtime/engines.py"}
     found = []
     for path in sorted((REPO / "src" / "distinfer").rglob("*.py")):

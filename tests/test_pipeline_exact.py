@@ -6,14 +6,14 @@ Llama and the tiny GPT-2. Compared on the same batch composition and left paddin
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import spawn_ranks
+from pp_harness import PROMPTS
+
 from distinfer.models.families import family_of
 from distinfer.models.loading import count_parameters, load_full_model, load_tokenizer
 from distinfer.prompts import load_prompts
@@ -21,7 +21,6 @@ from distinfer.runtime.pipeline import StopRule, eos_prefix
 from distinfer.runtime.reference import hf_generate as reference_generate
 from distinfer.runtime.sampling import SamplingParams
 from distinfer.runtime.worker import make_batches
-from pp_harness import PROMPTS
 
 MAX_NEW = 16
 GREEDY = SamplingParams()
@@ -153,20 +152,3 @@ def test_bench_paired_harness_compares_token_equal_engines(tiny_models, monkeypa
     # and the time of the one-stage model's linear products alone, against which HF generate's speed is bounded
     assert len(results[1]["vs_hf_bound"]) == 2 and results[1]["linear_floor_s_median"] > 0
     assert "vs_hf_bound" not in results[4]
-
-
-def test_bench_paired_harness_runs_two_pairs_taking_turns(tiny_models, monkeypatch) -> None:  # noqa: ANN001
-    """`paired.py --spin-ab 2000,default`: two pairs of ranks (two OpenMP spin counts) take turns (four
-    processes, one barrier); each pair reports its own rounds, and each pair's ranks started with its setting."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
-    from bench import paired
-
-    spin = os.environ.get("GOMP_SPINCOUNT")
-    settings = tuple(paired.PairSetting(s) for s in ("2000", None))
-    results = paired.measure_pairs(tiny_models["tiny-llama"], [1], rounds=3, new_tokens=4, microbatches=[],
-                                   settings=settings)
-    assert set(results) == {s.label for s in settings} and all(set(r) == {1} for r in results.values())
-    assert all(r[1]["rounds"] == 3 and all(x > 0 for x in r[1]["ratios"]) for r in results.values())
-    for setting in settings:
-        assert results[setting.label][1]["started_with"] == {"spin": setting.spin}
-    assert os.environ.get("GOMP_SPINCOUNT") == spin, "and its environment"

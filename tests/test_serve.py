@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import torch
 from distinfer.layout import split_layers
 from distinfer.models.loading import load_full_model, load_stage_model, load_tokenizer
 from distinfer.models.profiles import model_layer_count
+from distinfer.net import free_port
 from distinfer.serving.engine import ServingEngine
 from distinfer.serving.runner import wait_healthy
 from distinfer.serving.stages import StageState
@@ -96,18 +96,12 @@ def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models
     assert engine.stats.groups_in_flight_max == groups, "every group had requests at some step"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(tmp_path: Path, extra: list[str] | None = None, config: Path = REPO / "configs/local-tiny.yaml",
                    env: dict[str, str] | None = None) -> Iterator[str]:
     """`distinfer serve CONFIG` in its own process on a free loopback port; stopped by PID (a multi-rank layout:
     its torchrun and ranks with it)."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "serve", str(config),
                              "--port", str(port), *(extra or [])], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,

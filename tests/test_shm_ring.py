@@ -103,7 +103,7 @@ def _ranks(rank: int, port: int, queue) -> None:  # noqa: ANN001
 def test_connect_rings_pairs_two_gloo_ranks_and_leaves_no_file() -> None:
     import torch.multiprocessing as tmp
 
-    from distinfer.runtime.dist import free_port
+    from distinfer.net import free_port
 
     before = set(SHM_DIR.glob("distinfer-*"))
     queue = tmp.get_context("spawn").Queue()

@@ -84,7 +84,7 @@ def test_studies_plan_their_references_and_weak_scaling_grows_the_prompts() -> N
     assert (runs["pipeline-pp1-b4-mb1-int8"].quantization, runs["pipeline-pp1-b4-mb1-int8"].dtype) == ("int8", "float32")
     spec_file = REPO / "configs" / "local-long-context.yaml"
     runs = {r.run_id: r for r in expand(load_experiment(spec_file), spec_file)}
-    assert runs["pipeline-pp2-b2-mb1-fp32-ctx2048"].generation["max_prompt_tokens"] == 2048
+    assert runs["pipeline-pp2-b2-mb1-fp32-ctx2048"].generation.max_prompt_tokens == 2048
 
 
 def test_status_cancel_collect_take_the_experiment_file_too(tmp_path: Path) -> None:

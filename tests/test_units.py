@@ -16,11 +16,11 @@ from distinfer.layout import split_layers
 from distinfer.metrics import LatencyReport, RequestTiming, distribution, percentile
 from distinfer.models.loading import load_full_model
 from distinfer.provenance import allowed_env
-from distinfer.runtime.ranks import DistEnv, dist_env_from, first_host
 from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, CpuLinear
-from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
-from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
 from distinfer.runtime.cpu.threads import OPENMP_BINDING_VARS, rank_cores
+from distinfer.runtime.pipeline import prefill_positions, truncate_at_eos
+from distinfer.runtime.ranks import DistEnv, dist_env_from, first_host
+from distinfer.runtime.sampling import Sampler, SamplingParams, filter_logits
 
 
 def test_balanced_split_gives_the_remainder_to_early_stages() -> None:
@@ -269,7 +269,11 @@ def test_linear_rows_computes_what_f_linear_computes(rows: int, shape: tuple[int
 
 def test_the_fastest_kernels_are_timed_and_set_on_every_layer() -> None:
     from distinfer.runtime.cpu.cpp_ops import decode_ops
-    from distinfer.runtime.cpu.kernels import ONE_ROW_KERNELS, choose_kernels, use_fast_cpu_linears
+    from distinfer.runtime.cpu.kernels import (
+        ONE_ROW_KERNELS,
+        choose_kernels,
+        use_fast_cpu_linears,
+    )
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(256, 512) for _ in range(4)))
@@ -352,7 +356,11 @@ def _anon_huge_kib(start: int, end: int) -> int:
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -> None:  # noqa: ANN001
     from distinfer.models.loading import count_parameters, load_full_model
-    from distinfer.runtime.cpu.hugepages import HUGE_PAGE, huge_pages_available, place_in_huge_pages
+    from distinfer.runtime.cpu.hugepages import (
+        HUGE_PAGE,
+        huge_pages_available,
+        place_in_huge_pages,
+    )
     from distinfer.runtime.cpu.kernels import use_fast_cpu_linears
 
     stock = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
@@ -375,7 +383,10 @@ def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -
 
 
 def test_huge_page_weights_are_backed_by_huge_pages() -> None:
-    from distinfer.runtime.cpu.hugepages import huge_pages_available, place_in_huge_pages
+    from distinfer.runtime.cpu.hugepages import (
+        huge_pages_available,
+        place_in_huge_pages,
+    )
 
     model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 1024))  # 16 MiB of weights
     expected = [p.detach().clone() for p in model.parameters()]
@@ -483,22 +494,6 @@ def test_eos_prefix_keeps_tokens_through_the_first_eos() -> None:
     assert eos_prefix([5, 2, 7, 2], (2, 9)) == [5, 2]
     assert eos_prefix([5, 9], (2, 9)) == [5, 9]
     assert eos_prefix([5, 6], (2,)) == [5, 6]
-
-
-def test_interference_bench_times_every_layer_for_every_way_of_pausing(tiny_models) -> None:  # noqa: ANN001
-    """bench/interference.py in its own process (it pins threads), on the tiny Llama with light helpers."""
-    out = subprocess.run([sys.executable, "-m", "bench.interference", "--model", str(tiny_models["tiny-llama"]), "--rounds", "1",
-                          "--new-tokens", "4", "--pause-ms", "2", "--stream-mb", "8"],
-                         capture_output=True, text=True, timeout=300, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout
-    rows = {line.split()[0]: line for line in out.splitlines() if "layers (us):" in line}
-    assert list(rows) == ["none", "sleep", "work", "spin", "stream"]
-    layers = 8  # tiny-llama
-    for line in rows.values():
-        times = line.split("layers (us):")[1].split(";")[0].split()
-        assert len(times) == layers and all(float(t) > 0 for t in times)
-        assert f"layers 5-{layers} against no pause" in line
-    assert "+0 us" in rows["none"]
 
 
 def test_huge_page_weights_stay_put_when_the_mapping_does_not_fit() -> None:

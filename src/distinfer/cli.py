@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +14,14 @@ from rich.table import Table
 
 from distinfer.quiet import route_third_party_logs
 from distinfer.spec import SpecError, load_experiment
+from distinfer.views import (
+    RunProgress,
+    gib,
+    plan_table,
+    prediction_table,
+    rank_table,
+    results_table,
+)
 
 app = typer.Typer(help="Benchmark distributed LLM inference on Slurm clusters (and locally on CPU).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -51,26 +58,6 @@ def _need_runtime(command: str) -> None:
 def _load(config: Path, require_model: bool = True):  # -> Experiment
     with _exit_on(SpecError, 2):
         return load_experiment(config, require_model=require_model)
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def results_table(title: str, results: list) -> Table:
-    """One row per run: state, tokens/s, latency percentiles."""
-    table = Table(title=title)
-    for column in ("run", "state", "tokens", "tok/s", "TTFT p50 s", "TPOT p50 s", "E2E p90 s", "time s"):
-        table.add_column(column, justify="left" if column in ("run", "state") else "right", no_wrap=column == "run")
-    for r in results:
-        s = r.summary or {}
-        colour = {"ok": "green", "skipped": "cyan"}.get(r.state, "red")
-        table.add_row(
-            r.run.run_id, f"[{colour}]{r.state}[/]", str(s.get("output_tokens", "-")),
-            _fmt(s.get("output_tokens_per_s"), 1), _fmt((s.get("ttft_s") or {}).get("p50")),
-            _fmt((s.get("tpot_s") or {}).get("p50"), 4), _fmt((s.get("e2e_s") or {}).get("p90")), _fmt(r.seconds, 1),
-        )
-    return table
 
 
 @app.command()
@@ -118,73 +105,8 @@ def run(
         raise typer.Exit(1)
 
 
-class RunProgress:
-    """A progress bar for `run --local`: runs done of the matrix, and the current run's completions as rank 0
-    writes them (read from its completions.jsonl twice a second)."""
-
-    def __init__(self, out: Console, total: int, folder: Path) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.folder, self.current = folder, None
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=out,
-                                 transient=True, refresh_per_second=2)
-        self.task = self.progress.add_task("runs", total=total, detail="")
-        self.console = self.progress.console
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> RunProgress:
-        self.progress.__enter__()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.progress.__exit__(None, None, None)
-
-    def started(self, run) -> None:  # noqa: ANN001
-        self.current = run
-        self.progress.update(self.task, detail=f"{run.run_id} ({run.world_size} rank(s)): starting")
-
-    def finished(self) -> None:
-        self.current = None
-        self.progress.update(self.task, advance=1, detail="")
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.5):
-            run = self.current
-            if run is None:
-                continue
-            try:
-                with (self.folder / run.run_id / "completions.jsonl").open("rb") as f:
-                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-            except OSError:
-                continue
-            self.progress.update(self.task, detail=f"{run.run_id} ({run.world_size} rank(s)): {lines} completion(s)")
-
-
 PLAN_ROWS = 60  # runs `plan` lists one per row; the rejected ones are named below the table in any case
 PER_RANK_RUNS = 4  # tensor-parallel runs whose memory `plan` also shows rank by rank
-
-
-def _rank_table(item) -> Table:  # noqa: ANN001 - a jobs.PlannedRun with its memory per rank
-    """Each rank's memory of a tensor-parallel run: its stage, its place in the stage's tp group, its share."""
-    run = item.run
-    table = Table(title=f"{run.run_id}: memory per rank (GiB)")
-    for column in ("rank", "stage", "tp rank", "layers", "weights", "KV", "act", "total", "fits"):
-        table.add_column(column, justify="right")
-    for rank, memory in enumerate(item.memory):
-        stage, tp_rank = divmod(rank, run.tp)
-        table.add_row(str(rank), str(stage), str(tp_rank), f"{memory.layers[0]}-{memory.layers[1] - 1}",
-                      _gib(memory.weights), _gib(memory.kv_cache), _gib(memory.activations), _gib(memory.total),
-                      "yes" if memory.fits else "[red]no[/]")
-    return table
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f}"
 
 
 def _plan(config: Path, outputs: Path, write: bool = True):  # -> (Experiment, list[PlannedRun])
@@ -202,35 +124,21 @@ def plan(
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Expand the matrix, check each run's memory per GPU, and write run.json + job.sbatch per run."""
-    from distinfer.profiles import HARDWARE
-
+    from distinfer.models.tiny import cache_dir
     from distinfer.predict.calibrate import CALIBRATION_FILE
+    from distinfer.predict.study import predict_planned
+    from distinfer.probes.cpu import cpu_probe
+    from distinfer.profiles import HARDWARE
 
     exp, planned = _plan(config, outputs)
     profile = HARDWARE[exp.cluster.profile]
     calibration = outputs / exp.name / CALIBRATION_FILE
     try:  # the prediction of the runs shown, beside their memory; `predict` tells its assumptions
-        items, notes = _predictions(exp, config, planned[:PLAN_ROWS], calibration if calibration.is_file() else None,
-                                    None)
+        items, notes = predict_planned(exp, config, planned[:PLAN_ROWS],
+                                       calibration if calibration.is_file() else None, None, cpu_probe(cache_dir()))
     except ValueError as exc:
         items, notes = [], [f"no prediction: {exc}"]
-    predicted = {i.run.run_id: i.prediction for i in items}
-    table = Table(title=f"{exp.name} on {profile.name} ({_gib(profile.memory_bytes)} GiB usable per rank)")
-    for column in ("run", "ranks", "weights GiB", "KV GiB", "act GiB", "overhead GiB", "total GiB", "fits",
-                   "TPOT ms", "tokens/s"):
-        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
-    for item in planned[:PLAN_ROWS]:
-        worst = max(item.memory, key=lambda m: m.total, default=None)
-        p = predicted.get(item.run.run_id)
-        guess = (_ms(p.tpot_s), f"{p.output_tokens_per_s:.1f}") if p else ("-", "-")
-        if worst is None:
-            table.add_row(item.run.run_id, str(item.run.world_size), "?", "?", "?", "?", "?", "[yellow]unknown[/]",
-                          *guess)
-            continue
-        table.add_row(item.run.run_id, str(item.run.world_size), _gib(worst.weights), _gib(worst.kv_cache),
-                      _gib(worst.activations), _gib(worst.overhead), _gib(worst.total),
-                      "[green]yes[/]" if item.fits else "[red]no[/]", *guess)
-    console.print(table)
+    console.print(plan_table(exp.name, profile, planned[:PLAN_ROWS], items))
     console.print(f"TPOT and tokens/s are predicted ({notes[0].removeprefix('efficiencies: ')}); "
                   "`distinfer predict CONFIG` lists the assumptions", highlight=False)
     if len(planned) > PLAN_ROWS:
@@ -238,46 +146,26 @@ def plan(
     pp_runs = [i for i in planned if i.run.pp > 1 and i.memory]
     if pp_runs:
         console.print("Pipeline runs split the weights: each stage holds only its layers "
-                      f"(e.g. {pp_runs[0].run.run_id}: {', '.join(_gib(m.weights) for m in pp_runs[0].memory)} GiB "
+                      f"(e.g. {pp_runs[0].run.run_id}: {', '.join(gib(m.weights) for m in pp_runs[0].memory)} GiB "
                       "of weights per rank).")
     for item in [i for i in planned if i.run.tp > 1 and i.memory][:PER_RANK_RUNS]:
-        console.print(_rank_table(item))
+        console.print(rank_table(item))
     rejected = [i for i in planned if not i.fits and i.memory]
     for item in rejected:
         worst = max(item.memory, key=lambda m: m.total)
-        console.print(f"[red]does not fit:[/] {item.run.run_id} needs {_gib(worst.total)} GiB on one rank "
-                      f"> {_gib(worst.capacity)} GiB; use fewer tokens, a smaller batch, float16 or more stages")
+        console.print(f"[red]does not fit:[/] {item.run.run_id} needs {gib(worst.total)} GiB on one rank "
+                      f"> {gib(worst.capacity)} GiB; use fewer tokens, a smaller batch, float16 or more stages")
     console.print(f"wrote run.json and job.sbatch for {len(planned) - len(rejected)} run(s) under {outputs / exp.name}")
-
-
-def _predictions(exp, config: Path, planned: list, calibration: Path | None,
-                 hardware: Path | None):  # noqa: ANN001,ANN202 -> (list[Predicted], list[str])
-    """Each planned run's prediction and the assumptions behind them; ValueError for a bad hardware or
-    calibration file."""
-    from distinfer.bundle import read_json
-    from distinfer.memory import ModelFacts
-    from distinfer.models.tiny import cache_dir
-    from distinfer.predict.study import assumptions, efficiency_for, machine_for, predict_runs
-    from distinfer.probes.cpu import cpu_probe
-    from distinfer.spec import resolve_path
-
-    runs = [item.run for item in planned]
-    config_json = read_json(Path(runs[0].model_path) / "config.json") if runs and runs[0].model_path else None
-    if config_json is None and exp.model.config:
-        config_json = read_json(resolve_path(exp.model.config, config))
-    if config_json is None:
-        return [], ["no prediction: the model's config.json is not readable here (give model.config)"]
-    machine = machine_for(exp, hardware, cpu_probe(cache_dir()))
-    efficiency, source = efficiency_for(calibration)
-    items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
-                         {i.run.run_id: i.fits for i in planned})
-    return items, assumptions(machine, source, items)
 
 
 def _calibrate(exp, folders: list[Path], hardware: Path | None) -> Path:  # noqa: ANN001 - an Experiment
     """Fit the model on the folders' one-rank runs, write calibration.json into each, say how well it fits."""
     from distinfer.models.tiny import cache_dir
-    from distinfer.predict.calibrate import CALIBRATION_FILE, calibrate, save_calibration
+    from distinfer.predict.calibrate import (
+        CALIBRATION_FILE,
+        calibrate,
+        save_calibration,
+    )
     from distinfer.predict.study import machine_for
     from distinfer.probes.cpu import cpu_probe
 
@@ -294,18 +182,6 @@ def _calibrate(exp, folders: list[Path], hardware: Path | None) -> Path:  # noqa
     return folders[0] / CALIBRATION_FILE
 
 
-def _busy(p) -> str:  # noqa: ANN001 - a Prediction or None
-    """The ranks' predicted share of the wall time spent computing: '97' for one rank, '48-52' for several."""
-    if p is None or not p.rank_busy_s or not p.wall_s:
-        return "-"
-    low, high = (100 * f(p.rank_busy_s) / p.wall_s for f in (min, max))
-    return f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
 @app.command()
 def predict(
     config: Path = typer.Argument(..., help="Experiment file (YAML)."),
@@ -319,7 +195,9 @@ def predict(
     outputs: Path = typer.Option(Path("outputs"), help="Folder for run bundles."),
 ) -> None:
     """Predict every run's memory, TTFT, TPOT and tokens/s, and name the best layouts for a goal."""
-    from distinfer.predict.study import GOALS, best
+    from distinfer.models.tiny import cache_dir
+    from distinfer.predict.study import GOALS, best, predict_planned
+    from distinfer.probes.cpu import cpu_probe, probe_in_child
 
     if goal not in (*GOALS, "all"):
         errors.print(f"error: --goal {goal!r}: allowed: {', '.join(GOALS)}, all")
@@ -327,26 +205,12 @@ def predict(
     exp, planned = _plan(config, outputs, write=False)
     with _exit_on(ValueError, 2):  # a bad hardware file, calibration file or folder: one message, exit 2
         if probe and exp.cluster.profile == "cpu" and hardware is None:
-            from distinfer.models.tiny import cache_dir
-            from distinfer.probes.cpu import probe_in_child
-
             probe_in_child(cache_dir(), fresh=True)
         if calibrate_on:
             calibration = _calibrate(exp, calibrate_on, hardware)
-        items, notes = _predictions(exp, config, planned, calibration, hardware)
-    table = Table(title=f"{exp.name}: predicted on {exp.cluster.profile}")
-    for column in ("run", "ranks", "GiB/rank", "fits", "TTFT ms", "TPOT ms", "tokens/s", "busy %", "GPU-h/1M tok"):
-        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
-    memory = {i.run.run_id: max((m.total for m in i.memory), default=None) for i in planned}
-    for item in items[:PLAN_ROWS]:
-        p = item.prediction
-        total = memory.get(item.run.run_id)
-        table.add_row(item.run.run_id, str(item.run.world_size), "?" if total is None else _gib(total),
-                      "yes" if item.fits else "[red]no[/]", _ms(p and p.ttft_s), _ms(p and p.tpot_s),
-                      "-" if p is None else f"{p.output_tokens_per_s:.1f}", _busy(p),
-                      "-" if item.gpu_hours_per_million_tokens is None or exp.cluster.profile == "cpu"
-                      else f"{item.gpu_hours_per_million_tokens:.2f}")
-    console.print(table)
+        items, notes = predict_planned(exp, config, planned, calibration, hardware, cpu_probe(cache_dir()))
+    console.print(prediction_table(f"{exp.name}: predicted on {exp.cluster.profile}", planned, items[:PLAN_ROWS],
+                                   show_cost=exp.cluster.profile != "cpu"))
     if len(items) > PLAN_ROWS:
         console.print(f"... and {len(items) - PLAN_ROWS} more run(s)")
     labels = {"tokens_per_s": "most tokens/s", "tpot": "lowest TPOT", "cost": "fewest GPU-hours per 1M tokens"}

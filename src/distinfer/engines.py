@@ -93,6 +93,7 @@ ENGINES: dict[str, EngineCapabilities] = {e.name: e for e in (
                        program="endpoint", served_by_distinfer=False, selectable=False),
 )}
 SELECTABLE = tuple(name for name, e in ENGINES.items() if e.selectable)
+REFERENCE = next(name for name, e in ENGINES.items() if e.single_device)  # the baseline every run is checked against
 SERVED_BY_DISTINFER = tuple(name for name, e in ENGINES.items() if e.served_by_distinfer)
 
 
@@ -104,6 +105,12 @@ def taking(engines: list[str], axis: str) -> list[str]:
 def named(engines: list[str] | tuple[str, ...]) -> str:
     """'pipeline or vllm', for messages."""
     return " or ".join([", ".join(engines[:-1]), engines[-1]] if len(engines) > 1 else list(engines))
+
+
+def program_of(engine: object) -> Program:
+    """Who runs a run of `engine` (a bundle's value, read as it is: an unknown one counts as distinfer's ranks)."""
+    known = ENGINES.get(engine) if isinstance(engine, str) else None
+    return known.program if known else "ranks"
 
 
 def capabilities(engine: str) -> EngineCapabilities:

@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 from distinfer.bundle import RunBundle, atomic_write_json, read_json
+from distinfer.engines import program_of
+from distinfer.layout import world_size
 
 
 def stop_status(environ: Mapping[str, str], now: float) -> str:
@@ -36,10 +38,10 @@ def finalize_run(run_dir: Path, exit_code: int) -> dict | None:
     if not run_info:
         return None
     spec = run_info.get("run", {})
-    world = int(spec.get("pp", 1)) * int(spec.get("tp", 1) or 1)
+    world = world_size(int(spec.get("pp", 1)), int(spec.get("tp", 1) or 1), int(spec.get("ep", 1) or 1))
     summary = bundle.summary()
-    # One load-generator process and no ranks of distinfer's: a serving run, and any run of engine vllm.
-    if (spec.get("scenario") or {}).get("kind") == "serving" or spec.get("engine") == "vllm":
+    # One load-generator process and no ranks of distinfer's: a serving run, and any run another program serves.
+    if (spec.get("scenario") or {}).get("kind") == "serving" or program_of(spec.get("engine")) != "ranks":
         if summary is None:
             summary = {"status": "failed", "error": f"the load generator stopped without a summary (exit code "
                        f"{exit_code}); requests.jsonl keeps the requests that finished",

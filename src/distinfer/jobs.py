@@ -15,7 +15,7 @@ from distinfer.plan import RunSpec, expand, resolve_builtin_models
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import CHARS_PER_TOKEN, load_prompts
 from distinfer.slurm import sacct_records, scancel, squeue_states
-from distinfer.spec import Experiment, resolve_path
+from distinfer.spec_schema import Experiment, resolve_path
 
 LIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING"}
 
@@ -38,17 +38,17 @@ def _longest_prompt_chars(prompts_file: str) -> int:
 
 def context_tokens(run: RunSpec) -> int:
     """Prompt tokens (max_prompt_tokens, else the longest prompt at CHARS_PER_TOKEN) + new tokens."""
-    prompt = run.generation.get("max_prompt_tokens")
+    prompt = run.generation.max_prompt_tokens
     if prompt is None:
         prompt = _longest_prompt_chars(run.prompts) // CHARS_PER_TOKEN + 1
-    return int(prompt) + int(run.generation["max_new_tokens"])
+    return int(prompt) + run.generation.max_new_tokens
 
 
 def estimate_run(run: RunSpec, facts: ModelFacts, exp: Experiment) -> list[MemoryEstimate]:
     profile = HARDWARE[exp.cluster.profile]
     stages = split_layers(facts.layers, run.pp, run.layers)  # the engines that take no stages have pp 1
     ctx = context_tokens(run)
-    batch = int((run.scenario or {}).get("max_batch", 32)) if run.serving else run.batch_size  # a server's running batch
+    batch = run.max_batch  # a server's running batch, or the offline batch
     per_stage = [estimate_stage_memory(facts, s, run.dtype, batch, ctx, profile.memory_bytes, profile.gpu,
                                        run.quantization, run.tp, run.ep) for s in stages]
     ranks = max(run.tp, run.ep)

@@ -5,14 +5,9 @@ the dtype; KV cache: 2 x layers x batch x (prompt + new tokens) x kv_heads x hea
 activations: the prefill's largest transient tensors (MLP input/output and the logits of one
 position); overhead: CUDA context and allocator slack (a fixed allowance).
 
-Checked on a GPU (`bench/gpu.py` and a capped run, H100, torch 2.11 + CUDA 13, OpenLLaMA-3B v2's
-architecture in fp16, prompts of 1792 tokens + 256 new): at 8 rows the peak allocated was 11.95 GiB
-against 11.92 GiB estimated for weights + KV cache + activations, and CUDA's context took 0.67 GiB
-outside PyTorch. PyTorch's default allocator then reserved 15.1 GiB, because the KV cache grows by one
-position a step and blocks of every old size stay cached: capped so that PyTorch and the context had a
-T4's 15 GiB, 8 rows ran and 10 ran out of memory. With `expandable_segments` (GPU_ALLOCATOR, which the
-job scripts set) it reserved 12.0 GiB, and 10 rows ran and 12 did not, as this estimate says (14.1 and
-15.4 GiB against 15).
+The KV cache grows by one position a step, and PyTorch's default allocator keeps blocks of every old size
+cached: the job scripts set `expandable_segments` (GPU_ALLOCATOR) so that what is reserved stays close to this
+estimate. How the estimate compared with a GPU's peak: docs/performance.md, "On a GPU".
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ from dataclasses import dataclass
 from distinfer.layout import StageLayout
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-GPU_OVERHEAD_BYTES = 768 * 1024**2  # CUDA context (0.67 GiB on an H100) + the allocator's slack (0.1 GiB)
+GPU_OVERHEAD_BYTES = 768 * 1024**2  # CUDA's context + the allocator's slack (docs/performance.md: "On a GPU")
 GPU_ALLOCATOR = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF of GPU ranks (module docstring)
 CPU_OVERHEAD_BYTES = 400 * 1024**2  # Python, torch and transformers in a process
 

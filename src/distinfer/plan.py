@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import functools
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -13,9 +13,23 @@ from pathlib import Path
 from distinfer.engines import capabilities
 from distinfer.layout import world_size
 from distinfer.profiles import HARDWARE
-from distinfer.spec import Experiment, as_list, layer_lists, resolve_path
+from distinfer.scenario import EndpointSpec, LoadSettings, RunLoad
+from distinfer.spec_schema import (
+    Experiment,
+    GenerationSpec,
+    VllmSpec,
+    as_list,
+    layer_lists,
+    resolve_path,
+)
 
 NAME_FIELDS = ("experiment", "run_id")  # what names a run without changing its results
+SECTIONS = ("generation", "scenario", "endpoint", "vllm")  # typed sections of a run
+
+
+def _dumped(section: object) -> dict:
+    """A section as JSON values."""
+    return section.model_dump(mode="json")  # type: ignore[attr-defined]
 PRECISION_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}
 
 
@@ -31,7 +45,7 @@ class RunSpec:
     dtype: str
     trust_remote_code: bool
     prompts: str
-    generation: dict
+    generation: GenerationSpec  # a dict is taken too, and validated
     pp: int
     layers: list[int] | None  # explicit per-stage layer counts, or None for balanced
     microbatches: int
@@ -49,13 +63,33 @@ class RunSpec:
     perplexity_text: str | None = None
     perplexity_tokens: int = 512
     cpu_kernels: str = "fast"  # fast | stock: linear-layer kernels of pipeline ranks on CPU
-    scenario: dict | None = None  # a serving load (scenario.py's fields, with this run's `load` and `value`)
-    endpoint: dict | None = None  # the OpenAI-compatible server a serving run measures: url, model, api_key_env
-    vllm: dict | None = None  # engine vllm: how `vllm serve` starts (spec.VllmSpec's fields)
+    scenario: RunLoad | None = None  # a serving run's load (the experiment's scenario at this run's rate or users)
+    endpoint: EndpointSpec | None = None  # the OpenAI-compatible server a serving run measures
+    vllm: VllmSpec | None = None  # engine vllm: how `vllm serve` starts
+
+    def __post_init__(self) -> None:
+        """The typed run sections from their dicts (run.json's, or a caller's), validated; defaults live in the
+        section classes only."""
+        for name, section in (("generation", GenerationSpec), ("scenario", RunLoad), ("endpoint", EndpointSpec),
+                              ("vllm", VllmSpec)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, section.model_validate(value))
 
     @property
     def serving(self) -> bool:
-        return bool(self.scenario) and self.scenario.get("kind") == "serving"
+        return self.scenario is not None
+
+    @property
+    def load_settings(self) -> LoadSettings:
+        """How requests are sent and limited: the serving run's load, else the defaults (an offline run sent
+        through a server)."""
+        return self.scenario or LoadSettings()
+
+    @property
+    def max_batch(self) -> int:
+        """The requests a server decodes together at most (a serving run's), else the batch size."""
+        return self.scenario.max_batch if self.scenario else self.batch_size
 
     @property
     def precision(self) -> str:
@@ -79,8 +113,13 @@ class RunSpec:
                 "precision": self.precision, "context_tokens": self.context_tokens, "num_prompts": self.num_prompts}
 
     def to_dict(self) -> dict:
-        """The fields as a dict (values shared, not copied: a plan serialises thousands)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """The fields as a dict, the sections as JSON values (plain values shared, not copied: a plan serialises
+        thousands)."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name in SECTIONS:
+            if out[name] is not None:
+                out[name] = _dumped(out[name])
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
@@ -146,9 +185,8 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
 
     def make(engine: str, pp: int, layers: list[int] | None, mb: int, tp: int, batch: int, precision: str,
              context: int | None, num_prompts: int | None, ep: int = 1) -> RunSpec:
-        generation = exp.generation.model_dump()
-        if context is not None:
-            generation["max_prompt_tokens"] = context
+        generation = exp.generation if context is None else exp.generation.model_copy(
+            update={"max_prompt_tokens": context})
         return RunSpec(
             **common,
             run_id=run_id_for(engine, pp, layers, mb, batch, precision, tp, context, num_prompts, ep),
@@ -165,7 +203,7 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             prompt_set=None if context is None else {"context_tokens": context, "count": prompt_set.count,
                                                      "question": prompt_set.question},
             num_prompts=num_prompts,
-            vllm=exp.vllm.model_dump() if capabilities(engine).program == "vllm" else None,
+            vllm=exp.vllm if capabilities(engine).program == "vllm" else None,
         )
 
     runs: dict[str, RunSpec] = {}
@@ -197,13 +235,6 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     return list(runs.values())
 
 
-def serving_scenario(exp: Experiment, kind: str, value: float | int) -> dict:
-    """A serving run's `scenario`: the experiment's, with this run's load (`inf` as a string, for JSON)."""
-    scenario = exp.scenario.model_dump(exclude={"rate", "concurrency"})
-    return {**scenario, "slo_s": exp.scenario.slo.seconds(), "load": kind,
-            "value": "inf" if value == float("inf") else value}
-
-
 def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
     """distinfer's server measured at each load, for each layout the experiment names (run ids such as
     pipeline-pp1-fp32-rate4, pipeline-pp2-mb4-fp32-rateinf, deepspeed-tp2-fp32-rate4, reference-fp32-c8;
@@ -221,7 +252,7 @@ def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
                   f"{PRECISION_TAGS[run.precision]}")
         for kind, value in exp.scenario.loads():
             runs.append(dataclasses.replace(run, run_id=f"{layout}-{load_tag(kind, value)}", batch_size=1,
-                                            warmup=0, scenario=serving_scenario(exp, kind, value)))
+                                            warmup=0, scenario=RunLoad.of(exp.scenario, kind, value)))
     return list({r.run_id: r for r in runs}.values())
 
 
@@ -238,9 +269,9 @@ def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             model_path=str(resolve_path(exp.model.path, spec_file)) if exp.model.path else "",
             builtin=exp.model.builtin, dtype=as_list(exp.model.dtype)[0], trust_remote_code=False,
             prompts=str(resolve_path(exp.prompts if isinstance(exp.prompts, str) else exp.prompts.texts, spec_file)),
-            generation=exp.generation.model_dump(), pp=1, layers=None, microbatches=1, batch_size=1, warmup=0,
+            generation=exp.generation, pp=1, layers=None, microbatches=1, batch_size=1, warmup=0,
             repeats=1, timeout_s=exp.scenario.timeout_s, study=exp.study,
-            scenario=serving_scenario(exp, kind, value), endpoint=exp.endpoint.model_dump()))
+            scenario=RunLoad.of(exp.scenario, kind, value), endpoint=exp.endpoint))
     return runs
 
 

@@ -79,18 +79,14 @@ class SyntheticSpec(_Strict):
 Rate = float | Literal["inf"]
 
 
-class ScenarioSpec(_Strict):
-    """The workload: offline batches, or a serving load (list values are sweep axes)."""
+class LoadSettings(_Strict):
+    """How a load is sent and limited, with every default in one place: the experiment's `scenario` and each
+    serving run's `RunLoad` share these fields; an offline run sent through a server uses the defaults."""
 
-    kind: Literal["offline", "serving"] = "offline"
-    rate: Rate | list[Rate] | None = None
-    """Requests per second (open loop); 'inf' sends every request at once."""
-    concurrency: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]] | None = None
-    """Users that each send their next request when the last one ended (closed loop)."""
     arrivals: Literal["poisson", "gamma"] = "poisson"
-    burstiness: Annotated[float, Field(gt=0)] = 1.0
+    burstiness: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     """Gamma arrivals' shape: below 1 burstier than Poisson, above 1 more even."""
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     requests: Annotated[int, Field(ge=1)] | None = None
     """Measured requests (default 64; with duration_s alone, as many as the rate sends in that time)."""
     duration_s: Annotated[float, Field(gt=0)] | None = None
@@ -104,8 +100,19 @@ class ScenarioSpec(_Strict):
     """A request without an answer after this long counts as an error."""
     max_batch: Annotated[int, Field(ge=1)] = 32
     """distinfer's server: requests decoded together at most (more wait to join)."""
-    health_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    """distinfer's server: how long it may take to load and answer /health before the run fails."""
+    health_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    """How long the run's own server may take to load and answer /health before the run fails (default: 300 s
+    for distinfer's server, 900 s for vLLM's, which may compile)."""
+
+
+class ScenarioSpec(LoadSettings):
+    """The workload: offline batches, or a serving load (list values are sweep axes)."""
+
+    kind: Literal["offline", "serving"] = "offline"
+    rate: Rate | list[Rate] | None = None
+    """Requests per second (open loop); 'inf' sends every request at once."""
+    concurrency: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]] | None = None
+    """Users that each send their next request when the last one ended (closed loop)."""
 
     @field_validator("rate", mode="before")
     @classmethod
@@ -140,6 +147,35 @@ class ScenarioSpec(_Strict):
             return [("rate", math.inf if r == "inf" else float(r)) for r in rates]
         users = self.concurrency if isinstance(self.concurrency, list) else [self.concurrency]
         return [("concurrency", int(c)) for c in users or []]
+
+
+class RunLoad(LoadSettings):
+    """A serving run's load: the experiment's scenario with this run's rate or user count (run.json's
+    `scenario`), and its SLOs in seconds."""
+
+    kind: Literal["serving"] = "serving"
+    load: Literal["rate", "concurrency"]
+    value: float | int | Literal["inf"]
+    """The rate in requests/s ('inf': every request at once) or the number of users."""
+    slo_s: dict[str, float] = {}
+
+    @property
+    def rate(self) -> float | None:
+        """Requests per second of an open loop (math.inf for 'inf'); None for users."""
+        if self.load != "rate":
+            return None
+        return math.inf if self.value == "inf" else float(self.value)
+
+    @property
+    def users(self) -> int | None:
+        """Users of a closed loop; None for a rate."""
+        return int(self.value) if self.load == "concurrency" else None
+
+    @classmethod
+    def of(cls, scenario: ScenarioSpec, kind: str, value: float | int) -> RunLoad:
+        """The run of `scenario` at one load of its sweep (`inf` kept as the string, for JSON)."""
+        shared = scenario.model_dump(include=set(LoadSettings.model_fields))
+        return cls(**shared, load=kind, value="inf" if value == math.inf else value, slo_s=scenario.slo.seconds())
 
 
 class EndpointSpec(_Strict):

@@ -18,7 +18,7 @@ from distinfer.layout import LayoutError, place_engine
 from distinfer.memory import GPU_ALLOCATOR
 from distinfer.plan import RunSpec
 from distinfer.profiles import HARDWARE
-from distinfer.spec import ClusterSpec, ContainerSpec
+from distinfer.spec_schema import ClusterSpec, ContainerSpec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "job.sbatch.tmpl"
 SERVING_TEMPLATE = TEMPLATE.with_name("serving.sbatch.tmpl")  # one task: server, load and stop (serving/runner.py)
@@ -116,7 +116,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         launch = ["apptainer", "exec", "--nv"]
         for bind in container.binds:
             launch += ["--bind", bind]
-        launch.append(str((run.vllm or {}).get("image") or container.image))  # vLLM's jobs: its own image
+        launch.append(str((run.vllm.image if run.vllm else None) or container.image))  # vLLM's jobs: its own image
     values = {
         "run_id": run.run_id,
         "experiment": run.experiment,

@@ -19,12 +19,13 @@ from distinfer.analysis.tables import (
     experts,
     optimization,
     precision_tradeoff,
-    strong_scaling,
     serving,
     serving_knee,
+    strong_scaling,
     time_breakdown,
     weak_scaling,
 )
+from distinfer.engines import REFERENCE, program_of
 
 # Columns a study can sweep, in the order the optimization table looks for the changed one.
 SWEPT_COLUMNS = ("microbatches", "engine", "world_size", "batch_size", "precision", "context_tokens")
@@ -32,7 +33,7 @@ SWEPT_COLUMNS = ("microbatches", "engine", "world_size", "batch_size", "precisio
 
 def changed_column(runs) -> str | None:  # noqa: ANN001
     """The one column that varies among the non-reference runs (an optimization study's change)."""
-    subject = runs[runs["engine"] != "reference"] if not runs.empty else runs
+    subject = runs[runs["engine"] != REFERENCE] if not runs.empty else runs
     varying = [c for c in SWEPT_COLUMNS if c in subject and subject[c].nunique(dropna=False) > 1]
     return varying[0] if len(varying) == 1 else None
 
@@ -78,7 +79,8 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
     served = serving(runs)
     # distinfer's served tokens are checked against the offline reference at batch 1 (a request decodes as if
     # alone); a served reference run is a subject there, not a reference
-    local = runs[(runs["scenario"] == "serving") & (runs["engine"] != "endpoint")] if "scenario" in runs else runs[:0]
+    local = (runs[(runs["scenario"] == "serving") & (runs["engine"].map(program_of) != "endpoint")]
+             if "scenario" in runs else runs[:0])
     checked = offline_loaded if local.empty else dataclasses.replace(loaded, runs=pd.concat([offline, local.assign(
         batch_size=1, engine=local["engine"].replace("reference", "reference (served)"))], ignore_index=True))
     tables = {

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from distinfer.bundle import BUNDLE_SCHEMA
+from distinfer.engines import ENGINES, program_of
 
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 SERVING_FIELDS = ("load", "load_value", "served_model", "offered_rate", "achieved_rate", "request_throughput",
@@ -88,7 +89,7 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
             problems.append({"run_id": run_dir.name, "problem": f"{summary.get('status')}: {summary.get('error')}"})
             continue
         # A server's ranks and vLLM's write no per-step metrics files.
-        own_ranks = summary.get("scenario") != "serving" and spec.get("engine") != "vllm"
+        own_ranks = summary.get("scenario") != "serving" and program_of(spec.get("engine")) == "ranks"
         ranks_writing = int(summary.get("world_size", 1)) if own_ranks else 0
         missing = [r for r in range(ranks_writing)
                    if not (run_dir / f"metrics_rank_{r}.json").is_file()]
@@ -131,7 +132,7 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
                                   "stage": r.get("stage"), "all_to_all_s": r.get("all_to_all_s"),
                                   "expert_tokens": r.get("expert_tokens")})
         completions[row["run_id"]] = _completions(run_dir / "completions.jsonl")
-        if spec.get("engine") == "endpoint":
+        if program_of(spec.get("engine")) == "endpoint":
             model, hardware = str(summary.get("served_model")), f"the endpoint {summary.get('endpoint')}"
         else:
             model = spec.get("builtin") or Path(spec.get("model_path") or "?").name
@@ -147,9 +148,10 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
 def layout_name(row: dict) -> str:
     """How a run splits the model: 'pp2', 'pp2 x tp2', 'pp1 x ep2' (pipeline, vLLM), 'tp2' (DeepSpeed), '1' (one
     rank)."""
-    if row.get("engine") in ("pipeline", "vllm"):
+    caps = ENGINES.get(str(row.get("engine")))
+    if caps is not None and caps.pp:
         return " x ".join([f"pp{row.get('pp') or 1}"] + [f"{axis}{row[axis]}" for axis in ("tp", "ep")
                                                            if (row.get(axis) or 1) > 1])
-    if row.get("engine") == "deepspeed":
+    if caps is not None and caps.tp:
         return f"tp{row.get('tp') or 1}"
     return "1"

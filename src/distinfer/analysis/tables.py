@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from distinfer.analysis.bundles import LoadedExperiment
-
+from distinfer.engines import REFERENCE
 
 SCALING_KEYS = ["engine", "batch_size", "precision", "microbatches", "tp", "ep"]
 LAYOUT_DEFAULTS = {"tp": 1, "ep": 1, "layout": "1"}  # runs recorded without the split axes: one rank per stage
@@ -20,7 +20,7 @@ def with_layout_columns(runs: pd.DataFrame) -> pd.DataFrame:
 def _with_baseline(runs: pd.DataFrame, value: str) -> pd.DataFrame:
     """Non-reference runs of groups (SCALING_KEYS) with two runs or more and a one-rank run, each with that
     group's one-rank `value` as `base`; sorted by group and rank count."""
-    subject = with_layout_columns(runs[runs["engine"] != "reference"])
+    subject = with_layout_columns(runs[runs["engine"] != REFERENCE])
     if subject.empty:
         return subject.assign(base=pd.Series(dtype=float))
     sizes = subject.groupby(SCALING_KEYS, dropna=False)["run_id"].transform("size")
@@ -128,7 +128,7 @@ def correctness(loaded: LoadedExperiment) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame()
     keys = ["batch_size", "precision", "context_tokens"]
-    matched = _match_reference(runs[runs["engine"] != "reference"], runs[runs["engine"] == "reference"], keys)
+    matched = _match_reference(runs[runs["engine"] != REFERENCE], runs[runs["engine"] == REFERENCE], keys)
     out = []
     for run_id, reference, precision, sampling in zip(matched["run_id"], matched["reference"], matched["precision"],
                                                       matched.get("sampling", pd.Series("greedy", matched.index))):
@@ -146,7 +146,7 @@ def precision_tradeoff(loaded: LoadedExperiment, baseline: str | None = None) ->
         return pd.DataFrame()
     present = set(runs["precision"])
     baseline = baseline or next((p for p in ("float32", "float16", "bfloat16") if p in present), None)
-    refs = runs[runs["engine"] == "reference"]
+    refs = runs[runs["engine"] == REFERENCE]
     own = _match_reference(runs, refs, ["batch_size", "precision", "context_tokens"])[["run_id", "reference_perplexity"]]
     base = _match_reference(runs, refs[refs["precision"] == baseline], ["batch_size", "context_tokens"])
     base = base.merge(own, on="run_id", how="left", suffixes=("_baseline", ""))
@@ -173,7 +173,7 @@ def optimization(runs: pd.DataFrame, axis: str | None) -> pd.DataFrame:
     """One change against the baseline: the swept field's first value is the baseline; speedup of the others."""
     if runs.empty or axis is None or axis not in runs:
         return pd.DataFrame()
-    subject = runs[runs["engine"] != "reference"] if axis != "engine" else runs
+    subject = runs[runs["engine"] != REFERENCE] if axis != "engine" else runs
     values = list(dict.fromkeys(subject[axis]))
     if len(values) < 2:
         return pd.DataFrame()

@@ -8,7 +8,7 @@ from distinfer.bundle import RunBundle, atomic_write_text
 from distinfer.launchers.base import Launcher
 from distinfer.plan import RunSpec
 from distinfer.slurm import render_sbatch, sbatch
-from distinfer.spec import ClusterSpec, ContainerSpec
+from distinfer.spec_schema import ClusterSpec, ContainerSpec
 
 
 class SlurmLauncher(Launcher):

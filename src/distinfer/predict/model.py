@@ -16,8 +16,20 @@ from dataclasses import asdict, dataclass, field
 from distinfer.engines import capabilities
 from distinfer.layout import place_engine, split_layers
 from distinfer.memory import DTYPE_BYTES, ModelFacts
-from distinfer.predict.costs import FUSED_OPS_PER_LAYER, OPS_PER_LAYER, Work, forward_work
-from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed, read_bandwidth
+from distinfer.predict.costs import (
+    FUSED_OPS_PER_LAYER,
+    OPS_PER_LAYER,
+    Work,
+    forward_work,
+)
+from distinfer.predict.hardware import (
+    LINKS,
+    DeviceSpeed,
+    Link,
+    cpu_speed,
+    gpu_speed,
+    read_bandwidth,
+)
 from distinfer.predict.schedule import decode_cycle, first_tokens
 from distinfer.profiles import HardwareProfile
 
@@ -226,8 +238,8 @@ def predict_run(run, facts: ModelFacts, machine: Machine, efficiency: dict[str, 
     (a plan.RunSpec) over prompts of the given token lengths, every request generating max_new_tokens."""
     costs = StageCosts(run, facts, machine, efficiency)
     eff, pp, m = costs.eff, costs.pp, costs.microbatches
-    n = int(run.generation["max_new_tokens"])
-    cap = run.generation.get("max_prompt_tokens")
+    n = run.generation.max_new_tokens
+    cap = run.generation.max_prompt_tokens
     count = run.num_prompts or len(prompt_tokens)
     lengths = [min(prompt_tokens[i % len(prompt_tokens)], cap or 10**9) for i in range(count)]
     wall = ttft_sum = tpot_sum = 0.0

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distinfer.memory import ModelFacts
-from distinfer.predict.model import Efficiency, Machine, Prediction, StageCosts, predict_run
+from distinfer.predict.model import (
+    Efficiency,
+    Machine,
+    Prediction,
+    StageCosts,
+    predict_run,
+)
 from distinfer.serving.metrics import summarize
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.schedule import arrival_offsets
@@ -57,14 +63,14 @@ class _Group:
 
 def workload(run, prompt_tokens: list[int], vocab: int) -> list[_Request]:  # noqa: ANN001 - a plan.RunSpec
     """The measured requests the client sends, in order, with their prompt lengths and max_tokens."""
-    scenario = run.scenario or {}
-    n = int(run.generation["max_new_tokens"])
-    warmup = int(scenario.get("warmup_requests", 0))
-    count = min(request_count(scenario), MAX_SIMULATED)
-    if scenario.get("input") == "synthetic":
-        sent = build_requests({**scenario, "requests": count, "duration_s": None}, Path(run.prompts), n, vocab)
+    load = run.scenario
+    n = run.generation.max_new_tokens
+    count = min(request_count(load), MAX_SIMULATED)
+    if load.synthetic is not None:
+        sent = build_requests(load.model_copy(update={"requests": count, "duration_s": None}), Path(run.prompts), n,
+                              vocab)
         return [_Request(len(r.prompt), r.max_tokens) for r in sent if not r.warmup]
-    return [_Request(prompt_tokens[(warmup + i) % len(prompt_tokens)], n) for i in range(count)]
+    return [_Request(prompt_tokens[(load.warmup_requests + i) % len(prompt_tokens)], n) for i in range(count)]
 
 
 def simulate(costs: StageCosts, requests: list[_Request], groups: int, max_batch: int, users: int | None = None,
@@ -159,19 +165,15 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
                     prompt_tokens: list[int]) -> Prediction:
     """A served run's TTFT (mean), TPOT (median, as its p50 is compared), output tokens/s and per-rank busy time,
     from a simulation of the server on the run's load."""
-    scenario = run.scenario or {}
+    load = run.scenario
     groups = groups_of(run)
     costs = StageCosts(run, facts, machine, efficiency, together=groups > 1, stock_kernels=True)
     requests = workload(run, prompt_tokens, facts.vocab)
-    kind, value = scenario.get("load"), scenario.get("value")
-    users = int(value) if kind == "concurrency" else None
-    if users is None:
-        rate = math.inf if value in ("inf", None) else float(value)
-        offsets = arrival_offsets(len(requests), rate, float(scenario.get("burstiness", 1.0)),
-                                  int(scenario.get("seed", 0)))
+    if load.users is None:
+        offsets = arrival_offsets(len(requests), load.rate, load.burstiness, load.seed)
         for request, offset in zip(requests, offsets):
             request.arrival = offset
-    busy = simulate(costs, requests, groups, int(scenario.get("max_batch", 32)), users, scenario.get("duration_s"))
+    busy = simulate(costs, requests, groups, load.max_batch, load.users, load.duration_s)
     records = [RequestRecord(i, str(i), r.arrival, sent_s=r.arrival, token_times_s=r.times, end_s=r.times[-1],
                              output_tokens=len(r.times), status=200) for i, r in enumerate(requests) if r.times]
     measured = summarize(records)  # as the client's records are summarized

@@ -16,7 +16,7 @@ from distinfer.predict.hardware import LINKS, load_hardware_file
 from distinfer.predict.model import Efficiency, Machine, Prediction, fit_used
 from distinfer.predict.workload import prompt_lengths
 from distinfer.profiles import HARDWARE, HardwareProfile
-from distinfer.spec import Experiment
+from distinfer.spec_schema import Experiment
 
 GOALS = ("tokens_per_s", "tpot", "cost")
 
@@ -158,7 +158,13 @@ def predicted_against_measured(folder: Path, cpu_probe: CpuProbe | None = None, 
     Empty where no run's hardware is known to the model."""
     import pandas as pd
 
-    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, fit_warnings, one_rank_served
+    from distinfer.predict.calibrate import (
+        CALIBRATION_FILE,
+        errors,
+        fit_engines,
+        fit_warnings,
+        one_rank_served,
+    )
 
     rows = []
     for profile, group in _by_profile(folder).items():
@@ -221,3 +227,21 @@ def _bundle_machine(profile: str, cpu_probe: CpuProbe | None) -> Machine:
     probe = _probed(cpu_probe) if profile == "cpu" else None
     return Machine(HARDWARE[profile], LINKS["10gbe"], probe, local=profile == "cpu")
 
+
+def predict_planned(exp: Experiment, config: Path, planned: list, calibration: Path | None, hardware: Path | None,
+                    cpu_probe: CpuProbe | None) -> tuple[list[Predicted], list[str]]:
+    """Each planned run's prediction (jobs.PlannedRun: the run and whether it fits) and the assumptions behind
+    them; ValueError for a bad hardware or calibration file."""
+    from distinfer.spec_schema import resolve_path
+
+    runs = [item.run for item in planned]
+    config_json = read_json(Path(runs[0].model_path) / "config.json") if runs and runs[0].model_path else None
+    if config_json is None and exp.model.config:
+        config_json = read_json(resolve_path(exp.model.config, config))
+    if config_json is None:
+        return [], ["no prediction: the model's config.json is not readable here (give model.config)"]
+    machine = machine_for(exp, hardware, cpu_probe)
+    efficiency, source = efficiency_for(calibration)
+    items = predict_runs(runs, ModelFacts.from_config(config_json), machine, efficiency,
+                         {i.run.run_id: i.fits for i in planned})
+    return items, assumptions(machine, source, items)

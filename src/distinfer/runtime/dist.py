@@ -7,7 +7,6 @@ of hanging it. CPU ranks split the node's cores between them and pin their threa
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -40,13 +39,6 @@ def init_distributed(env: DistEnv, timeout_s: float, ranks_compute_together: boo
             timeout=timedelta(seconds=timeout_s),
         )
     return device
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago, for a rendezvous of ranks started on this machine."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def shutdown_distributed() -> None:

@@ -11,9 +11,8 @@ later stages work on k. While a stage waits for its input it builds the next for
 rotary embedding, which need no hidden states. A Llama stage on CPU runs its decode steps through
 `LlamaDecoder` (fewer operations, a preallocated KV cache per micro-batch) when the worker passes one.
 CPU stages on one machine pass each message that fits a slot through a shared-memory ring with a futex
-wake-up (runtime/cpu/shm_ring.py; batch-1 two stages / one stage 0.61 against 0.45 over gloo on 16 vCPUs,
-within noise on 2); the rest go straight to the process group (`ProcessGroup.send/recv`): the
-`torch.distributed` wrappers cost ~30 us a call, a few percent of a pipelined decode step on CPU.
+wake-up (runtime/cpu/shm_ring.py); the rest go straight to the process group (`ProcessGroup.send/recv`),
+past the `torch.distributed` wrappers' cost per call.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer, as in vLLM's API
 
 

@@ -37,6 +37,7 @@ from distinfer.runtime.monitor import UtilizationSampler, gpu_facts
 from distinfer.runtime.pipeline import Batch, StopRule
 from distinfer.runtime.ranks import DistEnv, dist_env_from
 from distinfer.runtime.sampling import Sampler, SamplingParams
+from distinfer.spec_schema import GenerationSpec
 
 log = logging.getLogger("distinfer.worker")
 
@@ -56,14 +57,9 @@ def stop_rule(model_dir: Path, tokenizer, max_new_tokens: int) -> StopRule:  # n
     return StopRule(max_new_tokens=max_new_tokens, eos_token_ids=eos_ids, pad_token_id=int(tokenizer.pad_token_id))
 
 
-def sampling_params(generation: dict) -> SamplingParams:
-    return SamplingParams(
-        greedy=generation["sampling"] == "greedy",
-        temperature=generation["temperature"],
-        top_k=generation["top_k"],
-        top_p=generation["top_p"],
-        seed=generation["seed"],
-    )
+def sampling_params(generation: GenerationSpec) -> SamplingParams:
+    return SamplingParams(greedy=generation.sampling == "greedy", temperature=generation.temperature,
+                          top_k=generation.top_k, top_p=generation.top_p, seed=generation.seed)
 
 
 def make_batches(prompts: list[Prompt], tokenizer, batch_size: int, max_prompt_tokens: int | None = None) -> list[Batch]:  # noqa: ANN001,E501
@@ -120,7 +116,7 @@ def layer_span(layers: list[int]) -> str:
 def out_of_memory_report(spec: RunSpec, env: DistEnv, device: torch.device, state: dict) -> str:
     batch = state.get("batch") or {}
     where = (f"batch {batch['index']} ({batch['size']} prompt(s) of up to {batch['prompt_tokens']} tokens "
-             f"+ {spec.generation['max_new_tokens']} new)" if batch else "loading the model")
+             f"+ {spec.generation.max_new_tokens} new)" if batch else "loading the model")
     limit = state.get("memory_limit")
     return (f"rank {env.rank}: out of memory in {where}, batch_size {spec.batch_size}, {spec.precision}, "
             f"layers {layer_span(state.get('layers', []))}; peak "
@@ -152,7 +148,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
     """Load, tokenize, warm up, and generate every batch `repeats` times; fills `state` as it goes."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(Path(spec.model_path), spec.trust_remote_code)
-    stop = stop_rule(Path(spec.model_path), tokenizer, spec.generation["max_new_tokens"])
+    stop = stop_rule(Path(spec.model_path), tokenizer, spec.generation.max_new_tokens)
     sampler = Sampler(sampling_params(spec.generation), device)
     engine, info = build_engine(EngineContext(spec, env, device, tokenizer, bundle.root, stop, sampler))
     state.update(info, load_s=time.perf_counter() - t0)
@@ -169,7 +165,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
         log.info("messages between stages through %s", info["transport"])
     t0 = time.perf_counter()
     prompts = run_prompts(spec)
-    batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.get("max_prompt_tokens"))
+    batches = make_batches(prompts, tokenizer, spec.batch_size, spec.generation.max_prompt_tokens)
     state["tokenize_s"] = time.perf_counter() - t0
     def note(batch: Batch) -> Batch:  # what an out-of-memory report names
         state["batch"] = {"index": batch.index, "size": len(batch.prompt_indices),

@@ -37,10 +37,10 @@ def batched_requests(spec: RunSpec) -> tuple[list[str], list[list[Request]]]:
 
     tokenizer = load_tokenizer(Path(spec.model_path), spec.trust_remote_code)
     tokenizer.truncation_side = "left"
-    limit = spec.generation.get("max_prompt_tokens")
+    limit = spec.generation.max_prompt_tokens
     prompts = run_prompts(spec)
     ids = tokenizer([p.prompt for p in prompts], truncation=limit is not None, max_length=limit)["input_ids"]
-    requests = [Request(i, p.id, list(map(int, tokens)), int(spec.generation["max_new_tokens"]))
+    requests = [Request(i, p.id, list(map(int, tokens)), spec.generation.max_new_tokens)
                 for i, (p, tokens) in enumerate(zip(prompts, ids))]
     size = spec.batch_size
     return [p.prompt for p in prompts], [requests[i:i + size] for i in range(0, len(requests), size)]

@@ -16,7 +16,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import aiohttp
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
 from distinfer.engines import capabilities
 from distinfer.finalize import stop_status
+from distinfer.net import free_port
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Target, run_load
 from distinfer.serving.metrics import summarize
@@ -65,35 +65,35 @@ def vocab_size(run: RunSpec) -> int | None:
 
 
 def target_of(run: RunSpec, environ: dict[str, str] | os._Environ) -> Target:
-    endpoint, scenario = run.endpoint or {}, run.scenario or {}
-    key_env = endpoint.get("api_key_env")
+    endpoint = run.endpoint
+    assert endpoint is not None
+    key_env = endpoint.api_key_env
     if key_env and not environ.get(key_env):
         raise EndpointError(f"endpoint.api_key_env names {key_env}, which is not set in this environment")
-    return Target(endpoint["url"], endpoint["model"], environ.get(key_env) if key_env else None,
-                  float(scenario.get("timeout_s", 600.0)), sampling_body(run))
+    return Target(endpoint.url, endpoint.model, environ.get(key_env) if key_env else None,
+                  run.load_settings.timeout_s, sampling_body(run))
 
 
 def sampling_body(run: RunSpec) -> dict:
     """The request fields of the run's sampling (greedy: the load generator's temperature 0)."""
     sampling = run.generation
-    if sampling.get("sampling", "greedy") == "greedy":
+    if sampling.sampling == "greedy":
         return {}
-    return {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": sampling["top_k"],
-            "seed": sampling["seed"]}
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "seed": sampling.seed}
 
 
 def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float) -> dict:
-    scenario = run.scenario or {}
-    value = scenario.get("value")
-    offered = (math.inf if value == "inf" else float(value)) if scenario.get("load") == "rate" else None
-    figures = summarize(records, scenario.get("slo_s") or None, offered)
+    load = run.scenario
+    assert load is not None
+    figures = summarize(records, load.slo_s or None, load.rate)
     if figures["offered_rate"] is not None and math.isinf(figures["offered_rate"]):
         figures["offered_rate"] = "inf"
     return {"status": status, "error": error, "run_id": run.run_id, "experiment": run.experiment,
             "engine": run.engine, "world_size": 1 if run.endpoint else run.world_size, "batch_size": None,
             "scenario": "serving",
-            "load": scenario.get("load"), "load_value": value, "endpoint": (run.endpoint or {}).get("url"),
-            "served_model": (run.endpoint or {}).get("model") or (run.builtin or Path(run.model_path).name),
+            "load": load.load, "load_value": load.value, "endpoint": run.endpoint.url if run.endpoint else None,
+            "served_model": run.endpoint.model if run.endpoint else (run.builtin or Path(run.model_path).name),
             "pp": run.pp, "tp": run.tp, "microbatches": run.microbatches, "precision": run.precision,
             "config_hash": run.config_hash(), **figures,
             "prompts_per_s": figures["request_throughput"], "started_at": started, "finished_at": time.time(),
@@ -118,7 +118,8 @@ def wait_healthy(url: str, ended: Callable[[], int | None], timeout_s: float) ->
             time.sleep(0.1)
 
 
-VLLM_HEALTH_TIMEOUT_S = 900.0  # an offline vLLM run: loading, and compiling where it compiles
+HEALTH_TIMEOUT_S = 300.0  # distinfer's server: loading the model
+VLLM_HEALTH_TIMEOUT_S = 900.0  # vLLM's: loading, and compiling where it compiles
 
 
 def api_key(environ: dict[str, str] | os._Environ) -> str:
@@ -133,16 +134,16 @@ def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int |
     from distinfer.serving.serve import served_name
 
     name = "vLLM's server" if capabilities(run.engine).program == "vllm" else "distinfer's server"
-    default = VLLM_HEALTH_TIMEOUT_S if capabilities(run.engine).program == "vllm" else 300.0
+    default = VLLM_HEALTH_TIMEOUT_S if capabilities(run.engine).program == "vllm" else HEALTH_TIMEOUT_S
     try:
-        wait_healthy(url, ended, float((run.scenario or {}).get("health_timeout_s", default)))
+        wait_healthy(url, ended, run.load_settings.health_timeout_s or default)
     except EndpointError as exc:
         raise EndpointError(f"{name}: {exc}; see {run_dir / 'server.log'}") from None
     body = sampling_body(run)
     record_server(run_dir, run, url)
     if capabilities(run.engine).program == "vllm":
         body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
-    return Target(url, served_name(run), key, float((run.scenario or {}).get("timeout_s", 600.0)), body)
+    return Target(url, served_name(run), key, run.load_settings.timeout_s, body)
 
 
 def record_server(run_dir: Path, run: RunSpec, url: str) -> None:
@@ -176,13 +177,6 @@ def server_version(url: str) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def loopback_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return int(probe_socket.getsockname()[1])
-
-
 @contextlib.contextmanager
 def vllm_target(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     """vLLM's server for this run (`python -m distinfer.serving.vllm`, which becomes `vllm serve`) on a free
@@ -190,7 +184,7 @@ def vllm_target(run_dir: Path, run: RunSpec) -> Iterator[Target]:
     then stops the group (SIGTERM, then SIGKILL) and removes the shared-memory files it left."""
     from distinfer.serving.vllm import leftovers, remove, stop_group
 
-    port, key = loopback_port(), api_key(os.environ)
+    port, key = free_port(), api_key(os.environ)
     before = leftovers()
     with (run_dir / "server.log").open("w") as log:
         server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.vllm", str(run_dir), "--port", str(port)],
@@ -212,7 +206,7 @@ def own_server(run_dir: Path, run: RunSpec) -> Iterator[Target]:
         with vllm_target(run_dir, run) as target:
             yield target
         return
-    port, key = loopback_port(), api_key(os.environ)
+    port, key = free_port(), api_key(os.environ)
     log = (run_dir / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "distinfer.serving.serve", str(run_dir), "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, API_KEY_ENV: key})
@@ -264,7 +258,8 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     """Measure the run's load; against `server_url` where the job started the server itself."""
     bundle = RunBundle(run_dir)
     spec = RunSpec.from_dict((read_json(bundle.run_json) or {})["run"])
-    scenario = spec.scenario or {}
+    load = spec.scenario
+    assert load is not None, "a serving run"
     started = time.time()
     records: list[RequestRecord] = []
     writer = JsonlWriter(run_dir / "requests.jsonl")
@@ -284,8 +279,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         writer.write(record.to_dict())
 
     try:
-        requests = build_requests(scenario, Path(spec.prompts), int(spec.generation["max_new_tokens"]),
-                                  vocab_size(spec))
+        requests = build_requests(load, Path(spec.prompts), spec.generation.max_new_tokens, vocab_size(spec))
         if spec.endpoint:
             target = target_of(spec, os.environ)
         elif server_url:
@@ -293,12 +287,8 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         else:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
-        value = scenario.get("value")
-        rate = (math.inf if value == "inf" else float(value)) if scenario.get("load") == "rate" else None
-        asyncio.run(run_load(target, requests, keep, rate=rate, burstiness=float(scenario.get("burstiness", 1.0)),
-                             seed=int(scenario.get("seed", 0)),
-                             concurrency=int(value) if scenario.get("load") == "concurrency" else None,
-                             duration_s=scenario.get("duration_s")))
+        asyncio.run(run_load(target, requests, keep, rate=load.rate, burstiness=load.burstiness, seed=load.seed,
+                             concurrency=load.users, duration_s=load.duration_s))
     except (EndpointError, ValueError, OSError) as exc:
         atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))
         return 1

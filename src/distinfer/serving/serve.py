@@ -82,7 +82,7 @@ def _spawn_ranks(run_json: Path, ranks: range, world_size: int, rendezvous: str 
     import subprocess
     import time
 
-    from distinfer.runtime.dist import free_port
+    from distinfer.net import free_port
 
     master, _, master_port = (rendezvous or f"127.0.0.1:{free_port()}").rpartition(":")
     base = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -123,7 +123,12 @@ def serve_rank(run: RunSpec, host: str, port: int, max_batch: int, log_requests:
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.ranks import dist_env_from
     from distinfer.runtime.worker import stop_rule
-    from distinfer.serving.pipeline import StageLink, TensorPeers, run_later_stage, run_tensor_peer
+    from distinfer.serving.pipeline import (
+        StageLink,
+        TensorPeers,
+        run_later_stage,
+        run_tensor_peer,
+    )
 
     env = dist_env_from(os.environ)
     if env.world_size != run.world_size:
@@ -244,7 +249,7 @@ def main() -> None:
     route_third_party_logs()
     run_json = args.run if args.run.is_file() else RunBundle(args.run).run_json
     run = RunSpec.from_dict((read_json(run_json) or {})["run"])
-    serve(run, args.host, args.port, args.max_batch or int((run.scenario or {}).get("max_batch", 32)),
+    serve(run, args.host, args.port, args.max_batch or run.load_settings.max_batch,
           args.ranks_per_node, args.rendezvous, run_json.resolve(), args.log_requests)
     if "RANK" in os.environ and run.world_size > 1:
         _leave_cleanly()

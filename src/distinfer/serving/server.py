@@ -21,12 +21,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    StreamingResponse,
+)
 
 from distinfer.serving.detokenize import IncrementalDetokenizer
 from distinfer.serving.engine import ServingEngine
 from distinfer.serving.protocol import RequestError, parse_request
-
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # the quick look: plain HTML and JavaScript
 STATS_EVERY_S = 10.0  # a busy server logs its throughput this often

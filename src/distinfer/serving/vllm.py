@@ -18,6 +18,7 @@ from pathlib import Path
 
 from distinfer.plan import RunSpec
 from distinfer.serving.serve import API_KEY_ENV
+from distinfer.spec_schema import VllmSpec
 
 PYTHON_ENV = "DISTINFER_VLLM_PYTHON"
 LOCAL_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"  # `make vllm-env`
@@ -28,7 +29,7 @@ STOP_WAIT_S = 30.0
 def vllm_python(run: RunSpec, environ: Mapping[str, str], cwd: Path | None = None) -> str:
     """The Python of vLLM's environment: the experiment's `vllm.python`, else $DISTINFER_VLLM_PYTHON, else
     .venv-vllm/bin/python in `cwd` (make vllm-env), else python3."""
-    chosen = (run.vllm or {}).get("python") or environ.get(PYTHON_ENV)
+    chosen = (run.vllm.python if run.vllm else None) or environ.get(PYTHON_ENV)
     if chosen:
         return str(chosen)
     local = (cwd or Path.cwd()) / LOCAL_VENV_PYTHON
@@ -43,31 +44,31 @@ def on_cpu(environ: Mapping[str, str]) -> bool:
 def eager(run: RunSpec, cpu: bool) -> bool:
     """--enforce-eager: as set, or (auto) on CPU unless the run has pipeline stages: vLLM's CPU pipeline fails
     its first request without compilation, and compiling one stage costs a minute or two of start-up."""
-    choice = (run.vllm or {}).get("enforce_eager", "auto")
+    choice = run.vllm.enforce_eager if run.vllm else "auto"
     return (cpu and run.pp == 1) if choice == "auto" else bool(choice)
 
 
 def max_seqs(run: RunSpec) -> int:
     """Sequences vLLM decodes together: the batch size offline, the scenario's max_batch when serving."""
-    return int((run.scenario or {}).get("max_batch", 32)) if run.serving else run.batch_size
+    return run.max_batch
 
 
 def serve_command(run: RunSpec, python: str, port: int, host: str = "127.0.0.1", cpu: bool = True) -> list[str]:
     """`vllm serve` for the run: its model, layout, precision and batch limit, then `vllm.args` as they are."""
     from distinfer.serving.serve import served_name
 
-    settings = run.vllm or {}
+    settings = run.vllm or VllmSpec()
     command = [python, "-m", "vllm.entrypoints.cli.main", "serve", run.model_path, "--host", host, "--port",
                str(port), "--served-model-name", served_name(run), "--dtype", run.dtype,
                "--pipeline-parallel-size", str(run.pp), "--tensor-parallel-size", str(run.tp),
-               "--max-num-seqs", str(max_seqs(run)), "--seed", str(run.generation.get("seed", 0))]
-    if settings.get("max_model_len"):
-        command += ["--max-model-len", str(settings["max_model_len"])]
+               "--max-num-seqs", str(max_seqs(run)), "--seed", str(run.generation.seed)]
+    if settings.max_model_len:
+        command += ["--max-model-len", str(settings.max_model_len)]
     if run.world_size > 1:
         command += ["--distributed-executor-backend", "mp"]
     if eager(run, cpu):
         command.append("--enforce-eager")
-    return command + [str(arg) for arg in settings.get("args", [])]
+    return command + [str(arg) for arg in settings.args]
 
 
 def thread_binding(world_size: int, cores: list[int]) -> str:
@@ -91,7 +92,7 @@ def server_env(run: RunSpec, environ: Mapping[str, str], cores: list[int]) -> di
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", thread_binding(run.world_size, cores))
     if run.layers:
         env["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, run.layers))
-    env.update((run.vllm or {}).get("env", {}))
+    env.update(run.vllm.env if run.vllm else {})
     if environ.get(API_KEY_ENV):  # vllm serve asks clients of /v1 for $VLLM_API_KEY
         env["VLLM_API_KEY"] = environ[API_KEY_ENV]
     return env

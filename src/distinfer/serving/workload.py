@@ -12,51 +12,51 @@ import random
 from pathlib import Path
 
 from distinfer.prompts import load_prompts
+from distinfer.scenario import LengthSpec, RunLoad
 from distinfer.serving.client import Request
 
 DEFAULT_REQUESTS = 64
 
 
-def request_count(scenario: dict) -> int:
+def request_count(load: RunLoad) -> int:
     """Measured requests: `requests`, else rate x duration (open loop), else DEFAULT_REQUESTS."""
-    if scenario.get("requests"):
-        return int(scenario["requests"])
-    value = scenario.get("value")
-    if scenario.get("duration_s") and scenario.get("load") == "rate" and value != "inf":
-        return max(1, math.ceil(float(value) * float(scenario["duration_s"])))
-    if scenario.get("duration_s"):
+    if load.requests:
+        return load.requests
+    if load.duration_s and load.rate is not None and math.isfinite(load.rate):
+        return max(1, math.ceil(load.rate * load.duration_s))
+    if load.duration_s:
         return 1_000_000  # closed loop, or everything at once: the duration ends it
     return DEFAULT_REQUESTS
 
 
-def _length(spec: dict, rng: random.Random) -> int:
-    low = max(spec.get("min", 1), round(spec["mean"] * (1 - spec.get("spread", 0.0))))
-    high = round(spec["mean"] * (1 + spec.get("spread", 0.0)))
-    if spec.get("max"):
-        high = min(high, spec["max"])
+def _length(spec: LengthSpec, rng: random.Random) -> int:
+    low = max(spec.min, round(spec.mean * (1 - spec.spread)))
+    high = round(spec.mean * (1 + spec.spread))
+    if spec.max:
+        high = min(high, spec.max)
     return rng.randint(min(low, high), max(low, high))
 
 
-def build_requests(scenario: dict, prompts_file: Path, max_new_tokens: int, vocab_size: int | None) -> list[Request]:
+def build_requests(load: RunLoad, prompts_file: Path, max_new_tokens: int, vocab_size: int | None) -> list[Request]:
     """The warm-up requests, then the measured ones, indexed in sending order."""
-    count = request_count(scenario)
-    warmup = int(scenario.get("warmup_requests", 0))
-    ignore_eos = bool(scenario.get("ignore_eos"))
-    rng = random.Random(scenario.get("seed", 0))
+    count = request_count(load)
+    warmup = load.warmup_requests
+    rng = random.Random(load.seed)
     requests = []
-    if scenario.get("input") == "synthetic":
-        synthetic = scenario["synthetic"]
-        vocab = synthetic.get("vocab_size") or vocab_size
+    if load.synthetic is not None:
+        synthetic = load.synthetic
+        vocab = synthetic.vocab_size or vocab_size
         if not vocab:
             raise ValueError("synthetic prompts need a vocabulary size: scenario.synthetic.vocab_size, or a model "
                              "whose config names one")
         for index in range(warmup + min(count, 100_000)):
-            prompt = [rng.randrange(vocab) for _ in range(_length(synthetic["input_tokens"], rng))]
-            requests.append(Request(index, f"synthetic-{index}", prompt, _length(synthetic["output_tokens"], rng),
-                                    ignore_eos, warmup=index < warmup))
+            prompt = [rng.randrange(vocab) for _ in range(_length(synthetic.input_tokens, rng))]
+            requests.append(Request(index, f"synthetic-{index}", prompt, _length(synthetic.output_tokens, rng),
+                                    load.ignore_eos, warmup=index < warmup))
         return requests
     prompts = load_prompts(prompts_file)
     for index in range(warmup + min(count, 100_000)):
         prompt = prompts[index % len(prompts)]
-        requests.append(Request(index, prompt.id, prompt.prompt, max_new_tokens, ignore_eos, warmup=index < warmup))
+        requests.append(Request(index, prompt.id, prompt.prompt, max_new_tokens, load.ignore_eos,
+                                warmup=index < warmup))
     return requests

@@ -3,10 +3,8 @@
 A decode step streams every weight once, and with 4 KiB pages a 600 MiB stage spans 150 000 pages: the
 TLB misses on every one, and the hardware prefetchers stop at each page boundary. `place_in_huge_pages`
 copies the parameters into one anonymous mapping, aligned to 2 MiB and marked MADV_HUGEPAGE, so that the
-kernel backs it with huge pages where transparent huge pages are enabled ("always" or "madvise"). Measured
-on `make bench`'s 160 M Llama (2 vCPUs, one stage, the same process alternating the two copies of the
-model, 12 rounds): batch-1 decode 4 % faster (quartiles 2-5 %), batch 8 about 3 %; a pipeline of two
-stages gained as much as one stage. Values are copied, not changed: results are bit for bit the same.
+kernel backs it with huge pages where transparent huge pages are enabled ("always" or "madvise"). Values
+are copied, not changed: results are bit for bit the same (the gain measured: docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,26 +1,19 @@
 """Faster fp32 linear layers for CPU ranks (the GPU path keeps cuBLAS through plain `nn.Linear`).
 
-PyTorch runs an fp32 `nn.Linear` on CPU through MKL's sgemm, which is slow for the few rows of a
-decode step: one token (a matrix-vector product) runs on one core whatever the thread count, and a
-batch of 8 rows reaches about half of oneDNN's speed. Measured on the benchmark's 160 M Llama (2 cores,
-`make bench`): the decode step's weight reads take 31 ms with MKL, 21 ms with oneDNN and 16 ms when the
-weight's rows are split over the cores as one batched product (`bmm`, which PyTorch runs one matrix per
-thread); at 8 rows, 59 ms with MKL and 30 ms with oneDNN.
+PyTorch runs an fp32 `nn.Linear` on CPU through MKL's sgemm, which can be slow for the few rows of a
+decode step (on some CPUs a matrix-vector product runs on one core whatever the thread count). The
+figures that shaped this module: docs/performance.md, "Why the CPU code is shaped as it is".
 
 `CpuLinear` keeps the layer's own parameters (same names, no copy) and picks per call: one row -> the
 one-row kernel, 2 to FEW_ROWS_MAX rows -> the few-row kernel, more rows -> oneDNN. Results differ from
 MKL's only by summation order (about 1e-6 relative); the token-exact tests compare the engines that use it
 with the stock reference.
 
-Which kernel is fastest depends on the CPU: on the AMD EPYC above, MKL's matrix-vector product uses one
-core and the row-split `bmm` wins; on an Intel Xeon (2 vCPUs) MKL uses both cores and the split
-`bmm` takes twice as long (the 160 M model's linear layers, one row: MKL 23-26 ms, oneDNN 33 ms, split
-51-58 ms). distinfer's own `linear_rows` (csrc/linear_rows.cpp: four weight rows against up to six input
-rows per register tile, weights prefetched ahead) reads the weights once for up to ~24 rows: on the Xeon
-(AVX-512) at 1 / 2 / 4 / 8 / 17 rows 26 / 27 / 31 / 44 / 59 ms against oneDNN's 37 / 49 / 52 /
-59 / 72 ms and MKL's 32 / 33 / 57 / 90 / 92 ms, at 32 rows 122 ms against oneDNN's 109. So `choose_kernels`
-times the candidates on the stage's own weights once, after loading, at one row and at eight, and every
-layer then uses the fastest of each.
+Which kernel is fastest depends on the CPU (where MKL's matrix-vector product uses one core the row-split
+`bmm` wins; where it uses every core the split loses), and distinfer's own `linear_rows` (csrc/linear_rows.cpp:
+four weight rows against up to six input rows per register tile, weights prefetched ahead) reads the weights
+once for a few rows. So `choose_kernels` times the candidates on the stage's own weights once, after loading,
+at one row and at eight, and every layer then uses the fastest of each.
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ from torch import nn
 
 ONE_ROW_KERNELS = ("split", "onednn", "mkl", "cpp")  # row-split bmm, oneDNN, F.linear (MKL), linear_rows
 FEW_ROWS_KERNELS = ("onednn", "cpp")  # for 2..FEW_ROWS_MAX rows; more rows always go to oneDNN
-FEW_ROWS_MAX = 24  # linear_rows was ahead of oneDNN up to ~24 rows on the bench's Xeon, behind from 32 on
+FEW_ROWS_MAX = 24  # past this many rows oneDNN's blocked product wins (docs/performance.md)
 FEW_ROWS_TIMED = 8  # the rows the few-row kernels are timed at: a batch-8 decode step
 
 

@@ -23,11 +23,6 @@ None for anything else, and the engine keeps `transformers`' forward. With PyTor
 are bit-equal to `transformers`' layers (fp32 and bf16); the C++ ops sum in another order and agree to
 fp32 rounding (tests/test_llama_decode.py: with and without padding, grouped-query attention; the
 token-exact pipeline tests run with them).
-
-Measured on `make bench`'s 160 M Llama (Intel Xeon, 2 vCPUs; `bench/decode_paths.py`: one-stage engines
-side by side in one process, 12 rounds, tokens equal), one stage / HF generate at batch 1 / 8: C++ ops
-1.17 / 1.52, PyTorch operations 1.03 / 1.43, `transformers`' forward 0.97 / 1.33. With every linear product
-replaced by a preallocated result a batch-1 step takes 1.2-1.7 ms, 2.7 ms and 4.3 ms.
 """
 
 from __future__ import annotations
@@ -42,14 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
-# A step in one C++ call (`DecodeLayers`) was 1.08x (batch 1) and 1.065x (batch 8) faster than op by op with the
-# same kernels (bench model, Xeon), and it needs linear_rows: so a Llama stage takes linear_rows
-# while it is at most this much slower than the fastest kernel timed (runtime/cpu/kernels.py `choose_kernels`).
-# Same machine: one call with linear_rows against op by op with MKL's one-row product (the kernel
-# it lost to) 1.047x at batch 1 (12 rounds, quartiles 1.03-1.08), while the chooser's first timing in a fresh
-# process put linear_rows / MKL read rates anywhere in 0.84-1.04 (24 processes; the same two kernels timed 20
-# times in one process: median 0.99-1.03). At 1.05, one rank in four (5 of 18 in real runs) chose MKL by that
-# scatter and ran batch-1 steps op by op, a two-stage pipeline twice as often as one stage; hence 1.10.
+# A step in one C++ call (`DecodeLayers`) needs linear_rows, and is faster than op by op with the same kernels:
+# so a Llama stage takes linear_rows while it is at most this much slower than the fastest kernel timed
+# (runtime/cpu/kernels.py `choose_kernels`); the margin covers the scatter of the chooser's first timing in a
+# fresh process (docs/performance.md).
 ONE_CALL_MARGIN = 1.10
 _NO_MASK = torch.empty(0, dtype=torch.bool)
 

@@ -5,12 +5,10 @@ milliseconds) before they sleep; a sleeping worker needs a futex wake-up at the 
 in a VM costs tens of microseconds, once per linear layer where every matrix product uses every core.
 
 - A rank alone on its node keeps OpenMP's default: nobody else needs the cores while its workers spin.
-  Intel Xeon VM (2 vCPUs, MKL's one-row product on both cores), `bench/paired.py --spin-ab`
-  (pairs of ranks with each setting taking turns, 8 rounds): one stage at batch 1 / 8 gave 21.5 / 83.4
-  tok/s with 2000 rounds, 23.9 / 85.6 with 20000, 26.2 / 106.2 with the default.
 - Ranks that share a node spin 20000 rounds: a stage that has finished its step and waits for the next would
-  otherwise keep a core busy that the stage now computing needs. Same runs, two stages / one stage at batch
-  1 / 8: 0.94 / 0.90 with 2000, 0.98 / 1.07 with 20000, 0.80 / 0.78 with the default. (On an AMD EPYC, where MKL's one-row product ran on one core, 2000 had measured no slower than 20000.)
+  otherwise keep a core busy that the stage now computing needs.
+
+The measurements behind both: docs/performance.md.
 
 A value set by the user wins. Slurm's "nodes" of the one-machine test cluster share the machine's cores
 but each sees itself alone: only speed differs there, not tokens.

@@ -1,16 +1,12 @@
 """Messages between two ranks of one machine through shared memory, woken by a futex.
 
 gloo carries a CPU rank's message through a TCP socket and a loop thread on each side, so a batch-1 decode
-step's hand-off wakes four threads one after the other; on the bench's 2-vCPU VM the two hand-offs of a
-two-stage token cost ~0.6-0.8 ms of a ~27 ms step (send calls 0.15-0.23 ms each).
+step's hand-off wakes four threads one after the other (docs/performance.md has what that cost).
 A `SharedRing` is a file under /dev/shm, mapped by the two ranks: a header with the count of messages
 written and the count read, then `slots` slots of `slot_bytes`. The sender copies a message into the next
 slot, publishes it by raising the written count and wakes the receiver with futex(2); the receiver sleeps in
 futex(2) until the count moves (no spinning: on a shared node the other stage needs the cores), copies the
-message out and raises the read count. Interleaved rotated runs at batch 1 (`make bench`'s 160 M
-Llama, 4 prompts x 32 tokens x 3 repeats): two stages / one stage, median of 10 rounds, 0.966 with the rings
-against 0.951 over gloo on the 2-vCPU VM (within its noise), and 0.61 against 0.45 (4 rounds, rings ahead in
-each) on a 16-vCPU one.
+message out and raises the read count.
 
 A wait wakes every `POLL_S` to check that the peer process still lives and that `timeout_s` has not passed,
 so a dead peer fails the receive within a fraction of a second, as a closed gloo connection does.

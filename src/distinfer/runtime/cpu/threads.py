@@ -8,10 +8,8 @@ of queueing on one core.
 
 Pinning: the main thread goes to the rank's first core and OpenMP's workers to the others. The workers
 are created by the first parallel region and inherit the main thread's mask at that moment, so
-`pin_threads` must run before anything parallel. Measured with `make bench`'s model on the 2-core
-machine, pinning through OpenMP's own binding (GOMP_CPU_AFFINITY, 4 interleaved pairs): a one-stage
-pipeline 16 % and a two-stage one 10 % more tokens/s than with unpinned threads. The rotated layout
-here: two stages / one stage 0.94 against 0.89 unpinned (batch 1, 20 batch-by-batch pairs). A user who
+`pin_threads` must run before anything parallel (what pinning and the rotated layout gained:
+docs/performance.md). A user who
 sets OpenMP's own binding (OMP_PROC_BIND, OMP_PLACES, GOMP_CPU_AFFINITY, KMP_AFFINITY) keeps it: nothing
 is pinned then.
 """
