@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo demo-vllm analysis test bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
+.PHONY: setup system-deps models demo demo-vllm analysis test test-fast bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ system-deps:
 
 test: models system-deps
 	$(BIN)/python -m pytest
+
+# The edit-test loop: unit and in-process tests, no ranks, servers or daemons (about 1.5 minutes on 2 cores).
+test-fast: models system-deps
+	$(BIN)/python -m pytest -m "not slow"
 
 # Engines side by side on a synthetic ~160M Llama (about 10 minutes on 2 cores): prints tokens/s and the
 # performance ratios, writes bench/results/bench-<time>.json.

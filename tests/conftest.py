@@ -18,6 +18,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the bench scripts (`bench.*`) that tests use as fixtures
 
 
+# Modules whose tests start ranks, servers, torchrun or Slurm daemons, or run whole studies: `make test` runs
+# them, `make test-fast` (pytest -m "not slow") leaves them out.
+SLOW_MODULES = {"test_analysis", "test_local_run", "test_parallel_layouts", "test_pipeline_exact", "test_serve",
+                "test_serving", "test_shm_ring", "test_slurm", "test_vllm"}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     from distinfer.models.tiny import build_tiny_model
@@ -64,6 +76,10 @@ def slurm() -> dict[str, str]:
     env = {**os.environ, **SLURM_ENV}
     job_folders = set(Path("/tmp").glob("distinfer-job-*"))  # what a cancelled job leaves (its script is killed)
     up = subprocess.run(["bash", str(SLURM_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
+    if "already up" in up.stderr:  # another test session's cluster: use it, and leave it to that session to stop
+        env["SLURM_CONF"] = f"{SLURM_ENV['SLURM_LOCAL_DIR']}/slurm.conf"
+        yield env
+        return
     try:
         assert up.returncode == 0, up.stderr
         env["SLURM_CONF"] = f"{SLURM_ENV['SLURM_LOCAL_DIR']}/slurm.conf"

@@ -112,6 +112,7 @@ def test_outputs_path_unsafe_for_sbatch_lines_is_rejected(tmp_path: Path) -> Non
 AWKWARD = "a b 'single' \"double\" $(touch INJECTED_1) `touch INJECTED_2`; touch INJECTED_3 \\ $HOME"
 
 
+@pytest.mark.slow  # submits to the local Slurm cluster
 def test_awkward_values_arrive_unchanged_and_inject_nothing(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """Against real sbatch: env values and paths with spaces, quotes, $(...), backticks and ; reach the job as is.
 
