@@ -140,6 +140,8 @@ def main() -> None:
         print(f"\n{name}: calibrated on {len(fit['runs'])} one-stage runs, medians of {args.rounds} rounds (median error "
               f"{fit['median_abs_error']:.1%}): " + ", ".join(f"{k} {v:.3g}" for k, v in
                                                               calibration["efficiency"]["pipeline"].items()))
+        for warning in fit["warnings"]:  # a fit on its bounds or missing its own runs is no calibration
+            print(f"  WARNING: fit not trusted: {warning}")
         print(f"{'run':30} {'metric':13} {'predicted':>10} {'measured':>10} {'error':>8}")
         for row in sorted(rows, key=lambda r: (r["metric"], r["run_id"])):
             print(f"{row['run_id']:30} {row['metric']:13} {row['predicted']:10.4g} {row['measured']:10.4g} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -193,7 +194,8 @@ def test_predict_calibrates_on_the_one_rank_runs_and_stores_the_fit(outputs: Pat
     proc = subprocess.run([sys.executable, "-m", "distinfer", "predict", str(config), "--calibrate",
                            str(outputs / "study")], cwd=outputs.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "calibrated pipeline on 2 run(s)" in proc.stdout and "calibrated reference on 2 run(s)" in proc.stdout
+    for engine in ("pipeline", "reference"):  # a fit that ends on a bound says so, on a noisy machine too
+        assert re.search(rf"calibrated(?: \(fit not trusted\):)? {engine} on 2 run\(s\)", proc.stdout), proc.stdout
     stored = json.loads((outputs / "study" / "calibration.json").read_text())
     assert set(stored["efficiency"]) == {"pipeline", "reference"}
     assert {o["run_id"] for o in stored["observations"]} == {"pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
