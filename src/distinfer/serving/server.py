@@ -63,28 +63,10 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
                      s.generated_tokens_total, s.waiting + s.running)
 
     app = FastAPI(title="distinfer", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_GuardAndLog, expected=f"Bearer {api_key}".encode() if api_key else None,
+                       log_requests=log_requests)
     started = int(time.time())
     version = {"version": __version__, "engine": "distinfer", **(facts or {})}
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    @app.middleware("http")
-    async def guard_and_log(request: Request, call_next):  # noqa: ANN001, ANN202
-        begun = time.perf_counter()
-        path = request.url.path
-        if expected is not None and path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, expected):
-                log.warning("%s %s 401 (no valid API key) from %s", request.method, path, _peer(request))
-                return _error(401, "a valid API key is needed (Authorization: Bearer KEY)", "authentication_error")
-        response = await call_next(request)
-        elapsed_ms = (time.perf_counter() - begun) * 1e3
-        if response.status_code >= 400:
-            reason = getattr(request.state, "refusal", "")
-            log.warning("%s %s %d %.1f ms from %s%s", request.method, path, response.status_code, elapsed_ms,
-                        _peer(request), f": {reason}" if reason else "")
-        elif log_requests and path != "/v1/completions":  # a completion logs itself when its answer ends
-            log.info("%s %s %d %.1f ms", request.method, path, response.status_code, elapsed_ms)
-        return response
 
     @app.get("/", response_class=HTMLResponse)
     async def chat() -> HTMLResponse:
@@ -205,8 +187,43 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
     return app
 
 
-def _peer(request: Request) -> str:
-    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+class _GuardAndLog:
+    """Plain ASGI middleware (no extra task or stream per request, as Starlette's BaseHTTPMiddleware adds to
+    every streamed chunk): the API key of /v1 paths, and one log line per refused or failed request (with the
+    reason the handler left in the request's state), or per request with `log_requests`."""
+
+    def __init__(self, app, expected: bytes | None, log_requests: bool) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.expected, self.log_requests = app, expected, log_requests
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        begun, path, method = time.perf_counter(), scope["path"], scope["method"]
+        peer = "{}:{}".format(*scope["client"]) if scope.get("client") else "?"
+        if self.expected is not None and path.startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                log.warning("%s %s 401 (no valid API key) from %s", method, path, peer)
+                response = _error(401, "a valid API key is needed (Authorization: Bearer KEY)", "authentication_error")
+                await response(scope, receive, send)
+                return
+        status = 0
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+        elapsed_ms = (time.perf_counter() - begun) * 1e3
+        if status >= 400:
+            reason = (scope.get("state") or {}).get("refusal", "")
+            log.warning("%s %s %d %.1f ms from %s%s", method, path, status, elapsed_ms, peer,
+                        f": {reason}" if reason else "")
+        elif self.log_requests and path != "/v1/completions":  # a completion logs itself when its answer ends
+            log.info("%s %s %d %.1f ms", method, path, status, elapsed_ms)
 
 
 def _prometheus(engine: ServingEngine) -> str:
