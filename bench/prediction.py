@@ -73,13 +73,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def evaluate(folders: list[Path], probe: dict) -> tuple[dict, list[dict]]:
-    from distinfer.predict.calibrate import (
-        calibrate,
-        errors,
-        measured_runs,
-        median_of_repeats,
-        one_rank,
-    )
+    from distinfer.predict.calibrate import calibrate, errors, measured_runs, median_of_repeats, one_rank
     from distinfer.predict.hardware import LINKS
     from distinfer.predict.model import Efficiency, Machine
     from distinfer.profiles import HARDWARE

@@ -17,14 +17,7 @@ def metaspace_tokenizer():  # noqa: ANN201
     are ordinary tokens, as in Llama 2's vocabulary), trained here."""
     import json
 
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     def shaped(model: models.Model) -> Tokenizer:

@@ -269,11 +269,7 @@ def test_linear_rows_computes_what_f_linear_computes(rows: int, shape: tuple[int
 
 def test_the_fastest_kernels_are_timed_and_set_on_every_layer() -> None:
     from distinfer.runtime.cpu.cpp_ops import decode_ops
-    from distinfer.runtime.cpu.kernels import (
-        ONE_ROW_KERNELS,
-        choose_kernels,
-        use_fast_cpu_linears,
-    )
+    from distinfer.runtime.cpu.kernels import ONE_ROW_KERNELS, choose_kernels, use_fast_cpu_linears
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(256, 512) for _ in range(4)))
@@ -356,11 +352,7 @@ def _anon_huge_kib(start: int, end: int) -> int:
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -> None:  # noqa: ANN001
     from distinfer.models.loading import count_parameters, load_full_model
-    from distinfer.runtime.cpu.hugepages import (
-        HUGE_PAGE,
-        huge_pages_available,
-        place_in_huge_pages,
-    )
+    from distinfer.runtime.cpu.hugepages import HUGE_PAGE, huge_pages_available, place_in_huge_pages
     from distinfer.runtime.cpu.kernels import use_fast_cpu_linears
 
     stock = load_full_model(tiny_models[name], "float32", torch.device("cpu"))
@@ -383,10 +375,7 @@ def test_huge_page_weights_keep_values_ties_and_logits(tiny_models, name: str) -
 
 
 def test_huge_page_weights_are_backed_by_huge_pages() -> None:
-    from distinfer.runtime.cpu.hugepages import (
-        huge_pages_available,
-        place_in_huge_pages,
-    )
+    from distinfer.runtime.cpu.hugepages import huge_pages_available, place_in_huge_pages
 
     model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 1024))  # 16 MiB of weights
     expected = [p.detach().clone() for p in model.parameters()]

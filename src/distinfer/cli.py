@@ -14,14 +14,7 @@ from rich.table import Table
 
 from distinfer.quiet import route_third_party_logs
 from distinfer.spec import SpecError, load_experiment
-from distinfer.views import (
-    RunProgress,
-    gib,
-    plan_table,
-    prediction_table,
-    rank_table,
-    results_table,
-)
+from distinfer.views import RunProgress, gib, plan_table, prediction_table, rank_table, results_table
 
 app = typer.Typer(help="Benchmark distributed LLM inference on Slurm clusters (and locally on CPU).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -161,11 +154,7 @@ def plan(
 def _calibrate(exp, folders: list[Path], hardware: Path | None) -> Path:  # noqa: ANN001 - an Experiment
     """Fit the model on the folders' one-rank runs, write calibration.json into each, say how well it fits."""
     from distinfer.models.tiny import cache_dir
-    from distinfer.predict.calibrate import (
-        CALIBRATION_FILE,
-        calibrate,
-        save_calibration,
-    )
+    from distinfer.predict.calibrate import CALIBRATION_FILE, calibrate, save_calibration
     from distinfer.predict.study import machine_for
     from distinfer.probes.cpu import cpu_probe
 

@@ -14,22 +14,11 @@ from distinfer.engines import capabilities
 from distinfer.layout import world_size
 from distinfer.profiles import HARDWARE
 from distinfer.scenario import EndpointSpec, LoadSettings, RunLoad
-from distinfer.spec_schema import (
-    Experiment,
-    GenerationSpec,
-    VllmSpec,
-    as_list,
-    layer_lists,
-    resolve_path,
-)
+from distinfer.spec_schema import Experiment, GenerationSpec, VllmSpec, as_list, layer_lists, resolve_path
 
 NAME_FIELDS = ("experiment", "run_id")  # what names a run without changing its results
-SECTIONS = ("generation", "scenario", "endpoint", "vllm")  # typed sections of a run
-
-
-def _dumped(section: object) -> dict:
-    """A section as JSON values."""
-    return section.model_dump(mode="json")  # type: ignore[attr-defined]
+# A run's typed sections and their classes (pydantic models, validated from run.json's dicts).
+SECTIONS = {"generation": GenerationSpec, "scenario": RunLoad, "endpoint": EndpointSpec, "vllm": VllmSpec}
 PRECISION_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}
 
 
@@ -70,8 +59,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         """The typed run sections from their dicts (run.json's, or a caller's), validated; defaults live in the
         section classes only."""
-        for name, section in (("generation", GenerationSpec), ("scenario", RunLoad), ("endpoint", EndpointSpec),
-                              ("vllm", VllmSpec)):
+        for name, section in SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, section.model_validate(value))
@@ -118,7 +106,7 @@ class RunSpec:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
         for name in SECTIONS:
             if out[name] is not None:
-                out[name] = _dumped(out[name])
+                out[name] = out[name].model_dump(mode="json")
         return out
 
     @classmethod

@@ -11,11 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from distinfer.models.profiles import (
-    config_layer_count,
-    read_json_file,
-    read_model_config,
-)
+from distinfer.models.profiles import config_layer_count, read_json_file, read_model_config
 from distinfer.models.tiny import TINY_MODELS
 from distinfer.spec_checks import (
     check_cluster,

@@ -7,23 +7,11 @@ import itertools
 from pathlib import Path
 
 from distinfer.engines import SELECTABLE, capabilities, named, taking
-from distinfer.layout import (
-    Layout,
-    LayoutError,
-    place_engine,
-    tensor_split_problem,
-    world_size,
-)
+from distinfer.layout import Layout, LayoutError, place_engine, tensor_split_problem, world_size
 from distinfer.models.profiles import max_positions
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import PromptFileError, load_prompts, read_paragraphs
-from distinfer.spec_schema import (
-    Experiment,
-    SpecError,
-    as_list,
-    layer_lists,
-    resolve_path,
-)
+from distinfer.spec_schema import Experiment, SpecError, as_list, layer_lists, resolve_path
 
 
 def check_layout(path: Path, exp: Experiment, num_layers: int) -> None:

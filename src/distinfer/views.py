@@ -34,13 +34,7 @@ class RunProgress:
     writes them (read from its completions.jsonl twice a second)."""
 
     def __init__(self, out: Console, total: int, folder: Path) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.folder, self.current = folder, None
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -68,7 +68,8 @@ def measured_runs(folder: Path) -> list[MeasuredRun]:
             run = RunSpec.from_dict(run_json["run"])
         except (KeyError, TypeError):
             continue
-        if capabilities(run.engine).program == "endpoint" or not Path(run.model_path or "").joinpath("config.json").is_file():
+        if (capabilities(run.engine).program == "endpoint"
+                or not Path(run.model_path or "").joinpath("config.json").is_file()):
             continue
         runs.append(MeasuredRun(run_dir, run, summary, run_json.get("runtime") or {}))
     return runs

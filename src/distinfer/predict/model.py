@@ -16,20 +16,8 @@ from dataclasses import asdict, dataclass, field
 from distinfer.engines import capabilities
 from distinfer.layout import place_engine, split_layers
 from distinfer.memory import DTYPE_BYTES, ModelFacts
-from distinfer.predict.costs import (
-    FUSED_OPS_PER_LAYER,
-    OPS_PER_LAYER,
-    Work,
-    forward_work,
-)
-from distinfer.predict.hardware import (
-    LINKS,
-    DeviceSpeed,
-    Link,
-    cpu_speed,
-    gpu_speed,
-    read_bandwidth,
-)
+from distinfer.predict.costs import FUSED_OPS_PER_LAYER, OPS_PER_LAYER, Work, forward_work
+from distinfer.predict.hardware import LINKS, DeviceSpeed, Link, cpu_speed, gpu_speed, read_bandwidth
 from distinfer.predict.schedule import decode_cycle, first_tokens
 from distinfer.profiles import HardwareProfile
 

@@ -25,13 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distinfer.memory import ModelFacts
-from distinfer.predict.model import (
-    Efficiency,
-    Machine,
-    Prediction,
-    StageCosts,
-    predict_run,
-)
+from distinfer.predict.model import Efficiency, Machine, Prediction, StageCosts, predict_run
 from distinfer.serving.metrics import summarize
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.schedule import arrival_offsets

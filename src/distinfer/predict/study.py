@@ -87,7 +87,8 @@ def predict_runs(runs: list, facts: ModelFacts, machine: Machine, efficiency: di
 
 def best(items: list[Predicted], goal: str) -> Predicted | None:
     """The run that fits and does best on the goal: most tokens/s, least TPOT, least GPU-hours per 1M tokens."""
-    usable = [i for i in items if i.prediction is not None and i.fits and not capabilities(i.run.engine).single_device] or \
+    usable = [i for i in items if i.prediction is not None and i.fits
+              and not capabilities(i.run.engine).single_device] or \
              [i for i in items if i.prediction is not None and i.fits]
     if not usable:
         return None
@@ -158,13 +159,7 @@ def predicted_against_measured(folder: Path, cpu_probe: CpuProbe | None = None, 
     Empty where no run's hardware is known to the model."""
     import pandas as pd
 
-    from distinfer.predict.calibrate import (
-        CALIBRATION_FILE,
-        errors,
-        fit_engines,
-        fit_warnings,
-        one_rank_served,
-    )
+    from distinfer.predict.calibrate import CALIBRATION_FILE, errors, fit_engines, fit_warnings, one_rank_served
 
     rows = []
     for profile, group in _by_profile(folder).items():
@@ -180,9 +175,14 @@ def predicted_against_measured(folder: Path, cpu_probe: CpuProbe | None = None, 
         fitted = ones + borrowed + served_ones
         fits = fit_engines(fitted, machine, base) if fitted else {}
         efficiency = {**base, **fits}
-        warnings = {e: "fit not trusted: " + "; ".join(w) for e, w in fit_warnings(fitted, machine, fits).items() if w}
-        if machine.probe and machine.probe.get("disturbed"):
-            warnings = {e: "; ".join(filter(None, [warnings.get(e), f"CPU probe disturbed: {machine.probe['disturbed']}"]))
+        observed = errors(group, machine, efficiency)  # every run once: the table's rows, and the fit's own errors
+        calibrated_on = {m.run.run_id for m in ones + served_ones}
+        own = [o for o in observed if o["run_id"] in calibrated_on] + errors(borrowed, machine, efficiency)
+        warnings = {e: "fit not trusted: " + "; ".join(w)
+                    for e, w in fit_warnings(fitted, machine, fits, own).items() if w}
+        disturbed = (machine.probe or {}).get("disturbed")
+        if disturbed:
+            warnings = {e: "; ".join(filter(None, [warnings.get(e), f"CPU probe disturbed: {disturbed}"]))
                         for e in {m.run.engine for m in group} | set(efficiency)}
         sources = {**{e: str(stored) for e in base},
                    **{m.run.engine: "the one-rank runs of " + ", ".join(sorted({b.folder.parent.name for b in borrowed}))
@@ -190,8 +190,7 @@ def predicted_against_measured(folder: Path, cpu_probe: CpuProbe | None = None, 
                    **{m.run.engine: "this experiment's one-rank runs" for m in ones}}
         server = {m.run.engine for m in served_ones}
         served_ids = {m.run.run_id for m in group if m.run.serving}
-        calibrated_on = {m.run.run_id for m in ones + served_ones}
-        for row in errors(group, machine, efficiency):
+        for row in observed:
             used = fit_used(row["engine"], efficiency)
             source = "uncalibrated" if used is None else sources.get(used, "the defaults") + (
                 "" if used == row["engine"] else f" (the {used} engine's fit)")

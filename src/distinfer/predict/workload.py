@@ -9,12 +9,7 @@ from pathlib import Path
 
 from distinfer.bundle import read_json
 from distinfer.models.profiles import profile_for
-from distinfer.prompts import (
-    CHARS_PER_TOKEN,
-    build_prompt_set,
-    load_prompts,
-    take_prompts,
-)
+from distinfer.prompts import CHARS_PER_TOKEN, build_prompt_set, load_prompts, take_prompts
 
 Counter = Callable[[list[str]], list[int]]
 

@@ -27,12 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distinfer.runtime.sampling import SamplingParams
-from distinfer.serving.pipeline import (
-    HEARTBEAT,
-    StageLink,
-    TensorPeers,
-    run_first_stage,
-)
+from distinfer.serving.pipeline import HEARTBEAT, StageLink, TensorPeers, run_first_stage
 from distinfer.serving.stages import Prefill, StageState, Step
 
 Emit = Callable[[int | None, str | None], None]  # (token id or None, finish reason or None)

@@ -133,15 +133,16 @@ def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int |
     answers (else EndpointError naming its log); vLLM's version and command go into run.json."""
     from distinfer.serving.serve import served_name
 
-    name = "vLLM's server" if capabilities(run.engine).program == "vllm" else "distinfer's server"
-    default = VLLM_HEALTH_TIMEOUT_S if capabilities(run.engine).program == "vllm" else HEALTH_TIMEOUT_S
+    vllm = capabilities(run.engine).program == "vllm"
+    name = "vLLM's server" if vllm else "distinfer's server"
+    default = VLLM_HEALTH_TIMEOUT_S if vllm else HEALTH_TIMEOUT_S
     try:
         wait_healthy(url, ended, run.load_settings.health_timeout_s or default)
     except EndpointError as exc:
         raise EndpointError(f"{name}: {exc}; see {run_dir / 'server.log'}") from None
     body = sampling_body(run)
     record_server(run_dir, run, url)
-    if capabilities(run.engine).program == "vllm":
+    if vllm:
         body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
     return Target(url, served_name(run), key, run.load_settings.timeout_s, body)
 

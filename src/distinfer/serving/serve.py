@@ -123,12 +123,7 @@ def serve_rank(run: RunSpec, host: str, port: int, max_batch: int, log_requests:
     from distinfer.runtime.dist import init_distributed, shutdown_distributed
     from distinfer.runtime.ranks import dist_env_from
     from distinfer.runtime.worker import stop_rule
-    from distinfer.serving.pipeline import (
-        StageLink,
-        TensorPeers,
-        run_later_stage,
-        run_tensor_peer,
-    )
+    from distinfer.serving.pipeline import StageLink, TensorPeers, run_later_stage, run_tensor_peer
 
     env = dist_env_from(os.environ)
     if env.world_size != run.world_size:
