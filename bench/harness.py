@@ -48,11 +48,12 @@ def _latency(rng: random.Random, base: float) -> dict:
     return {"mean": p50 * 1.02, "p50": p50, "p90": p50 * 1.2, "p99": p50 * 1.5}
 
 
-def write_synthetic_experiment(root: Path, name: str, bundles: int, seed: int = 0,
-                               study: str = "strong-scaling") -> Path:
+def write_synthetic_experiment(root: Path, name: str, bundles: int, seed: int = 0, study: str = "strong-scaling",
+                               model: Path | None = None, prompts: Path | None = None) -> Path:
     """root/name/ with `bundles` run folders as finished runs leave them (run.json, summary.json, per-rank
     metrics, completions.jsonl); one in fifty failed. Runs vary engine, stages, batch, micro-batches, precision
-    and repeat index, so that the tables have groups to compare."""
+    and repeat index, so that the tables have groups to compare. With `model` (a model folder) and `prompts`
+    (their file) in run.json, the analysis predicts the runs too."""
     from distinfer.bundle import BUNDLE_SCHEMA
 
     rng = random.Random(seed)
@@ -68,13 +69,15 @@ def write_synthetic_experiment(root: Path, name: str, bundles: int, seed: int = 
         run_id = f"{engine}-pp{pp}-b{batch}-mb{mb}-{precision}-r{index}"
         run = {"experiment": name, "run_id": run_id, "engine": engine, "pp": pp, "tp": 1, "microbatches": mb,
                "batch_size": batch, "dtype": precision, "quantization": None, "num_prompts": None, "study": study,
-               "repeats": 1, "builtin": "tiny-llama", "model_path": "", "prompt_set": None}
+               "repeats": 1, "builtin": "tiny-llama", "model_path": str(model or ""), "prompt_set": None,
+               "prompts": str(prompts or ""), "trust_remote_code": False, "layers": None, "warmup": 1,
+               "timeout_s": 600.0, "generation": {"max_new_tokens": NEW_TOKENS}}
         bundle = folder / run_id
         bundle.mkdir()
         (bundle / "run.json").write_text(json.dumps({
             "schema": BUNDLE_SCHEMA, "run": run, "config_hash": f"{index:016x}",
             "provenance": {"git_commit": "0" * 40, "packages": {"torch": "2.13.0"}, "hostname": "node1"},
-            "runtime": {"hostnames": [f"node{r}" for r in range(pp)], "device": "cpu"}}))
+            "runtime": {"hostnames": ["node1"], "device": "cpu"}}))  # every rank on one CPU machine
         if index % 50 == 49:
             (bundle / "summary.json").write_text(json.dumps({"status": "failed", "error": "rank 1: killed"}))
             continue

@@ -37,6 +37,45 @@ def tiny_models() -> dict[str, Path]:
     return {name: build_tiny_model(name) for name in ("tiny-llama", "tiny-gpt2")}
 
 
+@pytest.fixture(scope="session")
+def local_study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
+    """One real local study shared by the local-run and analysis tests, run as a user runs it (`distinfer run
+    --local` in a subprocess): experiment `t` on the tiny Llama, 8 new tokens, batch 4, the reference and
+    pipeline pp 1 and 2 with two micro-batches (e.yaml), then DeepSpeed tp 2 into the same experiment from a
+    second file (ds.yaml). Beside the outputs: what /dev/shm and /tmp held before and after, and whether a stale
+    op-build lock planted before the DeepSpeed run was left."""
+    import json
+    import subprocess
+
+    from distinfer.runtime.extensions import extensions_dir
+
+    work = tmp_path_factory.mktemp("study")
+
+    def run(name: str, body: str) -> None:
+        config = work / name
+        config.write_text(f"name: t\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+                          f"generation: {{max_new_tokens: 8}}\nbatch_size: 4\n{body}")
+        proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=work,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))
+    (work / "tmp-before.json").write_text(json.dumps(sorted(str(p) for p in left_in_tmp())))
+    run("e.yaml", "parallel: {engine: [reference, pipeline], pp: [1, 2], microbatches: 2}\n")
+    # What a killed build of DeepSpeed's CPU all-reduce op leaves behind; without distinfer's clean-up every later
+    # load of the op waits for this file to go, and the run would time out.
+    stale_lock = extensions_dir() / "deepspeed_shm_comm" / "lock"
+    stale_lock.parent.mkdir(parents=True, exist_ok=True)
+    stale_lock.touch()
+    try:
+        run("ds.yaml", "parallel: {engine: deepspeed, tp: 2}\nreference: none\n")
+    finally:
+        (work / "stale-lock-left.json").write_text(json.dumps(stale_lock.exists()))
+        stale_lock.unlink(missing_ok=True)
+    (work / "tmp-after.json").write_text(json.dumps(sorted(str(p) for p in left_in_tmp())))
+    return work
+
+
 def spawn_ranks(model_dir: Path, cases: dict[int, list], max_new: int, timeout: float = 300) -> dict:
     """Run {world: cases} on max(world) spawned gloo ranks (pp_harness.py); {world: {case index: result}}.
     Always joins or kills the children."""

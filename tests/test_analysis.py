@@ -57,16 +57,20 @@ def test_weak_scaling_table_on_known_numbers() -> None:
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
-    work = tmp_path_factory.mktemp("analysis")
-    config = work / "e.yaml"
-    config.write_text(f"name: study\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
-                      "generation: {max_new_tokens: 6}\nparallel: {engine: [reference, pipeline], pp: [1, 2]}\n"
-                      "batch_size: [1, 4]\n")
-    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=work,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return work / "outputs"
+def outputs(local_study: Path) -> Path:
+    """The session's real local study (conftest.local_study): experiment `t` with the reference, pipeline pp 1 and
+    2 (two micro-batches) and DeepSpeed tp 2, batch 4, 8 new tokens."""
+    return local_study / "outputs"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
+    """Eight finished bundles as runs leave them (bench.harness): the reference and pipeline pp 1-4 at batch 1
+    and 2, for the tables and plots that need groups, not real runs."""
+    from bench.harness import write_synthetic_experiment
+
+    return write_synthetic_experiment(tmp_path_factory.mktemp("synthetic"), "study", bundles=8,
+                                      model=tiny_models["tiny-llama"], prompts=REPO / "prompts/correctness.jsonl")
 
 
 def analyze(folder: Path, out: Path) -> subprocess.CompletedProcess:
@@ -75,37 +79,38 @@ def analyze(folder: Path, out: Path) -> subprocess.CompletedProcess:
 
 
 def test_tables_from_real_runs(outputs: Path, tmp_path: Path) -> None:
-    proc = analyze(outputs / "study", tmp_path)
+    proc = analyze(outputs / "t", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "study"
+    out = tmp_path / "t"
     results = pd.read_parquet(out / "results.parquet")
-    assert len(results) == 6 and (results["output_tokens"] == 20 * 6).all()
+    runs = {"reference-b4-fp32", "pipeline-pp1-b4-mb2-fp32", "pipeline-pp2-b4-mb2-fp32", "deepspeed-tp2-b4-fp32"}
+    assert set(results["run_id"]) == runs and (results["output_tokens"] == 20 * 8).all()
     assert (pd.read_csv(out / "results.csv")["run_id"].tolist() == results["run_id"].tolist())
     metrics = json.loads((out / "metrics.json").read_text())
     scaling = {r["run_id"]: r for r in metrics["strong_scaling"]}
-    assert scaling["pipeline-pp1-b4-mb1-fp32"]["speedup"] == 1.0
-    assert scaling["pipeline-pp2-b4-mb1-fp32"]["efficiency"] == pytest.approx(
-        scaling["pipeline-pp2-b4-mb1-fp32"]["speedup"] / 2)
+    assert scaling["pipeline-pp1-b4-mb2-fp32"]["speedup"] == 1.0
+    assert scaling["pipeline-pp2-b4-mb2-fp32"]["efficiency"] == pytest.approx(
+        scaling["pipeline-pp2-b4-mb2-fp32"]["speedup"] / 2)
     assert {r["exact_match_rate"] for r in metrics["correctness"]} == {1.0}
     breakdown = pd.read_csv(out / "time_breakdown.csv")
-    assert set(breakdown[breakdown["run_id"] == "pipeline-pp2-b4-mb1-fp32"]["rank"]) == {0, 1}
+    assert set(breakdown[breakdown["run_id"] == "pipeline-pp2-b4-mb2-fp32"]["rank"]) == {0, 1}
     assert (breakdown["compute_s"] > 0).all()
     assert metrics["problems"] == []
-    # every run predicted; the model fitted on the one-rank runs (reference, pp 1) and predicting the two-stage ones
+    # every run predicted; the model fitted on the one-rank runs (reference, pp 1) and predicting the others
     prediction = pd.read_csv(out / "prediction.csv")
-    assert set(prediction["run_id"]) == set(results["run_id"])
+    assert set(prediction["run_id"]) == runs
     assert set(prediction["metric"]) == {"tpot", "ttft", "tokens_per_s"}
     fitted = prediction.groupby("run_id")["calibrated_on"].first()
-    assert not fitted["pipeline-pp2-b4-mb1-fp32"] and fitted["pipeline-pp1-b4-mb1-fp32"] and fitted["reference-b4-fp32"]
-    two_stage = prediction[prediction["run_id"] == "pipeline-pp2-b4-mb1-fp32"].set_index("metric")
+    assert not fitted["pipeline-pp2-b4-mb2-fp32"] and fitted["pipeline-pp1-b4-mb2-fp32"] and fitted["reference-b4-fp32"]
+    two_stage = prediction[prediction["run_id"] == "pipeline-pp2-b4-mb2-fp32"].set_index("metric")
     assert 1 / 3 < two_stage.loc["tokens_per_s", "predicted"] / two_stage.loc["tokens_per_s", "measured"] < 3
     assert prediction["error"].tolist() == pytest.approx((prediction["predicted"] / prediction["measured"] - 1).tolist())
 
 
-def test_plots_exist_open_and_have_labelled_axes(outputs: Path, tmp_path: Path) -> None:
+def test_plots_exist_open_and_have_labelled_axes(synthetic: Path, tmp_path: Path) -> None:
     import matplotlib.image
 
-    assert analyze(outputs / "study", tmp_path).returncode == 0
+    assert analyze(synthetic, tmp_path).returncode == 0
     plots = tmp_path / "study" / "plots"
     expected = {"strong_scaling": "speedup", "batch_sweep": "batch size", "time_breakdown": "time per rank",
                 "latency": "TTFT", "prediction": "predicted output tokens/s"}
@@ -118,33 +123,37 @@ def test_plots_exist_open_and_have_labelled_axes(outputs: Path, tmp_path: Path) 
     assert all(f"plots/{name}.svg" in report for name in expected)
 
 
-def test_damaged_outputs_are_listed_and_the_rest_analysed(outputs: Path, tmp_path: Path) -> None:
+def test_damaged_outputs_are_listed_and_the_rest_analysed(synthetic: Path, tmp_path: Path) -> None:
     damaged = tmp_path / "study"
-    shutil.copytree(outputs / "study", damaged)
-    summary = damaged / "reference-b1-fp32" / "summary.json"
-    summary.write_text(summary.read_text()[:40])  # truncated
-    (damaged / "pipeline-pp2-b4-mb1-fp32" / "metrics_rank_1.json").unlink()
-    foreign = damaged / "pipeline-pp1-b1-mb1-fp32-other"
-    shutil.copytree(damaged / "pipeline-pp1-b1-mb1-fp32", foreign)
+    shutil.copytree(synthetic, damaged)
+    truncated, no_rank_1, unfinished, empty, older, source = (
+        "reference-pp1-b1-mb1-float32-r0", "pipeline-pp2-b1-mb1-float32-r1", "pipeline-pp3-b1-mb1-float32-r2",
+        "pipeline-pp4-b1-mb1-float32-r3", "pipeline-pp2-b2-mb1-float32-r5", "pipeline-pp1-b2-mb1-float32-r4")
+    summary = damaged / truncated / "summary.json"
+    summary.write_text(summary.read_text()[:40])
+    (damaged / no_rank_1 / "metrics_rank_1.json").unlink()
+    foreign = damaged / f"{source}-other"
+    shutil.copytree(damaged / source, foreign)
     run_json = json.loads((foreign / "run.json").read_text())
     run_json["run"]["experiment"] = "another-study"
     (foreign / "run.json").write_text(json.dumps(run_json))
-    (damaged / "pipeline-pp2-b1-mb1-fp32" / "summary.json").unlink()  # unfinished
-    (damaged / "reference-b4-fp32" / "summary.json").write_text("")  # empty
-    older = json.loads((damaged / "pipeline-pp1-b4-mb1-fp32" / "run.json").read_text())
-    del older["schema"]  # as written before bundles had a schema number
-    (damaged / "pipeline-pp1-b4-mb1-fp32" / "run.json").write_text(json.dumps(older))
+    (damaged / unfinished / "summary.json").unlink()
+    (damaged / empty / "summary.json").write_text("")
+    run_json = json.loads((damaged / older / "run.json").read_text())
+    del run_json["schema"]  # as written before bundles had a schema number
+    (damaged / older / "run.json").write_text(json.dumps(run_json))
     proc = analyze(damaged, tmp_path / "analysis")
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "analysis" / "study" / "report.md").read_text()
-    assert "`reference-b1-fp32`: summary.json unreadable" in report
-    assert "`pipeline-pp2-b4-mb1-fp32`: metrics of rank(s) [1] missing" in report
-    assert "`pipeline-pp1-b1-mb1-fp32-other`: belongs to experiment 'another-study'" in report
-    assert "`pipeline-pp2-b1-mb1-fp32`: unfinished" in report
-    assert "`reference-b4-fp32`: summary.json unreadable" in report
-    assert "`pipeline-pp1-b4-mb1-fp32`: bundle schema 1 from another distinfer version" in report
+    assert f"`{truncated}`: summary.json unreadable" in report
+    assert f"`{no_rank_1}`: metrics of rank(s) [1] missing" in report
+    assert f"`{source}-other`: belongs to experiment 'another-study'" in report
+    assert f"`{unfinished}`: unfinished" in report
+    assert f"`{empty}`: summary.json unreadable" in report
+    assert f"`{older}`: bundle schema 1 from another distinfer version" in report
     results = pd.read_parquet(tmp_path / "analysis" / "study" / "results.parquet")
-    assert sorted(results["run_id"]) == ["pipeline-pp1-b1-mb1-fp32", "pipeline-pp2-b4-mb1-fp32"]
+    assert sorted(results["run_id"]) == sorted([no_rank_1, source, "pipeline-pp3-b2-mb1-float32-r6",
+                                                "pipeline-pp4-b2-mb1-float32-r7"])
 
 
 @pytest.fixture(scope="module")
@@ -189,19 +198,19 @@ def test_torch_profile_writes_a_trace_per_rank(precision_outputs: Path) -> None:
         assert any(e.get("ph") == "X" for e in trace["traceEvents"]), "complete events: opens in Perfetto"
 
 
-def test_predict_calibrates_on_the_one_rank_runs_and_stores_the_fit(outputs: Path) -> None:
-    config = outputs.parent / "e.yaml"
-    proc = subprocess.run([sys.executable, "-m", "distinfer", "predict", str(config), "--calibrate",
-                           str(outputs / "study")], cwd=outputs.parent, capture_output=True, text=True, timeout=300)
+def test_predict_calibrates_on_the_one_rank_runs_and_stores_the_fit(outputs: Path, tmp_path: Path) -> None:
+    shutil.copytree(outputs.parent, tmp_path / "study")  # the fit is stored beside the runs: in a copy
+    study = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "-m", "distinfer", "predict", str(study / "e.yaml"), "--calibrate",
+                           str(study / "outputs" / "t")], cwd=study, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for engine in ("pipeline", "reference"):  # a fit that ends on a bound says so, on a noisy machine too
-        assert re.search(rf"calibrated(?: \(fit not trusted\):)? {engine} on 2 run\(s\)", proc.stdout), proc.stdout
-    stored = json.loads((outputs / "study" / "calibration.json").read_text())
+        assert re.search(rf"calibrated(?: \(fit not trusted\):)? {engine} on 1 run\(s\)", proc.stdout), proc.stdout
+    stored = json.loads((study / "outputs" / "t" / "calibration.json").read_text())
     assert set(stored["efficiency"]) == {"pipeline", "reference"}
-    assert {o["run_id"] for o in stored["observations"]} == {"pipeline-pp1-b1-mb1-fp32", "pipeline-pp1-b4-mb1-fp32",
-                                                            "reference-b1-fp32", "reference-b4-fp32"}
+    assert {o["run_id"] for o in stored["observations"]} == {"pipeline-pp1-b4-mb2-fp32", "reference-b4-fp32"}
     assert stored["probe"]["cores"] >= 1 and stored["fit"]["pipeline"]["median_abs_error"] >= 0
     table = proc.stdout
-    for run in ("pipeline-pp2-b4-mb1-fp32", "reference-b1-fp32"):
+    for run in ("pipeline-pp2-b4-mb2-fp32", "reference-b4-fp32"):
         assert run in table
     assert "best for most tokens/s:" in table and "efficiencies: calibration file" in table

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
-from distinfer.runtime.extensions import extensions_dir
 from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
 
-from conftest import kill_run, left_in_tmp, rank_pid, run_scratch, wait_for_first_completion
+from conftest import kill_run, rank_pid, run_scratch, wait_for_first_completion
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
@@ -47,30 +46,9 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
-    work = tmp_path_factory.mktemp("study")
-    (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))
-    (work / "tmp-before.json").write_text(json.dumps(sorted(str(p) for p in left_in_tmp())))
-    config = write_config(work / "e.yaml", "generation: {max_new_tokens: 8}\n"
-                          "parallel: {engine: [reference, pipeline], pp: 2, microbatches: 2}\nbatch_size: 4\n")
-    proc = cli("run", str(config), "--local", cwd=work)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    # DeepSpeed's run of the same experiment from a second file (tp 2 inside pipeline stages: test_parallel_layouts).
-    # What a killed build of DeepSpeed's CPU all-reduce op leaves behind; without distinfer's clean-up every later
-    # load of the op waits for this file to go, and the run would time out.
-    stale_lock = extensions_dir() / "deepspeed_shm_comm" / "lock"
-    stale_lock.parent.mkdir(parents=True, exist_ok=True)
-    stale_lock.touch()
-    tensor = write_config(work / "ds.yaml", "generation: {max_new_tokens: 8}\n"
-                          "parallel: {engine: deepspeed, tp: 2}\nbatch_size: 4\nreference: none\n")
-    try:
-        proc = cli("run", str(tensor), "--local", cwd=work)
-    finally:
-        (work / "stale-lock-left.json").write_text(json.dumps(stale_lock.exists()))
-        stale_lock.unlink(missing_ok=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (work / "tmp-after.json").write_text(json.dumps(sorted(str(p) for p in left_in_tmp())))
-    return work
+def study(local_study: Path) -> Path:
+    """The session's real local study (conftest.local_study): reference, pipeline pp 1 and 2, DeepSpeed tp 2."""
+    return local_study
 
 
 def test_bundle_has_the_documented_files_and_fields(study: Path) -> None:
@@ -152,7 +130,7 @@ def test_deepspeed_tp2_equals_the_reference_and_shards_the_model(study: Path) ->
 def test_second_run_skips_finished_runs_unless_forced(study: Path) -> None:
     config = study / "e.yaml"
     again = cli("run", str(config), "--local", cwd=study)
-    assert again.returncode == 0 and len(re.findall(r"^\s*skipped  ", again.stdout, re.M)) == 2, again.stdout
+    assert again.returncode == 0 and len(re.findall(r"^\s*skipped  ", again.stdout, re.M)) == 3, again.stdout
     summary = study / "outputs" / "t" / "reference-b4-fp32" / "summary.json"
     before = summary.stat().st_mtime_ns
     # The same experiment's reference run alone (a file that lists only it): done, yet run again when forced.

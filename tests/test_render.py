@@ -97,7 +97,7 @@ def test_apptainer_gets_the_exact_command_line(tmp_path: Path) -> None:
     prefix = ["exec", "--nv", "--bind", "/shared/models", "--bind", "/scratch", "/shared/containers/distinfer.sif"]
     assert calls[0].splitlines() == prefix + [
         "python3", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=node1:20077", "--rdzv-id=77", "-m", "distinfer.runtime", str(run_dir)]
+        "--rdzv-endpoint=node1:20154", "--rdzv-id=77", "-m", "distinfer.runtime", str(run_dir)]
     assert calls[1].splitlines() == prefix + ["python3", "-m", "distinfer.finalize", str(run_dir), "0"]
 
 

@@ -68,6 +68,30 @@ def write_experiment(path: Path, model: str, engines: str, extra: str = "") -> P
     return path
 
 
+TIMED = "pipeline-pp1-fp32-rate0.05"  # the run of the time-limited experiment
+
+
+@pytest.fixture(scope="module", autouse=True)
+def time_limited(slurm, tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
+    """A serving job with a real Slurm time limit of one minute, submitted before the module's other tests and
+    checked by the last (slurmctld checks limits every ~30 s: the job ends 60-90 s after it starts). Its load,
+    one request every 20 s for 100 requests, outlasts the limit many times and leaves the CPU to the jobs of
+    the tests in between, which share the two nodes with it."""
+    work = tmp_path_factory.mktemp("time-limit")
+    config = work / "e.yaml"
+    config.write_text(
+        f"name: slurm-limit\nmodel: {{builtin: tiny-gpt2}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
+        "generation: {max_new_tokens: 8}\nparallel: {engine: pipeline}\nreference: none\n"
+        "scenario: {kind: serving, rate: 0.05, requests: 100, warmup_requests: 0}\n"
+        "cluster: {profile: cpu, time: '00:01:00', env: {DISTINFER_HEAD_ADDR: 127.0.0.1}}\n")
+    proc = cli(slurm, work, "submit", str(config))
+    assert proc.returncode == 0 and "submitted" in proc.stdout, proc.stdout + proc.stderr
+    try:
+        yield work
+    finally:
+        cli(slurm, work, "cancel", "slurm-limit")
+
+
 def test_pipeline_over_two_slurm_nodes_equals_the_reference(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-llama}", "{engine: [reference, pipeline], pp: [1, 2]}")
     # DeepSpeed AutoTP over the two nodes, in the same experiment folder (the same name), from a second file
@@ -167,29 +191,6 @@ def test_a_dead_rank_fails_the_slurm_job_and_is_named(slurm, tmp_path: Path, tin
     assert (run_dir / "completions.jsonl").read_text().splitlines()
 
 
-def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    """A real Slurm time limit (1 minute; slurmctld checks limits every ~30 s): SIGTERM at the limit."""
-    # 250 batches of 200 tokens: completions within seconds, and far more work than a minute holds
-    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2}",
-                              "benchmark: {repeats: 50}\n")
-    config.write_text(config.read_text().replace("'00:10:00'", "'00:01:00'").replace("max_new_tokens: 8",
-                                                                                      "max_new_tokens: 200"))
-    assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
-    run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b4-mb1-fp32"
-    wait_for_jobs(slurm, tmp_path, "slurm-tiny", timeout=180)
-    assert status_rows(slurm, tmp_path, "slurm-tiny")["pipeline-pp2-b4-mb1-fp32"] == ("TIMEOUT", "timeout"), \
-        job_logs(run_dir.parent)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert "time limit" in summary["error"]
-    for line in (run_dir / "completions.jsonl").read_text().splitlines():
-        json.loads(line)
-    proc = cli(slurm, tmp_path, "submit", str(config))
-    assert "resubmitted  pipeline-pp2-b4-mb1-fp32" in proc.stdout, proc.stdout + proc.stderr
-    assert (run_dir / "attempts" / "1" / "summary.json").is_file(), "the timed-out attempt is kept"
-    assert cli(slurm, tmp_path, "cancel", "slurm-tiny").returncode == 0
-    wait_for_jobs(slurm, tmp_path, "slurm-tiny", timeout=60)
-
-
 def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """One job per load on the real local cluster: distinfer's server starts on the allocation (two stages: one rank
     on each node), the load runs from the first node, the server stops, and the bundle is finalized; the served
@@ -219,3 +220,20 @@ def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_pa
     assert "API key required" in server_log, server_log
     key_like = re.compile(rb"\b[0-9a-f]{48}\b")
     assert not [p for p in out.rglob("*") if p.is_file() and key_like.search(p.read_bytes())], "a key in the bundle"
+
+
+def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, time_limited: Path) -> None:  # noqa: ANN001
+    """The job of `time_limited`: SIGTERM at the limit, the run `timeout` with the reason, the requests so far
+    whole; `submit` again reruns it and keeps the timed-out attempt."""
+    run_dir = time_limited / "outputs" / "slurm-limit" / TIMED
+    wait_for_jobs(slurm, time_limited, "slurm-limit", timeout=180)
+    assert status_rows(slurm, time_limited, "slurm-limit")[TIMED] == ("TIMEOUT", "timeout"), job_logs(run_dir.parent)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "timeout" and "the job's time limit" in summary["error"], summary
+    records = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
+    assert 1 <= len(records) < 100 and all(r["status"] == 200 and r["output_tokens"] for r in records), records
+    proc = cli(slurm, time_limited, "submit", str(time_limited / "e.yaml"))
+    assert f"resubmitted  {TIMED}" in proc.stdout, proc.stdout + proc.stderr
+    assert (run_dir / "attempts" / "1" / "summary.json").is_file(), "the timed-out attempt is kept"
+    assert cli(slurm, time_limited, "cancel", "slurm-limit").returncode == 0
+    wait_for_jobs(slurm, time_limited, "slurm-limit", timeout=60)

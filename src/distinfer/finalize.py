@@ -30,6 +30,14 @@ def stop_status(environ: Mapping[str, str], now: float) -> str:
     return "timeout" if now >= end - 2 else "cancelled"
 
 
+def stopped(signal_name: str, environ: Mapping[str, str], now: float) -> tuple[str, str]:
+    """(status, error) of a run stopped by a signal: `timeout` at the job's time limit, else `cancelled`, and
+    the error saying which signal and why."""
+    status = stop_status(environ, now)
+    why = "the job's time limit" if status == "timeout" else "scancel, Ctrl-C or the launcher"
+    return status, f"stopped by {signal_name} ({why})"
+
+
 def finalize_run(run_dir: Path, exit_code: int) -> dict | None:
     """Rewrite summary.json when ranks died without a word or rank 0's summary missed another rank's failure;
     returns the final summary (None without run.json)."""

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
 from distinfer.engines import capabilities
-from distinfer.finalize import stop_status
+from distinfer.finalize import stopped
 from distinfer.metrics import LatencyReport, rank_totals
 from distinfer.models.loading import load_tokenizer
 from distinfer.plan import RunSpec
@@ -306,9 +306,8 @@ def run(run_dir: Path) -> int:
             os._exit(128 + signum)
 
     def write_stopped(name: str) -> None:
-        state["status"] = stop_status(os.environ, time.time())
-        why = "the job's time limit" if state["status"] == "timeout" else "scancel, Ctrl-C or the launcher"
-        state["error"] = f"rank {env.rank}: stopped by {name} ({why})"
+        state["status"], error = stopped(name, os.environ, time.time())
+        state["error"] = f"rank {env.rank}: {error}"
         log.error("run stopped: %s", state["error"])
         record = _rank_record(env, device, state, sampler.summary())
         atomic_write_json(bundle.rank_metrics(env.rank), {**record, "steps": state.get("steps", [])})

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
-from distinfer.finalize import stop_status
+from distinfer.finalize import stopped
 from distinfer.metrics import LatencyReport
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Request, Target, send
@@ -115,7 +115,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
                                                        timings["tokenize_s"]))
 
     def stop(signum: int, _frame: object) -> None:  # scancel, Ctrl-C, or the job's time limit
-        write(stop_status(os.environ, time.time()), f"stopped by {signal.Signals(signum).name}")
+        write(*stopped(signal.Signals(signum).name, os.environ, time.time()))
         stack.close()
         os._exit(128 + signum)
 

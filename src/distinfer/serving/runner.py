@@ -27,7 +27,7 @@ import aiohttp
 
 from distinfer.bundle import JsonlWriter, RunBundle, atomic_write_json, read_json
 from distinfer.engines import capabilities
-from distinfer.finalize import stop_status
+from distinfer.finalize import stopped
 from distinfer.net import free_port
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Target, run_load
@@ -267,8 +267,8 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     stack = contextlib.ExitStack()
 
     def stop(signum: int, _frame: object) -> None:  # scancel, Ctrl-C, or the job's time limit
-        atomic_write_json(bundle.summary_json, summary(spec, records, stop_status(os.environ, time.time()),
-                                                       f"stopped by {signal.Signals(signum).name}", started))
+        status, error = stopped(signal.Signals(signum).name, os.environ, time.time())
+        atomic_write_json(bundle.summary_json, summary(spec, records, status, error, started))
         stack.close()  # the server, if this run started one
         os._exit(128 + signum)
 
