@@ -31,13 +31,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.experiments import experiment_file, run_local
 
 REPO = Path(__file__).resolve().parent.parent
 BATCHES = {1: 4, 8: 8}  # batch size -> prompts (batch 1: four one-prompt batches; batch 8: one full batch)
@@ -57,7 +57,6 @@ def weight_bytes(model_dir: Path) -> tuple[int, int]:
     """Bytes of the bench model's fp32 weights, and of those a batch-1 decode step reads (bench/bandwidth.py's
     `decode_read_bytes`: all but the input embedding table, of which a step reads one row)."""
     from bench.bandwidth import decode_read_bytes
-
     from distinfer.models.loading import load_full_model
 
     model = load_full_model(model_dir, "float32", torch.device("cpu"))
@@ -74,14 +73,11 @@ def prompts_file(work: Path, count: int) -> Path:
 def run_distinfer(work: Path, model: Path, name: str, batch: int, new_tokens: int) -> dict:
     """One `distinfer run --local --force`; returns its summary.json."""
     parallel = dict(ENGINES[name])
-    config = work / f"{name}-b{batch}.yaml"
-    config.write_text(json.dumps({
-        "name": f"bench-{name}-b{batch}", "model": {"path": str(model)}, "reference": "none",
-        "prompts": str(prompts_file(work, BATCHES[batch])), "generation": {"max_new_tokens": new_tokens},
-        "parallel": parallel, "batch_size": batch, "benchmark": {"warmup": 1, "repeats": 1},
-    }))
-    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--force",
-                           "--outputs", str(work / "outputs")], capture_output=True, text=True, timeout=1200)
+    config = experiment_file(
+        work / f"{name}-b{batch}.yaml", f"bench-{name}-b{batch}", model={"path": str(model)}, reference="none",
+        prompts=str(prompts_file(work, BATCHES[batch])), generation={"max_new_tokens": new_tokens},
+        parallel=parallel, batch_size=batch, benchmark={"warmup": 1, "repeats": 1})
+    proc = run_local(config, "--force", "--outputs", str(work / "outputs"), timeout=1200)
     run_dirs = list((work / "outputs" / f"bench-{name}-b{batch}").glob("*/summary.json"))
     if proc.returncode != 0 or not run_dirs:
         raise RuntimeError(f"{name} batch {batch} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -92,9 +88,9 @@ def run_hf_generate(model_dir: Path, work: Path, batch: int, new_tokens: int) ->
     """HF generate in this process (all cores), the same prompts and batches, one warm-up batch first."""
     from distinfer.models.loading import load_full_model, load_tokenizer
     from distinfer.prompts import load_prompts
+    from distinfer.runtime.cpu.threads import available_cores
     from distinfer.runtime.pipeline import eos_prefix
     from distinfer.runtime.reference import hf_generate
-    from distinfer.runtime.cpu.threads import available_cores
     from distinfer.runtime.worker import make_batches, stop_rule
 
     torch.set_num_threads(len(available_cores()))

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 
+from bench.experiments import experiment_file, run_specs
 from distinfer.layout import split_layers
 from distinfer.memory import GPU_ALLOCATOR, ModelFacts, estimate_stage_memory
-from distinfer.models.loading import load_full_model, load_stage_model, load_tokenizer
-from distinfer.models.profiles import model_layer_count
+from distinfer.models.loading import load_tokenizer
 from distinfer.profiles import HARDWARE
 from distinfer.prompts import load_prompts
-from distinfer.runtime.pipeline import Batch, PipelineEngine, StopRule, eos_prefix
+from distinfer.runtime.engines import EngineContext, build_engine
+from distinfer.runtime.pipeline import Batch, StopRule, eos_prefix
+from distinfer.runtime.ranks import DistEnv
 from distinfer.runtime.reference import ReferenceEngine, hf_generate
 from distinfer.runtime.sampling import Sampler, SamplingParams
 from distinfer.runtime.worker import make_batches, stop_rule
@@ -64,17 +66,20 @@ def build_model(config_path: Path, target: Path, dtype: torch.dtype) -> Path:
 
 
 def engines(model_dir: Path, stop: StopRule, dtype: str, device: torch.device) -> dict:
-    """name -> a function that builds the engine (one model on the GPU at a time)."""
-    layers = model_layer_count(model_dir)
+    """name -> a function that builds the engine as a run does, through the engine registry (runtime/engines.py),
+    from the runs an experiment file of the model plans: the reference and one pipeline stage (one model on the
+    device at a time)."""
+    config = experiment_file(model_dir.parent / f"gpu-{dtype}.yaml", "gpu", batch_size=8,
+                             model={"path": str(model_dir), "dtype": dtype}, parallel={"engine": ["reference", "pipeline"]})
+    runs = {run.engine: run for run in run_specs(config)}
+    tokenizer = load_tokenizer(model_dir)
 
-    def reference() -> ReferenceEngine:
-        return ReferenceEngine(load_full_model(model_dir, dtype, device), device, Sampler(SamplingParams(), device), stop)
+    def build(engine: str):  # noqa: ANN202 - the registry's Engine
+        spec = runs[engine]
+        sampler = Sampler(SamplingParams(), device)
+        return build_engine(EngineContext(spec, DistEnv(), device, tokenizer, model_dir.parent, stop, sampler))[0]
 
-    def pp1() -> PipelineEngine:
-        model, family = load_stage_model(model_dir, split_layers(layers, 1, None)[0], dtype, device)
-        return PipelineEngine(model, family, 0, 1, device, Sampler(SamplingParams(), device), stop, 1)
-
-    return {"reference": reference, "pp1": pp1}
+    return {"reference": lambda: build("reference"), "pp1": lambda: build("pipeline")}
 
 
 def plain_generate(engine: ReferenceEngine, batch: Batch) -> list[list[int]]:
@@ -162,11 +167,11 @@ def main() -> None:
                     timing_stop = dataclasses.replace(stop, eos_token_ids=(facts.vocab,))
                     engine = engines(model_dir, timing_stop, dtype, device)[name]()
                     for b, bs in batches.items():
-                        result[f"{name}_b{b}_tok_s"] = tokens_per_s(lambda x: engine.generate(x).tokens, bs,
+                        result[f"{name}_b{b}_tok_s"] = tokens_per_s(lambda x, e=engine: e.generate(x).tokens, bs,
                                                                     args.repeats)
                         if name == "reference":
                             result[f"hf_generate_b{b}_tok_s"] = tokens_per_s(
-                                lambda x: plain_generate(engine, x), bs, args.repeats)
+                                lambda x, e=engine: plain_generate(e, x), bs, args.repeats)
                     result[f"{name}_memory"] = memory_check(engine, facts, dtype, long_rows, long_prompt, long_new)
                 del engine
                 torch.cuda.empty_cache()

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.experiments import experiment_file
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = 20
 NEW_TOKENS = 32
@@ -29,18 +31,12 @@ NEW_TOKENS = 32
 def matrix_config(folder: Path, runs: int) -> Path:
     """An experiment of about `runs` runs: batch sizes x stages x micro-batches x precisions on T4 nodes."""
     batches = list(range(2, 2 + max(1, runs // 20)))  # x 5 stage counts x 2 micro-batch counts x 2 dtypes
-    config = folder / "matrix.yaml"
-    config.write_text(json.dumps({
-        "name": "harness-plan",
-        "model": {"path": "/cluster/models/open_llama_3b_v2",
-                  "config": str(REPO / "configs/models/open_llama_3b_v2.config.json"),
-                  "dtype": ["float16", "float32"]},
-        "prompts": str(REPO / "prompts/correctness.jsonl"),
-        "parallel": {"engine": "pipeline", "pp": [1, 2, 4, 8, 13], "microbatches": [1, 2]},
-        "batch_size": batches,
-        "cluster": {"profile": "t4-16gb", "gpus_per_node": 1, "partition": "t4"},
-    }))
-    return config
+    return experiment_file(
+        folder / "matrix.yaml", "harness-plan",
+        model={"path": "/cluster/models/open_llama_3b_v2",
+               "config": str(REPO / "configs/models/open_llama_3b_v2.config.json"), "dtype": ["float16", "float32"]},
+        parallel={"engine": "pipeline", "pp": [1, 2, 4, 8, 13], "microbatches": [1, 2]}, batch_size=batches,
+        cluster={"profile": "t4-16gb", "gpus_per_node": 1, "partition": "t4"})
 
 
 def _latency(rng: random.Random, base: float) -> dict:

@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
+
+from bench.experiments import experiment_file, run_local
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("tokens_per_s", "tpot")
@@ -44,13 +46,12 @@ def write_experiments(work: Path, name: str, model: dict, new_tokens: int, round
     prompts.write_text("\n".join(_renamed(lines[i % len(lines)], i) for i in range(count)) + "\n")
     configs = []
     for batch in (1, 2, 4, 8):
-        config = work / f"{name}-b{batch}-r{round_}.yaml"
-        config.write_text(json.dumps({
-            "name": f"pred-{name}-b{batch}-r{round_}", "model": {**model, "dtype": "float32"}, "reference": "none",
-            "prompts": str(prompts), "generation": {"max_new_tokens": new_tokens, "sampling": "greedy"},
-            "parallel": {"engine": "pipeline", "pp": [1, 2, 3], "microbatches": [1, 2] if batch > 1 else 1},
-            "batch_size": batch, "benchmark": {"warmup": 1, "repeats": repeats}}))
-        configs.append(config)
+        configs.append(experiment_file(
+            work / f"{name}-b{batch}-r{round_}.yaml", f"pred-{name}-b{batch}-r{round_}",
+            model={**model, "dtype": "float32"}, reference="none", prompts=str(prompts),
+            generation={"max_new_tokens": new_tokens, "sampling": "greedy"},
+            parallel={"engine": "pipeline", "pp": [1, 2, 3], "microbatches": [1, 2] if batch > 1 else 1},
+            batch_size=batch, benchmark={"warmup": 1, "repeats": repeats}))
     return configs
 
 
@@ -60,11 +61,10 @@ def _renamed(line: str, i: int) -> str:
 
 
 def run_experiment(config: Path, outputs: Path) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs", str(outputs)],
-                          capture_output=True, text=True, timeout=3600)
+    proc = run_local(config, "--outputs", str(outputs))
     if proc.returncode != 0:
         raise RuntimeError(f"{config.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return outputs / json.loads(config.read_text())["name"]
+    return outputs / yaml.safe_load(config.read_text())["name"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -123,7 +123,7 @@ def main() -> None:
         configs = [c for r in range(args.rounds) for c in write_experiments(work, name, models[name], args.new_tokens, r)]
         folders = []
         for config in configs:
-            folder = work / "outputs" / json.loads(config.read_text())["name"]
+            folder = work / "outputs" / yaml.safe_load(config.read_text())["name"]
             if not (args.reuse and folder.is_dir()):
                 started = time.time()
                 folder = run_experiment(config, work / "outputs")

@@ -30,6 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.experiments import PROMPTS, experiment_file, run_local
 from distinfer.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,11 +60,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def start_distinfer(work: Path, model: Path, layout: str, port: int) -> tuple[subprocess.Popen, Path]:
     parallel = {"pp1": {"pp": 1}, "pp2": {"pp": 2, "microbatches": 2}}[layout]
-    config = work / f"serve-{layout}.yaml"
-    config.write_text(json.dumps({"name": f"serve-{layout}", "model": {"path": str(model)}, "reference": "none",
-                                  "prompts": str(REPO / "prompts" / "correctness.jsonl"),
-                                  "parallel": {"engine": "pipeline", **parallel},
-                                  "batch_size": parallel.get("microbatches", 1)}))  # the server's groups
+    config = experiment_file(work / f"serve-{layout}.yaml", f"serve-{layout}", model={"path": str(model)},
+                             reference="none", parallel={"engine": "pipeline", **parallel},
+                             batch_size=parallel.get("microbatches", 1))  # the server's groups
     groups = parallel.get("microbatches", 1)
     run_id = f"pipeline-pp{parallel['pp']}-b{groups}-mb{groups}-fp32"
     log = work / f"distinfer-{layout}.log"
@@ -103,17 +102,15 @@ def load(work: Path, name: str, url: str, model_name: str, model: Path, rate: fl
          new_tokens: int, input_tokens: int, prompts: Path | None = None) -> dict:
     """distinfer's load generator against `url` (an endpoint experiment): synthetic token-id prompts of
     `input_tokens`, or the text prompts of `prompts` in order; the run's summary.json."""
-    config = work / f"{name}.yaml"
     source = {"input": "prompts"} if prompts else {
         "input": "synthetic", "synthetic": {"input_tokens": {"mean": input_tokens}, "output_tokens": {"mean": new_tokens}}}
-    config.write_text(json.dumps({
-        "name": name, "model": {"path": str(model)}, "prompts": str(prompts or REPO / "prompts" / "correctness.jsonl"),
-        "generation": {"max_new_tokens": new_tokens},
-        "scenario": {"kind": "serving", "rate": rate, "seed": 0, "requests": requests,
-                     "warmup_requests": 0 if prompts else 2, "ignore_eos": True, **source},
-        "endpoint": {"url": url, "model": model_name}}))
-    proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--force", "--outputs",
-                           str(work / "outputs")], capture_output=True, text=True, timeout=1800)
+    config = experiment_file(
+        work / f"{name}.yaml", name, model={"path": str(model)}, prompts=str(prompts or PROMPTS),
+        generation={"max_new_tokens": new_tokens},
+        scenario={"kind": "serving", "rate": rate, "seed": 0, "requests": requests,
+                  "warmup_requests": 0 if prompts else 2, "ignore_eos": True, **source},
+        endpoint={"url": url, "model": model_name})
+    proc = run_local(config, "--force", "--outputs", str(work / "outputs"), timeout=1800)
     summaries = [json.loads(p.read_text()) for p in (work / "outputs" / name).glob("*/summary.json")]
     if proc.returncode != 0 or not summaries:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -45,18 +45,15 @@ def local_study(tmp_path_factory, tiny_models) -> Path:  # noqa: ANN001
     second file (ds.yaml). Beside the outputs: what /dev/shm and /tmp held before and after, and whether a stale
     op-build lock planted before the DeepSpeed run was left."""
     import json
-    import subprocess
 
+    from bench.experiments import experiment_file, run_local
     from distinfer.runtime.extensions import extensions_dir
 
     work = tmp_path_factory.mktemp("study")
 
     def run(name: str, body: str) -> None:
-        config = work / name
-        config.write_text(f"name: t\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
-                          f"generation: {{max_new_tokens: 8}}\nbatch_size: 4\n{body}")
-        proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local"], cwd=work,
-                              capture_output=True, text=True, timeout=600)
+        config = experiment_file(work / name, "t", generation={"max_new_tokens": 8}, batch_size=4, body=body)
+        proc = run_local(config, cwd=work, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     (work / "shm-before.json").write_text(json.dumps(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_*"))))

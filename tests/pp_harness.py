@@ -24,10 +24,10 @@ from distinfer.layout import split_layers
 from distinfer.models.loading import count_parameters, load_stage_model, load_tokenizer
 from distinfer.models.profiles import model_layer_count
 from distinfer.prompts import load_prompts
+from distinfer.runtime import pipeline
 from distinfer.runtime.cpu.cpp_ops import decode_ops
 from distinfer.runtime.cpu.kernels import CpuLinear, use_fast_cpu_linears
 from distinfer.runtime.cpu.llama_decode import llama_decoder
-from distinfer.runtime import pipeline
 from distinfer.runtime.pipeline import RING_SLOT_BYTES, PipelineEngine, StopRule
 from distinfer.runtime.sampling import Sampler
 from distinfer.runtime.worker import make_batches

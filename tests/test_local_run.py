@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
-from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
-
 from conftest import kill_run, rank_pid, run_scratch, wait_for_first_completion
+
+from bench.experiments import experiment_file
+from distinfer.runtime.cpu.kernels import FEW_ROWS_KERNELS, ONE_ROW_KERNELS
+from distinfer.runtime.cpu.openmp import SHARED_NODE_SPINCOUNT
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_FIELDS = {"status", "error", "run_id", "engine", "world_size", "batch_size", "output_tokens",
@@ -27,8 +27,7 @@ RANK_FIELDS = {"layers", "compute_s", "comm_s", "wait_s", "peak_memory_bytes", "
 
 
 def write_config(path: Path, body: str) -> Path:
-    path.write_text(f"name: t\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n{body}")
-    return path
+    return experiment_file(path, body=body)
 
 
 def stop_everything(proc: subprocess.Popen, run_dir: Path) -> None:

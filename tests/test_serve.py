@@ -27,6 +27,7 @@ from distinfer.net import free_port
 from distinfer.serving.engine import ServingEngine
 from distinfer.serving.runner import wait_healthy
 from distinfer.serving.stages import StageState
+from distinfer.serving.template import plain_template
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hello", "The capital city of France is", "def fibonacci(n):", "Once upon a time there was a little",
@@ -151,6 +152,23 @@ def test_the_openai_client_streams_tokens_as_they_are_generated(tmp_path: Path, 
             client.completions.create(model="another-model", prompt="x", max_tokens=4)
         with pytest.raises(openai.BadRequestError, match="not supported"):
             client.completions.create(model="tiny-llama", prompt="x", max_tokens=4, n=2)
+        # the chat API: the messages through the plain template (the tiny Llama's tokenizer has no chat template),
+        # then the same tokens as a completion of that text, streamed with the role first, and whole
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+        chat_ids = generate_alone(model, tokenizer, plain_template(messages), 24)
+        chat_text = tokenizer.decode(chat_ids, skip_special_tokens=True)
+        stream = client.chat.completions.create(model="tiny-llama", messages=messages, max_completion_tokens=24,
+                                                temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat_text
+        assert chunks[-1].usage.completion_tokens == len(chat_ids)
+        assert chunks[-1].usage.prompt_tokens == len(tokenizer(plain_template(messages))["input_ids"])
+        whole = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=24, temperature=0)
+        assert whole.choices[0].message.content == chat_text and whole.choices[0].message.role == "assistant"
+        with pytest.raises(openai.BadRequestError, match="tools"):
+            client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=4,
+                                           tools=[{"type": "function", "function": {"name": "f"}}])
 
 
 @pytest.mark.parametrize(("parallel", "run_id"), [
@@ -341,13 +359,30 @@ HOSTILE = [
     ({"stream": True, "temperature": 0.8, "seed": 7, "stream_options": {"include_usage": True}}, 200, ""),
     ({"ignore_eos": {"a": 1}}, 400, "ignore_eos"),
 ]
+# The same for the chat API (its own fields and the shared ones).
+CHAT_HOSTILE = [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "content"),
+    ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, 400, "extra"),
+    ({"messages": [{"role": "user", "content": "x"}] * 10_001}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 200_000}]}, 400, "positions"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "tools": []}, 200, ""),
+    ({"tools": [{"type": "function"}]}, 400, "tools"),
+    ({"prompt": "x"}, 400, "prompt"),
+    ({"seed": TOO_BIG, "temperature": 1}, 400, "seed"),
+    ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ({"stream": True, "stream_options": {"include_usage": True}, "tool_choice": "none"}, 200, ""),
+]
 RAW_BODIES = [b"not json", b"[1, 2]", b"null", b'{"model": "tiny-llama", "prompt": "x", "temperature": NaN}',
               b"[" * 100_000 + b"]" * 100_000, b'{"model": "tiny-llama", "prompt": "x", "max_tokens": 1e999}']
 
 
-def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, str]:
+def _post(url: str, body: bytes, key: str | None = KEY, path: str = "/v1/completions") -> tuple[int, str]:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(url + "/v1/completions", body, headers)
+    request = urllib.request.Request(url + path, body, headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read().decode()
@@ -380,10 +415,17 @@ def test_hostile_requests_get_an_answer_and_never_stop_the_server(tmp_path: Path
             status, answer = _post(url, json.dumps(body).encode())
             assert (status, word in answer) == (expected, True), (fields, status, answer[:300])
             assert _healthy(url), fields
+        for fields, expected, word in CHAT_HOSTILE:
+            body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+                    **fields}
+            status, answer = _post(url, json.dumps(body).encode(), path="/v1/chat/completions")
+            assert (status, word in answer) == (expected, True), (fields, status, answer[:300])
+            assert _healthy(url), fields
         for raw in RAW_BODIES:
-            status, answer = _post(url, raw)
-            assert status == 400, (raw[:60], status, answer[:300])
-            assert _healthy(url), raw[:60]
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                status, answer = _post(url, raw, path=path)
+                assert status == 400, (path, raw[:60], status, answer[:300])
+                assert _healthy(url), raw[:60]
         assert _post(url, greedy, key=None)[0] == 401
         assert _post(url, greedy, key="wrong")[0] == 401
         with urllib.request.urlopen(url + "/version", timeout=10) as response:

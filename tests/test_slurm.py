@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+
+from bench.experiments import experiment_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,14 +61,11 @@ def completions(run_dir: Path) -> list[list[int]]:
 
 
 def write_experiment(path: Path, model: str, engines: str, extra: str = "") -> Path:
-    path.write_text(
-        f"name: slurm-tiny\nmodel: {model}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
-        f"generation: {{max_new_tokens: 8}}\nparallel: {engines}\nbatch_size: 4\n"
-        # The local nodes n1, n2 do not resolve by name: rendezvous on the loopback address instead.
-        f"cluster: {{profile: cpu, time: '00:10:00', env: {{DISTINFER_HEAD_ADDR: 127.0.0.1}}}}\n"
-        f"reference: none\n{extra}"
-    )
-    return path
+    """Experiment `slurm-tiny` on the local cluster; `extra` (YAML) replaces whole sections."""
+    return experiment_file(path, "slurm-tiny", model=yaml.safe_load(model), parallel=yaml.safe_load(engines),
+                           generation={"max_new_tokens": 8}, batch_size=4, reference="none", body=extra,
+                           # the local nodes n1, n2 do not resolve by name: rendezvous on the loopback address
+                           cluster={"profile": "cpu", "time": "00:10:00", "env": {"DISTINFER_HEAD_ADDR": "127.0.0.1"}})
 
 
 TIMED = "pipeline-pp1-fp32-rate0.05"  # the run of the time-limited experiment
@@ -151,8 +151,8 @@ def test_failed_run_is_reported_and_only_it_is_resubmitted(slurm, tmp_path: Path
 
 
 def test_cancel_stops_a_running_job(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2}")
-    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 2000"))
+    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2}",
+                              "generation: {max_new_tokens: 2000}")
     assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
     run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b4-mb1-fp32"
 
@@ -174,10 +174,9 @@ def test_cancel_stops_a_running_job(slurm, tmp_path: Path, tiny_models) -> None:
 def test_a_dead_rank_fails_the_slurm_job_and_is_named(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     from conftest import rank_pid, wait_for_first_completion
 
-    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2, timeout_s: 20}")
     # 20 batches of one prompt: the first completion comes within seconds and the run goes on for minutes
-    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 300")
-                      .replace("batch_size: 4", "batch_size: 1"))
+    config = write_experiment(tmp_path / "e.yaml", "{builtin: tiny-gpt2}", "{engine: pipeline, pp: 2, timeout_s: 20}",
+                              "generation: {max_new_tokens: 300}\nbatch_size: 1")
     assert cli(slurm, tmp_path, "submit", str(config)).returncode == 0
     run_dir = tmp_path / "outputs" / "slurm-tiny" / "pipeline-pp2-b1-mb1-fp32"
     wait_for_first_completion(run_dir, timeout=120)

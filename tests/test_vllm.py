@@ -11,22 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import left_in_tmp
 
+from bench.experiments import experiment_file
 from distinfer.plan import expand
 from distinfer.serving.vllm import serve_command, server_env, thread_binding
 from distinfer.slurm import render_sbatch
 from distinfer.spec import SpecError, load_experiment
-
-from conftest import left_in_tmp
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "prompts" / "correctness.jsonl"
 
 
 def experiment(tmp_path: Path, body: str, name: str = "vllm-study") -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"name: {name}\nmodel: {{builtin: tiny-llama}}\nprompts: {PROMPTS}\n{body}")
-    return path
+    return experiment_file(tmp_path / f"{name}.yaml", name, body=body)
 
 
 def test_the_layout_precision_and_batch_become_vllm_arguments(tmp_path: Path) -> None:
@@ -62,11 +60,10 @@ def test_bad_vllm_settings_are_named(tmp_path: Path, body: str, message: str) ->
 
 
 def test_int8_is_not_offered_to_vllm(tmp_path: Path) -> None:
-    config = experiment(tmp_path, "parallel: {engine: vllm}\n").read_text().replace(
-        "{builtin: tiny-llama}", "{builtin: tiny-llama, dtype: [float32, int8]}")
-    (tmp_path / "int8.yaml").write_text(config.replace("name: vllm-study", "name: int8"))
+    config = experiment(tmp_path, "parallel: {engine: vllm}\nmodel: {builtin: tiny-llama, dtype: [float32, int8]}\n",
+                        name="int8")
     with pytest.raises(SpecError, match="model.dtype.*not vllm"):
-        load_experiment(tmp_path / "int8.yaml")
+        load_experiment(config)
 
 
 def test_a_cpu_vllm_job_takes_one_node_and_a_gpu_one_a_server_per_node(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def expand(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     if exp.endpoint is not None:
         return expand_endpoint(exp, spec_file)
     runs = _expand_offline(exp, spec_file)
-    return expand_serving(exp, runs) if exp.scenario.kind == "serving" else runs
+    return expand_serving(exp, runs, spec_file) if exp.scenario.kind == "serving" else runs
 
 
 def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
@@ -223,7 +223,7 @@ def _expand_offline(exp: Experiment, spec_file: Path) -> list[RunSpec]:
     return list(runs.values())
 
 
-def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
+def expand_serving(exp: Experiment, offline: list[RunSpec], spec_file: Path) -> list[RunSpec]:
     """distinfer's server measured at each load, for each layout the experiment names (run ids such as
     pipeline-pp1-fp32-rate4, pipeline-pp2-mb4-fp32-rateinf, deepspeed-tp2-fp32-rate4, reference-fp32-c8;
     `microbatches` is the number of groups of requests in flight, at least one per stage); with `reference: auto` the offline reference runs stay, so
@@ -240,8 +240,19 @@ def expand_serving(exp: Experiment, offline: list[RunSpec]) -> list[RunSpec]:
                   f"{PRECISION_TAGS[run.precision]}")
         for kind, value in exp.scenario.loads():
             runs.append(dataclasses.replace(run, run_id=f"{layout}-{load_tag(kind, value)}", batch_size=1,
-                                            warmup=0, scenario=RunLoad.of(exp.scenario, kind, value)))
+                                            warmup=0, scenario=run_load(exp, kind, value, spec_file)))
     return list({r.run_id: r for r in runs}.values())
+
+
+def run_load(exp: Experiment, kind: str, value: float | int, spec_file: Path) -> RunLoad:
+    """The scenario at one load of its sweep, its workload file's path resolved from the experiment file."""
+    load = RunLoad.of(exp.scenario, kind, value)
+    for name in ("sharegpt", "sessions"):
+        section = getattr(load, name)
+        if section is not None:
+            resolved = str(resolve_path(section.file, spec_file))
+            load = load.model_copy(update={name: section.model_copy(update={"file": resolved})})
+    return load
 
 
 def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
@@ -259,7 +270,7 @@ def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             prompts=str(resolve_path(exp.prompts if isinstance(exp.prompts, str) else exp.prompts.texts, spec_file)),
             generation=exp.generation, pp=1, layers=None, microbatches=1, batch_size=1, warmup=0,
             repeats=1, timeout_s=exp.scenario.timeout_s, study=exp.study,
-            scenario=RunLoad.of(exp.scenario, kind, value), endpoint=exp.endpoint))
+            scenario=run_load(exp, kind, value, spec_file), endpoint=exp.endpoint))
     return runs
 
 

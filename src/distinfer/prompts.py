@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 CHARS_PER_TOKEN = 3  # where no tokenizer is at hand (planning on a login node): a generous estimate of tokens
 
 

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 SLO_VALUE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*$")
 
@@ -52,28 +52,121 @@ class SLOSpec(_Strict):
         return {k: slo_seconds(v) for k, v in (("ttft", self.ttft), ("tpot", self.tpot), ("e2e", self.e2e)) if v}
 
 
+Distribution = Literal["fixed", "uniform", "normal", "lognormal"]
+
+
 class LengthSpec(_Strict):
-    """Token counts drawn uniformly from mean x (1 - spread) .. mean x (1 + spread), clipped to min .. max."""
+    """Token counts of prompts or answers, drawn per request from a seeded generator and clamped to min..max:
+    `mean` alone is fixed; with `spread`, uniform over mean x (1 - spread) .. mean x (1 + spread); with
+    `distribution: normal` or `lognormal`, of that mean and `stdev` (lognormal: the lengths' own mean and
+    standard deviation, a long right tail as in chat traffic)."""
 
     mean: Annotated[int, Field(ge=1)]
+    distribution: Distribution | None = None
+    """Default: uniform where `spread` is above 0, else fixed."""
     spread: Annotated[float, Field(ge=0, le=1)] = 0.0
+    stdev: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     min: Annotated[int, Field(ge=1)] = 1
     max: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> LengthSpec:
+    def _consistent(self) -> LengthSpec:
         if self.max is not None and self.max < self.min:
             raise ValueError(f"max {self.max} is below min {self.min}")
+        kind = self.kind
+        if kind in ("normal", "lognormal") and self.stdev is None:
+            raise ValueError(f"a {kind} distribution needs stdev (the lengths' standard deviation)")
+        if self.stdev is not None and kind not in ("normal", "lognormal"):
+            raise ValueError("stdev belongs to distribution: normal or lognormal")
+        if self.spread and kind != "uniform":
+            raise ValueError(f"spread belongs to distribution: uniform (this one is {kind})")
+        if not self.min <= self.mean <= (self.max or self.mean):
+            raise ValueError(f"mean {self.mean} is outside min {self.min} .. max {self.max}")
         return self
+
+    @property
+    def kind(self) -> Distribution:
+        """The distribution drawn from, the default resolved."""
+        if self.distribution is not None:
+            return self.distribution
+        return "uniform" if self.spread else "fixed"
+
+    def largest(self) -> int | None:
+        """The longest length a draw can give; None where the tail is unbounded (normal or lognormal, no max)."""
+        if self.kind == "fixed":
+            return self.mean
+        if self.kind == "uniform":
+            high = round(self.mean * (1 + self.spread))
+            return min(high, self.max) if self.max else high
+        return self.max
+
+
+def _length_spec(value: object) -> object:
+    """A bare token count is a fixed length: `input_tokens: 512` is `{mean: 512}`."""
+    return {"mean": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Length = Annotated[LengthSpec, BeforeValidator(_length_spec)]
 
 
 class SyntheticSpec(_Strict):
     """Prompts of random token ids (sent as token-id prompts, so their length is exact)."""
 
-    input_tokens: LengthSpec
-    output_tokens: LengthSpec
+    input_tokens: Length
+    output_tokens: Length
     vocab_size: Annotated[int, Field(ge=2)] | None = None
     """Token ids are drawn below this; default: the model's vocabulary."""
+
+
+class SharedPrefixSpec(_Strict):
+    """Requests in `groups` that each start with the same prefix of random token ids (a system prompt, a shared
+    document), then a suffix of their own: a server that caches prefixes computes each group's prefix once.
+    Request i belongs to group i mod groups; a group's prefix length is drawn once."""
+
+    groups: Annotated[int, Field(ge=1, le=100_000)]
+    prefix_tokens: Length
+    suffix_tokens: Length
+    output_tokens: Length
+    vocab_size: Annotated[int, Field(ge=2)] | None = None
+
+
+class ShareGPTSpec(_Strict):
+    """Conversations from a file in the ShareGPT layout (serving/sharegpt.py): each record's first question is a
+    prompt (text), the answer to it gives the output length in tokens; records outside the length limits are
+    left out, as vLLM's sharegpt dataset does with its own limits."""
+
+    file: Annotated[str, Field(min_length=1)]
+    """The JSON file (relative paths: from the experiment file's folder)."""
+    min_input_tokens: Annotated[int, Field(ge=1)] = 4
+    max_input_tokens: Annotated[int, Field(ge=1)] | None = None
+    min_output_tokens: Annotated[int, Field(ge=1)] = 4
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShareGPTSpec:
+        for kind in ("input", "output"):
+            low, high = getattr(self, f"min_{kind}_tokens"), getattr(self, f"max_{kind}_tokens")
+            if high is not None and high < low:
+                raise ValueError(f"max_{kind}_tokens {high} is below min_{kind}_tokens {low}")
+        return self
+
+
+class SessionsSpec(_Strict):
+    """Multi-turn sessions (serving/sessions.py): each session takes a conversation of a ShareGPT file and asks
+    its questions one after another, each turn's prompt holding the whole history (the earlier questions and the
+    answers the server actually gave), with a think time between an answer and the next question. Sessions start
+    at the scenario's rate or keep its concurrency busy; `requests` counts sessions."""
+
+    file: Annotated[str, Field(min_length=1)]
+    """The ShareGPT file whose conversations give the questions (relative paths: from the experiment file)."""
+    turns: Length = LengthSpec(mean=4, min=1, max=4)
+    """Questions per session (drawn; at most the conversation's own)."""
+    think_time_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 0.0
+    output_tokens: Length | None = None
+    """Each answer's length; default: the file's answer to that question, in tokens."""
+
+
+INPUTS = ("prompts", "synthetic", "shared_prefix", "sharegpt", "sessions")  # the sections named by `input`
 
 
 Rate = float | Literal["inf"]
@@ -91,8 +184,15 @@ class LoadSettings(_Strict):
     """Measured requests (default 64; with duration_s alone, as many as the rate sends in that time)."""
     duration_s: Annotated[float, Field(gt=0)] | None = None
     warmup_requests: Annotated[int, Field(ge=0)] = 1
-    input: Literal["prompts", "synthetic"] = "prompts"
+    input: Literal["prompts", "synthetic", "shared_prefix", "sharegpt", "sessions"] = "prompts"
+    """What the requests hold: the experiment's prompt file, cycled, or the section of that name."""
     synthetic: SyntheticSpec | None = None
+    shared_prefix: SharedPrefixSpec | None = None
+    sharegpt: ShareGPTSpec | None = None
+    sessions: SessionsSpec | None = None
+    api: Literal["completions", "chat"] = "completions"
+    """The OpenAI API the requests go to: /v1/completions, or /v1/chat/completions with each prompt as the user's
+    message (the server applies its chat template; text prompts only)."""
     ignore_eos: bool = False
     """Every request generates its full length (max_new_tokens, or the synthetic output length)."""
     slo: SLOSpec = SLOSpec()
@@ -127,7 +227,7 @@ class ScenarioSpec(LoadSettings):
     @model_validator(mode="after")
     def _consistent(self) -> ScenarioSpec:
         if self.kind == "offline":
-            set_fields = {"rate", "concurrency", "requests", "duration_s", "synthetic", "slo"} & self.model_fields_set
+            set_fields = {"rate", "concurrency", "requests", "duration_s", "slo", *INPUTS[1:]} & self.model_fields_set
             if set_fields:
                 raise ValueError(f"{', '.join(sorted(set_fields))} belong to a serving scenario; set kind: serving")
             return self
@@ -135,9 +235,13 @@ class ScenarioSpec(LoadSettings):
             raise ValueError("a serving scenario needs exactly one of rate (open loop) or concurrency (closed loop)")
         if self.arrivals == "poisson" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
             raise ValueError("burstiness needs arrivals: gamma (Poisson arrivals have burstiness 1)")
-        if (self.input == "synthetic") != (self.synthetic is not None):
-            raise ValueError("input: synthetic goes with a `synthetic` section (input_tokens, output_tokens), "
-                             "and a `synthetic` section with input: synthetic")
+        if self.api == "chat" and self.input in ("synthetic", "shared_prefix"):
+            raise ValueError(f"api: chat sends text messages; input {self.input} sends token ids (exact lengths): "
+                             "use api: completions, or input prompts or sharegpt")
+        for name in INPUTS[1:]:
+            if (self.input == name) != (getattr(self, name) is not None):
+                raise ValueError(f"input: {name} goes with a `{name}` section, and a `{name}` section with "
+                                 f"input: {name} (input is {self.input})")
         return self
 
     def loads(self) -> list[tuple[str, float | int]]:

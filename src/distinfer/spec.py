@@ -22,6 +22,7 @@ from distinfer.spec_checks import (
     check_serving,
     check_study,
     check_tensor_parallel,
+    check_workload,
 )
 from distinfer.spec_errors import format_error
 from distinfer.spec_schema import Experiment, SpecError, resolve_path
@@ -74,6 +75,7 @@ def load_experiment(path: str | Path, require_model: bool = True) -> Experiment:
         check_layout(path, exp, num_layers)
     check_study(path, exp)
     check_serving(path, exp)
+    check_workload(path, exp, config)
     if "cluster" in exp.model_fields_set:
         check_cluster(path, exp)
     return exp

@@ -249,3 +249,31 @@ def check_study(path: Path, exp: Experiment) -> None:
         raise SpecError(f"{path}: field 'model.trust_remote_code': engine vllm loads the model with vLLM's own "
                         "model code; add --trust-remote-code to vllm.args if vLLM should run the checkpoint's")
 
+
+
+def check_workload(path: Path, exp: Experiment, config: dict | None) -> None:
+    """A serving scenario's workload: its file readable and of its layout, its lengths within the model's
+    positions (the largest each distribution can draw; normal and lognormal tails without a max are capped by
+    the positions when drawn)."""
+    from distinfer.serving.sharegpt import WorkloadFileError, read_sharegpt
+
+    scenario = exp.scenario
+    for name in ("sharegpt", "sessions"):
+        section = getattr(scenario, name)
+        if section is None:
+            continue
+        try:
+            read_sharegpt(resolve_path(section.file, path))
+        except WorkloadFileError as exc:
+            raise SpecError(f"{path}: field 'scenario.{name}.file': {exc}") from None
+    limit = max_positions(config) if config is not None else None
+    if limit is None:
+        return
+    parts = {"synthetic": ("input_tokens", "output_tokens"),
+             "shared_prefix": ("prefix_tokens", "suffix_tokens", "output_tokens")}.get(scenario.input, ())
+    section = getattr(scenario, scenario.input, None)
+    largest = {name: getattr(section, name).largest() for name in parts}
+    if parts and all(v is not None for v in largest.values()) and sum(largest.values()) > limit:
+        said = " + ".join(f"{name} up to {value}" for name, value in largest.items())
+        raise SpecError(f"{path}: field 'scenario.{scenario.input}': {said} exceed the model's {limit} positions; "
+                        f"allowed: at most {limit} together")

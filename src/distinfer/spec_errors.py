@@ -84,6 +84,7 @@ def format_error(path: Path, error: dict) -> str:
         return f"{path}: field '{field}': {help_text} (got {error.get('input')!r})"
     base = re.sub(r"\[\d+\]", "", field)
     allowed = f"; allowed: {SWEEP_HINTS[base]}" if base in SWEEP_HINTS else ""
-    return f"{path}: field '{field}': {error['msg']} (got {error.get('input')!r}){allowed}"
+    message = str(error["msg"]).removeprefix("Value error, ")  # a check of ours: its own words
+    return f"{path}: field '{field}': {message} (got {error.get('input')!r}){allowed}"
 
 

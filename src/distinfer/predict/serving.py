@@ -30,7 +30,7 @@ from distinfer.serving.metrics import summarize
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.schedule import arrival_offsets
 from distinfer.serving.serve import groups_of
-from distinfer.serving.workload import build_requests, request_count
+from distinfer.serving.workload import ModelShape, build_requests, request_count
 
 MAX_SIMULATED = 2000  # requests a prediction simulates (a duration-bound load: the first ones)
 
@@ -60,10 +60,12 @@ def workload(run, prompt_tokens: list[int], vocab: int) -> list[_Request]:  # no
     load = run.scenario
     n = run.generation.max_new_tokens
     count = min(request_count(load), MAX_SIMULATED)
-    if load.synthetic is not None:
+    if load.input == "sessions":
+        raise ValueError("a multi-turn session's prompts grow with the answers it gets: not simulated")
+    if load.input != "prompts":
         sent = build_requests(load.model_copy(update={"requests": count, "duration_s": None}), Path(run.prompts), n,
-                              vocab)
-        return [_Request(len(r.prompt), r.max_tokens) for r in sent if not r.warmup]
+                              ModelShape(run.model_path, vocab))
+        return [_Request(r.input_tokens or len(r.prompt), r.max_tokens) for r in sent if not r.warmup]
     return [_Request(prompt_tokens[(load.warmup_requests + i) % len(prompt_tokens)], n) for i in range(count)]
 
 

@@ -4,41 +4,10 @@ estimated from the text (prompts.CHARS_PER_TOKEN, as the memory plan does; the p
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
-from distinfer.bundle import read_json
-from distinfer.models.profiles import profile_for
 from distinfer.prompts import CHARS_PER_TOKEN, build_prompt_set, load_prompts, take_prompts
-
-Counter = Callable[[list[str]], list[int]]
-
-
-@functools.lru_cache(maxsize=32)
-def _counter(model_path: str) -> Counter | None:
-    """Token counts of texts with the model's own tokenizer files, read by the tokenizer libraries themselves
-    (`tokenizers` for tokenizer.json, `sentencepiece` for tokenizer.model, as the slow Llama tokenizer reads
-    it), never through transformers or torch: planning and prediction stay light. None where neither can."""
-    folder = Path(model_path) if model_path else None
-    if folder is None or not (folder / "config.json").is_file():
-        return None
-    settings = read_json(folder / "tokenizer_config.json") or {}
-    try:
-        if (folder / "tokenizer.model").is_file() and (profile_for(folder).tokenizer_use_fast is False
-                                                       or not (folder / "tokenizer.json").is_file()):
-            import sentencepiece
-
-            model = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-            extra = int(settings.get("add_bos_token", True)) + int(settings.get("add_eos_token", False))
-            return lambda texts: [len(ids) + extra for ids in model.encode(texts)]
-        if (folder / "tokenizer.json").is_file():
-            import tokenizers
-
-            fast = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-            return lambda texts: [len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=True)]
-    except (ImportError, OSError, ValueError, RuntimeError, TypeError):  # no library, or files it cannot read
-        return None
-    return None
+from distinfer.tokencount import token_counter
 
 
 @functools.lru_cache(maxsize=256)
@@ -50,7 +19,7 @@ def _lengths(model_path: str, prompts: str, prompt_set: tuple | None,
     else:
         chosen = load_prompts(Path(prompts))
     texts = [p.prompt for p in (take_prompts(chosen, num_prompts) if num_prompts else chosen)]
-    counter = _counter(model_path)
+    counter = token_counter(model_path)
     if counter is None:
         return tuple(max(1, len(t) // CHARS_PER_TOKEN) for t in texts), False
     return tuple(counter(texts)), True

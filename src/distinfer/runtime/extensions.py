@@ -2,7 +2,8 @@
 
 PyTorch compiles C++ ops at first use (`torch.utils.cpp_extension`): DeepSpeed's CPU all-reduce
 (runtime/tensor.py) and, on CPU pipeline ranks, distinfer's own decode ops (runtime/cpu/cpp_ops.py). Both
-build into `$DISTINFER_CACHE/torch_extensions` (or the user's TORCH_EXTENSIONS_DIR) one rank at a time:
+build into `$DISTINFER_CACHE/torch_extensions/torch-VERSION-INSTALL` (a folder per PyTorch installation; or
+the user's TORCH_EXTENSIONS_DIR) one rank at a time:
 PyTorch guards each op's build directory with a `lock` file that a killed build leaves behind, and every
 later build or load of that op then waits for it forever. The ranks of a node take turns under an flock,
 which the kernel releases when its holder dies: whoever holds it knows that no build is running in
@@ -13,6 +14,7 @@ shared with other programs and is left alone.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -45,8 +47,19 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def extensions_dir() -> Path:
-    """Where distinfer keeps the ops it and DeepSpeed compile (unless the user set TORCH_EXTENSIONS_DIR)."""
-    return cache_dir() / "torch_extensions"
+    """Where distinfer keeps the ops it and DeepSpeed compile (unless the user set TORCH_EXTENSIONS_DIR): one folder
+    per PyTorch installation, since a build's commands name the headers' folder and two environments sharing one
+    build would each rebuild the other's at every first use."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    install = hashlib.sha1(f"{spec.origin if spec else '?'}:{version}".encode()).hexdigest()[:10]
+    return cache_dir() / "torch_extensions" / f"torch-{version}-{install}"
 
 
 def extensions_root() -> Path:

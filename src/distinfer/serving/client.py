@@ -1,5 +1,5 @@
-"""The load generator: OpenAI completions requests with `stream: true`, sent on a schedule or by a fixed number of
-users, every streamed chunk's arrival recorded.
+"""The load generator: OpenAI completions or chat completions requests with `stream: true`, sent on a schedule or by
+a fixed number of users, every streamed chunk's arrival recorded.
 
 Open loop: request i is sent at its planned offset (schedule.py) whatever the server does; closed loop: N
 users each send their next request when the last one ended. Warm-up requests go first, one after another,
@@ -24,14 +24,17 @@ from distinfer.serving.schedule import arrival_offsets
 
 @dataclass(frozen=True)
 class Request:
-    """One request to send: a text prompt, or a prompt of token ids (synthetic workloads)."""
+    """One request to send: a text prompt, a prompt of token ids (synthetic workloads), or a conversation's
+    messages (multi-turn sessions through the chat API)."""
 
     index: int
     prompt_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | list[dict[str, str]]
     max_tokens: int
     ignore_eos: bool = False
     warmup: bool = False
+    input_tokens: int | None = None  # planned prompt tokens, where the workload knows them
+    group: int | None = None  # the shared-prefix group
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,29 @@ class Target:
     api_key: str | None = None
     timeout_s: float = 600.0
     extra_body: dict = field(default_factory=dict)  # e.g. sampling settings
+    api: str = "completions"  # or "chat": /v1/chat/completions, the prompt as the user's message
 
 
-def completions_url(url: str) -> str:
+def completions_url(url: str, api: str = "completions") -> str:
     base = url.rstrip("/")
-    return base if base.endswith("/v1/completions") else (base if base.endswith("/v1") else base + "/v1") + \
-        "/completions"
+    for tail in ("/v1/completions", "/v1/chat/completions"):
+        base = base.removesuffix(tail)
+    path = "/chat/completions" if api == "chat" else "/completions"
+    return (base if base.endswith("/v1") else base + "/v1") + path
 
 
 def request_body(target: Target, request: Request) -> dict:
-    body = {"model": target.model, "prompt": request.prompt, "max_tokens": request.max_tokens, "stream": True,
-            "temperature": 0.0, "stream_options": {"include_usage": True}, **target.extra_body}
+    if target.api == "chat":
+        if isinstance(request.prompt, str):
+            messages = [{"role": "user", "content": request.prompt}]
+        elif request.prompt and all(isinstance(m, dict) for m in request.prompt):
+            messages = request.prompt  # a session's history
+        else:
+            raise ValueError("the chat API takes text prompts, not token ids")
+        body = {"model": target.model, "messages": messages, "max_completion_tokens": request.max_tokens}
+    else:
+        body = {"model": target.model, "prompt": request.prompt, "max_tokens": request.max_tokens}
+    body.update({"stream": True, "temperature": 0.0, "stream_options": {"include_usage": True}, **target.extra_body})
     if request.ignore_eos:
         body["ignore_eos"] = True  # vLLM's and distinfer's extension: generate max_tokens whatever comes
     return body
@@ -67,7 +82,7 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
     record.sent_s = clock()
     counted = 0
     try:
-        async with session.post(completions_url(target.url), json=request_body(target, request),
+        async with session.post(completions_url(target.url, target.api), json=request_body(target, request),
                                 headers=headers) as response:
             record.status = response.status
             if response.status != 200:
@@ -90,7 +105,8 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
                     record.prompt_tokens = usage.get("prompt_tokens")
                     record.output_tokens = int(usage.get("completion_tokens") or counted)
                 for choice in chunk.get("choices") or []:
-                    text, ids = choice.get("text") or "", choice.get("token_ids")
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    ids = choice.get("token_ids")
                     if text or ids:  # a chunk of several tokens: each arrived now
                         record.token_times_s.extend([now] * max(1, len(ids or ())))
                         counted += len(ids) if ids else 1
@@ -143,7 +159,11 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
     records: list[RequestRecord] = []
 
     async def one(session: aiohttp.ClientSession, request: Request, planned: float) -> None:
-        record = RequestRecord(request.index, request.prompt_id, planned, warmup=request.warmup)
+        record = RequestRecord(request.index, request.prompt_id, planned, warmup=request.warmup,
+                               # through the chat API the server's template adds to the prompt: not planned here
+                               planned_input_tokens=request.input_tokens if target.api != "chat" else None,
+                               planned_output_tokens=request.max_tokens,
+                               group=request.group)
         await send(session, target, request, record, clock)
         records.append(record)
         on_record(record)

@@ -96,4 +96,16 @@ def summarize(records: list[RequestRecord], slo: Mapping[str, float] | None = No
         "itl_s": stats(itl),
         "e2e_s": stats([lat["e2e"] for lat in latencies if lat["e2e"] is not None]),
         "send_lag_s": stats([r.sent_s - r.planned_s for r in measured if r.sent_s is not None]),
+        **({"by_turn": by_turn(done, latencies)} if any(r.turn is not None for r in done) else {}),
     }
+
+
+def by_turn(done: list[RequestRecord], latencies: list[dict]) -> dict[str, dict]:
+    """Multi-turn sessions: per turn index (from 0), its requests, prompt tokens and TTFT (the history grows)."""
+    turns: dict[int, list[tuple[RequestRecord, dict]]] = {}
+    for record, latency in zip(done, latencies, strict=True):
+        turns.setdefault(record.turn or 0, []).append((record, latency))
+    return {str(turn): {"requests": len(pairs),
+                        "prompt_tokens": stats([r.prompt_tokens for r, _ in pairs if r.prompt_tokens is not None]),
+                        "ttft_s": stats([lat["ttft"] for _, lat in pairs if lat["ttft"] is not None])}
+            for turn, pairs in sorted(turns.items())}

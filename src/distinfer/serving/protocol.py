@@ -1,12 +1,16 @@
-"""What a client may send to `POST /v1/completions`, checked before anything reaches the engine.
+"""What a client may send to `POST /v1/completions` and `POST /v1/chat/completions`, checked before anything reaches
+the engine.
 
 Every field has its range here: a value outside it is an HTTP 400 naming the field and what is allowed, so that
 nothing a client sends can raise inside the engine thread (a seed beyond 64 bits once stopped a multi-rank
 server). Fields of the OpenAI API that distinfer does not implement are accepted at their neutral value
-(`logprobs: null`, `echo: false`, ...) and refused otherwise; a field that no API defines is refused by name.
+(`logprobs: null`, `echo: false`, `tools: []`, ...) and refused otherwise; a field that no API defines is refused
+by name.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -20,17 +24,25 @@ NEUTRAL = {"echo": (False, None), "logprobs": (None, 0, False), "best_of": (None
            "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
            "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "min_p": (None, 0, 0.0),
            "return_token_ids": (None, True, False), "skip_special_tokens": (None, True), "user": None}
+# ... and those of the chat API alone.
+CHAT_NEUTRAL = {**NEUTRAL, "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+                "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+                "functions": (None, []), "function_call": (None, "none", "auto"), "metadata": None,
+                "store": (None, False), "service_tier": None, "add_generation_prompt": (None, True),
+                "continue_final_message": (None, False), "chat_template_kwargs": (None, {})}
+MAX_MESSAGES = 10_000
 
 
 class RequestError(ValueError):
     """A request the server refuses (HTTP 400), with a message for the client."""
 
 
-class CompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """The fields both APIs share: the model, the answer's length, streaming and sampling."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
-    prompt: str | list[int]
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     """The OpenAI API's newer name for max_tokens; either may be given, not both with different values."""
@@ -44,7 +56,7 @@ class CompletionRequest(BaseModel):
     stream_options: dict[str, bool] | None = None
 
     @model_validator(mode="after")
-    def _one_length(self) -> CompletionRequest:
+    def _one_length(self) -> SamplingRequest:
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
         return self
@@ -61,22 +73,53 @@ class CompletionRequest(BaseModel):
                               seed=self.seed if self.seed is not None else default_seed)
 
 
-def parse_request(body: object) -> CompletionRequest:
-    """The checked request, or RequestError with one line naming the field and what is allowed."""
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message; `content` as a string or as text parts (the newer form), joined."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+
+def parse_request(body: object, kind: type[SamplingRequest] = CompletionRequest) -> SamplingRequest:
+    """The checked request (`CompletionRequest` or `ChatRequest`), or RequestError with one line naming the field
+    and what is allowed."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     try:
-        request = CompletionRequest.model_validate(body)
+        request = kind.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
         raise RequestError(f"field '{field}': {first['msg']}") from None
-    unknown = sorted(name for name in request.model_extra or {} if name not in NEUTRAL)
+    neutral = CHAT_NEUTRAL if kind is ChatRequest else NEUTRAL
+    unknown = sorted(name for name in request.model_extra or {} if name not in neutral)
     if unknown:
-        known = sorted([*CompletionRequest.model_fields, *NEUTRAL])
+        known = sorted([*kind.model_fields, *neutral])
         raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; this server takes {', '.join(known)}")
     unsupported = sorted(name for name, value in (request.model_extra or {}).items()
-                         if NEUTRAL[name] is not None and not _neutral(value, NEUTRAL[name]))
+                         if neutral[name] is not None and not _neutral(value, neutral[name]))
     unsupported += ["n > 1"] if request.n != 1 else []
     if unsupported:
         raise RequestError(f"not supported by distinfer's server: {', '.join(unsupported)} (only at its neutral value)")

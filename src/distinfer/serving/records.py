@@ -23,6 +23,11 @@ class RequestRecord:
     warmup: bool = False
     text: str = ""
     token_ids: list[int] | None = None  # where the server streams them (distinfer's does)
+    planned_input_tokens: int | None = None  # the workload's prompt length, where it knows it
+    planned_output_tokens: int | None = None  # max_tokens asked
+    group: int | None = None  # a shared-prefix workload's group
+    session: int | None = None  # a multi-turn session's index, and this request's turn in it (from 0)
+    turn: int | None = None
 
     @property
     def ok(self) -> bool:

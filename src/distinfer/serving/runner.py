@@ -34,7 +34,8 @@ from distinfer.serving.client import Target, run_load
 from distinfer.serving.metrics import summarize
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.serve import API_KEY_ENV
-from distinfer.serving.workload import build_requests
+from distinfer.serving.sessions import build_sessions, run_sessions
+from distinfer.serving.workload import MAX_BUILT, ModelShape, build_requests, request_count
 
 PROBE_TIMEOUT_S = 10.0
 SERVER_ENDED = "server.ended"  # written by the job script when the server it started has ended
@@ -59,11 +60,6 @@ async def probe(target: Target) -> None:
         raise EndpointError(f"cannot reach {url}: {exc}") from None
 
 
-def vocab_size(run: RunSpec) -> int | None:
-    config = read_json(Path(run.model_path) / "config.json") if run.model_path else None
-    return int(config["vocab_size"]) if config and "vocab_size" in config else None
-
-
 def target_of(run: RunSpec, environ: dict[str, str] | os._Environ) -> Target:
     endpoint = run.endpoint
     assert endpoint is not None
@@ -71,7 +67,7 @@ def target_of(run: RunSpec, environ: dict[str, str] | os._Environ) -> Target:
     if key_env and not environ.get(key_env):
         raise EndpointError(f"endpoint.api_key_env names {key_env}, which is not set in this environment")
     return Target(endpoint.url, endpoint.model, environ.get(key_env) if key_env else None,
-                  run.load_settings.timeout_s, sampling_body(run))
+                  run.load_settings.timeout_s, sampling_body(run), run.load_settings.api)
 
 
 def sampling_body(run: RunSpec) -> dict:
@@ -144,7 +140,7 @@ def _own_target(run_dir: Path, run: RunSpec, url: str, ended: Callable[[], int |
     record_server(run_dir, run, url)
     if vllm:
         body["return_token_ids"] = True  # stream the token ids, as distinfer's server does
-    return Target(url, served_name(run), key, run.load_settings.timeout_s, body)
+    return Target(url, served_name(run), key, run.load_settings.timeout_s, body, run.load_settings.api)
 
 
 def record_server(run_dir: Path, run: RunSpec, url: str) -> None:
@@ -280,7 +276,11 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         writer.write(record.to_dict())
 
     try:
-        requests = build_requests(load, Path(spec.prompts), spec.generation.max_new_tokens, vocab_size(spec))
+        if load.input == "sessions":
+            work = build_sessions(load, spec.model_path, load.warmup_requests + min(request_count(load), MAX_BUILT))
+        else:
+            work = build_requests(load, Path(spec.prompts), spec.generation.max_new_tokens,
+                                  ModelShape.of(spec.model_path))
         if spec.endpoint:
             target = target_of(spec, os.environ)
         elif server_url:
@@ -288,8 +288,12 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         else:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
-        asyncio.run(run_load(target, requests, keep, rate=load.rate, burstiness=load.burstiness, seed=load.seed,
-                             concurrency=load.users, duration_s=load.duration_s))
+        timing = {"rate": load.rate, "burstiness": load.burstiness, "seed": load.seed, "concurrency": load.users,
+                  "duration_s": load.duration_s}
+        if load.input == "sessions":
+            asyncio.run(run_sessions(target, work, keep, load.ignore_eos, **timing))
+        else:
+            asyncio.run(run_load(target, work, keep, **timing))
     except (EndpointError, ValueError, OSError) as exc:
         atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))
         return 1

@@ -1,10 +1,11 @@
 """distinfer's OpenAI-compatible server over the continuous-batching engine (FastAPI + uvicorn).
 
-`GET /v1/models`, `POST /v1/completions` (streamed as server-sent events, or whole), `GET /health`, and
-`GET /metrics` in Prometheus' text format, and at `/` a small chat page that streams each answer and shows its
-TTFT and tokens/s. The HTTP layer only calls the engine: it tokenizes, checks the
-request (a prompt too long for the model, or a field the engine does not do, is an HTTP 400 with a message),
-queues it, and turns each token the engine hands back into a chunk; a client that goes away frees its slot.
+`GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions` (streamed as server-sent events, or
+whole; chat prompts through the model's chat template, serving/chat.py), `GET /health`, and `GET /metrics` in
+Prometheus' text format, and at `/` a small chat page that streams each answer and shows its TTFT and tokens/s.
+The HTTP layer only calls the engine: it tokenizes, checks the request (a prompt too long for the model, or a
+field the engine does not do, is an HTTP 400 with a message), queues it, and turns each token the engine hands
+back into a chunk; a client that goes away frees its slot.
 Streamed chunks carry the token ids too (`token_ids`, as vLLM's `return_token_ids`).
 """
 
@@ -23,9 +24,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from distinfer.serving.chat import chat_prompt_ids
 from distinfer.serving.detokenize import IncrementalDetokenizer
 from distinfer.serving.engine import ServingEngine
-from distinfer.serving.protocol import RequestError, parse_request
+from distinfer.serving.protocol import ChatRequest, CompletionRequest, RequestError, parse_request
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # the quick look: plain HTML and JavaScript
 STATS_EVERY_S = 10.0  # a busy server logs its throughput this often
@@ -88,27 +90,37 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
 
     @app.post("/v1/completions", response_model=None)
     async def completions(raw: Request) -> JSONResponse | StreamingResponse:
-        begun = time.perf_counter()
+        return await answer(raw, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(raw: Request) -> JSONResponse | StreamingResponse:
+        return await answer(raw, chat=True)
+
+    async def answer(raw: Request, chat: bool) -> JSONResponse | StreamingResponse:
+        """One request of either API: checked, tokenized, queued, and its tokens streamed or returned whole."""
+        begun, path = time.perf_counter(), raw.url.path
 
         def refuse(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
             raw.state.refusal = message[:300]  # the log line of the refused request says why
             return _error(status, message, kind)
 
         try:
-            body = parse_request(await raw.json())
+            body = parse_request(await raw.json(), ChatRequest if chat else CompletionRequest)
+            if body.model != model_name:
+                return refuse(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}",
+                              "not_found_error")
+            if isinstance(body, ChatRequest):
+                prompt_ids = chat_prompt_ids(tokenizer, body.messages)
+            elif isinstance(body.prompt, str):
+                prompt_ids = tokenizer(body.prompt)["input_ids"]
+            else:
+                prompt_ids = body.prompt
+                if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
+                    return refuse(400, f"field 'prompt': token ids must lie in 0..{len(tokenizer) - 1}")
         except RequestError as exc:
             return refuse(400, str(exc)[:1000])
         except (ValueError, RecursionError) as exc:  # not JSON, or nested past the parser's depth
             return refuse(400, f"the request body is not JSON: {exc}"[:500])
-        if body.model != model_name:
-            return refuse(404, f"the model {body.model!r} is not served here; this server serves {model_name!r}",
-                          "not_found_error")
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer(body.prompt)["input_ids"]
-        else:
-            prompt_ids = body.prompt
-            if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
-                return refuse(400, f"field 'prompt': token ids must lie in 0..{len(tokenizer) - 1}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -122,13 +134,7 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
             return refuse(400, str(exc))
         except RuntimeError as exc:  # the engine stopped (a stage went away)
             return refuse(503, str(exc), "server_error")
-        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(text: str, ids: list[int], reason: str | None, usage: dict | None = None) -> dict:
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [] if usage else [{"index": 0, "text": text, "token_ids": ids,
-                                                  "finish_reason": reason, "logprobs": None}],
-                    **({"usage": usage} if usage else {})}
+        shape = ChatChunks(model_name) if chat else TextChunks(model_name)
 
         def usage(generated: int) -> dict:
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": generated,
@@ -136,9 +142,9 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
 
         def ended(generated: int, reason: str | None) -> None:
             if reason == "error":
-                log.error("POST /v1/completions: the engine stopped while generating: %s", engine.failure)
+                log.error("POST %s: the engine stopped while generating: %s", path, engine.failure)
             elif log_requests:
-                log.info("POST /v1/completions 200 %s prompt %d tokens, generated %d, %s, %.1f ms",
+                log.info("POST %s 200 %s prompt %d tokens, generated %d, %s, %.1f ms", path,
                          "stream" if body.stream else "whole", len(prompt_ids), generated, reason or "client gone",
                          (time.perf_counter() - begun) * 1e3)
 
@@ -156,10 +162,13 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
                 ended(len(ids), reason)
             if reason == "error":
                 return refuse(500, f"the engine stopped while generating: {engine.failure}", "server_error")
-            whole = chunk(tokenizer.decode(ids, skip_special_tokens=True), ids, reason)
-            return JSONResponse({**whole, "usage": usage(len(ids))})
+            return JSONResponse(shape.whole(tokenizer.decode(ids, skip_special_tokens=True), ids, reason,
+                                            usage(len(ids))))
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        def event(data: dict) -> bytes:
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
 
         async def events() -> AsyncIterator[bytes]:
             detok, reason = IncrementalDetokenizer.of(tokenizer), None
@@ -167,10 +176,10 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
                 while reason is None:
                     token, reason = await queue.get()
                     if token is not None:
-                        yield b"data: " + json.dumps(chunk(detok.add(token), [token], None)).encode() + b"\n\n"
-                yield b"data: " + json.dumps(chunk(detok.flush(), [], reason)).encode() + b"\n\n"
+                        yield event(shape.chunk(detok.add(token), [token], None))
+                yield event(shape.chunk(detok.flush(), [], reason))
                 if include_usage:
-                    yield b"data: " + json.dumps(chunk("", [], None, usage(len(detok.ids)))).encode() + b"\n\n"
+                    yield event(shape.usage(usage(len(detok.ids))))
                 yield b"data: [DONE]\n\n"
             finally:
                 if reason is None:  # the client went away: free the slot
@@ -180,6 +189,52 @@ def create_app(engine: ServingEngine, tokenizer, model_name: str,  # noqa: ANN00
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+class TextChunks:
+    """The completions API's objects: `text_completion` chunks with `text` (and `token_ids`), whole or streamed."""
+
+    kind = "text_completion"
+
+    def __init__(self, model: str) -> None:
+        self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _object(self, choices: list[dict], kind: str | None = None) -> dict:
+        return {"id": self.id, "object": kind or self.kind, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def choice(self, text: str, ids: list[int], reason: str | None) -> dict:
+        return {"index": 0, "text": text, "token_ids": ids, "finish_reason": reason, "logprobs": None}
+
+    def chunk(self, text: str, ids: list[int], reason: str | None) -> dict:
+        return self._object([self.choice(text, ids, reason)])
+
+    def usage(self, usage: dict) -> dict:
+        return {**self._object([]), "usage": usage}
+
+    def whole(self, text: str, ids: list[int], reason: str | None, usage: dict) -> dict:
+        return {**self.chunk(text, ids, reason), "usage": usage}
+
+
+class ChatChunks(TextChunks):
+    """The chat API's objects: `chat.completion.chunk` with a `delta` (the first one names the role), and a whole
+    `chat.completion` with its `message`."""
+
+    kind = "chat.completion.chunk"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.id, self.first = f"chatcmpl-{uuid.uuid4().hex}", True
+
+    def choice(self, text: str, ids: list[int], reason: str | None) -> dict:
+        delta = {"role": "assistant", "content": text} if self.first else ({"content": text} if text else {})
+        self.first = False
+        return {"index": 0, "delta": delta, "token_ids": ids, "finish_reason": reason, "logprobs": None}
+
+    def whole(self, text: str, ids: list[int], reason: str | None, usage: dict) -> dict:
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "token_ids": ids, "finish_reason": reason, "logprobs": None}
+        return {**self._object([choice], "chat.completion"), "usage": usage}
 
 
 class _GuardAndLog:
@@ -217,7 +272,7 @@ class _GuardAndLog:
             reason = (scope.get("state") or {}).get("refusal", "")
             log.warning("%s %s %d %.1f ms from %s%s", method, path, status, elapsed_ms, peer,
                         f": {reason}" if reason else "")
-        elif self.log_requests and path != "/v1/completions":  # a completion logs itself when its answer ends
+        elif self.log_requests and path not in ("/v1/completions", "/v1/chat/completions"):  # those log themselves
             log.info("%s %s %d %.1f ms", method, path, status, elapsed_ms)
 
 

@@ -1,21 +1,48 @@
-"""What a serving run sends: the experiment's prompts, cycled, or synthetic token-id prompts of given lengths.
+"""What a serving run sends (`scenario.input`): the experiment's prompts, cycled; synthetic token-id prompts of
+lengths drawn from a distribution; groups of requests that share a prefix; or the conversations of a ShareGPT
+file.
 
-Synthetic lengths are drawn uniformly from mean x (1 - spread) .. mean x (1 + spread), clipped to min .. max,
-and their token ids uniformly below the vocabulary size, from a generator seeded by the scenario: the same
-scenario sends the same requests on every run and to every server.
+Every draw comes from a generator seeded by the scenario: the same scenario sends the same requests on every
+run and to every server. Token-id prompts (synthetic, shared_prefix) have exactly their planned length; a
+ShareGPT prompt is text, its planned length the model tokenizer's count (tokencount.py). Each request keeps
+its planned input and output tokens, which requests.jsonl records beside what the server reported.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from distinfer.bundle import read_json
+from distinfer.models.profiles import max_positions
 from distinfer.prompts import load_prompts
-from distinfer.scenario import LengthSpec, RunLoad
+from distinfer.scenario import RunLoad
 from distinfer.serving.client import Request
+from distinfer.serving.lengths import draw_length
+from distinfer.serving.sharegpt import WorkloadFileError, read_sharegpt
+from distinfer.tokencount import token_counter
 
 DEFAULT_REQUESTS = 64
+MAX_BUILT = 100_000  # requests built ahead at most; a duration ends the load before they run out
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the workload needs of the model: its vocabulary (random token ids) and positions (lengths)."""
+
+    path: str = ""
+    vocab: int | None = None
+    positions: int | None = None
+
+    @classmethod
+    def of(cls, model_path: str) -> ModelShape:
+        config = read_json(Path(model_path) / "config.json") if model_path else None
+        if not isinstance(config, dict):
+            return cls(model_path)
+        vocab = int(config["vocab_size"]) if "vocab_size" in config else None
+        return cls(model_path, vocab, max_positions(config))
 
 
 def request_count(load: RunLoad) -> int:
@@ -29,34 +56,108 @@ def request_count(load: RunLoad) -> int:
     return DEFAULT_REQUESTS
 
 
-def _length(spec: LengthSpec, rng: random.Random) -> int:
-    low = max(spec.min, round(spec.mean * (1 - spec.spread)))
-    high = round(spec.mean * (1 + spec.spread))
-    if spec.max:
-        high = min(high, spec.max)
-    return rng.randint(min(low, high), max(low, high))
+def _vocab(own: int | None, model: ModelShape, section: str) -> int:
+    vocab = own or model.vocab
+    if not vocab:
+        raise ValueError(f"random token ids need a vocabulary size: scenario.{section}.vocab_size, or a model whose "
+                         "config names one")
+    return vocab
 
 
-def build_requests(load: RunLoad, prompts_file: Path, max_new_tokens: int, vocab_size: int | None) -> list[Request]:
-    """The warm-up requests, then the measured ones, indexed in sending order."""
-    count = request_count(load)
-    warmup = load.warmup_requests
-    rng = random.Random(load.seed)
-    requests = []
-    if load.synthetic is not None:
-        synthetic = load.synthetic
-        vocab = synthetic.vocab_size or vocab_size
-        if not vocab:
-            raise ValueError("synthetic prompts need a vocabulary size: scenario.synthetic.vocab_size, or a model "
-                             "whose config names one")
-        for index in range(warmup + min(count, 100_000)):
-            prompt = [rng.randrange(vocab) for _ in range(_length(synthetic.input_tokens, rng))]
-            requests.append(Request(index, f"synthetic-{index}", prompt, _length(synthetic.output_tokens, rng),
-                                    load.ignore_eos, warmup=index < warmup))
-        return requests
+def _room(model: ModelShape, taken: int) -> int | None:
+    """Tokens left in the model's positions after `taken`; None where unknown."""
+    return None if model.positions is None else max(1, model.positions - taken)
+
+
+def _synthetic(load: RunLoad, model: ModelShape, total: int, rng: random.Random) -> list[Request]:
+    spec = load.synthetic
+    assert spec is not None
+    vocab = _vocab(spec.vocab_size, model, "synthetic")
+    out = []
+    for index in range(total):
+        output = draw_length(spec.output_tokens, rng, _room(model, 1))
+        prompt = [rng.randrange(vocab) for _ in range(draw_length(spec.input_tokens, rng, _room(model, output)))]
+        out.append(Request(index, f"synthetic-{index}", prompt, output, load.ignore_eos,
+                           input_tokens=len(prompt)))
+    return out
+
+
+def _shared_prefix(load: RunLoad, model: ModelShape, total: int, rng: random.Random) -> list[Request]:
+    spec = load.shared_prefix
+    assert spec is not None
+    vocab = _vocab(spec.vocab_size, model, "shared_prefix")
+    prefixes = [[rng.randrange(vocab) for _ in range(draw_length(spec.prefix_tokens, rng, _room(model, 2)))]
+                for _ in range(spec.groups)]
+    out = []
+    for index in range(total):
+        group = index % spec.groups
+        prefix = prefixes[group]
+        output = draw_length(spec.output_tokens, rng, _room(model, len(prefix) + 1))
+        suffix = [rng.randrange(vocab)
+                  for _ in range(draw_length(spec.suffix_tokens, rng, _room(model, len(prefix) + output)))]
+        out.append(Request(index, f"group{group}-{index}", prefix + suffix, output, load.ignore_eos,
+                           input_tokens=len(prefix) + len(suffix), group=group))
+    return out
+
+
+def sharegpt_exchanges(load: RunLoad, model: ModelShape) -> list[tuple[str, str, int, int]]:
+    """(id, prompt, input tokens, output tokens) of the file's exchanges within the length limits (and the
+    model's positions), in file order. WorkloadFileError for a malformed file; ValueError where none is left."""
+    spec = load.sharegpt
+    assert spec is not None
+    exchanges = read_sharegpt(Path(spec.file))
+    prompt_count, answer_count = token_counter(model.path), token_counter(model.path, special_tokens=False)
+    if prompt_count is None or answer_count is None:
+        raise ValueError(f"a ShareGPT workload counts tokens with the model's tokenizer files; none readable in "
+                         f"{model.path or '(no model path)'}")
+    inputs = prompt_count([e.question for e in exchanges])
+    outputs = answer_count([e.answer for e in exchanges])
+    kept = []
+    for exchange, n_in, n_out in zip(exchanges, inputs, outputs, strict=True):
+        if not (spec.min_input_tokens <= n_in <= (spec.max_input_tokens or n_in)
+                and spec.min_output_tokens <= n_out <= (spec.max_output_tokens or n_out)):
+            continue
+        if model.positions is not None and n_in + n_out > model.positions:
+            continue
+        kept.append((exchange.id, exchange.question, n_in, n_out))
+    if not kept:
+        raise ValueError(f"{spec.file}: no conversation within the length limits (input {spec.min_input_tokens}.."
+                         f"{spec.max_input_tokens or 'any'}, output {spec.min_output_tokens}.."
+                         f"{spec.max_output_tokens or 'any'} tokens, the model's {model.positions} positions)")
+    return kept
+
+
+def _sharegpt(load: RunLoad, model: ModelShape, total: int, rng: random.Random) -> list[Request]:
+    kept = sharegpt_exchanges(load, model)
+    order = list(range(len(kept)))
+    rng.shuffle(order)  # a seeded sample of the file, not its first records
+    out = []
+    for index in range(total):
+        ident, prompt, n_in, n_out = kept[order[index % len(order)]]
+        out.append(Request(index, ident, prompt, n_out, load.ignore_eos, input_tokens=n_in))
+    return out
+
+
+def _prompt_file(load: RunLoad, prompts_file: Path, max_new_tokens: int, total: int) -> list[Request]:
     prompts = load_prompts(prompts_file)
-    for index in range(warmup + min(count, 100_000)):
-        prompt = prompts[index % len(prompts)]
-        requests.append(Request(index, prompt.id, prompt.prompt, max_new_tokens, load.ignore_eos,
-                                warmup=index < warmup))
-    return requests
+    return [Request(index, prompts[index % len(prompts)].id, prompts[index % len(prompts)].prompt, max_new_tokens,
+                    load.ignore_eos) for index in range(total)]
+
+
+BUILDERS = {"synthetic": _synthetic, "shared_prefix": _shared_prefix, "sharegpt": _sharegpt}
+
+
+def build_requests(load: RunLoad, prompts_file: Path, max_new_tokens: int, model: ModelShape) -> list[Request]:
+    """The warm-up requests, then the measured ones, indexed in sending order."""
+    total = load.warmup_requests + min(request_count(load), MAX_BUILT)
+    if load.input == "sessions":
+        raise ValueError("multi-turn sessions are built by serving/sessions.py: their prompts grow with the answers")
+    if load.input == "prompts":
+        built = _prompt_file(load, prompts_file, max_new_tokens, total)
+    else:
+        built = BUILDERS[load.input](load, model, total, random.Random(load.seed))
+    return [replace(r, warmup=True) if r.index < load.warmup_requests else r for r in built]
+
+
+__all__ = ["DEFAULT_REQUESTS", "ModelShape", "WorkloadFileError", "build_requests", "request_count",
+           "sharegpt_exchanges"]

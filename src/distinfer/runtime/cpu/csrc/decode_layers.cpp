@@ -4,7 +4,8 @@
 // weight stream does not hide. Same ops in the same order as LlamaDecoder._run_cpp with the "cpp" kernels,
 // so the results are bit-equal to it. Loaded with decode_ops.cpp (runtime/cpu/cpp_ops.py); runtime/cpu/llama_decode.py
 // uses it where runtime/cpu/kernels.py chose linear_rows for the step's rows.
-#include <torch/extension.h>
+#include <torch/python.h>
+#include <torch/types.h>
 
 #include <optional>
 #include <tuple>

@@ -2,7 +2,8 @@
 // decoder layer in four calls instead of ~25 PyTorch operations. Loaded by runtime/cpu/cpp_ops.py, used by
 // runtime/cpu/llama_decode.py. Each op checks its inputs. The module also binds the few-row linear product of
 // csrc/linear_rows.cpp, which runtime/cpu/kernels.py's CpuLinear uses where it is the fastest kernel.
-#include <torch/extension.h>
+#include <torch/python.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

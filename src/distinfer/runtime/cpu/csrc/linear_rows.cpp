@@ -6,7 +6,7 @@
 // six rows of x held in registers (24 vector accumulators: 4 x 6 dot products at once), and prefetches the
 // weights a few rows ahead, so the stream never waits for the arithmetic. Loaded with decode_ops.cpp
 // (runtime/cpu/cpp_ops.py); runtime/cpu/kernels.py times it against oneDNN/MKL and uses it where it is faster.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
