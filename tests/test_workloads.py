@@ -242,3 +242,91 @@ def test_chat_messages_go_through_the_models_template_or_the_plain_one(tiny_mode
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(RequestError, match="roles must alternate"):
         chat_prompt_ids(tokenizer, messages)
+
+
+MOONCAKE = REPO / "prompts" / "workloads" / "mooncake-sample.jsonl"
+AZURE = REPO / "prompts" / "workloads" / "azure-sample.csv"
+
+
+def test_the_trace_samples_read_in_order_from_zero() -> None:
+    from distinfer.serving.traces import read_trace
+
+    for path in (MOONCAKE, AZURE):
+        records = read_trace(path)
+        times = [r.at_s for r in records]
+        assert len(records) == 60 and times[0] == 0 and times == sorted(times) and 2 < times[-1] < 30, path
+        assert all(r.input_tokens >= 1 and r.output_tokens >= 1 for r in records)
+    assert read_trace(MOONCAKE)[0].hash_ids and not read_trace(AZURE)[0].hash_ids
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("t.jsonl", '{"timestamp": 0, "input_length": -5, "output_length": 4}\n', "line 1: field 'input_length'"),
+    ("t.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 4}\n{"timestamp": -1, "input_length": 5, '
+                '"output_length": 4}\n', "line 2: field 'timestamp'"),
+    ("t.jsonl", '{"timestamp": 9, "input_length": 5, "output_length": 4}\n{"timestamp": 3, "input_length": 5, '
+                '"output_length": 4}\n', "line 2: field 'timestamp': goes back"),
+    ("t.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 4, "hash_ids": ["a"]}\n', "field 'hash_ids'"),
+    ("t.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 4, "hash_ids": [1.5]}\n', "field 'hash_ids'"),
+    ("t.jsonl", '{"timestamp": 0, "input_length": 5\n', "line 1: not JSON"),
+    ("t.jsonl", "\n", "no requests"),
+    ("t.csv", "TIME,ContextTokens,GeneratedTokens\n", "the header lacks TIMESTAMP"),
+    ("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,5,5\n", "line 2: field 'TIMESTAMP'"),
+    ("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,5,x\n", "field 'GeneratedTokens'"),
+    ("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,0,5\n", "field 'ContextTokens'"),
+])
+def test_a_malformed_trace_names_its_line_and_field(tmp_path: Path, name: str, text: str, message: str) -> None:
+    from distinfer.serving.traces import read_trace
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(WorkloadFileError, match=rf"{name}: ") as caught:
+        read_trace(tmp_path / name)
+    assert message in str(caught.value)
+
+
+def test_trace_requests_keep_the_traces_times_lengths_and_shared_blocks(tiny_models) -> None:  # noqa: ANN001
+    from distinfer.serving.traces import read_trace
+
+    model = ModelShape.of(str(tiny_models["tiny-llama"]))
+    records = read_trace(MOONCAKE)
+    spec = {"file": str(MOONCAKE), "block_tokens": 16}
+    trace = ScenarioSpec(kind="serving", input="trace", trace=spec, requests=30, warmup_requests=2)
+    requests = build_requests(RunLoad.of(trace, "trace", 0.5), PROMPTS, 8, model)
+    warm, measured = requests[:2], requests[2:]
+    assert all(r.warmup and r.at_s is None for r in warm) and len(measured) == 30
+    assert [r.at_s for r in measured] == [pytest.approx(r.at_s * 0.5) for r in records[:30]]
+    assert [len(r.prompt) for r in measured] == [r.input_tokens for r in records[:30]]
+    assert [r.max_tokens for r in measured] == [r.output_tokens for r in records[:30]]
+    first_block: dict[int, list[int]] = {}
+    for request, record in zip(measured, records, strict=False):
+        block = request.prompt[:16]
+        assert first_block.setdefault(record.hash_ids[0], block) == block, "equal hash ids, equal token ids"
+    assert len({tuple(b) for b in first_block.values()}) == len(first_block)
+    shorter = ScenarioSpec(kind="serving", input="trace", trace=spec, duration_s=2.0, warmup_requests=0)
+    limited = build_requests(RunLoad.of(shorter, "trace", 1.0), PROMPTS, 8, model)
+    assert limited and max(r.at_s for r in limited) <= 2.0 < records[len(limited)].at_s
+
+
+@pytest.mark.slow
+def test_a_trace_is_replayed_on_its_own_times(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """The Azure sample replayed twice as slow against `distinfer serve`: every request sent within 2 ms of the
+    trace's time x 2 (p99), with the trace's prompt and output lengths as the server counts them."""
+    from distinfer.serving.traces import read_trace
+    from test_serve import running_server
+
+    records = read_trace(AZURE)[:16]
+    with running_server(tmp_path) as url:
+        config = experiment_file(tmp_path / "t.yaml", "replay", endpoint={"url": url, "model": "tiny-llama"},
+                                 scenario={"kind": "serving", "input": "trace", "requests": 16, "warmup_requests": 1,
+                                           "ignore_eos": True, "trace": {"file": str(AZURE), "time_scale": 2}})
+        proc = run_local(config, "--outputs", str(tmp_path / "out"), timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out/replay/endpoint-trace2"
+    sent = [json.loads(line) for line in (out / "requests.jsonl").open()]
+    measured = sorted((r for r in sent if not r["warmup"]), key=lambda r: r["index"])
+    assert len(measured) == 16 and all(r["status"] == 200 for r in measured)
+    start = measured[0]["planned_s"]
+    assert [r["planned_s"] - start for r in measured] == [pytest.approx(2 * t.at_s, abs=1e-6) for t in records]
+    lags = sorted(r["sent_s"] - r["planned_s"] for r in measured)
+    assert lags[min(len(lags) - 1, int(0.99 * len(lags)))] < 0.002, lags
+    assert [(r["prompt_tokens"], r["output_tokens"]) for r in measured] == \
+        [(t.input_tokens, t.output_tokens) for t in records]

@@ -247,7 +247,7 @@ def expand_serving(exp: Experiment, offline: list[RunSpec], spec_file: Path) -> 
 def run_load(exp: Experiment, kind: str, value: float | int, spec_file: Path) -> RunLoad:
     """The scenario at one load of its sweep, its workload file's path resolved from the experiment file."""
     load = RunLoad.of(exp.scenario, kind, value)
-    for name in ("sharegpt", "sessions"):
+    for name in ("sharegpt", "sessions", "trace"):
         section = getattr(load, name)
         if section is not None:
             resolved = str(resolve_path(section.file, spec_file))

@@ -166,7 +166,26 @@ class SessionsSpec(_Strict):
     """Each answer's length; default: the file's answer to that question, in tokens."""
 
 
-INPUTS = ("prompts", "synthetic", "shared_prefix", "sharegpt", "sessions")  # the sections named by `input`
+Scale = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+
+
+class TraceSpec(_Strict):
+    """A timestamped trace replayed on its own schedule (serving/traces.py): Mooncake's JSONL (timestamp in ms,
+    input_length, output_length, hash_ids of 512-token prompt blocks that requests share) or the Azure LLM
+    inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens). Prompts are token ids of the trace's lengths;
+    `requests` and `duration_s` take the trace's first requests only."""
+
+    file: Annotated[str, Field(min_length=1)]
+    format: Literal["mooncake", "azure"] | None = None
+    """Default: azure for a .csv file, else mooncake."""
+    time_scale: Scale | list[Scale] = 1.0
+    """Multiplies the trace's times: 0.5 replays it twice as fast, 2 half as fast (a sweep axis)."""
+    block_tokens: Annotated[int, Field(ge=1, le=65536)] = 512
+    """Tokens per hash id (Mooncake's blocks)."""
+    vocab_size: Annotated[int, Field(ge=2)] | None = None
+
+
+INPUTS = ("prompts", "synthetic", "shared_prefix", "sharegpt", "sessions", "trace")  # the sections named by `input`
 
 
 Rate = float | Literal["inf"]
@@ -184,12 +203,13 @@ class LoadSettings(_Strict):
     """Measured requests (default 64; with duration_s alone, as many as the rate sends in that time)."""
     duration_s: Annotated[float, Field(gt=0)] | None = None
     warmup_requests: Annotated[int, Field(ge=0)] = 1
-    input: Literal["prompts", "synthetic", "shared_prefix", "sharegpt", "sessions"] = "prompts"
+    input: Literal["prompts", "synthetic", "shared_prefix", "sharegpt", "sessions", "trace"] = "prompts"
     """What the requests hold: the experiment's prompt file, cycled, or the section of that name."""
     synthetic: SyntheticSpec | None = None
     shared_prefix: SharedPrefixSpec | None = None
     sharegpt: ShareGPTSpec | None = None
     sessions: SessionsSpec | None = None
+    trace: TraceSpec | None = None
     api: Literal["completions", "chat"] = "completions"
     """The OpenAI API the requests go to: /v1/completions, or /v1/chat/completions with each prompt as the user's
     message (the server applies its chat template; text prompts only)."""
@@ -231,11 +251,15 @@ class ScenarioSpec(LoadSettings):
             if set_fields:
                 raise ValueError(f"{', '.join(sorted(set_fields))} belong to a serving scenario; set kind: serving")
             return self
-        if (self.rate is None) == (self.concurrency is None):
+        if self.input == "trace":
+            if self.rate is not None or self.concurrency is not None:
+                raise ValueError("a trace is replayed on its own times: no rate or concurrency (trace.time_scale "
+                                 "speeds it up or slows it down)")
+        elif (self.rate is None) == (self.concurrency is None):
             raise ValueError("a serving scenario needs exactly one of rate (open loop) or concurrency (closed loop)")
         if self.arrivals == "poisson" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
             raise ValueError("burstiness needs arrivals: gamma (Poisson arrivals have burstiness 1)")
-        if self.api == "chat" and self.input in ("synthetic", "shared_prefix"):
+        if self.api == "chat" and self.input in ("synthetic", "shared_prefix", "trace"):
             raise ValueError(f"api: chat sends text messages; input {self.input} sends token ids (exact lengths): "
                              "use api: completions, or input prompts or sharegpt")
         for name in INPUTS[1:]:
@@ -245,7 +269,11 @@ class ScenarioSpec(LoadSettings):
         return self
 
     def loads(self) -> list[tuple[str, float | int]]:
-        """The sweep: ("rate", r) per rate (inf as math.inf) or ("concurrency", c) per user count."""
+        """The sweep: ("rate", r) per rate (inf as math.inf), ("concurrency", c) per user count, or ("trace", s) per
+        time scale of a trace."""
+        if self.trace is not None:
+            scales = self.trace.time_scale
+            return [("trace", float(s)) for s in (scales if isinstance(scales, list) else [scales])]
         if self.rate is not None:
             rates = self.rate if isinstance(self.rate, list) else [self.rate]
             return [("rate", math.inf if r == "inf" else float(r)) for r in rates]
@@ -258,9 +286,9 @@ class RunLoad(LoadSettings):
     `scenario`), and its SLOs in seconds."""
 
     kind: Literal["serving"] = "serving"
-    load: Literal["rate", "concurrency"]
+    load: Literal["rate", "concurrency", "trace"]
     value: float | int | Literal["inf"]
-    """The rate in requests/s ('inf': every request at once) or the number of users."""
+    """The rate in requests/s ('inf': every request at once), the number of users, or a trace's time scale."""
     slo_s: dict[str, float] = {}
 
     @property
@@ -294,7 +322,9 @@ class EndpointSpec(_Strict):
 
 
 def load_tag(kind: str, value: float | int) -> str:
-    """rate4, rate0.5, rateinf, c8: a run id's load part."""
+    """rate4, rate0.5, rateinf, c8, trace1, trace0.5: a run id's load part."""
     if kind == "concurrency":
         return f"c{int(value)}"
+    if kind == "trace":
+        return f"trace{value:g}"
     return "rateinf" if math.isinf(value) else f"rate{value:g}"

@@ -256,16 +256,26 @@ def check_workload(path: Path, exp: Experiment, config: dict | None) -> None:
     positions (the largest each distribution can draw; normal and lognormal tails without a max are capped by
     the positions when drawn)."""
     from distinfer.serving.sharegpt import WorkloadFileError, read_sharegpt
+    from distinfer.serving.traces import read_trace
 
     scenario = exp.scenario
-    for name in ("sharegpt", "sessions"):
+    for name in ("sharegpt", "sessions", "trace"):
         section = getattr(scenario, name)
         if section is None:
             continue
         try:
-            read_sharegpt(resolve_path(section.file, path))
+            if name == "trace":
+                records = read_trace(resolve_path(section.file, path), section.format)
+            else:
+                read_sharegpt(resolve_path(section.file, path))
         except WorkloadFileError as exc:
             raise SpecError(f"{path}: field 'scenario.{name}.file': {exc}") from None
+        limit = max_positions(config) if config is not None and name == "trace" else None
+        too_long = next((r for r in records if r.input_tokens + r.output_tokens > limit), None) if limit else None
+        if too_long is not None:
+            raise SpecError(f"{path}: field 'scenario.trace.file': {section.file}: line {too_long.line}: "
+                            f"{too_long.input_tokens} input + {too_long.output_tokens} output tokens exceed the "
+                            f"model's {limit} positions")
     limit = max_positions(config) if config is not None else None
     if limit is None:
         return

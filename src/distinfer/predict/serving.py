@@ -60,8 +60,9 @@ def workload(run, prompt_tokens: list[int], vocab: int) -> list[_Request]:  # no
     load = run.scenario
     n = run.generation.max_new_tokens
     count = min(request_count(load), MAX_SIMULATED)
-    if load.input == "sessions":
-        raise ValueError("a multi-turn session's prompts grow with the answers it gets: not simulated")
+    if load.input in ("sessions", "trace"):
+        raise ValueError(f"input {load.input} is not simulated (a session's prompts grow with its answers; a trace "
+                         "keeps its own times)")
     if load.input != "prompts":
         sent = build_requests(load.model_copy(update={"requests": count, "duration_s": None}), Path(run.prompts), n,
                               ModelShape(run.model_path, vocab))

@@ -35,6 +35,7 @@ class Request:
     warmup: bool = False
     input_tokens: int | None = None  # planned prompt tokens, where the workload knows them
     group: int | None = None  # the shared-prefix group
+    at_s: float | None = None  # a replayed trace's send time, seconds after the load's start
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,14 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
                    rate: float | None = None, burstiness: float = 1.0, seed: int = 0,
                    concurrency: int | None = None, duration_s: float | None = None) -> list[RequestRecord]:
     """Send the warm-up requests one by one, then the measured ones open loop (`rate`, requests/s; inf: all at
-    once) or closed loop (`concurrency` users), no new one after `duration_s`; returns every record (warm-up
-    first)."""
-    if (rate is None) == (concurrency is None):
-        raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
+    once), on their own schedule (neither rate nor users: each request's `at_s`, a replayed trace) or closed
+    loop (`concurrency` users), no new one after `duration_s`; returns every record (warm-up first)."""
     warmup = [r for r in requests if r.warmup]
     measured = [r for r in requests if not r.warmup]
+    scheduled = rate is None and concurrency is None
+    if rate is not None and concurrency is not None or scheduled and any(r.at_s is None for r in measured):
+        raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop), or requests with "
+                         "their send times")
     start = time.perf_counter()
 
     def clock() -> float:
@@ -172,9 +175,11 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
         for request in warmup:
             await one(session, request, clock())
         base = clock()
-        if rate is not None:
+        if rate is not None or scheduled:
             tasks = []
-            for request, offset in zip(measured, arrival_offsets(len(measured), rate, burstiness, seed)):
+            offsets = [r.at_s or 0.0 for r in measured] if scheduled else arrival_offsets(len(measured), rate or 1.0,
+                                                                                          burstiness, seed)
+            for request, offset in zip(measured, offsets):
                 if duration_s is not None and offset > duration_s:
                     break
                 await until(base + offset, clock)

@@ -1,6 +1,6 @@
 """What a serving run sends (`scenario.input`): the experiment's prompts, cycled; synthetic token-id prompts of
-lengths drawn from a distribution; groups of requests that share a prefix; or the conversations of a ShareGPT
-file.
+lengths drawn from a distribution; groups of requests that share a prefix; the conversations of a ShareGPT
+file; or a timestamped trace, on its own schedule.
 
 Every draw comes from a generator seeded by the scenario: the same scenario sends the same requests on every
 run and to every server. Token-id prompts (synthetic, shared_prefix) have exactly their planned length; a
@@ -22,6 +22,7 @@ from distinfer.scenario import RunLoad
 from distinfer.serving.client import Request
 from distinfer.serving.lengths import draw_length
 from distinfer.serving.sharegpt import WorkloadFileError, read_sharegpt
+from distinfer.serving.traces import read_trace
 from distinfer.tokencount import token_counter
 
 DEFAULT_REQUESTS = 64
@@ -144,11 +145,47 @@ def _prompt_file(load: RunLoad, prompts_file: Path, max_new_tokens: int, total: 
                     load.ignore_eos) for index in range(total)]
 
 
+def trace_requests(load: RunLoad, model: ModelShape) -> list[Request]:
+    """The trace's requests on its schedule (`at_s`: its times x the run's time scale), as many as `requests` and
+    `duration_s` allow, after `warmup_requests` copies of its first ones, unscheduled. Mooncake's hash ids give
+    the prompt's blocks: a block is the same token ids wherever its id appears; tokens past the blocks are the
+    request's own."""
+    spec = load.trace
+    assert spec is not None
+    records = read_trace(Path(spec.file), spec.format)
+    scale = float(load.value)
+    if load.requests:
+        records = records[: load.requests]
+    if load.duration_s is not None:
+        records = [r for r in records if r.at_s * scale <= load.duration_s]
+    vocab = _vocab(spec.vocab_size, model, "trace")
+    rng = random.Random(load.seed)
+    blocks: dict[int, list[int]] = {}
+
+    def block(hash_id: int) -> list[int]:
+        if hash_id not in blocks:
+            own = random.Random(f"{load.seed}:{hash_id}")
+            blocks[hash_id] = [own.randrange(vocab) for _ in range(spec.block_tokens)]
+        return blocks[hash_id]
+
+    built = []
+    for record in records[: MAX_BUILT]:
+        ids = [t for h in record.hash_ids for t in block(h)][: record.input_tokens]
+        ids += [rng.randrange(vocab) for _ in range(record.input_tokens - len(ids))]
+        built.append((f"trace-line{record.line}", ids, record.output_tokens, record.at_s * scale))
+    warm = [Request(i, f"warmup-{ident}", ids, out, load.ignore_eos, warmup=True, input_tokens=len(ids))
+            for i, (ident, ids, out, _) in enumerate(built[: load.warmup_requests])]
+    return warm + [Request(len(warm) + i, ident, ids, out, load.ignore_eos, input_tokens=len(ids), at_s=at)
+                   for i, (ident, ids, out, at) in enumerate(built)]
+
+
 BUILDERS = {"synthetic": _synthetic, "shared_prefix": _shared_prefix, "sharegpt": _sharegpt}
 
 
 def build_requests(load: RunLoad, prompts_file: Path, max_new_tokens: int, model: ModelShape) -> list[Request]:
     """The warm-up requests, then the measured ones, indexed in sending order."""
+    if load.input == "trace":
+        return trace_requests(load, model)
     total = load.warmup_requests + min(request_count(load), MAX_BUILT)
     if load.input == "sessions":
         raise ValueError("multi-turn sessions are built by serving/sessions.py: their prompts grow with the answers")
