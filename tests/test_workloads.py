@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,17 @@ def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(t
                 assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
             if kind == "shared_prefix":
                 assert {r["group"] for r in records} == {0, 1}
+    # the analysis tables what was sent beside what was planned, and TTFT by prefix group
+    analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(tmp_path / "out/shared_prefix"),
+                               "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert analysis.returncode == 0, analysis.stdout + analysis.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "a/shared_prefix/workload.csv")
+    whole = table[table["by"] == "all"].iloc[0]
+    assert whole["requests"] == 12 and whole["prompt_tokens_p50"] == whole["planned_input_p50"]
+    assert sorted(table[table["by"] == "group"]["key"]) == [0, 1] and table["ttft_p50_s"].gt(0).all()
+    assert (tmp_path / "a/shared_prefix/plots/workload.svg").is_file()
 
 
 def test_sessions_take_the_files_questions_in_order_with_their_answers_lengths(tiny_models) -> None:  # noqa: ANN001

@@ -25,6 +25,7 @@ from distinfer.analysis.tables import (
     time_breakdown,
     weak_scaling,
 )
+from distinfer.analysis.workload import lengths, workload_table
 from distinfer.engines import REFERENCE, program_of
 
 # Columns a study can sweep, in the order the optimization table looks for the changed one.
@@ -77,6 +78,7 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
     offline = runs[runs["scenario"] != "serving"] if "scenario" in runs else runs
     offline_loaded = dataclasses.replace(loaded, runs=offline)
     served = serving(runs)
+    requests = lengths(experiment_dir, list(served["run_id"])) if not served.empty else pd.DataFrame()
     # distinfer's served tokens are checked against the offline reference at batch 1 (a request decodes as if
     # alone); a served reference run is a subject there, not a reference
     local = (runs[(runs["scenario"] == "serving") & (runs["engine"].map(program_of) != "endpoint")]
@@ -96,6 +98,7 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
         "experts": experts(loaded.ranks),
         "serving": served,
         "serving_knee": serving_knee(served),
+        "workload": workload_table(requests),
         "prediction": _prediction(experiment_dir, loaded, others),
     }
     # Only the tables that apply to this study's runs are written: no empty files without a header.
@@ -126,6 +129,7 @@ def analyze(experiment_dir: Path, analysis_root: Path, others: Sequence[Path] = 
         "goodput": lambda: plots.goodput_plot(tables["serving"], subject, plot_dir),
         "time_breakdown": lambda: plots.time_breakdown_plot(runs, loaded.ranks, subject, plot_dir),
         "prediction": lambda: plots.prediction_plot(tables["prediction"], subject, plot_dir),
+        "workload": lambda: plots.workload_plot(requests, tables["workload"], subject, plot_dir),
     }
     made: list[str] = []
     for name, draw in drawn.items():

@@ -282,3 +282,29 @@ def prediction_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.suptitle(f"Predicted against measured: {subject}")
     return _save(fig, out, "prediction")
+
+
+def workload_plot(requests: pd.DataFrame, table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
+    """Left, middle: histograms of the prompt and output tokens the servers reported (filled) beside those the
+    workload planned (outline), all runs together; right: TTFT p50 by session turn or by prefix group, a line per
+    run, where the workload has them."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, sent, planned, what in ((axes[0], "prompt_tokens", "planned_input_tokens", "prompt tokens"),
+                                    (axes[1], "output_tokens", "planned_output_tokens", "output tokens")):
+        ax.hist(requests[sent].dropna(), bins=30, alpha=0.6, label="reported by the server")
+        if requests[planned].notna().any():
+            ax.hist(requests[planned].dropna(), bins=30, histtype="step", color="black", label="planned")
+        ax.set_xlabel(what)
+        ax.set_ylabel("requests")
+        ax.legend(fontsize=7)
+    sliced = table[table["by"] != "all"] if not table.empty else table
+    for run_id, part in sliced.groupby("run_id", sort=False):
+        axes[2].plot(part["key"], part["ttft_p50_s"] * 1000, marker="o", label=f"{run_id} (by {part['by'].iloc[0]})")
+    axes[2].set_xlabel("session turn or prefix group")
+    axes[2].set_ylabel("TTFT p50 (ms)")
+    if not sliced.empty:
+        axes[2].legend(fontsize=7)
+    else:
+        axes[2].text(0.5, 0.5, "no sessions or prefix groups", ha="center", transform=axes[2].transAxes)
+    fig.suptitle(f"What the requests held: {subject}")
+    return _save(fig, out, "workload")

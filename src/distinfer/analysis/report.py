@@ -82,6 +82,8 @@ def write_report(loaded: LoadedExperiment, tables: dict[str, pd.DataFrame], plot
         ("Correctness against the reference", tables.get("correctness", empty)),
         ("Time per rank: compute, communication, waiting", tables.get("time_breakdown", empty)),
         ("Mixture of experts: tokens per expert, balance and all-to-all share", tables.get("experts", empty)),
+        ("What the requests held: lengths reported and planned, TTFT by prefix group and by session turn",
+         tables.get("workload", empty)),
         ("Predicted against measured (the performance model; error = predicted / measured - 1)",
          tables.get("prediction", empty)),
         ("Provenance", _provenance(loaded)),
