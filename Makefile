@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo demo-vllm analysis test test-fast bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
+.PHONY: setup system-deps models demo demo-vllm demo-workloads analysis test test-fast bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ demo-vllm: models vllm-env
 	$(BIN)/distinfer run configs/local-vllm-serving.yaml --local
 	$(BIN)/distinfer analyze outputs/local-vllm outputs/local-vllm-serving
 	@echo "report: analysis/report.html"
+
+# The traffic users send, against distinfer's server on this CPU: groups sharing a prefix, multi-turn chat sessions
+# and a replayed Mooncake trace (prompts/workloads/), then the analysis of each (TTFT by group and by turn).
+WORKLOADS := local-shared-prefix local-sessions local-trace
+demo-workloads: models
+	@for c in $(WORKLOADS); do $(BIN)/distinfer run configs/$$c.yaml --local || exit 1; done
+	$(BIN)/distinfer analyze $(addprefix outputs/,$(WORKLOADS))
 
 # Tables, plots and a report for every experiment under outputs/.
 analysis: setup

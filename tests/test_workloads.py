@@ -199,10 +199,11 @@ def test_a_session_turn_holds_the_history_and_the_answers_the_server_gave(tmp_pa
     """Four sessions of up to three turns against `distinfer serve`, through either API: turn k waits for turn
     k-1's answer and the think time, and its prompt is the plain template of the questions so far and the answers
     the server gave (the server's prompt-token count equals that text's count)."""
+    from test_serve import running_server
+
     from distinfer.models.loading import load_tokenizer
     from distinfer.serving.sharegpt import read_conversations
     from distinfer.serving.template import plain_template
-    from test_serve import running_server
 
     tokenizer = load_tokenizer(tiny_models["tiny-llama"])
     questions = {c.id: [q for q, _ in c.exchanges] for c in read_conversations(SAMPLE)}
@@ -323,8 +324,9 @@ def test_trace_requests_keep_the_traces_times_lengths_and_shared_blocks(tiny_mod
 def test_a_trace_is_replayed_on_its_own_times(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
     """The Azure sample replayed twice as slow against `distinfer serve`: every request sent within 2 ms of the
     trace's time x 2 (p99), with the trace's prompt and output lengths as the server counts them."""
-    from distinfer.serving.traces import read_trace
     from test_serve import running_server
+
+    from distinfer.serving.traces import read_trace
 
     records = read_trace(AZURE)[:16]
     with running_server(tmp_path) as url:

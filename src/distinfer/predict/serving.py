@@ -60,7 +60,7 @@ def workload(run, prompt_tokens: list[int], vocab: int) -> list[_Request]:  # no
     load = run.scenario
     n = run.generation.max_new_tokens
     count = min(request_count(load), MAX_SIMULATED)
-    if load.input in ("sessions", "trace"):
+    if load.input in ("sessions", "trace"):  # predict/study.py leaves these out
         raise ValueError(f"input {load.input} is not simulated (a session's prompts grow with its answers; a trace "
                          "keeps its own times)")
     if load.input != "prompts":

@@ -203,12 +203,18 @@ def predicted_against_measured(folder: Path, cpu_probe: CpuProbe | None = None, 
     return pd.DataFrame(rows)
 
 
+NOT_SIMULATED = ("sessions", "trace")  # workloads the performance model does not predict
+
+
 def _by_profile(folder: Path) -> dict[str, list]:
-    """The folder's measured runs by the hardware profile they ran on (one machine's runs only, on CPU)."""
+    """The folder's measured runs by the hardware profile they ran on (one machine's runs only, on CPU), those the
+    model simulates: not multi-turn sessions (their prompts grow with the answers) nor replayed traces."""
     from distinfer.predict.calibrate import measured_runs
 
     out: dict[str, list] = {}
     for m in measured_runs(folder):
+        if m.run.scenario is not None and m.run.scenario.input in NOT_SIMULATED:
+            continue
         profile = profile_of_bundle(m.runtime)
         if profile and (profile != "cpu" or len(m.runtime.get("hostnames") or []) <= 1):
             out.setdefault(profile, []).append(m)

@@ -75,14 +75,19 @@ def _records(path: Path, text: str) -> list[tuple[int, object]]:
             raise WorkloadFileError(f"{path}: line {lineno}: expected ',' or ']' between records")
 
 
-def read_conversations(path: Path) -> list[Conversation]:
-    """Every record's question-answer pairs, in file order; WorkloadFileError on a malformed file."""
+def read_workload_file(path: Path) -> str:
+    """A workload file's text (UTF-8); WorkloadFileError where it is missing or unreadable."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise WorkloadFileError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkloadFileError(f"{path}: cannot read: {exc}") from None
+
+
+def read_conversations(path: Path) -> list[Conversation]:
+    """Every record's question-answer pairs, in file order; WorkloadFileError on a malformed file."""
+    text = read_workload_file(path)
     conversations = []
     for index, (line, record) in enumerate(_records(path, text)):
         where = f"{path}: line {line}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from distinfer.serving.sharegpt import WorkloadFileError
+from distinfer.serving.sharegpt import WorkloadFileError, read_workload_file
 
 FORMATS = ("mooncake", "azure")
 
@@ -93,12 +93,7 @@ def _azure(path: Path, text: str) -> list[tuple[int, float, int, int, tuple[int,
 
 def read_trace(path: Path, fmt: str | None = None) -> list[TraceRecord]:
     """The trace's requests in order, times from its first; WorkloadFileError naming file, line and field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkloadFileError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkloadFileError(f"{path}: cannot read: {exc}") from None
+    text = read_workload_file(path)
     layout = trace_format(path, fmt)
     rows = _azure(path, text) if layout == "azure" else _mooncake(path, text)
     if not rows:
