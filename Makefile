@@ -62,7 +62,7 @@ system-deps:
 test: models system-deps
 	$(BIN)/python -m pytest
 
-# The edit-test loop: unit and in-process tests, no ranks, servers or daemons (about 1.5 minutes on 2 cores).
+# The edit-test loop: unit and in-process tests, no ranks, servers or daemons (about 2 minutes on 2 cores).
 test-fast: models system-deps
 	$(BIN)/python -m pytest -m "not slow"
 

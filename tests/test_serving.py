@@ -116,7 +116,7 @@ def test_a_rate_sweep_against_an_endpoint_writes_requests_and_serving_figures(tm
     assert list(pd.to_numeric(table["load_value"])) == [20.0, math.inf]
     knee = pd.read_csv(out / "serving_knee.csv")
     assert len(knee) == 1 and str(knee["highest_load_meeting_slo"].iloc[0]) == "inf"  # the instant server meets any
-    assert {p.stem for p in (out / "plots").glob("*.svg")} == {"latency_throughput", "goodput"}
+    assert {p.stem for p in (out / "plots").glob("*.svg")} == {"latency_throughput", "goodput", "workload"}
     assert not (out / "strong_scaling.csv").exists() and not (out / "correctness.csv").exists()
     svg = (out / "plots" / "goodput.svg").read_text()
     assert "TTFT ≤ 500 ms" in svg and "E2E ≤ 2000 ms" in svg and "inf" in svg
