@@ -240,11 +240,11 @@ def expand_serving(exp: Experiment, offline: list[RunSpec], spec_file: Path) -> 
                   f"{PRECISION_TAGS[run.precision]}")
         for kind, value in exp.scenario.loads():
             runs.append(dataclasses.replace(run, run_id=f"{layout}-{load_tag(kind, value)}", batch_size=1,
-                                            warmup=0, scenario=run_load(exp, kind, value, spec_file)))
+                                            warmup=0, scenario=serving_load(exp, kind, value, spec_file)))
     return list({r.run_id: r for r in runs}.values())
 
 
-def run_load(exp: Experiment, kind: str, value: float | int, spec_file: Path) -> RunLoad:
+def serving_load(exp: Experiment, kind: str, value: float | int, spec_file: Path) -> RunLoad:
     """The scenario at one load of its sweep, its workload file's path resolved from the experiment file."""
     load = RunLoad.of(exp.scenario, kind, value)
     for name in ("sharegpt", "sessions", "trace"):
@@ -270,7 +270,7 @@ def expand_endpoint(exp: Experiment, spec_file: Path) -> list[RunSpec]:
             prompts=str(resolve_path(exp.prompts if isinstance(exp.prompts, str) else exp.prompts.texts, spec_file)),
             generation=exp.generation, pp=1, layers=None, microbatches=1, batch_size=1, warmup=0,
             repeats=1, timeout_s=exp.scenario.timeout_s, study=exp.study,
-            scenario=run_load(exp, kind, value, spec_file), endpoint=exp.endpoint))
+            scenario=serving_load(exp, kind, value, spec_file), endpoint=exp.endpoint))
     return runs
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 
@@ -127,6 +128,7 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
     return record
 
 
+T = TypeVar("T")
 SPIN_S = 0.002  # the last stretch before a send is waited out by yielding, not by a timer (epoll rounds to 1 ms)
 
 
@@ -140,6 +142,39 @@ async def until(moment: float, clock: Callable[[], float]) -> None:
         await asyncio.sleep(0)
 
 
+async def schedule(items: Sequence[T], start: Callable[[T, float], Awaitable[None]], clock: Callable[[], float],
+                   rate: float | None = None, burstiness: float = 1.0, seed: int = 0, concurrency: int | None = None,
+                   duration_s: float | None = None, times: Sequence[float] | None = None) -> None:
+    """Start every item (a request, a session) and wait for all: open loop at `rate` (schedule.py) or at the
+    items' own `times` (neither rate nor users), or closed loop, `concurrency` users each starting the next when
+    theirs ended; none after `duration_s`. `start(item, planned)` runs one item to its end, `planned` being when
+    the schedule meant it to start."""
+    base = clock()
+    if concurrency is None:
+        offsets = times if rate is None else arrival_offsets(len(items), rate, burstiness, seed)
+        tasks = []
+        for item, offset in zip(items, offsets or (), strict=True):
+            if duration_s is not None and offset > duration_s:
+                break
+            await until(base + offset, clock)
+            tasks.append(asyncio.create_task(start(item, base + offset)))
+        await asyncio.gather(*tasks)
+        return
+    queue = list(reversed(items))
+
+    async def user() -> None:
+        while queue and (duration_s is None or clock() - base < duration_s):
+            await start(queue.pop(), clock())
+
+    await asyncio.gather(*(user() for _ in range(min(concurrency, max(1, len(items))))))
+
+
+def perf_clock() -> Callable[[], float]:
+    """Seconds since this call (time.perf_counter): the load's clock."""
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
+
+
 async def run_load(target: Target, requests: Sequence[Request], on_record: Callable[[RequestRecord], None],
                    rate: float | None = None, burstiness: float = 1.0, seed: int = 0,
                    concurrency: int | None = None, duration_s: float | None = None) -> list[RequestRecord]:
@@ -148,50 +183,26 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
     loop (`concurrency` users), no new one after `duration_s`; returns every record (warm-up first)."""
     warmup = [r for r in requests if r.warmup]
     measured = [r for r in requests if not r.warmup]
-    scheduled = rate is None and concurrency is None
-    if rate is not None and concurrency is not None or scheduled and any(r.at_s is None for r in measured):
+    times = [r.at_s for r in measured] if rate is None and concurrency is None else None
+    if rate is not None and concurrency is not None or times is not None and None in times:
         raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop), or requests with "
                          "their send times")
-    start = time.perf_counter()
-
-    def clock() -> float:
-        return time.perf_counter() - start
-
+    clock = perf_clock()
     timeout = aiohttp.ClientTimeout(total=target.timeout_s)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     records: list[RequestRecord] = []
 
-    async def one(session: aiohttp.ClientSession, request: Request, planned: float) -> None:
-        record = RequestRecord(request.index, request.prompt_id, planned, warmup=request.warmup,
-                               # through the chat API the server's template adds to the prompt: not planned here
-                               planned_input_tokens=request.input_tokens if target.api != "chat" else None,
-                               planned_output_tokens=request.max_tokens,
-                               group=request.group)
-        await send(session, target, request, record, clock)
-        records.append(record)
-        on_record(record)
-
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        async def one(request: Request, planned: float) -> None:
+            record = RequestRecord(request.index, request.prompt_id, planned, warmup=request.warmup,
+                                   # through the chat API the server's template adds to the prompt: not planned here
+                                   planned_input_tokens=request.input_tokens if target.api != "chat" else None,
+                                   planned_output_tokens=request.max_tokens, group=request.group)
+            await send(session, target, request, record, clock)
+            records.append(record)
+            on_record(record)
+
         for request in warmup:
-            await one(session, request, clock())
-        base = clock()
-        if rate is not None or scheduled:
-            tasks = []
-            offsets = [r.at_s or 0.0 for r in measured] if scheduled else arrival_offsets(len(measured), rate or 1.0,
-                                                                                          burstiness, seed)
-            for request, offset in zip(measured, offsets):
-                if duration_s is not None and offset > duration_s:
-                    break
-                await until(base + offset, clock)
-                tasks.append(asyncio.create_task(one(session, request, base + offset)))
-            await asyncio.gather(*tasks)
-        else:
-            queue = list(reversed(measured))
-
-            async def user() -> None:
-                while queue and (duration_s is None or clock() - base < duration_s):
-                    request = queue.pop()
-                    await one(session, request, clock())
-
-            await asyncio.gather(*(user() for _ in range(min(concurrency or 1, max(1, len(measured))))))
+            await one(request, clock())
+        await schedule(measured, one, clock, rate, burstiness, seed, concurrency, duration_s, times)
     return sorted(records, key=lambda r: (not r.warmup, r.index))

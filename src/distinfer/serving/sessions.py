@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,9 @@ from pathlib import Path
 import aiohttp
 
 from distinfer.scenario import RunLoad
-from distinfer.serving.client import Request, Target, send, until
+from distinfer.serving.client import Request, Target, perf_clock, schedule, send
 from distinfer.serving.lengths import draw_length
 from distinfer.serving.records import RequestRecord
-from distinfer.serving.schedule import arrival_offsets
 from distinfer.serving.sharegpt import read_conversations
 from distinfer.serving.template import plain_template
 from distinfer.tokencount import token_counter
@@ -95,34 +93,16 @@ async def run_sessions(target: Target, sessions: Sequence[Session], on_record: C
                        ignore_eos: bool = False, rate: float | None = None, burstiness: float = 1.0, seed: int = 0,
                        concurrency: int | None = None, duration_s: float | None = None) -> None:
     """The warm-up sessions one by one, then the measured ones starting at `rate` sessions/s (open loop) or
-    `concurrency` at a time (closed loop), no new one after `duration_s`."""
+    `concurrency` at a time (closed loop), no new one after `duration_s` (client.schedule)."""
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
-    start = time.perf_counter()
-
-    def clock() -> float:
-        return time.perf_counter() - start
-
+    clock = perf_clock()
     timeout = aiohttp.ClientTimeout(total=target.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+        async def one(session: Session, planned: float) -> None:
+            await converse(http, target, session, ignore_eos, clock, on_record, planned)
+
         for session in (s for s in sessions if s.warmup):
-            await converse(http, target, session, ignore_eos, clock, on_record, clock())
-        measured = [s for s in sessions if not s.warmup]
-        base = clock()
-        if rate is not None:
-            tasks = []
-            for session, offset in zip(measured, arrival_offsets(len(measured), rate, burstiness, seed)):
-                if duration_s is not None and offset > duration_s:
-                    break
-                await until(base + offset, clock)
-                tasks.append(asyncio.create_task(converse(http, target, session, ignore_eos, clock, on_record,
-                                                          base + offset)))
-            await asyncio.gather(*tasks)
-            return
-        queue = list(reversed(measured))
-
-        async def user() -> None:
-            while queue and (duration_s is None or clock() - base < duration_s):
-                await converse(http, target, queue.pop(), ignore_eos, clock, on_record, clock())
-
-        await asyncio.gather(*(user() for _ in range(min(concurrency or 1, max(1, len(measured))))))
+            await one(session, clock())
+        await schedule([s for s in sessions if not s.warmup], one, clock, rate, burstiness, seed, concurrency,
+                       duration_s)
