@@ -282,6 +282,8 @@ def test_the_trace_samples_read_in_order_from_zero() -> None:
     ("t.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 4, "hash_ids": ["a"]}\n', "field 'hash_ids'"),
     ("t.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 4, "hash_ids": [1.5]}\n', "field 'hash_ids'"),
     ("t.jsonl", '{"timestamp": 0, "input_length": 5\n', "line 1: not JSON"),
+    ("t.jsonl", '{"timestamp": Infinity, "input_length": 5, "output_length": 4}\n', "field 'timestamp'"),
+    ("t.jsonl", '{"timestamp": 0, "input_length": 1099511627776, "output_length": 4}\n', "field 'input_length'"),
     ("t.jsonl", "\n", "no requests"),
     ("t.csv", "TIME,ContextTokens,GeneratedTokens\n", "the header lacks TIMESTAMP"),
     ("t.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,5,5\n", "line 2: field 'TIMESTAMP'"),
@@ -345,3 +347,22 @@ def test_a_trace_is_replayed_on_its_own_times(tmp_path: Path, tiny_models) -> No
     assert lags[min(len(lags) - 1, int(0.99 * len(lags)))] < 0.002, lags
     assert [(r["prompt_tokens"], r["output_tokens"]) for r in measured] == \
         [(t.input_tokens, t.output_tokens) for t in records]
+
+
+def test_the_worst_lengths_a_file_can_ask_stay_bounded(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """A lognormal tail with a huge stdev, a length past any context window, and a trace line naming a hundred
+    thousand hash ids for a ten-token prompt: refused, or drawn within MAX_LENGTH, and built at once."""
+    from distinfer.scenario import MAX_LENGTH
+
+    tail = draws({"mean": 1, "distribution": "lognormal", "stdev": MAX_LENGTH}, n=2000)
+    assert max(tail) <= MAX_LENGTH and min(tail) >= 1
+    assert max(draws({"mean": 1, "distribution": "normal", "stdev": MAX_LENGTH}, n=2000)) <= MAX_LENGTH
+    with pytest.raises(ValueError, match="mean"):
+        LengthSpec(mean=2**40)
+    trace = tmp_path / "wide.jsonl"
+    trace.write_text(json.dumps({"timestamp": 0, "input_length": 10, "output_length": 2,
+                                 "hash_ids": list(range(100_000))}) + "\n")
+    spec = ScenarioSpec(kind="serving", input="trace", trace={"file": str(trace)}, warmup_requests=0)
+    (request,) = build_requests(RunLoad.of(spec, "trace", 1.0), PROMPTS, 8,
+                                ModelShape.of(str(tiny_models["tiny-llama"])))
+    assert len(request.prompt) == 10

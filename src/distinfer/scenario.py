@@ -53,6 +53,7 @@ class SLOSpec(_Strict):
 
 
 Distribution = Literal["fixed", "uniform", "normal", "lognormal"]
+MAX_LENGTH = 2**20  # tokens of one prompt or answer at most (the longest context windows); a draw never exceeds it
 
 
 class LengthSpec(_Strict):
@@ -61,13 +62,13 @@ class LengthSpec(_Strict):
     `distribution: normal` or `lognormal`, of that mean and `stdev` (lognormal: the lengths' own mean and
     standard deviation, a long right tail as in chat traffic)."""
 
-    mean: Annotated[int, Field(ge=1)]
+    mean: Annotated[int, Field(ge=1, le=MAX_LENGTH)]
     distribution: Distribution | None = None
     """Default: uniform where `spread` is above 0, else fixed."""
     spread: Annotated[float, Field(ge=0, le=1)] = 0.0
-    stdev: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    min: Annotated[int, Field(ge=1)] = 1
-    max: Annotated[int, Field(ge=1)] | None = None
+    stdev: Annotated[float, Field(ge=0, le=MAX_LENGTH, allow_inf_nan=False)] | None = None
+    min: Annotated[int, Field(ge=1, le=MAX_LENGTH)] = 1
+    max: Annotated[int, Field(ge=1, le=MAX_LENGTH)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> LengthSpec:

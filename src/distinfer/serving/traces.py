@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from distinfer.scenario import MAX_LENGTH
 from distinfer.serving.sharegpt import WorkloadFileError, read_workload_file
 
 FORMATS = ("mooncake", "azure")
@@ -33,8 +35,8 @@ def trace_format(path: Path, given: str | None) -> str:
 
 
 def _length(value: object, where: str, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise WorkloadFileError(f"{where}: field '{field}': a token count of 1 or more (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LENGTH:
+        raise WorkloadFileError(f"{where}: field '{field}': a token count of 1 to {MAX_LENGTH} (got {value!r})")
     return value
 
 
@@ -51,7 +53,7 @@ def _mooncake(path: Path, text: str) -> list[tuple[int, float, int, int, tuple[i
         if not isinstance(record, dict):
             raise WorkloadFileError(f"{where}: each line is an object with timestamp, input_length, output_length")
         stamp = record.get("timestamp")
-        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or stamp != stamp or stamp < 0:
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp) or stamp < 0:
             raise WorkloadFileError(f"{where}: field 'timestamp': milliseconds, 0 or more (got {stamp!r})")
         hashes = record.get("hash_ids", [])
         if not isinstance(hashes, list) or any(isinstance(h, bool) or not isinstance(h, int) for h in hashes):

@@ -170,7 +170,8 @@ def trace_requests(load: RunLoad, model: ModelShape) -> list[Request]:
 
     built = []
     for record in records[: MAX_BUILT]:
-        ids = [t for h in record.hash_ids for t in block(h)][: record.input_tokens]
+        needed = -(-record.input_tokens // spec.block_tokens)  # only the blocks the prompt's length reaches
+        ids = [t for h in record.hash_ids[:needed] for t in block(h)][: record.input_tokens]
         ids += [rng.randrange(vocab) for _ in range(record.input_tokens - len(ids))]
         built.append((f"trace-line{record.line}", ids, record.output_tokens, record.at_s * scale))
     warm = [Request(i, f"warmup-{ident}", ids, out, load.ignore_eos, warmup=True, input_tokens=len(ids))
