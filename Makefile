@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo demo-vllm demo-workloads analysis test test-fast bench bench-serving bench-prediction bench-vllm vllm-env container container-vllm clean-outputs
+.PHONY: setup system-deps models demo demo-vllm demo-workloads analysis test test-fast bench bench-serving bench-prediction bench-vllm bench-prefix-cache vllm-env container container-vllm clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ demo-vllm: models vllm-env
 	$(BIN)/distinfer run configs/local-vllm-serving.yaml --local
 	$(BIN)/distinfer analyze outputs/local-vllm outputs/local-vllm-serving
 	@echo "report: analysis/report.html"
+
+# Shared prefixes on vLLM's CPU build: the same lengths with and without sharing against one `vllm serve`, side
+# by side, with vLLM's prefix-cache hit rate from its /metrics and the median TTFT of each (about 2 minutes).
+bench-prefix-cache: models vllm-env
+	$(BIN)/python -m bench.prefix_cache
 
 # The traffic users send, against distinfer's server on this CPU: groups sharing a prefix, multi-turn chat sessions
 # and a replayed Mooncake trace (prompts/workloads/), then the analysis of each (TTFT by group and by turn).

@@ -71,7 +71,8 @@ def start_distinfer(work: Path, model: Path, layout: str, port: int) -> tuple[su
                             start_new_session=True), log
 
 
-def start_vllm(work: Path, model: Path, layout: str, port: int) -> tuple[subprocess.Popen, Path]:
+def start_vllm(work: Path, model: Path, layout: str, port: int,
+               max_model_len: int = 512) -> tuple[subprocess.Popen, Path]:
     pp = {"pp1": 1, "pp2": 2}[layout]
     cores = len(os.sched_getaffinity(0))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -79,7 +80,7 @@ def start_vllm(work: Path, model: Path, layout: str, port: int) -> tuple[subproc
            "VLLM_CPU_OMP_THREADS_BIND": "|".join(f"{r * cores // pp}-{(r + 1) * cores // pp - 1}" for r in range(pp))}
     # through vLLM's command line, which picks the CPU platform where no accelerator is found
     args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--dtype", "float32",
-            "--max-model-len", "512", "--port", str(port), "--max-num-seqs", str(MAX_BATCH)]
+            "--max-model-len", str(max_model_len), "--port", str(port), "--max-num-seqs", str(MAX_BATCH)]
     if pp > 1:  # vLLM's CPU pipeline ran only compiled (with --enforce-eager its second stage failed)
         args += ["--pipeline-parallel-size", str(pp), "--distributed-executor-backend", "mp"]
     else:

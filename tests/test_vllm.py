@@ -5,17 +5,20 @@ the run itself; the tests check that none is left and that its shared-memory fil
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import left_in_tmp
 
 from bench.experiments import experiment_file
-from distinfer.plan import expand
-from distinfer.serving.vllm import serve_command, server_env, thread_binding
+from distinfer.plan import expand, resolve_builtin_models
+from distinfer.serving.vllm import PLAIN_CHAT_TEMPLATE, serve_command, server_env, thread_binding
 from distinfer.slurm import render_sbatch
 from distinfer.spec import SpecError, load_experiment
 
@@ -43,6 +46,7 @@ def test_the_layout_precision_and_batch_become_vllm_arguments(tmp_path: Path) ->
     assert "--enforce-eager" not in command, "vLLM's CPU pipeline runs compiled"
     assert "--enforce-eager" in serve_command(runs["vllm-pp1-b8-fp32"], "python3", 8000, cpu=True)
     assert "--enforce-eager" not in serve_command(runs["vllm-pp1-b8-fp32"], "python3", 8000, cpu=False)
+    assert pairs["--chat-template"] == str(PLAIN_CHAT_TEMPLATE), "the tiny Llama has no chat template of its own"
     env = server_env(run, {"PATH": "/bin"}, [0, 1, 2, 3, 4, 5, 6, 7])
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3|4,5|6,7" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert thread_binding(2, [0]) == "0|0", "more ranks than cores: they share"
@@ -182,6 +186,111 @@ def test_a_vllm_serving_job_on_slurm_serves_the_reference_tokens(slurm, tmp_path
     assert run_json["provenance"]["vllm"]["version"].startswith("0.32") and run_json["runtime"]["device"] == "cpu"
     assert vllm_processes() <= before_processes, "the job stopped vLLM's server"
     assert left_in_tmp() <= before_tmp, "vLLM's sockets went with the job's temporary folder"
+
+
+@contextlib.contextmanager
+def running_vllm(tmp_path: Path, vllm_python: Path) -> Iterator[str]:
+    """vLLM's server for the tiny Llama as an engine-vllm run starts it (serve_command, server_env: the plain chat
+    template included), on a free port in its own process group; stopped through the group."""
+    from distinfer.net import free_port
+    from distinfer.serving.runner import wait_healthy
+    from distinfer.serving.vllm import leftovers, remove, stop_group
+
+    config = experiment(tmp_path, "parallel: {engine: vllm}\nreference: none\nbatch_size: 16\n", name="served")
+    run = resolve_builtin_models(expand(load_experiment(config), config))[0]
+    port, before = free_port(), leftovers()
+    command = serve_command(run, str(vllm_python), port)
+    with (tmp_path / "vllm.log").open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=server_env(run, os.environ, sorted(os.sched_getaffinity(0))))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_healthy(url, server.poll, 300)
+            except RuntimeError as exc:
+                raise AssertionError(f"{exc}\n{(tmp_path / 'vllm.log').read_text()[-3000:]}") from None
+            yield url
+        finally:
+            stop_group(server)
+            remove(leftovers() - before)
+
+
+def test_each_workload_reaches_vllm_with_its_planned_token_counts(tmp_path: Path, vllm_python: Path,  # noqa: ANN001
+                                                                  tiny_models) -> None:  # noqa: ANN001
+    """Every `scenario.input` kind sent to one vLLM server (its CPU build, prefix caching on, as by default), as a
+    user's endpoint runs: the prompt tokens vLLM reports equal the planned ones (token ids exactly, ShareGPT text
+    within one token) and each request its planned output; the shared-prefix load hits vLLM's prefix cache (its
+    /metrics, in the summary: it caches whole blocks, 128 tokens on CPU); a session's turn holds the questions and vLLM's answers so far (chat API, the plain
+    template); the trace is sent on its own times (2 ms p99)."""
+    from distinfer.models.loading import load_tokenizer
+    from distinfer.serving.sharegpt import read_conversations
+    from distinfer.serving.template import plain_template
+    from distinfer.serving.traces import read_trace
+
+    before_processes = vllm_processes()
+    workloads = REPO / "prompts" / "workloads"
+    sample = workloads / "sharegpt-sample.json"
+    kinds = {
+        "synthetic": {"synthetic": {"input_tokens": {"mean": 40, "distribution": "normal", "stdev": 15, "max": 90},
+                                    "output_tokens": {"mean": 6, "spread": 0.5}}},
+        "shared_prefix": {"shared_prefix": {"groups": 2, "prefix_tokens": 300, "suffix_tokens": 8, "output_tokens": 4}},
+        "sharegpt": {"sharegpt": {"file": str(sample), "max_input_tokens": 120, "max_output_tokens": 12}},
+        "sessions": {"api": "chat", "rate": 20, "requests": 3, "sessions": {
+            "file": str(sample), "turns": {"mean": 3, "min": 2, "max": 3}, "think_time_s": 0.05, "output_tokens": 6}},
+        "trace": {"requests": 16, "trace": {"file": str(workloads / "azure-sample.csv"), "time_scale": 2}},
+    }
+    out = tmp_path / "out"
+    with running_vllm(tmp_path, vllm_python) as url:
+        for kind, section in kinds.items():
+            scenario = {"kind": "serving", "rate": 40, "requests": 12, "warmup_requests": 0, "ignore_eos": True,
+                        "input": kind, **section}
+            if kind == "trace":
+                scenario.pop("rate")
+            config = experiment_file(tmp_path / f"{kind}.yaml", kind, scenario=scenario,
+                                     endpoint={"url": url, "model": "tiny-llama"})
+            proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                                   str(out)], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "vllm.log").read_text()[-3000:]
+    assert vllm_processes() <= before_processes
+    runs = {kind: next(p for p in (out / kind).iterdir() if p.is_dir()) for kind in kinds}
+    records = {kind: [json.loads(line) for line in (run / "requests.jsonl").open()] for kind, run in runs.items()}
+    summaries = {kind: json.loads((run / "summary.json").read_text()) for kind, run in runs.items()}
+    for kind in ("synthetic", "shared_prefix", "sharegpt", "trace"):
+        assert summaries[kind]["status"] == "ok" and len(records[kind]) == kinds[kind].get("requests", 12)
+        for record in records[kind]:
+            assert abs(record["prompt_tokens"] - record["planned_input_tokens"]) <= (kind == "sharegpt"), record
+            assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
+    cache = summaries["shared_prefix"]["prefix_cache"]
+    assert cache["hit_tokens"] > 0 and 0 < summaries["shared_prefix"]["prefix_cache_hit_rate"] <= 1, cache
+    assert {r["group"] for r in records["shared_prefix"]} == {0, 1}
+    analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(out / "shared_prefix"), "--out",
+                               str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert analysis.returncode == 0, analysis.stdout + analysis.stderr
+    import pandas as pd
+
+    served = pd.read_csv(tmp_path / "a/shared_prefix/serving.csv")
+    assert served["prefix_cache_hit_rate"].iloc[0] == pytest.approx(cache["hit_rate"]), "the hit rate is tabled"
+
+    tokenizer = load_tokenizer(tiny_models["tiny-llama"])
+    questions = {c.id: [q for q, _ in c.exchanges] for c in read_conversations(sample)}
+    by_session: dict[int, list[dict]] = {}
+    for record in records["sessions"]:
+        by_session.setdefault(record["session"], []).append(record)
+    assert len(by_session) == 3 and max(len(turns) for turns in by_session.values()) >= 2
+    for turns in by_session.values():
+        turns.sort(key=lambda r: r["turn"])
+        asked, history = questions[turns[0]["prompt_id"].rsplit("-t", 1)[0]], []
+        for k, record in enumerate(turns):
+            assert record["turn"] == k and record["status"] == 200 and record["output_tokens"] == 6, record
+            history.append({"role": "user", "content": asked[k]})
+            assert record["prompt_tokens"] == len(tokenizer(plain_template(history))["input_ids"]), (k, history)
+            history.append({"role": "assistant", "content": record["text"]})
+
+    trace = read_trace(workloads / "azure-sample.csv")[:16]
+    sent = sorted(records["trace"], key=lambda r: r["index"])
+    assert [round(r["planned_s"] - sent[0]["planned_s"], 6) for r in sent] == [round(2 * t.at_s, 6) for t in trace]
+    lags = sorted(r["sent_s"] - r["planned_s"] for r in sent)
+    assert lags[min(len(lags) - 1, int(0.99 * len(lags)))] < 0.002, lags
 
 
 def test_a_missing_vllm_environment_fails_the_run_with_its_reason(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001

@@ -161,6 +161,8 @@ def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(t
                 assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
             if kind == "shared_prefix":
                 assert {r["group"] for r in records} == {0, 1}
+                summary = json.loads((tmp_path / "out/shared_prefix/endpoint-rate40/summary.json").read_text())
+                assert summary["prefix_cache"] == "not reported" and summary["prefix_cache_hit_rate"] is None
     # the analysis tables what was sent beside what was planned, and TTFT by prefix group
     analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(tmp_path / "out/shared_prefix"),
                                "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
@@ -172,6 +174,29 @@ def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(t
     assert whole["requests"] == 12 and whole["prompt_tokens_p50"] == whole["planned_input_p50"]
     assert sorted(table[table["by"] == "group"]["key"]) == [0, 1] and table["ttft_p50_s"].gt(0).all()
     assert (tmp_path / "a/shared_prefix/plots/workload.svg").is_file()
+
+
+VLLM_METRICS = """# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 900.0
+vllm:prefix_cache_queries_total{engine="1",model_name="m"} 100.0
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 512.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+"""
+
+
+def test_the_prefix_cache_hit_rate_is_the_change_of_vllms_counters_over_the_load() -> None:
+    from distinfer.serving.server_metrics import PREFIX_HITS, PREFIX_QUERIES, parse, prefix_cache
+
+    before = parse(VLLM_METRICS)
+    assert before[PREFIX_QUERIES] == 1000.0 and before[PREFIX_HITS] == 512.0, "summed over engines"
+    after = {**before, PREFIX_QUERIES: 2000.0, PREFIX_HITS: 1262.0}
+    assert prefix_cache(before, after) == {"queried_tokens": 1000.0, "hit_tokens": 750.0, "hit_rate": 0.75}
+    assert prefix_cache(before, before)["hit_rate"] is None, "nothing queried: no rate, not 0"
+    assert prefix_cache({"distinfer_requests_total": 1.0}, {"distinfer_requests_total": 2.0}) is None
+    assert prefix_cache(None, after) is None and parse("<html>not metrics{") == {}
 
 
 def test_sessions_take_the_files_questions_in_order_with_their_answers_lengths(tiny_models) -> None:  # noqa: ANN001

@@ -13,7 +13,8 @@ from distinfer.engines import ENGINES, program_of
 
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 SERVING_FIELDS = ("load", "load_value", "served_model", "offered_rate", "achieved_rate", "request_throughput",
-                  "goodput", "slo_attained", "completed", "errors", "peak_concurrency", "duration_s")
+                  "goodput", "slo_attained", "completed", "errors", "peak_concurrency", "duration_s",
+                  "prefix_cache_hit_rate")
 
 
 @dataclass

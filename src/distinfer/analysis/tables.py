@@ -230,9 +230,11 @@ def serving(runs: pd.DataFrame) -> pd.DataFrame:
     subject = runs[runs["scenario"] == "serving"]
     cols = [*SERVING_LAYOUT, "load_value", "offered_rate", "achieved_rate", "request_throughput", "output_tokens_per_s",
             "goodput", "slo_attained", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p99_s",
-            "e2e_p99_s", "peak_concurrency", "errors", "run_id",
+            "e2e_p99_s", "peak_concurrency", "errors", "prefix_cache_hit_rate", "run_id",
             *sorted(c for c in subject if c.startswith("slo_") and c.endswith("_s"))]
     table = subject[[c for c in cols if c in subject]].copy()
+    if "prefix_cache_hit_rate" in table and table["prefix_cache_hit_rate"].isna().all():
+        table = table.drop(columns="prefix_cache_hit_rate")  # no target of the study counts its prefix cache
     table["order"] = load_numbers(table["load_value"])
     return table.sort_values([c for c in SERVING_LAYOUT if c in table] + ["order"]).drop(columns="order")
 

@@ -34,6 +34,7 @@ from distinfer.serving.client import Target, run_load
 from distinfer.serving.metrics import summarize
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.serve import API_KEY_ENV
+from distinfer.serving.server_metrics import prefix_cache, scrape
 from distinfer.serving.sessions import build_sessions, run_sessions
 from distinfer.serving.workload import MAX_BUILT, ModelShape, build_requests, request_count
 
@@ -79,7 +80,10 @@ def sampling_body(run: RunSpec) -> dict:
             "seed": sampling.seed}
 
 
-def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float) -> dict:
+def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float,
+            cache: dict | None = None) -> dict:
+    """The run's summary.json; `cache` the target's prefix-cache counts over the load (server_metrics.py), None
+    where it does not report them."""
     load = run.scenario
     assert load is not None
     figures = summarize(records, load.slo_s or None, load.rate)
@@ -92,8 +96,9 @@ def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str 
             "served_model": run.endpoint.model if run.endpoint else (run.builtin or Path(run.model_path).name),
             "pp": run.pp, "tp": run.tp, "microbatches": run.microbatches, "precision": run.precision,
             "config_hash": run.config_hash(), **figures,
-            "prompts_per_s": figures["request_throughput"], "started_at": started, "finished_at": time.time(),
-            "ranks": []}
+            "prompts_per_s": figures["request_throughput"],
+            "prefix_cache_hit_rate": cache["hit_rate"] if cache else None, "prefix_cache": cache or "not reported",
+            "started_at": started, "finished_at": time.time(), "ranks": []}
 
 
 def wait_healthy(url: str, ended: Callable[[], int | None], timeout_s: float) -> None:
@@ -288,12 +293,14 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         else:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
+        counters = scrape(target.url, target.api_key)
         timing = {"rate": load.rate, "burstiness": load.burstiness, "seed": load.seed, "concurrency": load.users,
                   "duration_s": load.duration_s}
         if load.input == "sessions":
             asyncio.run(run_sessions(target, work, keep, load.ignore_eos, **timing))
         else:
             asyncio.run(run_load(target, work, keep, **timing))
+        cache = prefix_cache(counters, scrape(target.url, target.api_key))
     except (EndpointError, ValueError, OSError) as exc:
         atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))
         return 1
@@ -307,6 +314,6 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     if failed:
         examples = "; ".join(sorted({r.error or f"HTTP {r.status}" for r in failed})[:3])
         error = f"{len(failed)} of {sum(not r.warmup for r in records)} requests failed: {examples}"
-    atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started))
+    atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started, cache))
     return 1 if failed else 0
 

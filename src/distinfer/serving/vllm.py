@@ -3,7 +3,8 @@
 vLLM lives in its own environment (it pins other transformers than distinfer) and is called as a separate
 program: `<vllm python> -m vllm.entrypoints.cli.main serve MODEL ...` (the command line `vllm` runs, which picks
 the CPU platform where there is no accelerator). The run's layout and precision become vLLM's arguments, the
-experiment's `vllm` section adds the rest. The server runs in its own process group, is stopped through it
+experiment's `vllm` section adds the rest; a model without a chat template gets distinfer's plain one, so that
+chat requests reach vLLM as they reach distinfer's server. The server runs in its own process group, is stopped through it
 (SIGTERM, then SIGKILL), and the shared-memory files its ranks leave in /dev/shm and /tmp are removed.
 """
 
@@ -24,6 +25,8 @@ PYTHON_ENV = "DISTINFER_VLLM_PYTHON"
 LOCAL_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"  # `make vllm-env`
 LEFTOVER_GLOBS = (("/dev/shm", "vllm_dist_*"), ("/tmp", "vllm_dist_*"))
 STOP_WAIT_S = 30.0
+# vLLM refuses chat requests for a model without a chat template; it gets distinfer's plain one (template.py)
+PLAIN_CHAT_TEMPLATE = Path(__file__).resolve().parent / "static" / "plain-chat.jinja"
 
 
 def vllm_python(run: RunSpec, environ: Mapping[str, str], cwd: Path | None = None) -> str:
@@ -68,7 +71,20 @@ def serve_command(run: RunSpec, python: str, port: int, host: str = "127.0.0.1",
         command += ["--distributed-executor-backend", "mp"]
     if eager(run, cpu):
         command.append("--enforce-eager")
-    return command + [str(arg) for arg in settings.args]
+    args = [str(arg) for arg in settings.args]
+    if not has_chat_template(Path(run.model_path)) and not any(a.startswith("--chat-template") for a in args):
+        command += ["--chat-template", str(PLAIN_CHAT_TEMPLATE)]
+    return command + args
+
+
+def has_chat_template(model: Path) -> bool:
+    """The model's files carry a chat template (tokenizer_config.json's, or chat_template.jinja beside it)."""
+    from distinfer.bundle import read_json
+
+    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
+        return True
+    settings = read_json(model / "tokenizer_config.json")
+    return bool(isinstance(settings, dict) and settings.get("chat_template"))
 
 
 def thread_binding(world_size: int, cores: list[int]) -> str:
