@@ -221,6 +221,47 @@ def test_a_serving_job_starts_the_server_runs_the_load_and_ends_ok(slurm, tmp_pa
     assert not [p for p in out.rglob("*") if p.is_file() and key_like.search(p.read_bytes())], "a key in the bundle"
 
 
+def test_a_serving_study_of_each_workload_runs_as_a_slurm_job(slurm, tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """One serving experiment per `scenario.input` kind, all submitted at once to the real local cluster: each job
+    reads its workload file where the experiment names it, ends ok, and the server's token counts equal the plan
+    (text prompts within one token)."""
+    workloads = REPO / "prompts" / "workloads"
+    sample = str(workloads / "sharegpt-sample.json")
+    kinds = {
+        "synthetic": {"rate": 20, "synthetic": {"input_tokens": {"mean": 24, "spread": 0.5}, "output_tokens": 4}},
+        "shared_prefix": {"rate": 20, "shared_prefix": {"groups": 2, "prefix_tokens": 32, "suffix_tokens": 8,
+                                                        "output_tokens": 4}},
+        "sharegpt": {"rate": 20, "sharegpt": {"file": sample, "max_input_tokens": 120, "max_output_tokens": 12}},
+        "sessions": {"rate": 20, "api": "chat", "sessions": {"file": sample, "turns": 2, "think_time_s": 0.05,
+                                                             "output_tokens": 4}},
+        "trace": {"trace": {"file": str(workloads / "azure-sample.csv"), "time_scale": 0.5}},
+    }
+    for kind, section in kinds.items():
+        config = experiment_file(
+            tmp_path / f"{kind}.yaml", f"slurm-{kind.replace('_', '-')}", generation={"max_new_tokens": 8},
+            parallel={"engine": "pipeline"}, reference="none",
+            scenario={"kind": "serving", "requests": 6, "warmup_requests": 0, "ignore_eos": True, "input": kind,
+                      **section},
+            cluster={"profile": "cpu", "time": "00:10:00", "env": {"DISTINFER_HEAD_ADDR": "127.0.0.1"}})
+        proc = cli(slurm, tmp_path, "submit", str(config))
+        assert proc.returncode == 0 and proc.stdout.count("submitted") == 1, proc.stdout + proc.stderr
+    for kind in kinds:
+        name = f"slurm-{kind.replace('_', '-')}"
+        wait_for_jobs(slurm, tmp_path, name)
+        out = tmp_path / "outputs" / name
+        rows = status_rows(slurm, tmp_path, name)
+        assert list(rows.values()) == [("COMPLETED", "ok")], f"{kind}: {rows}\n{job_logs(out)}"
+        run_dir = out / next(iter(rows))
+        records = [json.loads(line) for line in (run_dir / "requests.jsonl").open()]
+        assert len(records) >= 6 and all(r["status"] == 200 for r in records), (kind, records)
+        for record in records:
+            if kind != "sessions":
+                assert abs(record["prompt_tokens"] - record["planned_input_tokens"]) <= (kind == "sharegpt"), record
+            assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
+        if kind == "sessions":
+            assert max(r["turn"] for r in records) == 1, "second turns were asked"
+
+
 def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, time_limited: Path) -> None:  # noqa: ANN001
     """The job of `time_limited`: SIGTERM at the limit, the run `timeout` with the reason, the requests so far
     whole; `submit` again reruns it and keeps the timed-out attempt."""
