@@ -35,8 +35,24 @@ def test_arrivals_are_seeded_and_have_the_rate_and_burstiness_asked_for() -> Non
     assert statistics.mean(bursty_gaps) == pytest.approx(1 / 50, rel=0.05)
     assert statistics.stdev(bursty_gaps) / statistics.mean(bursty_gaps) == pytest.approx(2.0, rel=0.08)  # 1/sqrt(k)
     assert arrival_offsets(5, math.inf) == [0.0] * 5
+    assert arrival_offsets(4, 8.0, math.inf, seed=3) == [0.0, 0.125, 0.25, 0.375], "constant arrivals"
     with pytest.raises(ValueError):
         arrival_offsets(5, 0.0)
+
+
+def test_constant_arrivals_are_a_scenarios_choice_without_burstiness(tmp_path) -> None:  # noqa: ANN001
+    from bench.experiments import experiment_file, run_specs
+    from distinfer.spec import SpecError
+
+    config = experiment_file(tmp_path / "c.yaml", "c", scenario={"kind": "serving", "rate": 4, "arrivals": "constant"})
+    assert next(r for r in run_specs(config) if r.scenario).scenario.gap_shape == math.inf
+    config = experiment_file(tmp_path / "g.yaml", "g", scenario={"kind": "serving", "rate": 4, "arrivals": "gamma",
+                                                                  "burstiness": 0.5})
+    assert next(r for r in run_specs(config) if r.scenario).scenario.gap_shape == 0.5
+    config = experiment_file(tmp_path / "b.yaml", "b", scenario={"kind": "serving", "rate": 4, "arrivals": "constant",
+                                                                  "burstiness": 2})
+    with pytest.raises(SpecError, match="burstiness needs arrivals: gamma"):
+        run_specs(config)
 
 
 def _record(index: int, sent: float, tokens: list[float], warmup: bool = False, error: str | None = None) -> RequestRecord:  # noqa: E501

@@ -196,7 +196,8 @@ class LoadSettings(_Strict):
     """How a load is sent and limited, with every default in one place: the experiment's `scenario` and each
     serving run's `RunLoad` share these fields; an offline run sent through a server uses the defaults."""
 
-    arrivals: Literal["poisson", "gamma"] = "poisson"
+    arrivals: Literal["poisson", "gamma", "constant"] = "poisson"
+    """Gaps between requests at a rate: Poisson (random), gamma (with a burstiness), or constant (1 / rate each)."""
     burstiness: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     """Gamma arrivals' shape: below 1 burstier than Poisson, above 1 more even."""
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
@@ -258,8 +259,8 @@ class ScenarioSpec(LoadSettings):
                                  "speeds it up or slows it down)")
         elif (self.rate is None) == (self.concurrency is None):
             raise ValueError("a serving scenario needs exactly one of rate (open loop) or concurrency (closed loop)")
-        if self.arrivals == "poisson" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
-            raise ValueError("burstiness needs arrivals: gamma (Poisson arrivals have burstiness 1)")
+        if self.arrivals != "gamma" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
+            raise ValueError(f"burstiness needs arrivals: gamma ({self.arrivals} arrivals have none to set)")
         if self.api == "chat" and self.input in ("synthetic", "shared_prefix", "trace"):
             raise ValueError(f"api: chat sends text messages; input {self.input} sends token ids (exact lengths): "
                              "use api: completions, or input prompts or sharegpt")
@@ -285,6 +286,12 @@ class ScenarioSpec(LoadSettings):
 class RunLoad(LoadSettings):
     """A serving run's load: the experiment's scenario with this run's rate or user count (run.json's
     `scenario`), and its SLOs in seconds."""
+
+    @property
+    def gap_shape(self) -> float:
+        """The gamma shape of the gaps between arrivals (schedule.arrival_offsets): the burstiness, 1 for Poisson,
+        inf for constant gaps."""
+        return math.inf if self.arrivals == "constant" else self.burstiness
 
     kind: Literal["serving"] = "serving"
     load: Literal["rate", "concurrency", "trace"]

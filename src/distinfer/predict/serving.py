@@ -167,7 +167,7 @@ def predict_serving(run, facts: ModelFacts, machine: Machine, efficiency: dict[s
     costs = StageCosts(run, facts, machine, efficiency, together=groups > 1, stock_kernels=True)
     requests = workload(run, prompt_tokens, facts.vocab)
     if load.users is None:
-        offsets = arrival_offsets(len(requests), load.rate, load.burstiness, load.seed)
+        offsets = arrival_offsets(len(requests), load.rate, load.gap_shape, load.seed)
         for request, offset in zip(requests, offsets):
             request.arrival = offset
     busy = simulate(costs, requests, groups, load.max_batch, load.users, load.duration_s)

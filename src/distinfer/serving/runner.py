@@ -294,7 +294,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
         counters = scrape(target.url, target.api_key)
-        timing = {"rate": load.rate, "burstiness": load.burstiness, "seed": load.seed, "concurrency": load.users,
+        timing = {"rate": load.rate, "burstiness": load.gap_shape, "seed": load.seed, "concurrency": load.users,
                   "duration_s": load.duration_s}
         if load.input == "sessions":
             asyncio.run(run_sessions(target, work, keep, load.ignore_eos, **timing))

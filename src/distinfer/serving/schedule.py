@@ -2,7 +2,8 @@
 
 As vLLM's `bench serve`: inter-arrival gaps are gamma-distributed with shape = burstiness and mean
 1 / rate (burstiness 1 is a Poisson process; below 1 burstier, above 1 more even), drawn from a generator
-seeded by the scenario, so the schedule is the same on every run. Rate `inf` sends every request at time 0.
+seeded by the scenario, so the schedule is the same on every run. Burstiness inf is the limit of ever more even
+gaps: constant ones, 1 / rate each (`arrivals: constant`). Rate `inf` sends every request at time 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def arrival_offsets(count: int, rate: float, burstiness: float = 1.0, seed: int 
         raise ValueError(f"burstiness must be > 0 (got {burstiness})")
     if math.isinf(rate):
         return [0.0] * count
+    if math.isinf(burstiness):
+        return [index / rate for index in range(count)]
     rng = random.Random(seed)
     scale = 1.0 / (rate * burstiness)
     offsets, now = [], 0.0
