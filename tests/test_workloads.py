@@ -5,6 +5,7 @@ token counts (`usage`) must equal the planned ones."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -93,6 +94,35 @@ def test_synthetic_and_shared_prefix_prompts_have_their_planned_token_ids(tiny_m
     assert len({len(p[0]) for p in by_group.values()} | {tuple(p[0][:4]) for p in by_group.values()}) > 1
 
 
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])
+def test_chat_prompts_are_texts_the_tokenizer_reads_back_at_their_length(tiny_models, model_name: str) -> None:  # noqa: ANN001
+    """Through the chat API synthetic and shared-prefix prompts are texts: each re-tokenizes (without special
+    tokens) to its drawn length, a group's prompts open with one text, and the planned input is the plain
+    template's count with the model's BOS."""
+    from distinfer.serving.template import plain_template
+    from distinfer.tokencount import codec, token_counter
+
+    model = ModelShape.of(str(tiny_models[model_name]))
+    found, count = codec(model.path), token_counter(model.path)
+    synthetic = build_requests(load(input="synthetic", api="chat", requests=40, warmup_requests=0, synthetic={
+        "input_tokens": {"mean": 64, "distribution": "uniform", "spread": 0.9}, "output_tokens": 4}),
+        PROMPTS, 8, model)
+    drawn = build_requests(load(input="synthetic", requests=40, warmup_requests=0, synthetic={
+        "input_tokens": {"mean": 64, "distribution": "uniform", "spread": 0.9}, "output_tokens": 4}),
+        PROMPTS, 8, model)
+    lengths = [len(ids) for ids in found.encode([r.prompt for r in synthetic])]
+    exact = sum(n == len(d.prompt) for n, d in zip(lengths, drawn, strict=True))
+    assert exact >= 34 and all(abs(n - len(d.prompt)) <= 1 for n, d in zip(lengths, drawn, strict=True)), lengths
+    assert [r.input_tokens for r in synthetic] == \
+        count([plain_template([{"role": "user", "content": r.prompt}]) for r in synthetic])
+    shared = build_requests(load(input="shared_prefix", api="chat", requests=6, warmup_requests=0, shared_prefix={
+        "groups": 2, "prefix_tokens": 40, "suffix_tokens": 8, "output_tokens": 4}), PROMPTS, 8, model)
+    for group in (0, 1):
+        texts = [r.prompt for r in shared if r.group == group]
+        common = os.path.commonprefix(texts)
+        assert len(texts) == 3 and len(found.encode([common])[0]) >= 39, texts
+
+
 def test_sharegpt_sample_gives_first_questions_with_the_answers_token_counts(tiny_models) -> None:  # noqa: ANN001
     from distinfer.models.loading import load_tokenizer
 
@@ -145,6 +175,7 @@ def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(t
         "shared_prefix": {"shared_prefix": {"groups": 2, "prefix_tokens": 32, "suffix_tokens": {"mean": 8, "spread": 0.5},
                                             "output_tokens": 4}},
         "sharegpt": {"sharegpt": {"file": str(SAMPLE), "max_input_tokens": 120, "max_output_tokens": 12}},
+        "synthetic_chat": {"input": "synthetic", "api": "chat", "synthetic": {"input_tokens": 30, "output_tokens": 5}},
     }
     with running_server(tmp_path) as url:
         for kind, section in kinds.items():

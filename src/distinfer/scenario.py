@@ -214,7 +214,7 @@ class LoadSettings(_Strict):
     trace: TraceSpec | None = None
     api: Literal["completions", "chat"] = "completions"
     """The OpenAI API the requests go to: /v1/completions, or /v1/chat/completions with each prompt as the user's
-    message (the server applies its chat template; text prompts only)."""
+    message (the server applies its chat template; token-id prompts written as texts of their length)."""
     ignore_eos: bool = False
     """Every request generates its full length (max_new_tokens, or the synthetic output length)."""
     slo: SLOSpec = SLOSpec()
@@ -261,9 +261,9 @@ class ScenarioSpec(LoadSettings):
             raise ValueError("a serving scenario needs exactly one of rate (open loop) or concurrency (closed loop)")
         if self.arrivals != "gamma" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
             raise ValueError(f"burstiness needs arrivals: gamma ({self.arrivals} arrivals have none to set)")
-        if self.api == "chat" and self.input in ("synthetic", "shared_prefix", "trace"):
-            raise ValueError(f"api: chat sends text messages; input {self.input} sends token ids (exact lengths): "
-                             "use api: completions, or input prompts or sharegpt")
+        if self.api == "chat" and self.input == "trace":
+            raise ValueError("api: chat sends text messages; a trace's prompts are token ids (its shared blocks "
+                             "exact): use api: completions")
         for name in INPUTS[1:]:
             if (self.input == name) != (getattr(self, name) is not None):
                 raise ValueError(f"input: {name} goes with a `{name}` section, and a `{name}` section with "

@@ -195,8 +195,7 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         async def one(request: Request, planned: float) -> None:
             record = RequestRecord(request.index, request.prompt_id, planned, warmup=request.warmup,
-                                   # through the chat API the server's template adds to the prompt: not planned here
-                                   planned_input_tokens=request.input_tokens if target.api != "chat" else None,
+                                   planned_input_tokens=request.input_tokens,  # the chat template's, for chat
                                    planned_output_tokens=request.max_tokens, group=request.group)
             await send(session, target, request, record, clock)
             records.append(record)

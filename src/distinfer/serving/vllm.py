@@ -20,6 +20,7 @@ from pathlib import Path
 from distinfer.plan import RunSpec
 from distinfer.serving.serve import API_KEY_ENV
 from distinfer.spec_schema import VllmSpec
+from distinfer.tokencount import has_chat_template
 
 PYTHON_ENV = "DISTINFER_VLLM_PYTHON"
 LOCAL_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"  # `make vllm-env`
@@ -76,15 +77,6 @@ def serve_command(run: RunSpec, python: str, port: int, host: str = "127.0.0.1",
         command += ["--chat-template", str(PLAIN_CHAT_TEMPLATE)]
     return command + args
 
-
-def has_chat_template(model: Path) -> bool:
-    """The model's files carry a chat template (tokenizer_config.json's, or chat_template.jinja beside it)."""
-    from distinfer.bundle import read_json
-
-    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
-        return True
-    settings = read_json(model / "tokenizer_config.json")
-    return bool(isinstance(settings, dict) and settings.get("chat_template"))
 
 
 def thread_binding(world_size: int, cores: list[int]) -> str:

@@ -3,7 +3,8 @@ lengths drawn from a distribution; groups of requests that share a prefix; the c
 file; or a timestamped trace, on its own schedule.
 
 Every draw comes from a generator seeded by the scenario: the same scenario sends the same requests on every
-run and to every server. Token-id prompts (synthetic, shared_prefix) have exactly their planned length; a
+run and to every server. Token-id prompts (synthetic, shared_prefix) have exactly their planned length; through
+the chat API (text only) they are written as texts that the model's tokenizer reads back as that many tokens. A
 ShareGPT prompt is text, its planned length the model tokenizer's count (tokencount.py). Each request keeps
 its planned input and output tokens, which requests.jsonl records beside what the server reported.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from distinfer.scenario import RunLoad
 from distinfer.serving.client import Request
 from distinfer.serving.lengths import draw_length
 from distinfer.serving.sharegpt import WorkloadFileError, read_sharegpt
+from distinfer.serving.template import plain_template
 from distinfer.serving.traces import read_trace
-from distinfer.tokencount import token_counter
+from distinfer.tokencount import codec, exact_text, has_chat_template, token_counter
 
 DEFAULT_REQUESTS = 64
 MAX_BUILT = 100_000  # requests built ahead at most; a duration ends the load before they run out
@@ -70,15 +73,45 @@ def _room(model: ModelShape, taken: int) -> int | None:
     return None if model.positions is None else max(1, model.positions - taken)
 
 
+Prompt = Callable[[list[int]], "str | list[int]"]
+
+
+def _texts(load: RunLoad, model: ModelShape, vocab: int) -> Prompt:
+    """How random token ids become a prompt: as they are (the completions API takes token ids), or for the chat
+    API a text the model's tokenizer reads back as that many tokens (tokencount.exact_text)."""
+    if load.api != "chat":
+        return lambda ids: ids
+    found = codec(model.path)
+    if found is None:
+        raise ValueError(f"api: chat sends {load.input} prompts as text, written with the model's tokenizer "
+                         f"files; none readable in {model.path or '(no model path)'}")
+    rng = random.Random(f"{load.seed}:text")
+    return lambda ids: exact_text(found, ids, lambda: rng.randrange(vocab))
+
+
+def _chat_planned(load: RunLoad, model: ModelShape, built: list[Request]) -> list[Request]:
+    """Chat prompts' planned tokens: the user message through the plain template, where the model has no chat
+    template of its own (distinfer's server and vLLM render that one); unknown (None) under the model's own. (A
+    prompt file's prompts are never counted ahead.)"""
+    if load.api != "chat" or load.input not in ("synthetic", "shared_prefix", "sharegpt"):
+        return built
+    count = token_counter(model.path)
+    if count is None or has_chat_template(Path(model.path)):
+        return [replace(r, input_tokens=None) for r in built]
+    planned = count([plain_template([{"role": "user", "content": str(r.prompt)}]) for r in built])
+    return [replace(r, input_tokens=n) for r, n in zip(built, planned, strict=True)]
+
+
 def _synthetic(load: RunLoad, model: ModelShape, total: int, rng: random.Random) -> list[Request]:
     spec = load.synthetic
     assert spec is not None
     vocab = _vocab(spec.vocab_size, model, "synthetic")
+    text = _texts(load, model, vocab)
     out = []
     for index in range(total):
         output = draw_length(spec.output_tokens, rng, _room(model, 1))
         prompt = [rng.randrange(vocab) for _ in range(draw_length(spec.input_tokens, rng, _room(model, output)))]
-        out.append(Request(index, f"synthetic-{index}", prompt, output, load.ignore_eos,
+        out.append(Request(index, f"synthetic-{index}", text(prompt), output, load.ignore_eos,
                            input_tokens=len(prompt)))
     return out
 
@@ -87,8 +120,10 @@ def _shared_prefix(load: RunLoad, model: ModelShape, total: int, rng: random.Ran
     spec = load.shared_prefix
     assert spec is not None
     vocab = _vocab(spec.vocab_size, model, "shared_prefix")
+    text = _texts(load, model, vocab)
     prefixes = [[rng.randrange(vocab) for _ in range(draw_length(spec.prefix_tokens, rng, _room(model, 2)))]
                 for _ in range(spec.groups)]
+    written = [text(prefix) for prefix in prefixes]  # one text per group: its requests' prompts open byte-identical
     out = []
     for index in range(total):
         group = index % spec.groups
@@ -96,7 +131,7 @@ def _shared_prefix(load: RunLoad, model: ModelShape, total: int, rng: random.Ran
         output = draw_length(spec.output_tokens, rng, _room(model, len(prefix) + 1))
         suffix = [rng.randrange(vocab)
                   for _ in range(draw_length(spec.suffix_tokens, rng, _room(model, len(prefix) + output)))]
-        out.append(Request(index, f"group{group}-{index}", prefix + suffix, output, load.ignore_eos,
+        out.append(Request(index, f"group{group}-{index}", written[group] + text(suffix), output, load.ignore_eos,
                            input_tokens=len(prefix) + len(suffix), group=group))
     return out
 
@@ -193,7 +228,7 @@ def build_requests(load: RunLoad, prompts_file: Path, max_new_tokens: int, model
     if load.input == "prompts":
         built = _prompt_file(load, prompts_file, max_new_tokens, total)
     else:
-        built = BUILDERS[load.input](load, model, total, random.Random(load.seed))
+        built = _chat_planned(load, model, BUILDERS[load.input](load, model, total, random.Random(load.seed)))
     return [replace(r, warmup=True) if r.index < load.warmup_requests else r for r in built]
 
 
