@@ -9,7 +9,7 @@ files come out on every machine.
 - mooncake-sample.jsonl: 60 requests of Mooncake's trace layout over about nine seconds (`timestamp` in ms,
   `input_length`, `output_length`, `hash_ids` of 512-token blocks): four shared prefixes of one or two blocks,
   each request's own blocks after them.
-- azure-sample.csv: 60 requests of the Azure LLM inference trace layout (`TIMESTAMP` with seven fractional
+- azure-sample.csv: 200 requests of the Azure LLM inference trace layout (`TIMESTAMP` with seven fractional
   digits, `ContextTokens`, `GeneratedTokens`), bursts and lulls.
 """
 
@@ -97,7 +97,7 @@ def main() -> None:
     trace = args.out / "mooncake-sample.jsonl"
     trace.write_text("".join(json.dumps(r) + "\n" for r in mooncake(random.Random(1), 60)))
     csv_file = args.out / "azure-sample.csv"
-    csv_file.write_text(azure(random.Random(2), 60))
+    csv_file.write_text(azure(random.Random(2), 200))
     for written in (path, trace, csv_file):
         print(f"wrote {written}")
 

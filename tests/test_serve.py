@@ -99,14 +99,15 @@ def test_requests_joining_and_leaving_the_batch_equal_generate_alone(tiny_models
 
 @contextlib.contextmanager
 def running_server(tmp_path: Path, extra: list[str] | None = None, config: Path = REPO / "configs/local-tiny.yaml",
-                   env: dict[str, str] | None = None) -> Iterator[str]:
-    """`distinfer serve CONFIG` in its own process on a free loopback port; stopped by PID (a multi-rank layout:
-    its torchrun and ranks with it)."""
+                   env: dict[str, str] | None = None, cores: set[int] | None = None) -> Iterator[str]:
+    """`distinfer serve CONFIG` in its own process on a free loopback port (on `cores` only, where given);
+    stopped by PID (a multi-rank layout: its torchrun and ranks with it)."""
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distinfer", "serve", str(config),
                              "--port", str(port), *(extra or [])], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     url = f"http://127.0.0.1:{port}"
     try:
         try:

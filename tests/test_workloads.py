@@ -10,11 +10,12 @@ import random
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.experiments import experiment_file, run_local
+from bench.experiments import experiment_file
 from distinfer.scenario import LengthSpec, RunLoad, ScenarioSpec
 from distinfer.serving.lengths import draw_length
 from distinfer.serving.sharegpt import WorkloadFileError, read_sharegpt
@@ -24,6 +25,27 @@ from distinfer.spec import SpecError, load_experiment
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "prompts" / "workloads" / "sharegpt-sample.json"
 PROMPTS = REPO / "prompts" / "correctness.jsonl"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_models) -> Iterator[str]:  # noqa: ANN001
+    """One `distinfer serve` of the tiny Llama for the module's loads, on the last core: the loads' clients run on
+    the others (`run_client`), as on hosts of their own (a client sharing the server's core starts requests late
+    whenever the server computes)."""
+    from test_serve import running_server
+
+    with running_server(tmp_path_factory.mktemp("served"), cores={CORES[-1]}) as url:
+        yield url
+
+
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def run_client(config: Path, out: Path) -> subprocess.CompletedProcess:
+    """`distinfer run CONFIG --local` (an endpoint experiment) on the cores the served fixture leaves free."""
+    return subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.sched_setaffinity(0, set(CORES[:-1] or CORES)))
 
 
 def draws(spec: dict, n: int = 20_000, seed: int = 1, limit: int | None = None) -> list[int]:
@@ -163,12 +185,10 @@ def test_a_malformed_sharegpt_file_names_its_line_and_field(tmp_path: Path, reco
 
 
 @pytest.mark.slow
-def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001,E501
+def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(tmp_path: Path, served: str) -> None:
     """`distinfer serve` on the tiny Llama; one endpoint run per kind, as a user runs them: the prompt tokens the
     server reports equal the planned ones (token-id prompts exactly, ShareGPT text within one token), every
     request generates its planned output (ignore_eos), and one prefix group's prompts share their prefix."""
-    from test_serve import running_server
-
     kinds = {
         "synthetic": {"synthetic": {"input_tokens": {"mean": 40, "distribution": "normal", "stdev": 15, "max": 90},
                                     "output_tokens": {"mean": 6, "spread": 0.5}}},
@@ -177,23 +197,22 @@ def test_each_workload_reaches_distinfers_server_with_its_planned_token_counts(t
         "sharegpt": {"sharegpt": {"file": str(SAMPLE), "max_input_tokens": 120, "max_output_tokens": 12}},
         "synthetic_chat": {"input": "synthetic", "api": "chat", "synthetic": {"input_tokens": 30, "output_tokens": 5}},
     }
-    with running_server(tmp_path) as url:
-        for kind, section in kinds.items():
-            config = experiment_file(tmp_path / f"{kind}.yaml", kind, endpoint={"url": url, "model": "tiny-llama"},
-                                     scenario={"kind": "serving", "rate": 40, "requests": 12, "warmup_requests": 0,
-                                               "ignore_eos": True, "input": kind, **section})
-            proc = run_local(config, "--outputs", str(tmp_path / "out"), timeout=300)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            records = [json.loads(line) for line in (tmp_path / f"out/{kind}/endpoint-rate40/requests.jsonl").open()]
-            assert len(records) == 12 and all(r["status"] == 200 for r in records), records
-            for record in records:
-                exact = 0 if kind != "sharegpt" else 1
-                assert abs(record["prompt_tokens"] - record["planned_input_tokens"]) <= exact, (kind, record)
-                assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
-            if kind == "shared_prefix":
-                assert {r["group"] for r in records} == {0, 1}
-                summary = json.loads((tmp_path / "out/shared_prefix/endpoint-rate40/summary.json").read_text())
-                assert summary["prefix_cache"] == "not reported" and summary["prefix_cache_hit_rate"] is None
+    for kind, section in kinds.items():
+        config = experiment_file(tmp_path / f"{kind}.yaml", kind, endpoint={"url": served, "model": "tiny-llama"},
+                                 scenario={"kind": "serving", "rate": 40, "requests": 12, "warmup_requests": 0,
+                                           "ignore_eos": True, "input": kind, **section})
+        proc = run_client(config, tmp_path / "out")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        records = [json.loads(line) for line in (tmp_path / f"out/{kind}/endpoint-rate40/requests.jsonl").open()]
+        assert len(records) == 12 and all(r["status"] == 200 for r in records), records
+        for record in records:
+            exact = 0 if kind != "sharegpt" else 1
+            assert abs(record["prompt_tokens"] - record["planned_input_tokens"]) <= exact, (kind, record)
+            assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
+        if kind == "shared_prefix":
+            assert {r["group"] for r in records} == {0, 1}
+            summary = json.loads((tmp_path / "out/shared_prefix/endpoint-rate40/summary.json").read_text())
+            assert summary["prefix_cache"] == "not reported" and summary["prefix_cache_hit_rate"] is None
     # the analysis tables what was sent beside what was planned, and TTFT by prefix group
     analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(tmp_path / "out/shared_prefix"),
                                "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
@@ -251,26 +270,23 @@ def test_sessions_take_the_files_questions_in_order_with_their_answers_lengths(t
 @pytest.mark.slow
 @pytest.mark.parametrize("api", ["chat", "completions"])
 def test_a_session_turn_holds_the_history_and_the_answers_the_server_gave(tmp_path: Path, tiny_models,  # noqa: ANN001
-                                                                          api: str) -> None:
+                                                                          served: str, api: str) -> None:
     """Four sessions of up to three turns against `distinfer serve`, through either API: turn k waits for turn
     k-1's answer and the think time, and its prompt is the plain template of the questions so far and the answers
     the server gave (the server's prompt-token count equals that text's count)."""
-    from test_serve import running_server
-
     from distinfer.models.loading import load_tokenizer
     from distinfer.serving.sharegpt import read_conversations
     from distinfer.serving.template import plain_template
 
     tokenizer = load_tokenizer(tiny_models["tiny-llama"])
     questions = {c.id: [q for q, _ in c.exchanges] for c in read_conversations(SAMPLE)}
-    with running_server(tmp_path) as url:
-        config = experiment_file(tmp_path / "s.yaml", "sessions", endpoint={"url": url, "model": "tiny-llama"},
-                                 scenario={"kind": "serving", "rate": 20, "requests": 4, "warmup_requests": 0,
-                                           "input": "sessions", "api": api, "sessions": {
-                                               "file": str(SAMPLE), "turns": {"mean": 3, "min": 2, "max": 3},
-                                               "think_time_s": 0.05, "output_tokens": 6}})
-        proc = run_local(config, "--outputs", str(tmp_path / "out"), timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = experiment_file(tmp_path / "s.yaml", "sessions", endpoint={"url": served, "model": "tiny-llama"},
+                             scenario={"kind": "serving", "rate": 20, "requests": 4, "warmup_requests": 0,
+                                       "input": "sessions", "api": api, "sessions": {
+                                           "file": str(SAMPLE), "turns": {"mean": 3, "min": 2, "max": 3},
+                                           "think_time_s": 0.05, "output_tokens": 6}})
+    proc = run_client(config, tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out/sessions/endpoint-rate20"
     records = [json.loads(line) for line in (out / "requests.jsonl").open()]
     by_session: dict[int, list[dict]] = {}
@@ -379,28 +395,26 @@ def test_trace_requests_keep_the_traces_times_lengths_and_shared_blocks(tiny_mod
 
 
 @pytest.mark.slow
-def test_a_trace_is_replayed_on_its_own_times(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
-    """The Azure sample replayed twice as slow against `distinfer serve`: every request sent within 2 ms of the
-    trace's time x 2 (p99), with the trace's prompt and output lengths as the server counts them."""
-    from test_serve import running_server
-
+def test_a_trace_is_replayed_on_its_own_times(tmp_path: Path, served: str) -> None:
+    """The first 120 requests of the Azure sample replayed four times as fast against `distinfer serve`: sent
+    within 2 ms of the trace's time / 4 (p99), with the trace's prompt and output lengths as the server counts
+    them."""
     from distinfer.serving.traces import read_trace
 
-    records = read_trace(AZURE)[:16]
-    with running_server(tmp_path) as url:
-        config = experiment_file(tmp_path / "t.yaml", "replay", endpoint={"url": url, "model": "tiny-llama"},
-                                 scenario={"kind": "serving", "input": "trace", "requests": 16, "warmup_requests": 1,
-                                           "ignore_eos": True, "trace": {"file": str(AZURE), "time_scale": 2}})
-        proc = run_local(config, "--outputs", str(tmp_path / "out"), timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = tmp_path / "out/replay/endpoint-trace2"
+    records = read_trace(AZURE)[:120]
+    config = experiment_file(tmp_path / "t.yaml", "replay", endpoint={"url": served, "model": "tiny-llama"},
+                             scenario={"kind": "serving", "input": "trace", "requests": 120, "warmup_requests": 1,
+                                       "ignore_eos": True, "trace": {"file": str(AZURE), "time_scale": 0.25}})
+    proc = run_client(config, tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out/replay/endpoint-trace0.25"
     sent = [json.loads(line) for line in (out / "requests.jsonl").open()]
     measured = sorted((r for r in sent if not r["warmup"]), key=lambda r: r["index"])
-    assert len(measured) == 16 and all(r["status"] == 200 for r in measured)
+    assert len(measured) == 120 and all(r["status"] == 200 for r in measured)
     start = measured[0]["planned_s"]
-    assert [r["planned_s"] - start for r in measured] == [pytest.approx(2 * t.at_s, abs=1e-6) for t in records]
+    assert [r["planned_s"] - start for r in measured] == [pytest.approx(t.at_s / 4, abs=1e-6) for t in records]
     lags = sorted(r["sent_s"] - r["planned_s"] for r in measured)
-    assert lags[min(len(lags) - 1, int(0.99 * len(lags)))] < 0.002, lags
+    assert lags[min(len(lags) - 1, int(0.99 * len(lags)))] < 0.002, lags[-10:]
     assert [(r["prompt_tokens"], r["output_tokens"]) for r in measured] == \
         [(t.input_tokens, t.output_tokens) for t in records]
 
