@@ -32,7 +32,7 @@ def main() -> None:
         if len(cores) > 1:
             os.sched_setaffinity(0, {cores[0]})
             os.sched_setaffinity(server.pid, set(cores[1:]))
-        target = Target(server.url, "instant")
+        target = Target(server.url, "mock")
         requests = [Request(i, f"p{i}", "hello", args.tokens) for i in range(args.requests)]
         records = asyncio.run(run_load(target, requests, lambda r: None, rate=args.rate, seed=0))
         open_loop = summarize(records, offered_rate=args.rate)

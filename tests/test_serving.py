@@ -1,5 +1,5 @@
 """Serving runs against an OpenAI-compatible endpoint: the schedule, the metrics on known numbers, and real runs of
-the load generator against a real HTTP server (bench/endpoint.py, which streams instantly, in its own process)."""
+the load generator against a real HTTP server (distinfer's mock server streaming instantly, in its own process)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _experiment(folder: Path, url: str, scenario: str, extra: str = "") -> Path:
     config = folder / "e.yaml"
     config.write_text(f"name: ep\nmodel: {{builtin: tiny-llama}}\nprompts: {REPO / 'prompts/correctness.jsonl'}\n"
                       f"generation: {{max_new_tokens: 8}}\nscenario: {scenario}\n"
-                      f"endpoint: {{url: '{url}', model: tiny{extra}}}\n")
+                      f"endpoint: {{url: '{url}', model: mock{extra}}}\n")
     return config
 
 
@@ -185,3 +185,146 @@ def test_a_server_killed_mid_run_fails_the_run_and_keeps_the_requests_so_far(tmp
     assert summary["status"] == "failed" and "requests failed" in summary["error"]
     assert sum(r["status"] == 200 for r in records) >= 19 and any(r["error"] for r in records)
     assert summary["completed"] >= 19, "the figures of the requests that succeeded stay"
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_client_that_falls_behind_is_seen_from_the_intended_time_and_marked_invalid() -> None:
+    """Open loop at 40/s for 3 s against the instant mock server, the client's event loop blocked for 1 s after
+    0.8 s (as a GC pause or a busy core would): the requests scheduled in that second leave late, so TTFT from the
+    intended time shows the second and TTFT from the send does not; the load is invalid for its dispatch lag."""
+    import asyncio
+
+    from distinfer.serving.client import Request, Target, run_load
+    from distinfer.serving.metrics import summarize, validity
+
+    requests = [Request(i, f"p{i}", [1, 2, 3], 4, warmup=i == 0) for i in range(121)]
+
+    async def blocked_load() -> list:
+        asyncio.get_running_loop().call_later(0.8, time.sleep, 1.0)
+        return await run_load(Target(server.url, "mock"), requests, lambda record: None, rate=40.0)
+
+    with serve_instant() as server:
+        records = asyncio.run(blocked_load())
+    figures = summarize(records, None, 40.0)
+    assert figures["completed"] == 120 and figures["send_lag_s"]["max"] >= 0.9
+    assert figures["ttft_intended_s"]["p99"] >= 0.8 and figures["ttft_s"]["p99"] < 0.1, figures["ttft_s"]
+    verdict = validity(figures, open_loop=True, max_lag_s=0.005, cpu_share=None)
+    assert not verdict["valid"] and any("dispatch lag p99" in r for r in verdict["invalid_reasons"]), verdict
+
+
+def test_a_server_stall_shows_in_both_ttfts_and_the_load_stays_valid(tmp_path: Path) -> None:
+    """The same load as a user runs it (`distinfer run`, an endpoint experiment) while the mock server holds every
+    token for 1 s: the requests sent then wait for their first token, so both TTFTs show the stall; the client
+    sent on time, and the load is valid. The analysis tables both and the client's verdict."""
+    with serve_instant() as server:
+        config = _experiment(tmp_path, server.url, "{kind: serving, rate: 40, requests: 120, warmup_requests: 1, "
+                                                   "slo: {ttft: 200ms}}")
+        run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            requests = tmp_path / "out/ep/endpoint-rate40/requests.jsonl"
+            deadline = time.monotonic() + 60
+            while (not requests.exists() or len(requests.read_text().splitlines()) < 20) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _post(server.url + "/mock/stall", {"seconds": 1.0}) == {"stalled_s": 1.0}
+            out, err = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert run.returncode == 0, out + err
+    summary = json.loads((tmp_path / "out/ep/endpoint-rate40/summary.json").read_text())
+    assert summary["valid"] and summary["invalid_reasons"] == [], summary["invalid_reasons"]
+    assert summary["ttft_s"]["p99"] >= 0.5 and summary["ttft_intended_s"]["p99"] >= 0.5
+    assert summary["send_lag_s"]["p99"] < 0.005 and 0 <= summary["client_cpu_share"] < 0.95
+    assert summary["scheduled_rate"] == pytest.approx(40, rel=0.3)
+    analysis = subprocess.run([sys.executable, "-m", "distinfer", "analyze", str(tmp_path / "out/ep"), "--out",
+                               str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert analysis.returncode == 0, analysis.stdout + analysis.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "a/ep/serving.csv")
+    assert table["valid"].tolist() == [True] and table["ttft_intended_p99_s"].iloc[0] >= 0.5
+
+
+def test_an_invalid_load_is_never_the_knee() -> None:
+    import pandas as pd
+
+    from distinfer.analysis.tables import serving_knee
+
+    layout = {"engine": "endpoint", "served_model": "m", "world_size": 1, "microbatches": 1, "load": "rate"}
+    rows = [{**layout, "load_value": v, "slo_attained": 1.0, "valid": ok, "achieved_rate": float(v), "goodput": 1.0,
+             "ttft_p99_s": 0.1, "tpot_p99_s": 0.01} for v, ok in (("2", True), ("4", True), ("8", False))]
+    knee = serving_knee(pd.DataFrame(rows))
+    assert knee["highest_load_meeting_slo"].tolist() == ["4"] and knee["loads_invalid"].tolist() == [1]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_client_processes_send_the_requests_one_would(tmp_path: Path) -> None:
+    """`client.processes: 2` against the mock server: the same requests (ids, prompt lengths) at the same offsets
+    from the schedule's start as one process, all in one requests.jsonl, each process's CPU share reported."""
+    with serve_instant() as server:
+        for processes in (1, 2):
+            (tmp_path / f"p{processes}").mkdir()
+            config = _experiment(tmp_path / f"p{processes}", server.url,
+                                 "{kind: serving, rate: 50, requests: 60, warmup_requests: 2, input: synthetic, "
+                                 "synthetic: {input_tokens: {mean: 20, spread: 0.5}, output_tokens: 4}, "
+                                 f"client: {{processes: {processes}}}}}")
+            proc = _run(config, tmp_path / f"out{processes}")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = {p: _records(tmp_path / f"out{p}/ep/endpoint-rate50/requests.jsonl") for p in (1, 2)}
+
+    def shape(records: list[dict]) -> list[tuple]:
+        measured = sorted((r for r in records if not r["warmup"]), key=lambda r: r["index"])
+        start = measured[0]["planned_s"]
+        return [(r["index"], r["prompt_id"], r["prompt_tokens"], round(r["planned_s"] - start, 6)) for r in measured]
+
+    assert len(runs[2]) == 62 and all(r["status"] == 200 for r in runs[2])
+    assert shape(runs[1]) == shape(runs[2])
+    summary = json.loads((tmp_path / "out2/ep/endpoint-rate50/summary.json").read_text())
+    assert summary["completed"] == 60 and 0 < summary["client_cpu_share"] < 1 and summary["valid"], summary
+
+
+def test_a_killed_client_process_loses_only_its_unfinished_requests(tmp_path: Path) -> None:
+    """Two client processes, one killed mid-load: the other's requests all succeed, the killed one's finished
+    requests stay, and each of its unfinished ones is in requests.jsonl as failed, naming the worker's end."""
+    import psutil
+
+    with serve_instant(itl_ms=20) as server:
+        config = _experiment(tmp_path, server.url, "{kind: serving, rate: 20, requests: 80, warmup_requests: 1, "
+                                                   "client: {processes: 2}}")
+        run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            requests = tmp_path / "out/ep/endpoint-rate20/requests.jsonl"
+            deadline = time.monotonic() + 60
+            while (not requests.exists() or len(requests.read_text().splitlines()) < 20) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+            assert len(workers) == 2, [p.cmdline() for p in workers]
+            workers[0].kill()
+            out, err = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert run.returncode == 1, out + err
+    records = [r for r in _records(tmp_path / "out/ep/endpoint-rate20/requests.jsonl") if not r["warmup"]]
+    assert sorted(r["index"] for r in records) == list(range(1, 81)), "every request is in requests.jsonl, once"
+    failed = [r for r in records if r["status"] != 200]
+    assert failed and all("client worker process" in r["error"] and "signal 9" in r["error"] for r in failed)
+    assert len({r["index"] % 2 for r in failed}) == 1, "only the killed worker's share failed"
+    assert sum(r["status"] == 200 for r in records) >= 40, "the other worker's share and the finished ones stay"
+    summary = json.loads((tmp_path / "out/ep/endpoint-rate20/summary.json").read_text())
+    assert summary["status"] == "failed" and f"{len(failed)} of 80 requests failed" in summary["error"]

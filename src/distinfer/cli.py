@@ -382,6 +382,28 @@ def serve(
         serve_run(run, host, port, max_batch, log_requests=log_requests)
 
 
+@app.command("mock-server")
+def mock_server(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8100, help="Port to listen on."),
+    model: str = typer.Option("mock", help="The model name it serves."),
+    ttft_ms: float = typer.Option(0.0, "--ttft-ms", min=0.0, max=3_600_000.0, help="Time to each first token."),
+    itl_ms: float = typer.Option(0.0, "--itl-ms", min=0.0, max=3_600_000.0, help="Time between tokens."),
+) -> None:
+    """A streaming OpenAI-compatible server with no model (/v1/completions, /v1/chat/completions), answering at set
+    times: what a client host can drive, measured before booking GPU nodes."""
+    import math
+
+    from distinfer.serving.mock import run
+
+    if not (math.isfinite(ttft_ms) and math.isfinite(itl_ms)):
+        errors.print("error: --ttft-ms and --itl-ms take finite milliseconds")
+        raise typer.Exit(2)
+    console.print(f"mock server for model {model!r} on http://{host}:{port}: first token after {ttft_ms:g} ms, then "
+                  f"one every {itl_ms:g} ms (Ctrl-C stops)", highlight=False)
+    run(host, port, model, ttft_ms, itl_ms)
+
+
 @models_app.command("build-tiny")
 def build_tiny(
     name: list[str] = typer.Option(["tiny-llama", "tiny-gpt2"], "--name", help="Which built-in model(s)."),

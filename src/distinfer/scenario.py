@@ -192,6 +192,16 @@ INPUTS = ("prompts", "synthetic", "shared_prefix", "sharegpt", "sessions", "trac
 Rate = float | Literal["inf"]
 
 
+class ClientSpec(_Strict):
+    """The load generator itself: when its load counts as delivered."""
+
+    max_lag_ms: Annotated[float, Field(gt=0, le=3_600_000, allow_inf_nan=False)] = 5.0
+    """An open-loop load whose dispatch lag (sent - intended) p99 exceeds this is marked invalid."""
+    processes: Annotated[int, Field(ge=1, le=256)] = 1
+    """Worker processes on this host that share the schedule (serving/workers.py): more when one event loop
+    cannot stream the load (its CPU share near 100 %)."""
+
+
 class LoadSettings(_Strict):
     """How a load is sent and limited, with every default in one place: the experiment's `scenario` and each
     serving run's `RunLoad` share these fields; an offline run sent through a server uses the defaults."""
@@ -222,6 +232,7 @@ class LoadSettings(_Strict):
     """A request without an answer after this long counts as an error."""
     max_batch: Annotated[int, Field(ge=1)] = 32
     """distinfer's server: requests decoded together at most (more wait to join)."""
+    client: ClientSpec = ClientSpec()
     health_timeout_s: Annotated[float, Field(gt=0)] | None = None
     """How long the run's own server may take to load and answer /health before the run fails (default: 300 s
     for distinfer's server, 900 s for vLLM's, which may compile)."""
@@ -261,6 +272,9 @@ class ScenarioSpec(LoadSettings):
             raise ValueError("a serving scenario needs exactly one of rate (open loop) or concurrency (closed loop)")
         if self.arrivals != "gamma" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
             raise ValueError(f"burstiness needs arrivals: gamma ({self.arrivals} arrivals have none to set)")
+        if self.input == "sessions" and self.client.processes > 1:
+            raise ValueError("client.processes: a session's turns follow each other in one process; multi-turn "
+                             "sessions run in one (processes: 1)")
         if self.api == "chat" and self.input == "trace":
             raise ValueError("api: chat sends text messages; a trace's prompts are token ids (its shared blocks "
                              "exact): use api: completions")

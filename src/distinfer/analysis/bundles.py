@@ -11,10 +11,10 @@ import pandas as pd
 from distinfer.bundle import BUNDLE_SCHEMA
 from distinfer.engines import ENGINES, program_of
 
-LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "ttft_intended_s", "e2e_intended_s", "send_lag_s")
 SERVING_FIELDS = ("load", "load_value", "served_model", "offered_rate", "achieved_rate", "request_throughput",
                   "goodput", "slo_attained", "completed", "errors", "peak_concurrency", "duration_s",
-                  "prefix_cache_hit_rate")
+                  "prefix_cache_hit_rate", "scheduled_rate", "client_cpu_share", "valid")
 
 
 @dataclass
@@ -124,6 +124,9 @@ def load_experiment_outputs(folder: Path) -> LoadedExperiment:
             value = row["load_value"]  # one type for the column: "4", "0.5", "inf", or a user count
             row["load_value"] = value if isinstance(value, str) else f"{value:g}"
             row.update({f"slo_{k}_s": v for k, v in (summary.get("slo") or {}).items()})
+            row["invalid_reasons"] = "; ".join(summary.get("invalid_reasons") or [])
+            if row["valid"] is None:  # a bundle from before validity was judged: taken as measured
+                row["valid"] = True
         rows.append(row)
         if not missing:
             for r in ranks:

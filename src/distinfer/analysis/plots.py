@@ -207,6 +207,11 @@ def _serving_label(key: tuple) -> str:
     return f"{what} ({'closed loop' if load == 'concurrency' else 'open loop'})"
 
 
+def _invalid(table: pd.DataFrame) -> pd.DataFrame:
+    """The loads the client did not deliver as asked (summary `valid` false): drawn apart, never joined in."""
+    return table[table["valid"].eq(False)] if "valid" in table else table.iloc[0:0]
+
+
 def latency_throughput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     """TTFT and TPOT (p50 solid, p99 dashed) against the request throughput (requests completed per second),
     one colour per layout; the SLO, where one was set, as a grey line."""
@@ -217,7 +222,11 @@ def latency_throughput_plot(table: pd.DataFrame, subject: str, out: Path) -> lis
             for stat, style in (("p50", "-"), ("p99", "--")):
                 ax.plot(group["request_throughput"], group[f"{metric}_{stat}_s"] * 1000, style, marker="o",
                         color=f"C{index}", label=f"{_serving_label(key)} {stat}")
+    invalid = _invalid(table)
     for ax, metric, title in ((axes[0], "ttft", "time to first token"), (axes[1], "tpot", "time per output token")):
+        if not invalid.empty:
+            ax.scatter(invalid["request_throughput"], invalid[f"{metric}_p99_s"] * 1000, marker="x", s=80,
+                       color="red", zorder=5, label="invalid load (the client did not deliver it)")
         column = f"slo_{metric}_s"
         if column in table and table[column].notna().any():
             ax.axhline(float(table[column].dropna().iloc[0]) * 1000, color="grey", linestyle=":", label="SLO")
@@ -249,6 +258,10 @@ def goodput_plot(table: pd.DataFrame, subject: str, out: Path) -> list[Path]:
     ax.set_xticks(ticks)
     ax.set_xticklabels(["inf" if t == inf_at and (rates["offered_rate"] == float("inf")).any() else f"{t:g}"
                         for t in ticks])
+    invalid = _invalid(rates)
+    if not invalid.empty:
+        ax.scatter(invalid["offered_rate"].replace(float("inf"), inf_at), invalid["goodput"], marker="x", s=80,
+                   color="red", zorder=5, label="invalid load (the client did not deliver it)")
     ax.set_xlabel("offered request rate (requests/s)")
     ax.set_ylabel("requests/s")
     ax.set_title(f"Goodput ({slo or 'no SLO set'}): {subject}", fontsize=9)

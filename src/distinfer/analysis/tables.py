@@ -230,7 +230,8 @@ def serving(runs: pd.DataFrame) -> pd.DataFrame:
     subject = runs[runs["scenario"] == "serving"]
     cols = [*SERVING_LAYOUT, "load_value", "offered_rate", "achieved_rate", "request_throughput", "output_tokens_per_s",
             "goodput", "slo_attained", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p99_s",
-            "e2e_p99_s", "peak_concurrency", "errors", "prefix_cache_hit_rate", "run_id",
+            "e2e_p99_s", "ttft_intended_p99_s", "send_lag_p99_s", "valid", "invalid_reasons", "peak_concurrency",
+            "errors", "prefix_cache_hit_rate", "run_id",
             *sorted(c for c in subject if c.startswith("slo_") and c.endswith("_s"))]
     table = subject[[c for c in cols if c in subject]].copy()
     if "prefix_cache_hit_rate" in table and table["prefix_cache_hit_rate"].isna().all():
@@ -240,16 +241,19 @@ def serving(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def serving_knee(table: pd.DataFrame) -> pd.DataFrame:
-    """Per layout, the highest load (request rate, or users) at which at least KNEE_ATTAINMENT of the requests
-    met every SLO, and the goodput there; none where no load did (or no SLO was set)."""
+    """Per layout, the highest valid load (request rate, or users; a load the client did not deliver as asked never
+    counts) at which at least KNEE_ATTAINMENT of the requests met every SLO, and the goodput there; none where no
+    load did (or no SLO was set)."""
     if table.empty or "slo_attained" not in table or table["slo_attained"].isna().all():
         return pd.DataFrame()
     out = []
     keys = [c for c in SERVING_LAYOUT if c in table]
     for key, group in table.groupby(keys, dropna=False):
-        meeting = group[(group["slo_attained"] >= KNEE_ATTAINMENT).to_numpy()]
+        valid = group["valid"].fillna(True).astype(bool).to_numpy() if "valid" in group else True
+        meeting = group[(group["slo_attained"] >= KNEE_ATTAINMENT).to_numpy() & valid]  # never an invalid load
         best = meeting.loc[load_numbers(meeting["load_value"]).idxmax()] if not meeting.empty else None
         out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "loads_measured": len(group),
+                    "loads_invalid": int((~valid).sum()) if "valid" in group else 0,
                     "highest_load_meeting_slo": None if best is None else best["load_value"],
                     **{c: None if best is None else best[c]
                        for c in ("achieved_rate", "goodput", "ttft_p99_s", "tpot_p99_s")}})

@@ -144,12 +144,14 @@ async def until(moment: float, clock: Callable[[], float]) -> None:
 
 async def schedule(items: Sequence[T], start: Callable[[T, float], Awaitable[None]], clock: Callable[[], float],
                    rate: float | None = None, burstiness: float = 1.0, seed: int = 0, concurrency: int | None = None,
-                   duration_s: float | None = None, times: Sequence[float] | None = None) -> None:
+                   duration_s: float | None = None, times: Sequence[float] | None = None,
+                   base: float | None = None) -> None:
     """Start every item (a request, a session) and wait for all: open loop at `rate` (schedule.py) or at the
     items' own `times` (neither rate nor users), or closed loop, `concurrency` users each starting the next when
-    theirs ended; none after `duration_s`. `start(item, planned)` runs one item to its end, `planned` being when
-    the schedule meant it to start."""
-    base = clock()
+    theirs ended; none after `duration_s`. Offsets count from `base` on `clock` (default: now). `start(item,
+    planned)` runs one item to its end, `planned` being when the schedule meant it to start."""
+    base = clock() if base is None else base
+    await until(base, clock)
     if concurrency is None:
         offsets = times if rate is None else arrival_offsets(len(items), rate, burstiness, seed)
         tasks = []
@@ -169,25 +171,29 @@ async def schedule(items: Sequence[T], start: Callable[[T, float], Awaitable[Non
     await asyncio.gather(*(user() for _ in range(min(concurrency, max(1, len(items))))))
 
 
-def perf_clock() -> Callable[[], float]:
-    """Seconds since this call (time.perf_counter): the load's clock."""
-    start = time.perf_counter()
+def perf_clock(zero: float | None = None) -> Callable[[], float]:
+    """Seconds since `zero` on time.perf_counter (default: this call): the load's clock. perf_counter is
+    CLOCK_MONOTONIC, one clock for every process of the host."""
+    start = time.perf_counter() if zero is None else zero
     return lambda: time.perf_counter() - start
 
 
 async def run_load(target: Target, requests: Sequence[Request], on_record: Callable[[RequestRecord], None],
                    rate: float | None = None, burstiness: float = 1.0, seed: int = 0,
-                   concurrency: int | None = None, duration_s: float | None = None) -> list[RequestRecord]:
+                   concurrency: int | None = None, duration_s: float | None = None,
+                   clock: Callable[[], float] | None = None, base: float | None = None) -> list[RequestRecord]:
     """Send the warm-up requests one by one, then the measured ones open loop (`rate`, requests/s; inf: all at
     once), on their own schedule (neither rate nor users: each request's `at_s`, a replayed trace) or closed
-    loop (`concurrency` users), no new one after `duration_s`; returns every record (warm-up first)."""
+    loop (`concurrency` users), no new one after `duration_s`; returns every record (warm-up first). Times are
+    on `clock` (default: seconds from now), the schedule's offsets from `base` on it (default: once the warm-up
+    requests are done)."""
     warmup = [r for r in requests if r.warmup]
     measured = [r for r in requests if not r.warmup]
     times = [r.at_s for r in measured] if rate is None and concurrency is None else None
     if rate is not None and concurrency is not None or times is not None and None in times:
         raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop), or requests with "
                          "their send times")
-    clock = perf_clock()
+    clock = clock or perf_clock()
     timeout = aiohttp.ClientTimeout(total=target.timeout_s)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     records: list[RequestRecord] = []
@@ -203,5 +209,5 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
 
         for request in warmup:
             await one(request, clock())
-        await schedule(measured, one, clock, rate, burstiness, seed, concurrency, duration_s, times)
+        await schedule(measured, one, clock, rate, burstiness, seed, concurrency, duration_s, times, base)
     return sorted(records, key=lambda r: (not r.warmup, r.index))

@@ -31,11 +31,13 @@ from distinfer.finalize import stopped
 from distinfer.net import free_port
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Target, run_load
-from distinfer.serving.metrics import summarize
+from distinfer.serving.metrics import summarize, validity
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.serve import API_KEY_ENV
 from distinfer.serving.server_metrics import prefix_cache, scrape
 from distinfer.serving.sessions import build_sessions, run_sessions
+from distinfer.serving.workers import run_processes
+from distinfer.serving.workers import stop as stop_workers
 from distinfer.serving.workload import MAX_BUILT, ModelShape, build_requests, request_count
 
 PROBE_TIMEOUT_S = 10.0
@@ -81,12 +83,15 @@ def sampling_body(run: RunSpec) -> dict:
 
 
 def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float,
-            cache: dict | None = None) -> dict:
+            cache: dict | None = None, cpu_share: float | None = None) -> dict:
     """The run's summary.json; `cache` the target's prefix-cache counts over the load (server_metrics.py), None
-    where it does not report them."""
+    where it does not report them; `cpu_share` the client's CPU time over the load's wall time."""
     load = run.scenario
     assert load is not None
     figures = summarize(records, load.slo_s or None, load.rate)
+    open_loop = load.load == "trace" or (load.rate is not None and math.isfinite(load.rate))
+    figures.update(client_cpu_share=cpu_share,
+                   **validity(figures, open_loop, load.client.max_lag_ms / 1e3, cpu_share))
     if figures["offered_rate"] is not None and math.isinf(figures["offered_rate"]):
         figures["offered_rate"] = "inf"
     return {"status": status, "error": error, "run_id": run.run_id, "experiment": run.experiment,
@@ -267,7 +272,10 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     writer = JsonlWriter(run_dir / "requests.jsonl")
     stack = contextlib.ExitStack()
 
+    workers: list = []  # the client's worker processes, where the load has some
+
     def stop(signum: int, _frame: object) -> None:  # scancel, Ctrl-C, or the job's time limit
+        stop_workers(workers)
         status, error = stopped(signal.Signals(signum).name, os.environ, time.time())
         atomic_write_json(bundle.summary_json, summary(spec, records, status, error, started))
         stack.close()  # the server, if this run started one
@@ -294,12 +302,18 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
         counters = scrape(target.url, target.api_key)
+        cpu, wall = time.process_time(), time.monotonic()
         timing = {"rate": load.rate, "burstiness": load.gap_shape, "seed": load.seed, "concurrency": load.users,
                   "duration_s": load.duration_s}
         if load.input == "sessions":
             asyncio.run(run_sessions(target, work, keep, load.ignore_eos, **timing))
+        elif load.client.processes > 1:
+            worker_cpu = run_processes(target, work, keep, load.client.processes, **timing, started=workers.extend)
         else:
             asyncio.run(run_load(target, work, keep, **timing))
+        cpu_share = (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-9)
+        if load.client.processes > 1 and load.input != "sessions":
+            cpu_share = worker_cpu  # the parent only waits; the busiest worker is what may limit the load
         cache = prefix_cache(counters, scrape(target.url, target.api_key))
     except (EndpointError, ValueError, OSError) as exc:
         atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))
@@ -314,6 +328,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     if failed:
         examples = "; ".join(sorted({r.error or f"HTTP {r.status}" for r in failed})[:3])
         error = f"{len(failed)} of {sum(not r.warmup for r in records)} requests failed: {examples}"
-    atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started, cache))
+    atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started, cache,
+                                                   cpu_share))
     return 1 if failed else 0
 
