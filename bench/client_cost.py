@@ -15,7 +15,8 @@ Goals, printed with the figures: distinfer's CPU per chunk no more than the chea
 
 Needs `make vllm-env` and `make clients-env` for the peers (a missing one is reported and left out).
 
-    python -m bench.client_cost [--requests 100] [--tokens 64] [--concurrency 32] [--rates 200,1000,2000]
+    python -m bench.client_cost [--requests 1000] [--tokens 64] [--concurrency 32] [--rates 200,1000,2000]
+                                [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,10 +118,11 @@ def main() -> None:
     from distinfer.models.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rates", default="200,1000,2000")
+    parser.add_argument("--repeats", type=int, default=3, help="cost runs of each client, rotating (medians)")
     args = parser.parse_args()
     model = build_tiny_model("tiny-llama")  # the peers' tokenizer
     results: dict[str, dict] = {}
@@ -134,20 +137,20 @@ def main() -> None:
         try:
             wait_healthy(url, server.poll, 60)
             print(f"mock server on core(s) {SERVER_CORES}, clients on {CLIENT_CORES}", flush=True)
-            for processes in (1, 2):
-                name = "distinfer" if processes == 1 else "distinfer, 2 processes"
-                results[name] = cost(lambda n, p=processes: distinfer_command(work, url, n, args.tokens,
-                                                                              args.concurrency, p), url, work,
-                                     args.requests)
-                print(f"{name}: {results[name]['cpu_us_per_chunk']:.1f} us CPU per chunk, "
-                      f"{results[name]['chunks_per_s']:,.0f} chunks/s", flush=True)
-            for name in peer_commands(work, url, model, 1, args.tokens, args.concurrency):
-                env = tool_env() if name != "vllm bench serve" else None
-                results[name] = cost(lambda n, t=name: peer_commands(work, url, model, n, args.tokens,
-                                                                     args.concurrency)[t], url, work, args.requests,
-                                     env)
-                print(f"{name}: {results[name]['cpu_us_per_chunk']:.1f} us CPU per chunk, "
-                      f"{results[name]['chunks_per_s']:,.0f} chunks/s", flush=True)
+            makers = {
+                "distinfer": lambda n: distinfer_command(work, url, n, args.tokens, args.concurrency, 1),
+                "distinfer, 2 processes": lambda n: distinfer_command(work, url, n, args.tokens, args.concurrency, 2),
+                **{name: (lambda n, t=name: peer_commands(work, url, model, n, args.tokens, args.concurrency)[t])
+                   for name in peer_commands(work, url, model, 1, args.tokens, args.concurrency)}}
+            runs: dict[str, list[dict]] = {name: [] for name in makers}
+            for repeat in range(args.repeats):
+                order = list(makers)[repeat % len(makers):] + list(makers)[:repeat % len(makers)]
+                for name in order:
+                    env = tool_env() if name in ("AIPerf", "guidellm") else None
+                    runs[name].append(cost(makers[name], url, work, args.requests, env))
+                    print(f"repeat {repeat} {name}: {runs[name][-1]['cpu_us_per_chunk']:.1f} us CPU per chunk, "
+                          f"{runs[name][-1]['chunks_per_s']:,.0f} chunks/s", flush=True)
+            results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
             for rate in (float(r) for r in args.rates.split(",")):
                 name = f"lag{rate:g}"
                 timed(distinfer_command(work, url, int(2 * rate), 4, 1, rate=rate, name=name), url, work)
@@ -160,7 +163,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=10)
     print(f"\nclient cost against the mock server ({args.tokens} one-token chunks a request, {args.concurrency} "
-          f"in flight; mock on core(s) {SERVER_CORES}, clients on {CLIENT_CORES}):")
+          f"in flight; mock on core(s) {SERVER_CORES}, clients on {CLIENT_CORES}; medians of {args.repeats}):")
     for name, figures in results.items():
         print(f"  {name:>24}: {figures['cpu_us_per_chunk']:7.1f} us CPU per chunk, {figures['chunks_per_s']:9,.0f} "
               "chunks/s")

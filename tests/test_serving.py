@@ -131,7 +131,11 @@ def test_a_rate_sweep_against_an_endpoint_writes_requests_and_serving_figures(tm
     table = pd.read_csv(out / "serving.csv")
     assert list(pd.to_numeric(table["load_value"])) == [20.0, math.inf]
     knee = pd.read_csv(out / "serving_knee.csv")
-    assert len(knee) == 1 and str(knee["highest_load_meeting_slo"].iloc[0]) == "inf"  # the instant server meets any
+    # the instant server meets any SLO; at rate inf the client alone may be what limits (its CPU saturated): then
+    # that load is invalid and the knee is the highest valid one
+    everything_at_once_valid = bool(table["valid"].iloc[1])
+    assert len(knee) == 1 and str(knee["highest_load_meeting_slo"].iloc[0]) == ("inf" if everything_at_once_valid
+                                                                                else "20")
     assert {p.stem for p in (out / "plots").glob("*.svg")} == {"latency_throughput", "goodput", "workload"}
     assert not (out / "strong_scaling.csv").exists() and not (out / "correctness.csv").exists()
     svg = (out / "plots" / "goodput.svg").read_text()

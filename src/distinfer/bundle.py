@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -49,19 +50,38 @@ def read_json(path: Path) -> Any | None:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line, flushed and synced, so each line is complete when written."""
+    """Appends one JSON object per line, each flushed to the operating system as it is written (a killed process
+    loses no line) and synced to disk: at every line (`sync_every_s` 0), or every `sync_every_s` by a thread of its
+    own (a load generator's event loop cannot wait for a disk), and on close."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sync_every_s: float = 0.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] = path.open("w")
+        self._every = sync_every_s
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        if sync_every_s > 0:
+            threading.Thread(target=self._sync_loop, daemon=True, name="jsonl-sync").start()
+
+    def _sync_loop(self) -> None:
+        while not self._closed.wait(self._every):
+            with self._lock:
+                if not self._file.closed:
+                    os.fsync(self._file.fileno())  # releases the GIL: the writer's thread goes on
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if not self._every:
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        self._closed.set()
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
 
 
 DEFINITION_FILES = ("run.json", "job.sbatch", "ds_config.json")

@@ -11,9 +11,11 @@ only; it is never part of a record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -81,6 +83,8 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
     """POST one streamed completion; fills `record` with the send time, each chunk's time, the end, counts,
     finish reason, HTTP status or the error."""
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    times, parts, token_ids = record.token_times_s, [record.text], record.token_ids  # appended in place per chunk
+    loads = json.loads
     record.sent_s = clock()
     counted = 0
     try:
@@ -91,30 +95,34 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
                 record.error = f"HTTP {response.status}: {(await response.text())[:300]}"
                 return record
             async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
+                if not raw.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
+                data = raw[5:].strip()
                 if data == b"[DONE]":
                     break
                 now = clock()
-                chunk = json.loads(data)
-                if chunk.get("error"):
+                chunk = loads(data)
+                if "error" in chunk and chunk["error"]:
                     record.error = str(chunk["error"])[:300]
                     break
                 usage = chunk.get("usage")
                 if usage:
                     record.prompt_tokens = usage.get("prompt_tokens")
                     record.output_tokens = int(usage.get("completion_tokens") or counted)
-                for choice in chunk.get("choices") or []:
+                for choice in chunk.get("choices") or ():
                     text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                     ids = choice.get("token_ids")
-                    if text or ids:  # a chunk of several tokens: each arrived now
-                        record.token_times_s.extend([now] * max(1, len(ids or ())))
-                        counted += len(ids) if ids else 1
-                        record.text += text
-                        if ids:
-                            record.token_ids = (record.token_ids or []) + list(ids)
+                    if ids:  # a chunk of several tokens: each arrived now
+                        times.extend([now] * len(ids))
+                        counted += len(ids)
+                        if token_ids is None:
+                            token_ids = []
+                        token_ids.extend(ids)
+                    elif text:
+                        times.append(now)
+                        counted += 1
+                    if text:
+                        parts.append(text)
                     if choice.get("finish_reason"):
                         record.finish_reason = choice["finish_reason"]
     except asyncio.TimeoutError:
@@ -123,6 +131,7 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
         record.error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         record.end_s = clock()
+        record.text, record.token_ids = "".join(parts), token_ids
     if record.error is None:
         record.output_tokens = record.output_tokens or counted
     return record
@@ -130,6 +139,38 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
 
 T = TypeVar("T")
 SPIN_S = 0.002  # the last stretch before a send is waited out by yielding, not by a timer (epoll rounds to 1 ms)
+IDLE_TURN_S = 50e-6  # a yield that comes back this soon found nothing else to do: the loop was idle, not busy
+
+
+class Spin:
+    """Wall time the load generator spent yielding with nothing else to do while it waited for a send time: CPU
+    burnt for timing, not work. A client's CPU share leaves it out (its busy share is what saturates)."""
+
+    idle_s = 0.0
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the load runs (what exists before it frozen out of later
+    collections), on again after: a full collection stops the event loop for tens of milliseconds, and every
+    request scheduled meanwhile would leave late. The load's objects are freed by reference counting; what
+    cycles leave waits for the collection at the end."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.unfreeze()
+
+
+def busy_share(cpu: float, wall: float, spin: float) -> float:
+    """This process's busy CPU share since time.process_time() was `cpu`, time.monotonic() `wall` and Spin.idle_s
+    `spin`: its CPU time less the idle spinning, over the wall time."""
+    busy = (time.process_time() - cpu) - (Spin.idle_s - spin)
+    return max(0.0, busy) / max(time.monotonic() - wall, 1e-9)
 
 
 async def until(moment: float, clock: Callable[[], float]) -> None:
@@ -138,8 +179,12 @@ async def until(moment: float, clock: Callable[[], float]) -> None:
     delay = moment - clock() - SPIN_S
     if delay > 0:
         await asyncio.sleep(delay)
-    while clock() < moment:
+    now = clock()
+    while now < moment:
         await asyncio.sleep(0)
+        turn, now = clock() - now, clock()
+        if turn < IDLE_TURN_S:
+            Spin.idle_s += turn
 
 
 async def schedule(items: Sequence[T], start: Callable[[T, float], Awaitable[None]], clock: Callable[[], float],
@@ -209,5 +254,6 @@ async def run_load(target: Target, requests: Sequence[Request], on_record: Calla
 
         for request in warmup:
             await one(request, clock())
-        await schedule(measured, one, clock, rate, burstiness, seed, concurrency, duration_s, times, base)
+        with collector_paused():
+            await schedule(measured, one, clock, rate, burstiness, seed, concurrency, duration_s, times, base)
     return sorted(records, key=lambda r: (not r.warmup, r.index))

@@ -30,7 +30,7 @@ from distinfer.engines import capabilities
 from distinfer.finalize import stopped
 from distinfer.net import free_port
 from distinfer.plan import RunSpec
-from distinfer.serving.client import Target, run_load
+from distinfer.serving.client import Spin, Target, busy_share, run_load
 from distinfer.serving.metrics import summarize, validity
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.serve import API_KEY_ENV
@@ -269,7 +269,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
     assert load is not None, "a serving run"
     started = time.time()
     records: list[RequestRecord] = []
-    writer = JsonlWriter(run_dir / "requests.jsonl")
+    writer = JsonlWriter(run_dir / "requests.jsonl", sync_every_s=1.0)  # flushed per record, synced each second
     stack = contextlib.ExitStack()
 
     workers: list = []  # the client's worker processes, where the load has some
@@ -302,7 +302,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
         counters = scrape(target.url, target.api_key)
-        cpu, wall = time.process_time(), time.monotonic()
+        cpu, wall, spin = time.process_time(), time.monotonic(), Spin.idle_s
         timing = {"rate": load.rate, "burstiness": load.gap_shape, "seed": load.seed, "concurrency": load.users,
                   "duration_s": load.duration_s}
         if load.input == "sessions":
@@ -311,7 +311,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
             worker_cpu = run_processes(target, work, keep, load.client.processes, **timing, started=workers.extend)
         else:
             asyncio.run(run_load(target, work, keep, **timing))
-        cpu_share = (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-9)
+        cpu_share = busy_share(cpu, wall, spin)
         if load.client.processes > 1 and load.input != "sessions":
             cpu_share = worker_cpu  # the parent only waits; the busiest worker is what may limit the load
         cache = prefix_cache(counters, scrape(target.url, target.api_key))

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from distinfer.scenario import RunLoad
-from distinfer.serving.client import Request, Target, perf_clock, schedule, send
+from distinfer.serving.client import Request, Target, collector_paused, perf_clock, schedule, send
 from distinfer.serving.lengths import draw_length
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.sharegpt import read_conversations
@@ -104,5 +104,6 @@ async def run_sessions(target: Target, sessions: Sequence[Session], on_record: C
 
         for session in (s for s in sessions if s.warmup):
             await one(session, clock())
-        await schedule([s for s in sessions if not s.warmup], one, clock, rate, burstiness, seed, concurrency,
-                       duration_s)
+        with collector_paused():
+            await schedule([s for s in sessions if not s.warmup], one, clock, rate, burstiness, seed, concurrency,
+                           duration_s)

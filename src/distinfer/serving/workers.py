@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from distinfer.serving.client import Request, Target, perf_clock, run_load
+from distinfer.serving.client import Request, Spin, Target, busy_share, perf_clock, run_load
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.schedule import arrival_offsets
 
@@ -38,10 +38,10 @@ def _worker(share: list[Request], target: Target, zero: float, concurrency: int 
     clock = perf_clock(zero)
     ready.put(True)
     base = go.get()
-    cpu, wall = time.process_time(), time.monotonic()
+    cpu, wall, spin = time.process_time(), time.monotonic(), Spin.idle_s
     asyncio.run(run_load(target, share, lambda r: records.put(r.to_dict()), concurrency=concurrency,
                          duration_s=duration_s, clock=clock, base=base))
-    records.put(("done", (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-9)))
+    records.put(("done", busy_share(cpu, wall, spin)))
 
 
 def deal(measured: Sequence[Request], processes: int, rate: float | None, burstiness: float, seed: int,
