@@ -94,41 +94,51 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
             if response.status != 200:
                 record.error = f"HTTP {response.status}: {(await response.text())[:300]}"
                 return record
-            async for raw in response.content:
-                if not raw.startswith(b"data:"):
-                    continue
-                data = raw[5:].strip()
-                if data == b"[DONE]":
+            pending, ended = b"", False
+            # whatever bytes have arrived, split into lines here: one event-loop step per read, not per line
+            async for block in response.content.iter_any():
+                now = clock()  # every event of this read arrived by now
+                *lines, pending = (pending + block).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        ended = True
+                        break
+                    chunk = loads(data)
+                    if "error" in chunk and chunk["error"]:
+                        record.error = str(chunk["error"])[:300]
+                        ended = True
+                        break
+                    usage = chunk.get("usage")
+                    if usage:
+                        record.prompt_tokens = usage.get("prompt_tokens")
+                        record.output_tokens = int(usage.get("completion_tokens") or counted)
+                    for choice in chunk.get("choices") or ():
+                        text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                        ids = choice.get("token_ids")
+                        if ids:  # a chunk of several tokens: each arrived now
+                            times.extend([now] * len(ids))
+                            counted += len(ids)
+                            if token_ids is None:
+                                token_ids = []
+                            token_ids.extend(ids)
+                        elif text:
+                            times.append(now)
+                            counted += 1
+                        if text:
+                            parts.append(text)
+                        if choice.get("finish_reason"):
+                            record.finish_reason = choice["finish_reason"]
+                if ended:
                     break
-                now = clock()
-                chunk = loads(data)
-                if "error" in chunk and chunk["error"]:
-                    record.error = str(chunk["error"])[:300]
-                    break
-                usage = chunk.get("usage")
-                if usage:
-                    record.prompt_tokens = usage.get("prompt_tokens")
-                    record.output_tokens = int(usage.get("completion_tokens") or counted)
-                for choice in chunk.get("choices") or ():
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                    ids = choice.get("token_ids")
-                    if ids:  # a chunk of several tokens: each arrived now
-                        times.extend([now] * len(ids))
-                        counted += len(ids)
-                        if token_ids is None:
-                            token_ids = []
-                        token_ids.extend(ids)
-                    elif text:
-                        times.append(now)
-                        counted += 1
-                    if text:
-                        parts.append(text)
-                    if choice.get("finish_reason"):
-                        record.finish_reason = choice["finish_reason"]
     except asyncio.TimeoutError:
         record.error = f"no answer within {target.timeout_s:g} s"
     except aiohttp.ClientError as exc:
         record.error = f"{type(exc).__name__}: {exc}"[:300]
+    except (ValueError, AttributeError, TypeError) as exc:  # an event that is not the API's JSON
+        record.error = f"the server streamed an event that is not a completion chunk: {exc}"[:300]
     finally:
         record.end_s = clock()
         record.text, record.token_ids = "".join(parts), token_ids
