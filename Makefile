@@ -112,10 +112,12 @@ clients-env:
 		.venv-guidellm $(GUIDELLM_PINS)
 
 # distinfer's load generator beside AIPerf and guidellm against distinfer's server through the chat API: each tool
-# with its own defaults, then the same constant-rate load from each, rotating, median TTFT and TPOT side by side
-# (about 3 minutes).
-bench-clients: models clients-env
+# with its own defaults, then the same constant-rate load from each, rotating, median TTFT and TPOT side by side;
+# then what each client (and vllm bench serve) costs per streamed chunk against the mock server, and distinfer's
+# dispatch lag at 200-2,000 requests/s (about 15 minutes).
+bench-clients: models clients-env vllm-env
 	$(BIN)/python -m bench.clients
+	$(BIN)/python -m bench.client_cost
 
 # distinfer's server against vLLM's on the tiny Llama (1 and 2 stages), and vLLM's client as a meter of distinfer's.
 bench-vllm: models vllm-env
