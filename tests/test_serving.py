@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,26 +167,34 @@ def test_an_unreachable_endpoint_fails_the_run_clearly_and_soon(tmp_path: Path) 
     assert "cannot reach" in proc.stdout
 
 
+def _mid_run(config: Path, outputs: Path, run_id: str, act: Callable[[subprocess.Popen], None],
+             lines: int = 20) -> tuple[int, str]:
+    """`distinfer run CONFIG --local` in its own process; once its requests.jsonl holds `lines` lines, `act(run)`;
+    then waits for the run's end (killing it after 2 minutes): its exit status and output."""
+    run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                            str(outputs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        requests = outputs / "ep" / run_id / "requests.jsonl"
+        deadline = time.monotonic() + 60
+        while (not requests.exists() or len(requests.read_text().splitlines()) < lines) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        act(run)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    return run.returncode, out + err
+
+
 def test_a_server_killed_mid_run_fails_the_run_and_keeps_the_requests_so_far(tmp_path: Path) -> None:
     with serve_instant() as server:
-        url = server.url
-        config = _experiment(tmp_path, url, "{kind: serving, rate: 20, requests: 100, timeout_s: 20}")
-        run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
-                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            requests = tmp_path / "out/ep/endpoint-rate20/requests.jsonl"
-            deadline = time.monotonic() + 60
-            while (not requests.exists() or len(requests.read_text().splitlines()) < 20) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            os.kill(server.pid, signal.SIGKILL)
-            run.wait(timeout=60)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait()
-    assert run.returncode == 1
+        config = _experiment(tmp_path, server.url, "{kind: serving, rate: 20, requests: 100, timeout_s: 20}")
+        code, output = _mid_run(config, tmp_path / "out", "endpoint-rate20", lambda _: os.kill(server.pid,
+                                                                                                 signal.SIGKILL))
+    assert code == 1, output
     summary = json.loads((tmp_path / "out/ep/endpoint-rate20/summary.json").read_text())
-    records = [json.loads(line) for line in requests.read_text().splitlines()]
+    records = _records(tmp_path / "out/ep/endpoint-rate20/requests.jsonl")
     assert summary["status"] == "failed" and "requests failed" in summary["error"]
     assert sum(r["status"] == 200 for r in records) >= 19 and any(r["error"] for r in records)
     assert summary["completed"] >= 19, "the figures of the requests that succeeded stay"
@@ -230,20 +239,9 @@ def test_a_server_stall_shows_in_both_ttfts_and_the_load_stays_valid(tmp_path: P
     with serve_instant() as server:
         config = _experiment(tmp_path, server.url, "{kind: serving, rate: 40, requests: 120, warmup_requests: 1, "
                                                    "slo: {ttft: 200ms}}")
-        run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
-                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            requests = tmp_path / "out/ep/endpoint-rate40/requests.jsonl"
-            deadline = time.monotonic() + 60
-            while (not requests.exists() or len(requests.read_text().splitlines()) < 20) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert _post(server.url + "/mock/stall", {"seconds": 1.0}) == {"stalled_s": 1.0}
-            out, err = run.communicate(timeout=120)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait()
-    assert run.returncode == 0, out + err
+        code, output = _mid_run(config, tmp_path / "out", "endpoint-rate40",
+                                lambda _: _post(server.url + "/mock/stall", {"seconds": 1.0}))
+    assert code == 0, output
     summary = json.loads((tmp_path / "out/ep/endpoint-rate40/summary.json").read_text())
     assert summary["valid"] and summary["invalid_reasons"] == [], summary["invalid_reasons"]
     assert summary["ttft_s"]["p99"] >= 0.5 and summary["ttft_intended_s"]["p99"] >= 0.5
@@ -307,23 +305,15 @@ def test_a_killed_client_process_loses_only_its_unfinished_requests(tmp_path: Pa
     with serve_instant(itl_ms=20) as server:
         config = _experiment(tmp_path, server.url, "{kind: serving, rate: 20, requests: 80, warmup_requests: 1, "
                                                    "client: {processes: 2}}")
-        run = subprocess.Popen([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
-                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            requests = tmp_path / "out/ep/endpoint-rate20/requests.jsonl"
-            deadline = time.monotonic() + 60
-            while (not requests.exists() or len(requests.read_text().splitlines()) < 20) and time.monotonic() < deadline:
-                time.sleep(0.05)
+
+        def kill_a_worker(run: subprocess.Popen) -> None:
             workers = [p for p in psutil.Process(run.pid).children(recursive=True)
                        if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
             assert len(workers) == 2, [p.cmdline() for p in workers]
             workers[0].kill()
-            out, err = run.communicate(timeout=120)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait()
-    assert run.returncode == 1, out + err
+
+        code, output = _mid_run(config, tmp_path / "out", "endpoint-rate20", kill_a_worker)
+    assert code == 1, output
     records = [r for r in _records(tmp_path / "out/ep/endpoint-rate20/requests.jsonl") if not r["warmup"]]
     assert sorted(r["index"] for r in records) == list(range(1, 81)), "every request is in requests.jsonl, once"
     failed = [r for r in records if r["status"] != 200]
