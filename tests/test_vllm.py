@@ -222,7 +222,7 @@ def running_vllm(tmp_path: Path, vllm_python: Path, cores: set[int] | None = Non
 def test_each_workload_reaches_vllm_with_its_planned_token_counts(tmp_path: Path, vllm_python: Path,  # noqa: ANN001
                                                                   tiny_models) -> None:  # noqa: ANN001
     """Every `scenario.input` kind sent to one vLLM server (its CPU build, prefix caching on, as by default), as a
-    user's endpoint runs: the prompt tokens vLLM reports equal the planned ones (token ids exactly, ShareGPT text
+    user's endpoint runs (synthetic prompts as text through the chat API; token-id prompts by the shared prefix): the prompt tokens vLLM reports equal the planned ones (token ids exactly, ShareGPT text
     within one token) and each request its planned output; the shared-prefix load hits vLLM's prefix cache (its
     /metrics, in the summary: it caches whole blocks, 128 tokens on CPU); a session's turn holds the questions and vLLM's answers so far (chat API, the plain
     template); the trace is sent on its own times (2 ms p99)."""
@@ -235,8 +235,6 @@ def test_each_workload_reaches_vllm_with_its_planned_token_counts(tmp_path: Path
     workloads = REPO / "prompts" / "workloads"
     sample = workloads / "sharegpt-sample.json"
     kinds = {
-        "synthetic": {"synthetic": {"input_tokens": {"mean": 40, "distribution": "normal", "stdev": 15, "max": 90},
-                                    "output_tokens": {"mean": 6, "spread": 0.5}}},
         "shared_prefix": {"shared_prefix": {"groups": 2, "prefix_tokens": 300, "suffix_tokens": 8, "output_tokens": 4}},
         "sharegpt": {"sharegpt": {"file": str(sample), "max_input_tokens": 120, "max_output_tokens": 12}},
         "synthetic_chat": {"input": "synthetic", "api": "chat", "synthetic": {"input_tokens": 30, "output_tokens": 5}},
@@ -265,7 +263,7 @@ def test_each_workload_reaches_vllm_with_its_planned_token_counts(tmp_path: Path
     runs = {kind: next(p for p in (out / kind).iterdir() if p.is_dir()) for kind in kinds}
     records = {kind: [json.loads(line) for line in (run / "requests.jsonl").open()] for kind, run in runs.items()}
     summaries = {kind: json.loads((run / "summary.json").read_text()) for kind, run in runs.items()}
-    for kind in ("synthetic", "shared_prefix", "sharegpt", "synthetic_chat", "trace"):
+    for kind in ("shared_prefix", "sharegpt", "synthetic_chat", "trace"):
         assert summaries[kind]["status"] == "ok" and len(records[kind]) == kinds[kind].get("requests", 12)
         for record in records[kind]:
             assert abs(record["prompt_tokens"] - record["planned_input_tokens"]) <= (kind == "sharegpt"), record
