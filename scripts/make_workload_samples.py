@@ -83,7 +83,7 @@ def azure(rng: random.Random, count: int) -> str:
     for index in range(count):
         now += rng.expovariate(1 / (0.05 if index % 20 < 6 else 0.25))  # bursts, then lulls
         stamp = datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f") + str(rng.randint(0, 9))
-        lines.append(f"{stamp},{rng.randint(20, 400)},{rng.randint(5, 60)}")
+        lines.append(f"{stamp},{rng.randint(50, 900)},{rng.randint(5, 60)}")
     return "\n".join(lines) + "\n"
 
 
