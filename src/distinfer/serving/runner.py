@@ -307,13 +307,12 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
                   "duration_s": load.duration_s}
         if load.input == "sessions":
             asyncio.run(run_sessions(target, work, keep, load.ignore_eos, **timing))
-        elif load.client.processes > 1:
-            worker_cpu = run_processes(target, work, keep, load.client.processes, **timing, started=workers.extend)
+            cpu_share = busy_share(cpu, wall, spin)
+        elif load.client.processes > 1:  # the run only waits: the busiest worker is what may limit the load
+            cpu_share = run_processes(target, work, keep, load.client.processes, **timing, started=workers.extend)
         else:
             asyncio.run(run_load(target, work, keep, **timing))
-        cpu_share = busy_share(cpu, wall, spin)
-        if load.client.processes > 1 and load.input != "sessions":
-            cpu_share = worker_cpu  # the parent only waits; the busiest worker is what may limit the load
+            cpu_share = busy_share(cpu, wall, spin)
         cache = prefix_cache(counters, scrape(target.url, target.api_key))
     except (EndpointError, ValueError, OSError) as exc:
         atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))

@@ -92,20 +92,22 @@ def run_processes(target: Target, requests: Sequence[Request], keep: Callable[[R
             go.put(base)
         shares_cpu: list[float] = []
         seen: set[int] = set()
+        quiet = 0.1  # while workers run: a short wait, then a look at whether any is alive
         while True:
             try:
-                item = records.get(timeout=0.1)
+                item = records.get(timeout=quiet)
             except queue.Empty:
-                if not any(w.is_alive() for w in workers):
+                if quiet > 0.1:  # all ended, and what they queued is read
                     break
+                if not any(w.is_alive() for w in workers):
+                    quiet = 0.2
                 continue
-            if isinstance(item, tuple):
+            if isinstance(item, tuple):  # ('done', the worker's CPU share)
                 shares_cpu.append(float(item[1]))
                 continue
             record = RequestRecord.from_dict(item)
             seen.add(record.index)
             keep(record)
-        _drain(records, seen, keep, shares_cpu)
         for k, worker in enumerate(workers):
             worker.join(timeout=5)
             if worker.exitcode:
@@ -119,22 +121,6 @@ def run_processes(target: Target, requests: Sequence[Request], keep: Callable[[R
         return max(shares_cpu) if shares_cpu else None
     finally:
         stop(workers)
-
-
-def _drain(records: multiprocessing.Queue, seen: set[int], keep: Callable[[RequestRecord], None],
-           shares_cpu: list[float]) -> None:
-    """What the workers queued before they ended."""
-    while True:
-        try:
-            item = records.get(timeout=0.2)
-        except queue.Empty:
-            return
-        if isinstance(item, tuple):
-            shares_cpu.append(float(item[1]))
-        else:
-            record = RequestRecord.from_dict(item)
-            seen.add(record.index)
-            keep(record)
 
 
 def stop(workers: list[multiprocessing.Process]) -> None:
