@@ -162,3 +162,27 @@ def test_nsys_profile_wraps_each_nodes_ranks(tmp_path: Path) -> None:
     assert '"${LAUNCH[@]}" "${PROFILER[@]}" "$PYTHON" -m torch.distributed.run' in script
     (tmp_path / "job.sbatch").write_text(script)
     assert shellcheck(tmp_path / "job.sbatch").returncode == 0
+
+
+@pytest.mark.parametrize("placement, job_nodes, first", [("beside", 2, 0), ("apart", 4, 2)])
+def test_client_nodes_get_the_load_step_and_the_server_keeps_its_nodes(tmp_path: Path, placement: str,
+                                                                        job_nodes: int, first: int) -> None:
+    """`scenario.client.nodes: 2`: pp 2 (one T4 per node) serves from nodes 0-1; the load runs on 2 nodes,
+    the same ones (beside) or 2 more (apart); distinfer's and vLLM's scripts alike, shellcheck clean."""
+    text = (REPO / "configs" / "openllama3b-t4-vllm.yaml").read_text()
+    text = text.replace("../prompts/", f"{REPO}/prompts/").replace("config: models/", f"config: {REPO}/configs/models/")
+    config = tmp_path / "clients.yaml"
+    config.write_text(text.replace("  max_batch: 16\n", f"  max_batch: 16\n  client: {{nodes: 2, placement: {placement}}}\n"))
+    exp = load_experiment(config, require_model=False)
+    runs = [r for r in expand(exp, config) if r.pp == 2 and r.scenario.value == 4]
+    assert {r.engine for r in runs} == {"pipeline", "vllm"}
+    for run in runs:
+        script = render_sbatch(run, exp.cluster, exp.container, SCRATCH / "clients" / run.run_id)
+        assert f"#SBATCH --nodes={job_nodes}\n" in script
+        assert (f"srun --nodes=2 --ntasks-per-node=1 --relative={first} --overlap --kill-on-bad-exit=0 \\\n"
+                '  "${LAUNCH[@]}" "$PYTHON" -m distinfer.serving "$RUN_DIR"') in script
+        server = ("srun --nodes=2 --ntasks-per-node=1 --relative=0 --kill-on-bad-exit=1" if run.engine == "pipeline"
+                  else "for ((node = 0; node < 2; node++)); do")
+        assert server in script
+        (tmp_path / f"{run.engine}.sbatch").write_text(script)
+        assert shellcheck(tmp_path / f"{run.engine}.sbatch").returncode == 0, run.engine

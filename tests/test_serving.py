@@ -322,3 +322,20 @@ def test_a_killed_client_process_loses_only_its_unfinished_requests(tmp_path: Pa
     assert sum(r["status"] == 200 for r in records) >= 40, "the other worker's share and the finished ones stay"
     summary = json.loads((tmp_path / "out/ep/endpoint-rate20/summary.json").read_text())
     assert summary["status"] == "failed" and f"{len(failed)} of 80 requests failed" in summary["error"]
+
+
+def test_client_nodes_outside_a_slurm_job_fail_the_run_at_once_and_say_why(tmp_path: Path, tiny_models) -> None:  # noqa: ANN001
+    """`client.nodes: 2` run here: the run fails before it sends anything, saying to submit it; with an endpoint
+    the experiment file is refused (client nodes are nodes of the run's own job)."""
+    from bench.experiments import experiment_file, run_local
+
+    config = experiment_file(tmp_path / "e.yaml", "cn", generation={"max_new_tokens": 4}, reference="none",
+                             scenario={"kind": "serving", "rate": 10, "requests": 4, "client": {"nodes": 2}})
+    proc = run_local(config, "--outputs", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode != 0
+    summary = json.loads((tmp_path / "out/cn/pipeline-pp1-fp32-rate10/summary.json").read_text())
+    assert summary["status"] == "failed" and "client.nodes: 2" in summary["error"], summary
+    assert "distinfer submit" in summary["error"] and not (tmp_path / "out/cn/pipeline-pp1-fp32-rate10/requests.jsonl").read_text()
+    endpoint = _experiment(tmp_path, "http://127.0.0.1:9", "{kind: serving, rate: 10, client: {nodes: 2}}")
+    proc = _run(endpoint, tmp_path / "out2")
+    assert proc.returncode == 2 and "scenario.client.nodes" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

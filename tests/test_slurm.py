@@ -245,6 +245,14 @@ def test_a_serving_study_of_each_workload_runs_as_a_slurm_job(slurm, tmp_path: P
             cluster={"profile": "cpu", "time": "00:10:00", "env": {"DISTINFER_HEAD_ADDR": "127.0.0.1"}})
         proc = cli(slurm, tmp_path, "submit", str(config))
         assert proc.returncode == 0 and proc.stdout.count("submitted") == 1, proc.stdout + proc.stderr
+    # The server on one node, the load from both (scenario.client.nodes: 2), their records on one clock.
+    two = experiment_file(
+        tmp_path / "two.yaml", "slurm-two-clients", generation={"max_new_tokens": 8}, parallel={"engine": "pipeline"},
+        reference="none", scenario={"kind": "serving", "rate": 40, "requests": 24, "warmup_requests": 1,
+                                    "ignore_eos": True, "input": "synthetic", "client": {"nodes": 2},
+                                    "synthetic": {"input_tokens": {"mean": 24, "spread": 0.5}, "output_tokens": 4}},
+        cluster={"profile": "cpu", "time": "00:10:00", "env": {"DISTINFER_HEAD_ADDR": "127.0.0.1"}})
+    assert cli(slurm, tmp_path, "submit", str(two)).returncode == 0
     for kind in kinds:
         name = f"slurm-{kind.replace('_', '-')}"
         wait_for_jobs(slurm, tmp_path, name)
@@ -260,6 +268,21 @@ def test_a_serving_study_of_each_workload_runs_as_a_slurm_job(slurm, tmp_path: P
             assert record["output_tokens"] == record["planned_output_tokens"], (kind, record)
         if kind == "sessions":
             assert max(r["turn"] for r in records) == 1, "second turns were asked"
+    wait_for_jobs(slurm, tmp_path, "slurm-two-clients")
+    out = tmp_path / "outputs" / "slurm-two-clients"
+    rows = status_rows(slurm, tmp_path, "slurm-two-clients")
+    assert list(rows.values()) == [("COMPLETED", "ok")], f"{rows}\n{job_logs(out)}"
+    run_dir = out / next(iter(rows))
+    records = [json.loads(line) for line in (run_dir / "requests.jsonl").open()]
+    measured = sorted(r["index"] for r in records if not r["warmup"])
+    assert measured == list(range(1, 25)) and all(r["status"] == 200 for r in records)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    nodes = summary["client_nodes"]
+    assert [(n["node"], n["requests"]) for n in nodes] == [(0, 12), (1, 12)], nodes
+    assert len({n["name"] for n in nodes}) == 2, "each client node is a node of its own"
+    # Both nodes are this machine: one clock, so the measured offset is within its uncertainty of 0.
+    assert 0 < summary["clock_uncertainty_ms"] < 5 and abs(nodes[1]["offset_ms"]) <= nodes[1]["uncertainty_ms"] + 0.1
+    assert summary["valid"], summary["invalid_reasons"]
 
 
 def test_the_time_limit_ends_a_job_as_timeout_and_submit_reruns_it(slurm, time_limited: Path) -> None:  # noqa: ANN001

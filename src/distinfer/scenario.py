@@ -193,13 +193,19 @@ Rate = float | Literal["inf"]
 
 
 class ClientSpec(_Strict):
-    """The load generator itself: when its load counts as delivered."""
+    """The load generator itself: where it runs, and when its load counts as delivered."""
 
     max_lag_ms: Annotated[float, Field(gt=0, le=3_600_000, allow_inf_nan=False)] = 5.0
     """An open-loop load whose dispatch lag (sent - intended) p99 exceeds this is marked invalid."""
-    processes: Annotated[int, Field(ge=1, le=256)] = 1
-    """Worker processes on this host that share the schedule (serving/workers.py): more when one event loop
-    cannot stream the load (its CPU share near 100 %)."""
+    processes: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    """Worker processes on each client host that share the schedule (serving/workers.py). auto: enough for an
+    open loop's planned requests and streamed tokens per second (serving/client_size.py), 1 for a closed loop or
+    rate inf, whose pace the server sets (a saturated client then marks the load invalid)."""
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Nodes of the Slurm allocation that send the load, each its share of the schedule, their clocks aligned to
+    the first one's (serving/client_nodes.py)."""
+    placement: Literal["beside", "apart"] = "beside"
+    """Client nodes on the server's nodes (the allocation's first ones), or on nodes of their own after them."""
 
 
 class LoadSettings(_Strict):
@@ -272,9 +278,9 @@ class ScenarioSpec(LoadSettings):
             raise ValueError("a serving scenario needs exactly one of rate (open loop) or concurrency (closed loop)")
         if self.arrivals != "gamma" and "burstiness" in self.model_fields_set and self.burstiness != 1.0:
             raise ValueError(f"burstiness needs arrivals: gamma ({self.arrivals} arrivals have none to set)")
-        if self.input == "sessions" and self.client.processes > 1:
-            raise ValueError("client.processes: a session's turns follow each other in one process; multi-turn "
-                             "sessions run in one (processes: 1)")
+        if self.input == "sessions" and (self.client.processes not in (1, "auto") or self.client.nodes > 1):
+            raise ValueError("client: a session's turns follow each other in one process; multi-turn sessions run "
+                             "in one (client.processes: 1, client.nodes: 1)")
         if self.api == "chat" and self.input == "trace":
             raise ValueError("api: chat sends text messages; a trace's prompts are token ids (its shared blocks "
                              "exact): use api: completions")

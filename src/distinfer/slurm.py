@@ -36,8 +36,15 @@ class SlurmError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobShape:
-    nodes: int
+    nodes: int  # the server's (or an offline run's ranks')
     ranks_per_node: int
+    client_nodes: int = 1  # nodes that send a serving run's load
+    client_first_node: int = 0  # the first of them, counted in the allocation
+
+    @property
+    def job_nodes(self) -> int:
+        """The allocation: the server's nodes, and the client's where they come after them."""
+        return max(self.nodes, self.client_first_node + self.client_nodes)
 
 
 def job_shape(run: RunSpec, cluster: ClusterSpec) -> JobShape:
@@ -47,7 +54,11 @@ def job_shape(run: RunSpec, cluster: ClusterSpec) -> JobShape:
                               gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes)
     except LayoutError as exc:
         raise RenderError(f"{run.run_id}: {exc}") from None
-    return JobShape(layout.nodes_needed, layout.ranks_per_node)
+    client = run.scenario.client if run.scenario else None
+    if client is None or client.nodes == 1 and client.placement == "beside":
+        return JobShape(layout.nodes_needed, layout.ranks_per_node)
+    first = layout.nodes_needed if client.placement == "apart" else 0
+    return JobShape(layout.nodes_needed, layout.ranks_per_node, client.nodes, first)
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -92,7 +103,7 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
     profile = HARDWARE[cluster.profile]
     options = [
         f"--job-name=di-{run.experiment}-{run.run_id}",
-        f"--nodes={shape.nodes}",
+        f"--nodes={shape.job_nodes}",
         "--ntasks-per-node=1",
         f"--time={cluster.time}",
         f"--output={run_dir}/slurm-%j.out",
@@ -126,6 +137,9 @@ def render_sbatch(run: RunSpec, cluster: ClusterSpec, container: ContainerSpec, 
         "run_dir": shlex.quote(str(run_dir)),
         "python": shlex.quote(worker_python(cluster, container)),
         "ranks_per_node": str(shape.ranks_per_node),
+        "server_nodes": str(shape.nodes),
+        "client_nodes": str(shape.client_nodes),
+        "client_first_node": str(shape.client_first_node),
         "job_tmp_lines": JOB_TMP_LINES,
         "launch_prefix": " ".join(shlex.quote(part) for part in launch),
         # Quoted even where shlex would not: shellcheck reads a bare comma in an array as a mistake (SC2054).

@@ -130,6 +130,9 @@ def check_serving(path: Path, exp: Experiment) -> None:
         raise SpecError(f"{path}: field '{offline_only[0]}': not used by a serving scenario against {against} "
                         "(the server batches requests itself, up to scenario.max_batch; warm-up is "
                         "scenario.warmup_requests); remove it")
+    if exp.endpoint is not None and exp.scenario.client.nodes > 1:
+        raise SpecError(f"{path}: field 'scenario.client.nodes': client nodes are nodes of the run's own Slurm job; "
+                        "a load to an endpoint is sent from the machine that runs it (client.nodes: 1)")
     if exp.endpoint is None:  # every engine serves (vllm through `vllm serve`)
         if as_list(exp.parallel.ep) != [1]:
             raise SpecError(f"{path}: field 'parallel.ep': distinfer's server runs pipeline stages of one rank "

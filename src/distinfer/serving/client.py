@@ -22,7 +22,7 @@ from typing import TypeVar
 import aiohttp
 
 from distinfer.serving.records import RequestRecord
-from distinfer.serving.schedule import arrival_offsets
+from distinfer.serving.schedule import planned_offsets
 
 
 @dataclass(frozen=True)
@@ -208,9 +208,9 @@ async def schedule(items: Sequence[T], start: Callable[[T, float], Awaitable[Non
     base = clock() if base is None else base
     await until(base, clock)
     if concurrency is None:
-        offsets = times if rate is None else arrival_offsets(len(items), rate, burstiness, seed)
+        offsets = planned_offsets(list(times or ()) if rate is None else [None] * len(items), rate, burstiness, seed)
         tasks = []
-        for item, offset in zip(items, offsets or (), strict=True):
+        for item, offset in zip(items, offsets, strict=True):
             if duration_s is not None and offset > duration_s:
                 break
             await until(base + offset, clock)

@@ -31,6 +31,8 @@ from distinfer.finalize import stopped
 from distinfer.net import free_port
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Spin, Target, busy_share, run_load
+from distinfer.serving.client_nodes import ClientNodesError, NodeClock, coordinate, join
+from distinfer.serving.client_size import processes_for
 from distinfer.serving.metrics import summarize, validity
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.serve import API_KEY_ENV
@@ -83,14 +85,17 @@ def sampling_body(run: RunSpec) -> dict:
 
 
 def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str | None, started: float,
-            cache: dict | None = None, cpu_share: float | None = None) -> dict:
+            cache: dict | None = None, cpu_share: float | None = None, clocks: list[NodeClock] | None = None,
+            processes: int | None = None) -> dict:
     """The run's summary.json; `cache` the target's prefix-cache counts over the load (server_metrics.py), None
-    where it does not report them; `cpu_share` the client's CPU time over the load's wall time."""
+    where it does not report them; `cpu_share` the busiest client process's CPU time over the load's wall time;
+    `clocks` the client nodes and their clocks' offsets, where the load came from several (else `processes`, the
+    client's worker processes)."""
     load = run.scenario
     assert load is not None
     figures = summarize(records, load.slo_s or None, load.rate)
     open_loop = load.load == "trace" or (load.rate is not None and math.isfinite(load.rate))
-    figures.update(client_cpu_share=cpu_share,
+    figures.update(client_cpu_share=cpu_share, client_processes=processes,
                    **validity(figures, open_loop, load.client.max_lag_ms / 1e3, cpu_share))
     if figures["offered_rate"] is not None and math.isinf(figures["offered_rate"]):
         figures["offered_rate"] = "inf"
@@ -103,6 +108,8 @@ def summary(run: RunSpec, records: list[RequestRecord], status: str, error: str 
             "config_hash": run.config_hash(), **figures,
             "prompts_per_s": figures["request_throughput"],
             "prefix_cache_hit_rate": cache["hit_rate"] if cache else None, "prefix_cache": cache or "not reported",
+            "client_nodes": [c.to_summary() for c in clocks] if clocks else None,
+            "clock_uncertainty_ms": max(c.uncertainty_s for c in clocks) * 1e3 if clocks else None,
             "started_at": started, "finished_at": time.time(), "ranks": []}
 
 
@@ -261,12 +268,39 @@ def write_completions(run_dir: Path, records: list[RequestRecord], prompts_file:
         writer.close()
 
 
+def client_node() -> int:
+    """This process's client node of a load sent from several (its task in the job's load step), 0 elsewhere."""
+    return int(os.environ.get("SLURM_PROCID", "0") or 0)
+
+
+def join_load(run_dir: Path, node: int) -> int:
+    """A client node after the first: its share of the load, its records sent to the first node (which writes
+    the bundle); an error on stderr and exit status 1 if it cannot take part."""
+    workers: list = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stop_workers(workers)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        join(run_dir, node, os.environ.get(API_KEY_ENV, ""), started=workers.extend)
+    except (ClientNodesError, OSError, EOFError, ValueError) as exc:
+        print(f"distinfer: client node {node}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(run_dir: Path, server_url: str | None = None) -> int:
     """Measure the run's load; against `server_url` where the job started the server itself."""
     bundle = RunBundle(run_dir)
     spec = RunSpec.from_dict((read_json(bundle.run_json) or {})["run"])
     load = spec.scenario
     assert load is not None, "a serving run"
+    nodes = load.client.nodes
+    if nodes > 1 and client_node() > 0:
+        return join_load(run_dir, client_node())
     started = time.time()
     records: list[RequestRecord] = []
     writer = JsonlWriter(run_dir / "requests.jsonl", sync_every_s=1.0)  # flushed per record, synced each second
@@ -288,7 +322,13 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         records.append(record)
         writer.write(record.to_dict())
 
+    clocks: list[NodeClock] | None = None
+    processes: int | None = None
     try:
+        if nodes > 1 and not (server_url and os.environ.get("SLURM_JOB_ID") and os.environ.get(API_KEY_ENV)):
+            raise ValueError(f"scenario.client.nodes: {nodes} sends the load from {nodes} nodes of a Slurm "
+                             "allocation: submit the experiment (`distinfer submit`), or set client.nodes: 1 to "
+                             "send it from here")
         if load.input == "sessions":
             work = build_sessions(load, spec.model_path, load.warmup_requests + min(request_count(load), MAX_BUILT))
         else:
@@ -301,6 +341,8 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         else:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
+        processes = 1 if load.input == "sessions" else \
+            processes_for(work, load.rate) if load.client.processes == "auto" else load.client.processes
         counters = scrape(target.url, target.api_key)
         cpu, wall, spin = time.process_time(), time.monotonic(), Spin.idle_s
         timing = {"rate": load.rate, "burstiness": load.gap_shape, "seed": load.seed, "concurrency": load.users,
@@ -308,13 +350,17 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         if load.input == "sessions":
             asyncio.run(run_sessions(target, work, keep, load.ignore_eos, **timing))
             cpu_share = busy_share(cpu, wall, spin)
-        elif load.client.processes > 1:  # the run only waits: the busiest worker is what may limit the load
-            cpu_share = run_processes(target, work, keep, load.client.processes, **timing, started=workers.extend)
+        elif nodes > 1:
+            cpu_share, clocks = coordinate(run_dir, target, work, keep, nodes, load.client.processes,
+                                           os.environ[API_KEY_ENV], **timing, started=workers.extend)
+            processes = None  # each node's own, in clocks
+        elif processes and processes > 1:  # the run only waits: the busiest worker is what may limit the load
+            cpu_share = run_processes(target, work, keep, processes, **timing, started=workers.extend)
         else:
             asyncio.run(run_load(target, work, keep, **timing))
             cpu_share = busy_share(cpu, wall, spin)
         cache = prefix_cache(counters, scrape(target.url, target.api_key))
-    except (EndpointError, ValueError, OSError) as exc:
+    except (EndpointError, ClientNodesError, ValueError, OSError) as exc:
         atomic_write_json(bundle.summary_json, summary(spec, records, "failed", str(exc), started))
         return 1
     finally:
@@ -328,6 +374,6 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         examples = "; ".join(sorted({r.error or f"HTTP {r.status}" for r in failed})[:3])
         error = f"{len(failed)} of {sum(not r.warmup for r in records)} requests failed: {examples}"
     atomic_write_json(bundle.summary_json, summary(spec, records, "failed" if failed else "ok", error, started, cache,
-                                                   cpu_share))
+                                                   cpu_share, clocks, processes))
     return 1 if failed else 0
 

@@ -32,3 +32,14 @@ def arrival_offsets(count: int, rate: float, burstiness: float = 1.0, seed: int 
             now += rng.gammavariate(burstiness, scale)
         offsets.append(now)
     return offsets
+
+
+def planned_offsets(times: list[float | None], rate: float | None, burstiness: float = 1.0,
+                    seed: int = 0) -> list[float]:
+    """Each request's send offset: drawn for `rate` (arrival_offsets), or the requests' own `times` (a replayed
+    trace's) where there is no rate. The one place where an open loop's offsets are chosen."""
+    if rate is not None:
+        return arrival_offsets(len(times), rate, burstiness, seed)
+    if None in times:
+        raise ValueError("requests without a rate need their send times")
+    return [float(t) for t in times]  # type: ignore[arg-type]
