@@ -20,14 +20,52 @@ sys.path.insert(0, str(REPO))  # the bench scripts (`bench.*`) that tests use as
 
 # Modules whose tests start ranks, servers, torchrun or Slurm daemons, or run whole studies: `make test` runs
 # them, `make test-fast` (pytest -m "not slow") leaves them out.
-SLOW_MODULES = {"test_analysis", "test_client_nodes", "test_local_run", "test_parallel_layouts", "test_pipeline_exact", "test_serve",
-                "test_serving", "test_shm_ring", "test_slurm", "test_vllm"}
+SLOW_MODULES = {"test_analysis", "test_client_nodes", "test_local_run", "test_parallel_layouts", "test_pipeline_exact",
+                "test_serve", "test_serving", "test_shm_ring", "test_slurm", "test_vllm"}
 
 
 def pytest_collection_modifyitems(items: list) -> None:
+    """Mark the slow modules, and run the other tests first: meanwhile the C++ ops that ranks compile at first
+    use are built in the background (`prebuild`), which the slow tests wait for."""
     for item in items:
         if item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: file order kept within
+
+
+PREBUILD: list = []  # the background build of the ops, while one runs
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Where slow tests are selected, compile the ops of CPU ranks (runtime/cpu/prebuild.py) on one core while the
+    fast tests run; a fresh installation spends about a minute on it, once."""
+    import subprocess
+
+    if any(item.get_closest_marker("slow") for item in session.items) and not session.config.option.collectonly:
+        PREBUILD.append(subprocess.Popen([sys.executable, "-m", "distinfer.runtime.cpu.prebuild"],
+                                         env={**os.environ, "MAX_JOBS": "1"}, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL))
+
+
+def _end_prebuild(wait_s: float) -> None:
+    import subprocess
+
+    for proc in PREBUILD:
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    PREBUILD.clear()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if PREBUILD and item.get_closest_marker("slow"):  # timed and multi-rank tests run on a quiet machine
+        _end_prebuild(900)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _end_prebuild(0)
 
 
 @pytest.fixture(scope="session")

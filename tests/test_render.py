@@ -179,9 +179,9 @@ def test_client_nodes_get_the_load_step_and_the_server_keeps_its_nodes(tmp_path:
     for run in runs:
         script = render_sbatch(run, exp.cluster, exp.container, SCRATCH / "clients" / run.run_id)
         assert f"#SBATCH --nodes={job_nodes}\n" in script
-        assert (f"srun --nodes=2 --ntasks-per-node=1 --relative={first} --overlap --kill-on-bad-exit=0 \\\n"
-                '  "${LAUNCH[@]}" "$PYTHON" -m distinfer.serving "$RUN_DIR"') in script
-        server = ("srun --nodes=2 --ntasks-per-node=1 --relative=0 --kill-on-bad-exit=1" if run.engine == "pipeline"
+        assert (f"srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --relative={first} \\\n"
+                '  --overlap --kill-on-bad-exit=0 \\\n  "${LAUNCH[@]}" "$PYTHON" -m distinfer.serving "$RUN_DIR"') in script
+        server = ("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --relative=0 --kill-on-bad-exit=1" if run.engine == "pipeline"
                   else "for ((node = 0; node < 2; node++)); do")
         assert server in script
         (tmp_path / f"{run.engine}.sbatch").write_text(script)
