@@ -274,27 +274,33 @@ def _records(path: Path) -> list[dict]:
 
 def test_two_client_processes_send_the_requests_one_would(tmp_path: Path) -> None:
     """`client.processes: 2` against the mock server: the same requests (ids, prompt lengths) at the same offsets
-    from the schedule's start as one process, all in one requests.jsonl, each process's CPU share reported."""
+    from the schedule's start as one process, all in one requests.jsonl, each process's CPU share reported, and
+    the load valid. As on hosts of their own, the server runs on the last core and the client on the others."""
+    cores = sorted(os.sched_getaffinity(0))
     with serve_instant() as server:
+        os.sched_setaffinity(server.pid, {cores[-1]})
         for processes in (1, 2):
             (tmp_path / f"p{processes}").mkdir()
             config = _experiment(tmp_path / f"p{processes}", server.url,
-                                 "{kind: serving, rate: 50, requests: 60, warmup_requests: 2, input: synthetic, "
+                                 "{kind: serving, rate: 100, requests: 150, warmup_requests: 2, input: synthetic, "
                                  "synthetic: {input_tokens: {mean: 20, spread: 0.5}, output_tokens: 4}, "
                                  f"client: {{processes: {processes}}}}}")
-            proc = _run(config, tmp_path / f"out{processes}")
+            proc = subprocess.run([sys.executable, "-m", "distinfer", "run", str(config), "--local", "--outputs",
+                                   str(tmp_path / f"out{processes}")], capture_output=True, text=True, timeout=120,
+                                  preexec_fn=lambda: os.sched_setaffinity(0, set(cores[:-1] or cores)))
             assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = {p: _records(tmp_path / f"out{p}/ep/endpoint-rate50/requests.jsonl") for p in (1, 2)}
+    runs = {p: _records(tmp_path / f"out{p}/ep/endpoint-rate100/requests.jsonl") for p in (1, 2)}
 
     def shape(records: list[dict]) -> list[tuple]:
         measured = sorted((r for r in records if not r["warmup"]), key=lambda r: r["index"])
         start = measured[0]["planned_s"]
         return [(r["index"], r["prompt_id"], r["prompt_tokens"], round(r["planned_s"] - start, 6)) for r in measured]
 
-    assert len(runs[2]) == 62 and all(r["status"] == 200 for r in runs[2])
+    assert len(runs[2]) == 152 and all(r["status"] == 200 for r in runs[2])
     assert shape(runs[1]) == shape(runs[2])
-    summary = json.loads((tmp_path / "out2/ep/endpoint-rate50/summary.json").read_text())
-    assert summary["completed"] == 60 and 0 < summary["client_cpu_share"] < 1 and summary["valid"], summary
+    summary = json.loads((tmp_path / "out2/ep/endpoint-rate100/summary.json").read_text())
+    assert summary["completed"] == 150 and 0 < summary["client_cpu_share"] < 1 and summary["client_processes"] == 2
+    assert summary["valid"], (summary["invalid_reasons"], summary["send_lag_s"])
 
 
 def test_a_killed_client_process_loses_only_its_unfinished_requests(tmp_path: Path) -> None:

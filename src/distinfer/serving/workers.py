@@ -5,7 +5,7 @@ The run sends the warm-up requests itself, then draws the whole schedule (the sa
 use: schedule.py, or a trace's times) and deals the measured requests round-robin: worker k gets requests k, k+N,
 k+2N, ... with their planned offsets (a closed loop: its share of the users and of the requests). Every worker
 waits for one start time on CLOCK_MONOTONIC (time.perf_counter, one clock for every process of the host), sends
-its share on the offsets, and hands each finished record to the run through a queue; the run writes them to
+its share on the offsets, and hands each finished record to the run through its own pipe; the run writes them to
 requests.jsonl as they come. A worker that dies (killed, crashed) loses only its unfinished requests: each is
 recorded as failed, with the worker's exit named. Each worker reports the CPU share of its own process, and the
 load's `client_cpu_share` is the highest. A host's share of a load sent from several nodes (client_nodes.py)
@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import queue
 import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from multiprocessing.connection import Connection, wait
 
 from distinfer.serving.client import Request, Spin, Target, busy_share, perf_clock, run_load
 from distinfer.serving.records import RequestRecord
@@ -32,17 +32,19 @@ READY_TIMEOUT_S = 120.0
 
 
 def _worker(share: list[Request], target: Target, zero: float, concurrency: int | None, duration_s: float | None,
-            records: multiprocessing.Queue, ready: multiprocessing.Queue, go: multiprocessing.Queue) -> None:
-    """One worker: its share of the requests on the run's clock (perf_counter - `zero`), from the start time
-    the run sends; every record, then ('done', cpu share), onto `records`."""
+            conn: Connection) -> None:
+    """One worker: 'ready' on `conn`, then its share of the requests on the run's clock (perf_counter - `zero`)
+    from the start time the run sends back; each record as it finishes, then ('done', cpu share). A record is
+    written to the pipe by the event loop's own thread (a queue's feeder thread would take the interpreter lock
+    from the loop at the moments it sends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the run answers it
     clock = perf_clock(zero)
-    ready.put(True)
-    base = go.get()
+    conn.send("ready")
+    base = conn.recv()
     cpu, wall, spin = time.process_time(), time.monotonic(), Spin.idle_s
-    asyncio.run(run_load(target, share, lambda r: records.put(r.to_dict()), concurrency=concurrency,
+    asyncio.run(run_load(target, share, lambda r: conn.send(r.to_dict()), concurrency=concurrency,
                          duration_s=duration_s, clock=clock, base=base))
-    records.put(("done", busy_share(cpu, wall, spin)))
+    conn.send(("done", busy_share(cpu, wall, spin)))
 
 
 def timed(measured: Sequence[Request], rate: float | None, burstiness: float, seed: int,
@@ -88,21 +90,26 @@ class HostShare:
         if not self.parts:
             return False
         context = multiprocessing.get_context("spawn")
-        self.records, ready = context.Queue(), context.Queue()
-        self.gos = [context.Queue() for _ in self.parts]
+        ends = [context.Pipe() for _ in self.parts]
+        self.conns = [ours for ours, _ in ends]
         self.workers = [context.Process(target=_worker, args=(part, self.target, self.zero, users or None,
-                                                              self.duration_s, self.records, ready, go),
+                                                              self.duration_s, theirs),
                                         daemon=True, name=f"distinfer-client-{k}")
-                        for k, ((part, users), go) in enumerate(zip(self.parts, self.gos, strict=True))]
+                        for k, ((part, users), (_, theirs)) in enumerate(zip(self.parts, ends, strict=True))]
         for worker in self.workers:
             worker.start()
+        for _, theirs in ends:
+            theirs.close()  # the worker's end lives in the worker alone: its exit reads as end of file here
         if started:
             started(self.workers)
-        try:
-            for _ in self.workers:
-                ready.get(timeout=READY_TIMEOUT_S)
-        except queue.Empty:
-            raise ValueError(f"the client's worker processes did not start within {READY_TIMEOUT_S:g} s") from None
+        for k, conn in enumerate(self.conns):
+            if not conn.poll(READY_TIMEOUT_S):
+                raise ValueError(f"the client's worker processes did not start within {READY_TIMEOUT_S:g} s")
+            try:
+                conn.recv()
+            except EOFError:
+                raise ValueError(f"client worker process {k} ended as it started "
+                                 f"(exit status {self.workers[k].exitcode})") from None
         return True
 
     def run(self, base: float) -> float | None:
@@ -112,30 +119,32 @@ class HostShare:
             asyncio.run(run_load(self.target, self.share, self.keep, concurrency=self.users,
                                  duration_s=self.duration_s, clock=clock, base=base))
             return busy_share(cpu, wall, spin)
-        for go in self.gos:
-            go.put(base)
+        for conn in self.conns:
+            conn.send(base)
         shares_cpu: list[float] = []
         seen: set[int] = set()
-        quiet = 0.1  # while workers run: a short wait, then a look at whether any is alive
-        while True:
-            try:
-                item = self.records.get(timeout=quiet)
-            except queue.Empty:
-                if quiet > 0.1:  # all ended, and what they queued is read
-                    break
-                if not any(w.is_alive() for w in self.workers):
-                    quiet = 0.2
-                continue
-            if isinstance(item, tuple):  # ('done', the worker's CPU share)
-                shares_cpu.append(float(item[1]))
-                continue
-            record = RequestRecord.from_dict(item)
-            seen.add(record.index)
-            self.keep(record)
+        open_conns = {conn: k for k, conn in enumerate(self.conns)}
+        done: set[int] = set()  # workers that said 'done'
+        while open_conns:
+            for conn in wait(list(open_conns)):
+                k = open_conns[conn]  # type: ignore[index]
+                try:
+                    item = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):  # the worker has ended
+                    del open_conns[conn]  # type: ignore[arg-type]
+                    continue
+                if isinstance(item, tuple):  # ('done', the worker's CPU share)
+                    shares_cpu.append(float(item[1]))
+                    done.add(k)
+                    continue
+                record = RequestRecord.from_dict(item)
+                seen.add(record.index)
+                self.keep(record)
         for k, worker in enumerate(self.workers):
             worker.join(timeout=5)
-            if worker.exitcode:
-                how = f"signal {-worker.exitcode}" if worker.exitcode < 0 else f"exit status {worker.exitcode}"
+            if k not in done or worker.exitcode:
+                code = worker.exitcode
+                how = "still running" if code is None else f"signal {-code}" if code < 0 else f"exit status {code}"
                 for request in self.parts[k][0]:
                     if request.index not in seen:
                         self.keep(failed_record(request, base, f"client worker process {k} ended ({how}) before "
@@ -161,7 +170,8 @@ def run_processes(target: Target, requests: Sequence[Request], keep: Callable[[R
     measured = timed([r for r in requests if not r.warmup], rate, burstiness, seed, concurrency)
     host = HostShare(target, measured, keep, processes, zero, concurrency, duration_s)
     try:
-        return host.run(clock() + (START_LEAD_S if host.start(started) else 0.0))
+        lead = START_LEAD_S if host.start(started) else 0.0  # the workers are ready: the schedule starts soon after
+        return host.run(clock() + lead)
     finally:
         host.stop()
 
