@@ -12,8 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-cluster.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	@# --no-compile: Python compiles what it imports at first use (byte-compiling all of PyTorch took 15 s here)
-	$(BIN)/pip install -q --no-compile -r requirements.txt -r requirements-cluster.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-cluster.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
