@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO))  # the bench scripts (`bench.*`) that tests use as
 
 # Modules whose tests start ranks, servers, torchrun or Slurm daemons, or run whole studies: `make test` runs
 # them, `make test-fast` (pytest -m "not slow") leaves them out.
-SLOW_MODULES = {"test_analysis", "test_client_nodes", "test_local_run", "test_parallel_layouts", "test_pipeline_exact",
-                "test_serve", "test_serving", "test_shm_ring", "test_slurm", "test_vllm"}
+SLOW_MODULES = {"test_analysis", "test_client_nodes", "test_compare", "test_local_run", "test_parallel_layouts",
+                "test_pipeline_exact", "test_serve", "test_serving", "test_shm_ring", "test_slurm", "test_vllm"}
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -344,6 +344,45 @@ def analyze(
         console.print(f"every plot of the {len(results)} experiments: {write_overview(results, out)}", highlight=False)
 
 
+@app.command("compare")
+def compare_cmd(
+    base: Path = typer.Argument(..., help="The baseline: an experiment's output folder, or a folder of them."),
+    new: Path = typer.Argument(..., help="The study to judge against it (the same kinds of folder)."),
+    threshold: list[str] = typer.Option(["5%"], help="The change a verdict needs: 5% for every metric, and "
+                                        "METRIC=10% for one (repeat the option)."),
+    metric: list[str] = typer.Option([], help="Compare only these metrics (repeat the option)."),
+    out: Path = typer.Option(Path("compare"), help="Where compare.csv and compare.html are written."),
+) -> None:
+    """Runs matched by what they measured; each metric's change with a 95 % bootstrap interval and a verdict
+    (improved, regressed, unchanged). Exit status 1 when a run regressed beyond its threshold with confidence."""
+    from distinfer.analysis.compare import CompareError, compare, parse_thresholds, write_outputs
+
+    with _exit_on(CompareError, 2):
+        defaults = [t for t in threshold if "=" not in t]
+        thresholds = parse_thresholds(defaults[-1] if defaults else "5%", [t for t in threshold if "=" in t])
+        table, only_base, only_new = compare(base, new, thresholds, metric or None)
+    grid = Table(title=f"{new} against {base}")
+    for column in ("run", "metric", "base", "new", "change", "95 % interval", "verdict"):
+        grid.add_column(column, justify="left" if column in ("run", "metric", "verdict") else "right")
+    styles = {"regressed": "bold red", "improved": "green", "unchanged": ""}
+    for r in table.itertuples():
+        interval = r.note or f"{100 * r.change_low:+.1f}% .. {100 * r.change_high:+.1f}%"
+        grid.add_row(str(r.run_id), r.metric, f"{r.base:.4g}", f"{r.new:.4g}", f"{100 * r.change:+.1f}%", interval,
+                     f"[{styles[r.verdict]}]{r.verdict}[/]" if styles[r.verdict] else r.verdict)
+    console.print(grid)
+    for side, ids in (("BASE", only_base), ("NEW", only_new)):
+        if ids:
+            console.print(f"only in {side} (not compared): {', '.join(ids)}", highlight=False)
+    folder = write_outputs(table, out, base, new, only_base, only_new)
+    regressed = table[(table["verdict"] == "regressed") & table["confident"]]
+    counts = table["verdict"].value_counts().to_dict()
+    console.print(f"{len(table)} comparison(s) of {table['run_id'].nunique()} run(s): "
+                  + ", ".join(f"{counts.get(v, 0)} {v}" for v in ("regressed", "improved", "unchanged"))
+                  + f"; {folder / 'compare.csv'}, {folder / 'compare.html'}", highlight=False)
+    if len(regressed):
+        raise typer.Exit(1)
+
+
 @app.command()
 def serve(
     config: Path = typer.Argument(..., help="Experiment file (YAML)."),

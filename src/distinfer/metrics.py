@@ -65,10 +65,19 @@ class LatencyReport:
 
     requests: list[RequestTiming] = field(default_factory=list)
     wall_s: float = 0.0  # summed wall time of the measured batches
+    batches: list[tuple[float, int]] = field(default_factory=list)  # each measured batch's wall s and tokens
 
     def add_batch(self, token_times: Sequence[Sequence[float]], wall_s: float) -> None:
         self.requests.extend(RequestTiming(tuple(t)) for t in token_times if t)
         self.wall_s += wall_s
+        self.batches.append((wall_s, sum(len(t) for t in token_times)))
+
+    def samples(self) -> dict:
+        """The raw values behind the summary (samples.json): each batch's wall time and output tokens, each
+        request's TTFT, TPOT and E2E; `distinfer compare` draws its intervals from them."""
+        return {"batch_wall_s": [b[0] for b in self.batches], "batch_output_tokens": [b[1] for b in self.batches],
+                "ttft_s": [r.ttft for r in self.requests], "tpot_s": [r.tpot for r in self.requests],
+                "e2e_s": [r.e2e for r in self.requests]}
 
     def summary(self) -> dict:
         tokens = sum(len(r.token_times) for r in self.requests)

@@ -203,6 +203,7 @@ def generate_all(spec: RunSpec, env: DistEnv, device: torch.device, bundle: RunB
         if writer is not None:
             writer.close()
     state["latency"] = latency.summary()
+    state["samples"] = latency.samples()
     state["steps"] = engine.steps
 
 
@@ -241,6 +242,8 @@ def _write_outcome(bundle: RunBundle, spec: RunSpec, env: DistEnv, run_info: dic
                            "threads_per_rank": torch.get_num_threads(), "device": str(device),
                            **gpu_facts(device.index if device.type == "cuda" else None)}
     atomic_write_json(bundle.run_json, run_info)
+    if state.get("samples"):
+        atomic_write_json(bundle.root / "samples.json", state["samples"])
     summary = {
         "status": status,
         "error": state.get("error"),

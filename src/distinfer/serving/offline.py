@@ -137,6 +137,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         writer.close()
         stack.close()
     write_completions(bundle.completions, texts, records)
+    atomic_write_json(run_dir / "samples.json", latency.samples())
     failed = [r for r in records if not r.ok]
     error = None
     if failed:
