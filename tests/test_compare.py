@@ -78,7 +78,14 @@ def test_a_serving_study_twice_is_unchanged_and_max_batch_1_regresses(tmp_path: 
     assert {"e2e_p50_s", "ttft_p50_s"} <= set(regressed["metric"]), table.to_string()
     assert ((regressed["change_low"] > 0) | (regressed["change_high"] < 0)).all(), "each interval excludes 0"
     assert (tmp_path / "slow-cmp/compare.html").read_text().count("regressed") >= len(regressed)
-    assert "regressed" in slow.stdout
+    assert "regressed" in slow.stdout and "--base-repeat" in slow.stdout, "says that drift between runs is not in"
+    # Another run of the baseline: the drift between the two widens every interval, and max_batch 1 still regresses.
+    again = compare(tmp_path / "a", tmp_path / "slow", tmp_path / "again", "--base-repeat", str(tmp_path / "b"))
+    assert again.returncode == 1, again.stdout + again.stderr
+    widened = pd.read_csv(tmp_path / "again/compare.csv").set_index("metric")
+    same = pd.read_csv(tmp_path / "same/compare.csv").set_index("metric")
+    assert (widened["drift"] - same["change"].abs()).abs().max() < 1e-9, "drift = the baseline's own change"
+    assert widened.loc["e2e_p50_s", "verdict"] == "regressed" and widened.loc["e2e_p50_s", "confident"]
 
 
 def test_folders_without_a_run_in_common_exit_2_with_one_line(tmp_path: Path, local_study: Path) -> None:

@@ -352,6 +352,8 @@ def compare_cmd(
                                         "METRIC=10% for one (repeat the option)."),
     metric: list[str] = typer.Option([], help="Compare only these metrics (repeat the option)."),
     out: Path = typer.Option(Path("compare"), help="Where compare.csv and compare.html are written."),
+    base_repeat: list[Path] = typer.Option([], help="Another run of the baseline study (repeat the option): "
+                                           "the drift between them widens every interval."),
 ) -> None:
     """Runs matched by what they measured; each metric's change with a 95 % bootstrap interval and a verdict
     (improved, regressed, unchanged). Exit status 1 when a run regressed beyond its threshold with confidence."""
@@ -360,7 +362,7 @@ def compare_cmd(
     with _exit_on(CompareError, 2):
         defaults = [t for t in threshold if "=" not in t]
         thresholds = parse_thresholds(defaults[-1] if defaults else "5%", [t for t in threshold if "=" in t])
-        table, only_base, only_new = compare(base, new, thresholds, metric or None)
+        table, only_base, only_new = compare(base, new, thresholds, metric or None, base_repeats=base_repeat)
     grid = Table(title=f"{new} against {base}")
     for column in ("run", "metric", "base", "new", "change", "95 % interval", "verdict"):
         grid.add_column(column, justify="left" if column in ("run", "metric", "verdict") else "right")
@@ -373,6 +375,10 @@ def compare_cmd(
     for side, ids in (("BASE", only_base), ("NEW", only_new)):
         if ids:
             console.print(f"only in {side} (not compared): {', '.join(ids)}", highlight=False)
+    if not base_repeat and table["confident"].any() and (table["verdict"] != "unchanged").any():
+        console.print("note: the intervals cover the variation inside each run, not a machine's drift from one run "
+                      "to the next; run the baseline study again and give it as --base-repeat to include that",
+                      highlight=False)
     folder = write_outputs(table, out, base, new, only_base, only_new)
     regressed = table[(table["verdict"] == "regressed") & table["confident"]]
     counts = table["verdict"].value_counts().to_dict()

@@ -8,7 +8,8 @@ replacement, requests in blocks of consecutive ones (`blocks`), and computes the
 5 %): `regressed` when the whole interval lies beyond the threshold on the worse side, `improved` on the better
 side, else `unchanged` (`confident` says whether the interval decided it: a change beyond the threshold whose
 interval reaches back inside it is unchanged, and a run without samples gets a verdict from its point change
-alone, never a confident one). Only confident regressions fail the comparison.
+alone, never a confident one). Only confident regressions fail the comparison. The interval covers the
+variation inside each run; other runs of the baseline study (`--base-repeat`) add the drift between runs.
 """
 
 from __future__ import annotations
@@ -220,9 +221,11 @@ def verdict(metric: str, change: float, low: float, high: float, threshold: floa
 
 
 def compare(base: Path, new: Path, thresholds: dict[str, float], metrics: list[str] | None = None,
-            seed: int = 0) -> tuple[pd.DataFrame, list[str], list[str]]:
+            seed: int = 0, base_repeats: list[Path] | None = None) -> tuple[pd.DataFrame, list[str], list[str]]:
     """The table of changes (one row per matched run and metric), and the run ids found only in BASE and only in
-    NEW. CompareError when no run is in common or a metric is unknown."""
+    NEW. `base_repeats`: other runs of the baseline study; the largest change of a run between them and BASE
+    (the machine's drift from run to run, which no resampling inside a run shows) widens the interval on both
+    sides (`drift` in the table). CompareError when no run is in common or a metric is unknown."""
     wanted = metrics or list(METRICS)
     unknown = [m for m in wanted if m not in METRICS]
     if unknown:
@@ -235,6 +238,7 @@ def compare(base: Path, new: Path, thresholds: dict[str, float], metrics: list[s
         raise CompareError(f"{base} and {new} have no run in common (matched by model, engine, layout, batch "
                            "size, precision, scenario and load)")
     rng = np.random.default_rng(seed)
+    repeats = [runs_of(folder) for folder in base_repeats or []]
     rows = []
     for key in common:
         (b_row, b_dir), (n_row, n_dir) = base_runs[key], new_runs[key]
@@ -252,12 +256,17 @@ def compare(base: Path, new: Path, thresholds: dict[str, float], metrics: list[s
                 change, low, high = math.nan, math.nan, math.nan
             if math.isnan(change) and b_value:
                 change = n_value / b_value - 1
+            drifts = [abs(value / b_value - 1) for value in (_point(r[key][0], metric) for r in repeats if key in r)
+                      if value is not None and b_value]
+            drift = max(drifts) if drifts else math.nan
+            if drifts:
+                low, high = low - drift, high + drift
             decided, confident = verdict(metric, change, low, high, thresholds[metric], sampled)
             note = "" if not math.isnan(low) else "too few requests" if sampled else "no samples"
             rows.append({"run_id": n_row["run_id"], "base_run_id": b_row["run_id"], "layout": n_row.get("layout"),
                          "engine": n_row.get("engine"), "metric": metric, "base": b_value, "new": n_value,
                          "change": change, "change_low": low, "change_high": high, "threshold": thresholds[metric],
-                         "verdict": decided, "confident": confident, "note": note})
+                         "drift": drift, "verdict": decided, "confident": confident, "note": note})
     return pd.DataFrame(rows), only_base, only_new
 
 
