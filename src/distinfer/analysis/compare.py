@@ -4,11 +4,13 @@ Runs are matched by what they measured (model, engine, layout, batch size, preci
 by folder name; runs of one side only are listed. For each matched run and metric the change is NEW / BASE - 1,
 with a 95 % interval from a bootstrap over the runs' own samples: each resample draws the requests (a serving
 run's requests.jsonl) or the batches and requests (an offline run's samples.json) of both runs with
-replacement, requests in blocks of consecutive ones (`blocks`), and computes the metric as the summary does. The verdict, against a threshold per metric (default
-5 %): `regressed` when the whole interval lies beyond the threshold on the worse side, `improved` on the better
-side, else `unchanged` (`confident` says whether the interval decided it: a change beyond the threshold whose
-interval reaches back inside it is unchanged, and a run without samples gets a verdict from its point change
-alone, never a confident one). Only confident regressions fail the comparison. The interval covers the
+replacement, requests in blocks of consecutive ones (`blocks`), and computes the metric as the summary does.
+The verdict, against a threshold per metric (default 5 %): `regressed` when the whole interval lies beyond the
+threshold on the worse side, `improved` on the better side, else `unchanged` (`confident` says whether the
+interval decided it: a change beyond the threshold whose interval reaches back inside it is unchanged; a tail
+percentile with fewer than TAIL_SAMPLES requests beyond it gets no interval and stays unchanged; a metric
+measured once per run, peak memory, is judged by its point change, never with confidence). Only confident
+regressions fail the comparison. The interval covers the
 variation inside each run; other runs of the baseline study (`--base-repeat`) add the drift between runs.
 """
 

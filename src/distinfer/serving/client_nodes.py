@@ -58,7 +58,8 @@ class NodeClock:
     def to_summary(self) -> dict:
         return {"node": self.node, "name": self.name, "offset_ms": round(self.offset_s * 1e3, 4),
                 "uncertainty_ms": round(self.uncertainty_s * 1e3, 4), "requests": self.requests,
-                "processes": self.processes, "cpu_share": self.cpu_share, **({"ended": self.ended} if self.ended else {})}
+                "processes": self.processes, "cpu_share": self.cpu_share,
+                **({"ended": self.ended} if self.ended else {})}
 
 
 def node_name() -> str:
