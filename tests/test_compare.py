@@ -94,3 +94,11 @@ def test_folders_without_a_run_in_common_exit_2_with_one_line(tmp_path: Path, lo
     assert proc.returncode == 2 and "no runs here" in proc.stderr and "Traceback" not in proc.stderr
     proc = compare(local_study / "outputs" / "t", local_study / "outputs" / "t", tmp_path / "x", "--metric", "speed")
     assert proc.returncode == 2 and "unknown metric 'speed'" in proc.stderr
+
+
+def test_a_damaged_samples_file_leaves_the_run_without_an_interval(tmp_path: Path) -> None:
+    from distinfer.analysis.compare import load_samples
+
+    for text in ("{not json", '{"ttft_s": 3}', "[]"):
+        (tmp_path / "samples.json").write_text(text)
+        assert load_samples(tmp_path) is None, text

@@ -345,3 +345,37 @@ def test_client_nodes_outside_a_slurm_job_fail_the_run_at_once_and_say_why(tmp_p
     endpoint = _experiment(tmp_path, "http://127.0.0.1:9", "{kind: serving, rate: 10, client: {nodes: 2}}")
     proc = _run(endpoint, tmp_path / "out2")
     assert proc.returncode == 2 and "scenario.client.nodes" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_stream_without_line_ends_fails_its_request_not_the_client() -> None:
+    """A server that streams 2 MiB with no line end: the request fails naming the cap, memory stays bounded, and
+    the client goes on to the next request."""
+    import asyncio
+
+    from aiohttp import web
+
+    from distinfer.serving.client import MAX_EVENT_BYTES, Request, Target, run_load
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(2 * MAX_EVENT_BYTES // 65536 + 1):
+            await response.write(b"x" * 65536)
+        return response
+
+    async def main() -> list:
+        app = web.Application()
+        app.router.add_post("/v1/completions", endless)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            return await run_load(Target(url, "m"), [Request(i, f"p{i}", "hi", 4) for i in range(2)],
+                                  lambda r: None, concurrency=1)
+        finally:
+            await runner.cleanup()
+
+    records = asyncio.run(main())
+    assert len(records) == 2 and all(f"longer than {MAX_EVENT_BYTES} bytes" in (r.error or "") for r in records)

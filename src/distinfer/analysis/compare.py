@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distinfer.analysis.bundles import load_experiment_outputs
+from distinfer.analysis.bundles import _read, load_experiment_outputs
 
 METRICS = ("output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s",
            "e2e_p99_s", "goodput", "peak_memory_bytes")
 HIGHER_IS_BETTER = {"output_tokens_per_s", "goodput"}
 KEY = ("model", "engine", "layout", "batch_size", "precision", "scenario", "load", "load_value")
+SAMPLE_FIELDS = ("ttft_s", "tpot_s", "e2e_s", "batch_wall_s", "batch_output_tokens")  # samples.json
 RESAMPLES = 2000
 LEVEL = 0.95
 TAIL = re.compile(r"^\w+_p(\d+)_s$")
@@ -88,7 +89,9 @@ def load_samples(run_dir: Path, slo: dict[str, float] | None = None) -> Samples 
     samples_json = run_dir / "samples.json"
     requests_jsonl = run_dir / "requests.jsonl"
     if samples_json.is_file():
-        data = json.loads(samples_json.read_text())
+        data, _ = _read(samples_json)
+        if data is None or not all(isinstance(data.get(k), list) for k in SAMPLE_FIELDS):
+            return None  # damaged: the run's metrics are compared without an interval
         return Samples(_floats(data["ttft_s"]), _floats(data["tpot_s"]), _floats(data["e2e_s"]),
                        np.zeros(len(data["ttft_s"])), batch_wall=_floats(data["batch_wall_s"]),
                        batch_tokens=_floats(data["batch_output_tokens"]))

@@ -24,6 +24,8 @@ import aiohttp
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.schedule import planned_offsets
 
+MAX_EVENT_BYTES = 1 << 20  # one server-sent event line; aiohttp's own line reader stops at 64 KiB
+
 
 @dataclass(frozen=True)
 class Request:
@@ -99,6 +101,8 @@ async def send(session: aiohttp.ClientSession, target: Target, request: Request,
             async for block in response.content.iter_any():
                 now = clock()  # every event of this read arrived by now
                 *lines, pending = (pending + block).split(b"\n")
+                if len(pending) > MAX_EVENT_BYTES:  # a stream without line ends would grow without bound
+                    raise ValueError(f"an event line longer than {MAX_EVENT_BYTES} bytes")
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue

@@ -15,7 +15,6 @@ ends early loses only its unfinished requests: each is recorded as failed, namin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -28,10 +27,10 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
 from distinfer.bundle import atomic_write_json
-from distinfer.serving.client import Request, Target, perf_clock, run_load
-from distinfer.serving.client_size import share_processes
+from distinfer.serving.client import Request, Target, perf_clock
+from distinfer.serving.client_size import worker_processes
 from distinfer.serving.records import RequestRecord
-from distinfer.serving.workers import START_LEAD_S, HostShare, deal, failed_record, timed
+from distinfer.serving.workers import START_LEAD_S, HostShare, deal, failed_record, warm_up
 
 COORDINATOR_FILE = "client-nodes.json"
 PINGS = 64
@@ -149,15 +148,12 @@ def coordinate(run_dir: Path, target: Target, requests: Sequence[Request], keep:
         if sorted(by_node) != list(range(1, nodes)):
             raise ClientNodesError(f"client nodes {sorted(by_node)} joined; expected 1..{nodes - 1}")
         clocks.sort(key=lambda c: c.node)
-        warmup = [r for r in requests if r.warmup]
-        if warmup:
-            asyncio.run(run_load(target, warmup, keep_one, rate=rate, concurrency=concurrency, clock=clock))
-        measured = timed([r for r in requests if not r.warmup], rate, burstiness, seed, concurrency)
+        measured = warm_up(target, requests, keep_one, clock, rate, burstiness, seed, concurrency)
         shares = deal(measured, nodes, concurrency)
         for node, conn in by_node.items():
             share, users = shares[node]
             conn.send(("share", share, target, zero, users, duration_s, processes))
-        host = HostShare(target, shares[0][0], keep_one, share_processes(shares[0][0], processes), zero,
+        host = HostShare(target, shares[0][0], keep_one, worker_processes(processes, shares[0][0]), zero,
                          shares[0][1], duration_s)
         host.start(started)
         for node, conn in by_node.items():
@@ -244,7 +240,7 @@ def join(run_dir: Path, node: int, key: str, timeout_s: float = CONNECT_TIMEOUT_
             conn.send(record.to_dict())
 
         # coordinator's clock = perf_counter here + offset - zero = perf_counter here - (zero - offset)
-        mine = HostShare(target, share, send, share_processes(share, processes), zero - offset, users, duration_s)
+        mine = HostShare(target, share, send, worker_processes(processes, share), zero - offset, users, duration_s)
         try:
             mine.start(started)
             conn.send(("ready",))

@@ -51,7 +51,7 @@ def processes_for(requests: Sequence[Request], rate: float | None, cores: int | 
     return max(1, min(math.ceil(busy / BUSY_BUDGET), cores or usable_cores()))
 
 
-def share_processes(share: Sequence[Request], processes: int | str) -> int:
-    """The worker processes for a share of requests that carry their send offsets (`at_s`): `processes`, or
-    for auto as many as processes_for asks on this host."""
-    return processes_for(share, None) if processes == "auto" else int(processes)
+def worker_processes(setting: int | str, requests: Sequence[Request], rate: float | None = None) -> int:
+    """`scenario.client.processes` for these requests on this host: the number given, or for auto as many as
+    processes_for asks (`rate` None: the requests' own send offsets, as a share dealt to a node carries)."""
+    return processes_for(requests, rate) if setting == "auto" else int(setting)

@@ -32,7 +32,7 @@ from distinfer.net import free_port
 from distinfer.plan import RunSpec
 from distinfer.serving.client import Spin, Target, busy_share, run_load
 from distinfer.serving.client_nodes import ClientNodesError, NodeClock, coordinate, join
-from distinfer.serving.client_size import processes_for
+from distinfer.serving.client_size import worker_processes
 from distinfer.serving.metrics import summarize, validity
 from distinfer.serving.records import RequestRecord
 from distinfer.serving.serve import API_KEY_ENV
@@ -341,8 +341,7 @@ def run(run_dir: Path, server_url: str | None = None) -> int:
         else:
             target = stack.enter_context(own_server(run_dir, spec))
         asyncio.run(probe(target))
-        processes = 1 if load.input == "sessions" else \
-            processes_for(work, load.rate) if load.client.processes == "auto" else load.client.processes
+        processes = 1 if load.input == "sessions" else worker_processes(load.client.processes, work, load.rate)
         counters = scrape(target.url, target.api_key)
         cpu, wall, spin = time.process_time(), time.monotonic(), Spin.idle_s
         timing = {"rate": load.rate, "burstiness": load.gap_shape, "seed": load.seed, "concurrency": load.users,

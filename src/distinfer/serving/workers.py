@@ -57,6 +57,17 @@ def timed(measured: Sequence[Request], rate: float | None, burstiness: float, se
     return [replace(r, at_s=offset) for r, offset in zip(measured, offsets, strict=True)]
 
 
+def warm_up(target: Target, requests: Sequence[Request], keep: Callable[[RequestRecord], None],
+            clock: Callable[[], float], rate: float | None, burstiness: float, seed: int,
+            concurrency: int | None) -> list[Request]:
+    """Send the warm-up requests from here, one by one; the measured ones, each with its planned offset (`timed`),
+    for the processes or nodes that send them."""
+    warmup = [r for r in requests if r.warmup]
+    if warmup:
+        asyncio.run(run_load(target, warmup, keep, rate=rate, concurrency=concurrency, clock=clock))
+    return timed([r for r in requests if not r.warmup], rate, burstiness, seed, concurrency)
+
+
 def deal(requests: Sequence[Request], parts: int, users: int | None) -> list[tuple[list[Request], int | None]]:
     """Round-robin shares of `requests` over `parts`, each with its users of a closed loop (None: open loop)."""
     return [(list(requests[k::parts]), None if users is None else users // parts + (k < users % parts))
@@ -164,10 +175,7 @@ def run_processes(target: Target, requests: Sequence[Request], keep: Callable[[R
     gets the worker processes once they run (so that a signal handler can stop them)."""
     clock = perf_clock()
     zero = time.perf_counter() - clock()
-    warmup = [r for r in requests if r.warmup]
-    if warmup:
-        asyncio.run(run_load(target, warmup, keep, rate=rate, concurrency=concurrency, clock=clock))
-    measured = timed([r for r in requests if not r.warmup], rate, burstiness, seed, concurrency)
+    measured = warm_up(target, requests, keep, clock, rate, burstiness, seed, concurrency)
     host = HostShare(target, measured, keep, processes, zero, concurrency, duration_s)
     try:
         lead = START_LEAD_S if host.start(started) else 0.0  # the workers are ready: the schedule starts soon after
